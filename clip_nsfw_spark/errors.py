@@ -1,0 +1,44 @@
+"""Exceptions: one base class, one subclass per kind of problem a user can fix.
+
+Every message says what was expected, what was found, and how to fix it.
+"""
+
+
+class ClipNsfwError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ModelError(ClipNsfwError):
+    """A model could not be found, fetched, verified, converted or loaded."""
+
+
+class UnknownModelError(ModelError):
+    """A model name is neither a registry name nor an existing path."""
+
+
+class ChecksumError(ModelError):
+    """A downloaded or cached model file does not have the pinned sha256."""
+
+
+class UnsafeArchiveError(ModelError):
+    """A model archive holds a member that would land outside its extraction directory."""
+
+
+class DimensionError(ClipNsfwError, ValueError):
+    """Embeddings do not have the dimension the model expects."""
+
+
+class ConfigError(ClipNsfwError, ValueError):
+    """The job configuration is invalid (unknown key, bad value, conflicting options)."""
+
+
+class InputError(ClipNsfwError):
+    """The input dataset is missing, unreadable, or not of the expected shape."""
+
+
+class OutputError(ClipNsfwError):
+    """The output location cannot be used (not empty, inside the input, not writable)."""
+
+
+class MissingDependencyError(ClipNsfwError, ImportError):
+    """An optional dependency is needed for this feature; the message names the pip command."""

@@ -1,0 +1,339 @@
+"""Model registry and on-disk cache: find, download, verify, extract and convert LAION's NSFW models.
+
+Two kinds of directory are involved:
+
+* the **zip directory** holds the original LAION zips. It is ``$CLIP_NSFW_CACHE`` when set (it may be
+  read-only: tests and CI point it at a folder of pre-downloaded zips), else the writable cache below.
+* the **writable cache** (``$CLIP_NSFW_HOME``, else ``$XDG_CACHE_HOME/clip-nsfw-spark``, else
+  ``~/.cache/clip-nsfw-spark``) receives downloads that cannot go to the zip directory and every derived
+  file: the extracted SavedModel and the portable weights file, under ``derived/<sha256 prefix>/``, so a
+  changed zip can never be confused with an old conversion.
+
+Every step that writes is guarded by a file lock and writes to a temporary name first, then renames:
+many processes asking for the same model at once cause one download and one conversion, and nobody ever
+sees a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from filelock import FileLock
+
+from .errors import ChecksumError, ModelError, UnknownModelError, UnsafeArchiveError
+
+log = logging.getLogger(__name__)
+
+BASE_URL = "https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main/"
+# A mirror (an internal artifact store, or a local server in tests) can replace it; sha256 pins still apply.
+BASE_URL_ENV = "CLIP_NSFW_BASE_URL"
+PORTABLE_SUFFIX = ".nsfw.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registry model: where it comes from and what it must hash to."""
+
+    name: str
+    zip_name: str
+    sha256: str
+    dim: int
+    clip_model: str
+
+    @property
+    def url(self) -> str:
+        base = os.environ.get(BASE_URL_ENV) or BASE_URL
+        return base.rstrip("/") + "/" + self.zip_name
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "vit-l-14": ModelSpec(
+        name="vit-l-14",
+        zip_name="clip_autokeras_binary_nsfw.zip",
+        sha256="905520bb0336accc73ee282c605d926aef90cf14248889d44b9cee50eef71f8a",
+        dim=768,
+        clip_model="ViT-L/14",
+    ),
+    "vit-b-32": ModelSpec(
+        name="vit-b-32",
+        zip_name="clip_autokeras_nsfw_b32.zip",
+        sha256="78715ab9d64485167e8c9ade3b8e6761a17a16c24d114bd47431ac1dab46462b",
+        dim=512,
+        clip_model="ViT-B/32",
+    ),
+}
+
+
+def canonical_name(name: str) -> str | None:
+    """Return the registry key for ``name`` ("ViT-L/14", "vit_l_14", "VIT-L-14" …), or None."""
+    key = name.strip().lower().replace("/", "-").replace("_", "-")
+    return key if key in REGISTRY else None
+
+
+def model_for_dim(dim: int) -> str | None:
+    """The registry model whose input dimension is ``dim``, or None."""
+    return next((spec.name for spec in REGISTRY.values() if spec.dim == dim), None)
+
+
+# --------------------------------------------------------------------------------------------- directories
+
+
+def zip_dir() -> Path:
+    """Directory holding the original zips (``$CLIP_NSFW_CACHE``, possibly read-only)."""
+    env = os.environ.get("CLIP_NSFW_CACHE")
+    return Path(env).expanduser() if env else writable_cache_dir()
+
+
+def writable_cache_dir() -> Path:
+    """Directory for downloads that cannot go to ``zip_dir()`` and for all derived files."""
+    env = os.environ.get("CLIP_NSFW_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "clip-nsfw-spark"
+
+
+def _is_writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _lock(path: Path) -> FileLock:
+    """A lock file beside ``path`` (in the writable cache when ``path``'s folder is read-only)."""
+    folder = path.parent if _is_writable_dir(path.parent) else writable_cache_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / (path.name + ".lock")))
+
+
+# ------------------------------------------------------------------------------------------------ hashing
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+
+def _download(url: str, target: Path, expected_sha256: str) -> None:
+    """Download ``url`` to ``target`` atomically, refusing content whose sha256 is not the pinned one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        log.info("downloading %s -> %s", url, target)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out, 1 << 20)
+        os.chmod(tmp, 0o644)
+        found = sha256_file(tmp)
+        if found != expected_sha256:
+            raise ChecksumError(
+                f"downloaded {url} has sha256 {found}, expected {expected_sha256}; the file was removed. "
+                "The upstream file changed or the download was tampered with: do not use it."
+            )
+        os.replace(tmp, target)
+    except OSError as err:
+        raise ModelError(
+            f"could not download {url} to {target}: {err}. Without network access, put the zip into "
+            f"the folder named by CLIP_NSFW_CACHE (now {zip_dir()})."
+        ) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch_zip(spec: ModelSpec) -> Path:
+    """Return the verified path of ``spec``'s zip, downloading it once if no cache holds it.
+
+    Raises ChecksumError when a cached zip does not match the pinned sha256; a bad file in a writable
+    cache is removed so that the next call downloads it again.
+    """
+    candidates = [zip_dir() / spec.zip_name, writable_cache_dir() / spec.zip_name]
+    for path in candidates:
+        if path.is_file():
+            _verify_cached(path, spec)
+            return path
+    target = candidates[0] if _is_writable_dir(candidates[0].parent) else candidates[1]
+    with _lock(target):
+        if not target.is_file():  # another process may have finished the download while we waited
+            _download(spec.url, target, spec.sha256)
+    _verify_cached(target, spec)
+    return target
+
+
+def _verify_cached(path: Path, spec: ModelSpec) -> None:
+    found = sha256_file(path)
+    if found == spec.sha256:
+        return
+    removed = ""
+    if os.access(path.parent, os.W_OK):
+        path.unlink(missing_ok=True)
+        removed = " It was removed; the next run downloads it again."
+    raise ChecksumError(
+        f"{path} has sha256 {found}, but {spec.name} is pinned to {spec.sha256}.{removed} "
+        f"Replace it with the original {spec.zip_name} from {spec.url}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- extract
+
+
+def safe_extract(archive: Path, destination: Path) -> None:
+    """Extract a zip into ``destination``, refusing absolute paths, ``..`` members and links.
+
+    Extraction goes to a temporary sibling directory that is renamed into place, so ``destination``
+    either does not exist or is complete.
+    """
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            member = PurePosixPath(info.filename.replace("\\", "/"))
+            if member.is_absolute() or ".." in member.parts or info.filename.startswith(("/", "\\")):
+                raise UnsafeArchiveError(
+                    f"{archive} holds the member {info.filename!r}, which would be written outside the "
+                    "extraction directory; refusing to extract it. Use the original model archive."
+                )
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise UnsafeArchiveError(f"{archive} holds the symbolic link {info.filename!r}; refusing it.")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=destination.name + ".", dir=destination.parent))
+        try:
+            zf.extractall(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared by users
+            os.replace(tmp, destination)
+        except OSError:
+            if destination.is_dir():  # someone else finished first: theirs is as good as ours
+                return
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def find_saved_model(root: Path) -> Path:
+    """The directory under ``root`` (itself included) that holds ``saved_model.pb``."""
+    hits = sorted(p.parent for p in root.rglob("saved_model.pb"))
+    if len(hits) != 1:
+        raise ModelError(
+            f"expected exactly one saved_model.pb under {root}, found {len(hits)}. A model must be a "
+            "TensorFlow SavedModel directory (or a zip of one) like LAION's clip_autokeras_*.zip."
+        )
+    return hits[0]
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are. ``portable`` exists; ``saved_model`` may be None for .npz models."""
+
+    name: str
+    sha256: str
+    portable: Path
+    saved_model: Path | None
+    source: Path
+
+
+def derived_dir(sha256: str) -> Path:
+    return writable_cache_dir() / "derived" / sha256[:16]
+
+
+def prepare_model(model: str | os.PathLike) -> ResolvedModel:
+    """Fetch, verify, extract and convert ``model`` so that its portable weights file exists.
+
+    ``model`` is a registry name ("vit-l-14", "ViT-B/32" …), a portable ``.npz`` written by this package,
+    or a path to a SavedModel directory or a zip of one. Conversion needs TensorFlow and happens once per
+    model content (the result is cached under the content's sha256).
+    """
+    text = os.fspath(model)
+    registry_name = canonical_name(text)
+    if registry_name is not None:
+        spec = REGISTRY[registry_name]
+        archive = fetch_zip(spec)
+        return _prepare_archive(archive, spec.name, spec.sha256)
+
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise UnknownModelError(
+            f"unknown model {text!r}: it is not a registry name ({', '.join(REGISTRY)}; 'ViT-L/14' and "
+            "'ViT-B/32' are accepted too) and no file or directory exists at that path."
+        )
+    if path.is_file() and path.name.endswith(".npz"):
+        return ResolvedModel(path.stem, sha256_file(path), path.resolve(), None, path.resolve())
+    if path.is_file() and zipfile.is_zipfile(path):
+        return _prepare_archive(path.resolve(), path.stem, sha256_file(path))
+    if path.is_dir():
+        saved_model = find_saved_model(path)
+        digest = _directory_sha256(saved_model)
+        portable = derived_dir(digest) / (path.name + PORTABLE_SUFFIX)
+        _convert_once(saved_model, portable)
+        return ResolvedModel(path.name, digest, portable, saved_model, path.resolve())
+    raise UnknownModelError(
+        f"{path} is neither a SavedModel directory, a zip of one, nor a portable .npz weights file."
+    )
+
+
+def _prepare_archive(archive: Path, name: str, sha256: str) -> ResolvedModel:
+    base = derived_dir(sha256)
+    extracted = base / "saved_model"
+    portable = base / (name + PORTABLE_SUFFIX)
+    if not portable.is_file():
+        with _lock(extracted):
+            if not extracted.is_dir():
+                safe_extract(archive, extracted)
+    saved_model = find_saved_model(extracted) if extracted.is_dir() else None
+    if not portable.is_file():
+        assert saved_model is not None
+        _convert_once(saved_model, portable)
+    return ResolvedModel(name, sha256, portable, saved_model, archive)
+
+
+def _convert_once(saved_model: Path, portable: Path) -> None:
+    if portable.is_file():
+        return
+    portable.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(portable):
+        if portable.is_file():
+            return
+        from .convert import convert_saved_model  # imports TensorFlow: only here, only once per model
+
+        weights = convert_saved_model(saved_model)
+        weights.save(portable)
+
+
+def _directory_sha256(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def saved_model_dir(model: str | os.PathLike) -> Path:
+    """The SavedModel directory of ``model`` (for the TensorFlow reference backend)."""
+    resolved = prepare_model(model)
+    if resolved.saved_model is not None:
+        return resolved.saved_model
+    registry_name = canonical_name(os.fspath(model))
+    if registry_name is None:
+        raise ModelError(f"{model} is a portable weights file: it has no SavedModel for TensorFlow.")
+    extracted = derived_dir(resolved.sha256) / "saved_model"
+    with _lock(extracted):
+        if not extracted.is_dir():
+            safe_extract(resolved.source, extracted)
+    return find_saved_model(extracted)
