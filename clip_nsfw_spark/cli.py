@@ -52,6 +52,17 @@ def _cmd_model(args) -> int:
     return 0
 
 
+def _cmd_sample(args) -> int:
+    from .sample import write_laion_sample, write_parquet_sample
+
+    if args.layout == "parquet":
+        write_parquet_sample(args.output, args.rows, args.files, args.dim)
+    else:
+        write_laion_sample(args.output, args.rows, args.files, args.dim)
+    print(f"wrote {args.rows:,} rows of {args.dim}-d float16 embeddings to {args.output} ({args.layout})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip-nsfw-spark",
@@ -66,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "default: every registry model")
     model.add_argument("--json", action="store_true", help="print JSON")
     model.set_defaults(func=_cmd_model)
+
+    sample = commands.add_parser("sample", help="write a LAION-like sample dataset (parquet or laion-npy)")
+    sample.add_argument("output")
+    sample.add_argument("--rows", type=int, default=200_000)
+    sample.add_argument("--files", type=int, default=4)
+    sample.add_argument("--dim", type=int, default=768)
+    sample.add_argument("--layout", choices=["parquet", "laion-npy"], default="parquet")
+    sample.set_defaults(func=_cmd_sample)
 
     try:
         from .job_cli import add_run_command

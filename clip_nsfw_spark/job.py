@@ -1,0 +1,222 @@
+"""The scoring job on the driver: validate, plan, prepare the model, run the tasks, write the report.
+
+Output layout under ``output``:
+
+* annotate: ``<rel>`` (every input row and column + one float32 score per embedding column + a reason
+  column, null when the row was scored);
+* filter: ``<rel>`` (the kept rows) and ``_rejected/<rel>`` (rows that could not be scored, with reason);
+* split: ``safe/<rel>``, ``unsafe/<rel>`` and ``_rejected/<rel>``;
+* ``_clip_nsfw_report.json`` (see ``build_report``), then ``_SUCCESS`` last;
+* ``_clip_nsfw_tasks/`` (one state file per completed task, and ``_job.json``: what this output is for).
+
+``<rel>`` is the input file's path relative to the input root (hive ``key=value`` folders included), or
+``<stem>.slice-NNNNN.parquet`` when a large file is cut into several tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .config import JobConfig
+from .errors import DimensionError, OutputError
+from .models import REGISTRY, canonical_name, model_for_dim, prepare_model
+from .reader import Plan, _npy_header, plan as plan_input
+from .storage import filesystem, join, unstrip
+from .weights import PortableWeights
+from .worker import TASKS_DIR, TMP_DIR, process_task
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "_clip_nsfw_report.json"
+SUCCESS_NAME = "_SUCCESS"
+JOB_STATE = "_job.json"
+# Settings that change what is written: a resume with different values would mix two datasets.
+_FINGERPRINT_KEYS = ("input", "layout", "embedding_columns", "score_columns", "reason_column", "mode",
+                     "threshold", "keep", "rows_per_task", "write_embeddings", "compression")
+
+
+def default_score_columns(embedding_columns: tuple[str, ...]) -> tuple[str, ...]:
+    if len(embedding_columns) == 1:
+        return ("punsafe",)
+    return tuple(f"punsafe_{column}" for column in embedding_columns)
+
+
+def _normal(fs, path: str) -> str:
+    return unstrip(fs, path).rstrip("/") + "/"
+
+
+def check_output(config: JobConfig, in_fs, in_root: str) -> tuple:
+    """Refuse outputs inside the input (or the reverse) and non-empty outputs without overwrite/resume."""
+    out_fs, out_root = filesystem(config.output, config.storage_options)
+    same_store = type(out_fs) is type(in_fs)
+    base_in = in_root.split("*")[0] if any(c in in_root for c in "*?[") else in_root
+    a, b = _normal(in_fs, base_in), _normal(out_fs, out_root)
+    if same_store and (b.startswith(a) or a.startswith(b)):
+        raise OutputError(f"output {unstrip(out_fs, out_root)} is inside the input {unstrip(in_fs, base_in)} (or "
+                          "contains it): choose an output folder outside the input; the input is never modified")
+    exists = out_fs.exists(out_root)
+    if exists and not out_fs.isdir(out_root):
+        raise OutputError(f"output {unstrip(out_fs, out_root)} is a file; it must be a folder")
+    non_empty = exists and bool(out_fs.ls(out_root, detail=False))
+    if non_empty and not (config.overwrite or config.resume):
+        raise OutputError(f"output {unstrip(out_fs, out_root)} is not empty. Use --overwrite to replace it, "
+                          "--resume to finish an interrupted run, or choose another folder.")
+    if non_empty and config.overwrite:
+        log.info("overwrite: removing %s", unstrip(out_fs, out_root))
+        out_fs.rm(out_root, recursive=True)
+    return out_fs, out_root
+
+
+def _check_dimension(plan: Plan, in_fs, dim: int, model_name: str) -> None:
+    """Fail early (before any task runs) when the data's embedding width does not fit the model."""
+    first = plan.tasks[0] if plan.tasks else None
+    if first is None:
+        return
+    if plan.layout == "laion-npy":
+        widths = {"embedding": _npy_header(in_fs, first.npy_path)[0][1]}
+    else:
+        with in_fs.open(first.path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            widths = {}
+            for column in plan.embedding_columns:
+                for batch in parquet.iter_batches(batch_size=64, columns=[column]):
+                    lengths = batch.column(0).value_lengths().drop_null().to_numpy(zero_copy_only=False) \
+                        if not hasattr(batch.column(0).type, "list_size") else np.array([batch.column(0).type.list_size])
+                    if len(lengths):
+                        widths[column] = int(np.bincount(lengths).argmax())
+                        break
+    for column, width in widths.items():
+        if width != dim:
+            fits = model_for_dim(width)
+            hint = f"; the model for {width}-d embeddings is {fits!r} (--model {fits})" if fits else ""
+            raise DimensionError(f"column {column!r} holds {width}-d embeddings but model {model_name!r} expects "
+                                 f"{dim}-d{hint}")
+
+
+def run_job(config: JobConfig, runner: Callable | None = None) -> dict:
+    """Run the whole job; return the report (also written next to the output).
+
+    ``runner(tasks, task_config, model)`` runs ``process_task`` over the tasks and returns their stats;
+    ``None`` runs them here, one after the other (the Spark runner lives in sparkjob.py).
+    """
+    started = time.perf_counter()
+    durations = {}
+    in_fs, in_root = filesystem(config.input, config.storage_options)
+    plan = plan_input(config)
+    durations["plan"] = time.perf_counter() - started
+
+    t0 = time.perf_counter()
+    resolved = prepare_model(config.model)
+    weights = PortableWeights.load(resolved.portable)
+    model_name = canonical_name(config.model) or resolved.name
+    _check_dimension(plan, in_fs, weights.dim, model_name)
+    model = {"bytes": resolved.portable.read_bytes(), "sha256": resolved.sha256, "name": model_name}
+    durations["model"] = time.perf_counter() - t0
+
+    out_fs, out_root = check_output(config, in_fs, in_root)
+    task_config = config.to_dict() | {
+        "layout": plan.layout, "embedding_columns": list(plan.embedding_columns),
+        "score_columns": list(config.score_columns or default_score_columns(plan.embedding_columns)),
+    }
+    fingerprint = {key: task_config[key] for key in _FINGERPRINT_KEYS} | {"model_sha256": resolved.sha256}
+    done = _prepare_state(out_fs, out_root, fingerprint, config.resume)
+    pending = [task for task in plan.tasks if task.task_id not in done]
+    log.info("%d tasks (%d rows) in %s; %d already complete; model %s", len(plan.tasks), plan.total_rows,
+             config.input, len(plan.tasks) - len(pending), model_name)
+
+    t0 = time.perf_counter()
+    if runner is None:
+        new_stats = []
+        for number, task in enumerate(pending, 1):
+            new_stats.append(process_task(task, task_config, model))
+            log.info("task %d/%d done: %s", number, len(pending), task.rel)
+    else:
+        new_stats = runner(pending, task_config, model)
+    durations["run"] = time.perf_counter() - t0
+
+    stats = list(done.values()) + list(new_stats)
+    by_id = {s["task_id"]: s for s in stats}
+    missing = [t.rel for t in plan.tasks if t.task_id not in by_id]
+    if missing:
+        raise OutputError(f"{len(missing)} tasks did not report completion (first: {missing[0]}); "
+                          "run again with --resume")
+    if out_fs.exists(join(out_root, TMP_DIR)):
+        out_fs.rm(join(out_root, TMP_DIR), recursive=True)
+    durations["total"] = time.perf_counter() - started
+    report = build_report(config, task_config, plan, resolved, weights.dim, model_name, stats, durations,
+                          resumed=len(plan.tasks) - len(pending))
+    with out_fs.open(join(out_root, REPORT_NAME), "w") as handle:
+        handle.write(json.dumps(report, indent=2))
+    with out_fs.open(join(out_root, SUCCESS_NAME), "w") as handle:
+        handle.write("")
+    return report
+
+
+def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool) -> dict:
+    """Create the state folder; on resume, check it is the same job and return completed tasks' stats."""
+    state_dir = join(out_root, TASKS_DIR)
+    job_file = join(state_dir, JOB_STATE)
+    done = {}
+    if out_fs.exists(join(out_root, SUCCESS_NAME)):
+        out_fs.rm(join(out_root, SUCCESS_NAME))  # this run is not complete until it says so again
+    if resume and out_fs.exists(job_file):
+        with out_fs.open(job_file, "r") as handle:
+            previous = json.load(handle)
+        changed = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
+        if changed:
+            raise OutputError("--resume refused: the output was written with other settings "
+                              + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+                              + ". Use --overwrite to start again.")
+        for path in out_fs.ls(state_dir, detail=False):
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(".json") and name != JOB_STATE:
+                with out_fs.open(path, "r") as handle:
+                    stats = json.load(handle)
+                done[stats["task_id"]] = stats
+    out_fs.makedirs(state_dir, exist_ok=True)
+    with out_fs.open(job_file, "w") as handle:
+        handle.write(json.dumps(fingerprint))
+    return done
+
+
+def build_report(config, task_config, plan, resolved, dim, model_name, stats, durations, resumed) -> dict:
+    """The JSON report: config (secrets redacted), model, row counts by stream and reason, histogram, timing."""
+    written: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    stages: dict[str, float] = {}
+    bins = config.histogram_bins
+    histogram = np.zeros(bins, dtype=np.int64)
+    for s in stats:
+        for stream, n in s["rows_written"].items():
+            written[stream] = written.get(stream, 0) + n
+        for reason, n in s["rejected_by_reason"].items():
+            rejected[reason] = rejected.get(reason, 0) + n
+        for stage, seconds in s["stage_seconds"].items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+        histogram += np.asarray(s["histogram"], dtype=np.int64)
+    rows_read = sum(s["rows_read"] for s in stats)
+    unsafe = sum(s["rows_unsafe"] for s in stats)
+    n_rejected = sum(rejected.values())
+    spec = REGISTRY.get(canonical_name(config.model) or "")
+    return {
+        "status": "succeeded",
+        "config": config.redacted() | {k: task_config[k] for k in ("layout", "embedding_columns", "score_columns")},
+        "model": {"name": model_name, "sha256": resolved.sha256, "dim": dim, "source": str(resolved.source),
+                  "clip_model": spec.clip_model if spec else None},
+        "input": {"layout": plan.layout, "tasks": len(plan.tasks), "rows": plan.total_rows},
+        "rows": {"read": rows_read, "written": written, "unsafe": unsafe, "safe": rows_read - unsafe - n_rejected,
+                 "rejected": n_rejected, "rejected_by_reason": rejected,
+                 "kept": written.get("kept") if config.mode == "filter" else None},
+        "threshold": config.threshold,
+        "score_histogram": {"edges": np.linspace(0, 1, bins + 1).round(6).tolist(), "counts": histogram.tolist()},
+        "durations_seconds": {k: round(v, 3) for k, v in durations.items()},
+        "task_stage_seconds": {k: round(v, 3) for k, v in stages.items()},
+        "throughput_rows_per_second": round(rows_read / durations["run"], 1) if durations.get("run") else None,
+        "tasks_resumed": resumed,
+    }
+

@@ -1,0 +1,90 @@
+"""Command-line options of the scoring job, shared by ``clip-nsfw-spark run`` and ``jobs/score_embeddings.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from .config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+def _storage_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, found {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with the job's keys (see conf/score_embeddings.yaml)")
+    parser.add_argument("--input", help="parquet file/folder/glob, or a LAION folder with img_emb/ and metadata/")
+    parser.add_argument("--output", help="output folder (local path, file://, s3://, hdfs://)")
+    parser.add_argument("--layout", choices=["auto", "parquet", "laion-npy"])
+    parser.add_argument("--embedding-column", dest="embedding_columns", action="append",
+                        help="embedding column to score (repeat for several); default: the one list-of-floats column")
+    parser.add_argument("--score-column", dest="score_columns", action="append",
+                        help="name of the score column, one per embedding column (default punsafe)")
+    parser.add_argument("--model", help="vit-l-14 (default), vit-b-32, or a path to a model")
+    parser.add_argument("--mode", choices=["annotate", "filter", "split"])
+    parser.add_argument("--threshold", type=float, help="unsafe ⇔ score ≥ threshold (default 0.5)")
+    parser.add_argument("--keep", choices=["safe", "unsafe"], help="filter mode: which side to keep")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output")
+    parser.add_argument("--resume", action="store_true", default=None, help="finish an interrupted run")
+    parser.add_argument("--master", help="Spark master (default: the active session, else local[*])")
+    parser.add_argument("--rows-per-task", type=int, dest="rows_per_task")
+    parser.add_argument("--batch-rows", type=int, dest="batch_rows")
+    parser.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
+                        metavar="KEY=VALUE", help="fsspec option, e.g. endpoint_url=http://127.0.0.1:8333 or anon=true")
+    parser.add_argument("--local-runner", action="store_true",
+                        help="run tasks in this process without Spark (small data, debugging)")
+
+
+def config_from_args(args) -> JobConfig:
+    overrides = {key: getattr(args, key) for key in JobConfig.keys() if hasattr(args, key)}
+    if overrides.get("storage_options") is not None:
+        overrides["storage_options"] = dict(overrides["storage_options"])
+    return JobConfig.load(args.config, overrides)
+
+
+def summary(report: dict) -> str:
+    rows = report["rows"]
+    lines = [
+        f"clip-nsfw-spark: {report['config']['mode']} done in {report['durations_seconds']['total']:.1f} s "
+        f"({report['throughput_rows_per_second'] or 0:,.0f} rows/s while scoring)",
+        f"  model     {report['model']['name']} (sha256 {report['model']['sha256'][:12]}…)",
+        f"  rows      read {rows['read']:,}  unsafe {rows['unsafe']:,} (score ≥ {report['threshold']})  "
+        f"rejected {rows['rejected']:,}",
+        "  written   " + ", ".join(f"{k} {v:,}" for k, v in sorted(rows["written"].items())),
+        f"  tasks     {report['input']['tasks']} ({report['tasks_resumed']} resumed)",
+    ]
+    if rows["rejected_by_reason"]:
+        lines.append("  rejected  " + ", ".join(f"{k}: {v:,}" for k, v in rows["rejected_by_reason"].items()))
+    return "\n".join(lines)
+
+
+def run_from_args(args, default_master: str | None) -> int:
+    from .job import REPORT_NAME, run_job
+
+    config = config_from_args(args)
+    if args.local_runner:
+        report = run_job(config)
+    else:
+        from .sparkjob import spark_runner, spark_session
+
+        with spark_session(config.master or default_master) as spark:
+            report = run_job(config, runner=spark_runner(spark))
+    print(summary(report))
+    print(f"  report    {config.output.rstrip('/')}/{REPORT_NAME}")
+    return 0
+
+
+def add_run_command(commands) -> None:
+    run = commands.add_parser("run", help="score an embedding dataset (annotate, filter or split)")
+    add_job_arguments(run)
+    run.set_defaults(func=lambda args: run_from_args(args, default_master="local[*]"))

@@ -1,0 +1,252 @@
+"""One task, start to finish, on whatever process runs it: read a slice, score it, write it atomically.
+
+No Spark here: the same function runs in a Spark Python worker and in the local sequential runner,
+which is how the tests prove both give the same output. The model arrives as portable-weights bytes and
+is loaded once per process (``scorer_for``), then reused by every task the process runs.
+
+Output files are written under a temporary name in ``<output>/_clip_nsfw_tmp/`` and moved to their final
+name only when complete; the task's state file (``<output>/_clip_nsfw_tasks/<task_id>.json``) is written
+last. A task with a state file is complete; a retried or resumed task rewrites its outputs whole.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .embeddings import decode
+from .reader import Task, read_npy_rows
+from .scorer import NumpyScorer
+from .storage import filesystem, join
+from .weights import PortableWeights
+
+TMP_DIR = "_clip_nsfw_tmp"
+TASKS_DIR = "_clip_nsfw_tasks"
+REJECTED_DIR = "_rejected"
+_SCORERS: dict[str, NumpyScorer] = {}
+
+
+def scorer_for(model_bytes: bytes, sha256: str, name: str) -> NumpyScorer:
+    """The scorer for these weights, built once per process (the cache holds while workers are reused)."""
+    scorer = _SCORERS.get(sha256)
+    if scorer is None:
+        scorer = NumpyScorer(PortableWeights.load(model_bytes), name=name, sha256=sha256)
+        _SCORERS[sha256] = scorer
+    return scorer
+
+
+def output_paths(task: Task, mode: str) -> dict[str, str]:
+    """Relative output file per stream for ``task`` (rejected rows only exist in filter/split)."""
+    if mode == "annotate":
+        return {"annotated": task.rel}
+    if mode == "filter":
+        return {"kept": task.rel, "rejected": join(REJECTED_DIR, task.rel)}
+    return {"safe": join("safe", task.rel), "unsafe": join("unsafe", task.rel),
+            "rejected": join(REJECTED_DIR, task.rel)}
+
+
+class _AtomicParquet:
+    """A parquet file that appears under its final name only when complete (temp file, then move)."""
+
+    def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str):
+        self.fs, self.final = fs, join(root, rel)
+        self.tmp = join(root, TMP_DIR, uuid.uuid4().hex, rel.replace("/", "__"))
+        fs.makedirs(self.tmp.rsplit("/", 1)[0], exist_ok=True)
+        self._handle = fs.open(self.tmp, "wb")
+        self._writer = pq.ParquetWriter(self._handle, schema, compression=compression)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
+
+    def commit(self) -> None:
+        self._writer.close()
+        self._handle.close()
+        parent = self.final.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        self.fs.mv(self.tmp, self.final)
+        self._cleanup()
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._handle.close()
+        finally:
+            if self.fs.exists(self.tmp):
+                self.fs.rm(self.tmp)
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        try:
+            self.fs.rmdir(self.tmp.rsplit("/", 1)[0])
+        except (OSError, NotImplementedError):
+            pass  # object stores have no empty folders; a local one may be shared by a retry
+
+
+def _task_batches(task: Task, fs, batch_rows: int, timings: Counter):
+    """Yield ``(batch, npy_rows_or_None)`` for the task's rows, at most ``batch_rows`` at a time."""
+    with fs.open(task.path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        if task.kind == "parquet":
+            groups = list(task.row_groups)
+            batches = parquet.iter_batches(batch_size=batch_rows, row_groups=groups) if groups else iter(())
+            for batch in _timed(batches, timings, "read"):
+                yield batch, None
+            return
+        # laion-npy: rows [row_start, row_stop) of the metadata file and of the npy file, read together.
+        meta = parquet.metadata
+        offsets = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        groups = [i for i in range(meta.num_row_groups)
+                  if offsets[i] < task.row_stop and offsets[i + 1] > task.row_start]
+        position = int(offsets[groups[0]]) if groups else 0
+        batches = parquet.iter_batches(batch_size=batch_rows, row_groups=groups) if groups else iter(())
+        for batch in _timed(batches, timings, "read"):
+            first, position = position, position + batch.num_rows
+            lo, hi = max(task.row_start, first), min(task.row_stop, position)
+            if hi > lo:
+                t0 = time.perf_counter()
+                rows = read_npy_rows(fs, task.npy_path, lo, hi)
+                timings["read"] += time.perf_counter() - t0
+                yield batch.slice(lo - first, hi - lo), rows
+
+
+def _timed(iterator, timings: Counter, key: str):
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            timings[key] += time.perf_counter() - t0
+        yield item
+
+
+def output_schemas(input_schema: pa.Schema, config: dict, dim: int) -> dict[str, pa.Schema]:
+    """The schema of each output stream: the input's fields and metadata, plus scores (+ reason)."""
+    schema = input_schema
+    if config["layout"] == "laion-npy" and config["write_embeddings"]:
+        schema = schema.append(pa.field("embedding", pa.list_(pa.float16(), dim)))
+    for name in config["score_columns"]:
+        schema = schema.append(pa.field(name, pa.float32()))
+    with_reason = schema.append(pa.field(config["reason_column"], pa.string()))
+    mode = config["mode"]
+    if mode == "annotate":
+        return {"annotated": with_reason}
+    streams = {"kept": schema} if mode == "filter" else {"safe": schema, "unsafe": schema}
+    return streams | {"rejected": with_reason}
+
+
+def _as_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_arrays(table.columns, schema=schema)
+
+
+def process_task(task: Task, config: dict, model: dict) -> dict:
+    """Score one task and write its outputs; return its statistics (also stored in its state file).
+
+    ``config`` is ``JobConfig.to_dict()`` plus the resolved ``layout``, ``embedding_columns`` and
+    ``score_columns``; ``model`` is ``{"bytes", "sha256", "name"}``.
+    """
+    started = time.perf_counter()
+    timings: Counter = Counter()
+    scorer = scorer_for(model["bytes"], model["sha256"], model["name"])
+    in_fs, _ = filesystem(config["input"], config["storage_options"])
+    out_fs, out_root = filesystem(config["output"], config["storage_options"])
+    columns, score_columns = config["embedding_columns"], config["score_columns"]
+    threshold, mode = float(config["threshold"]), config["mode"]
+    bins = np.linspace(0.0, 1.0, config["histogram_bins"] + 1)
+    histogram = np.zeros(config["histogram_bins"], dtype=np.int64)
+    rejected_by_reason: Counter = Counter()
+    rows_read = unsafe_rows = 0
+    with in_fs.open(task.path, "rb") as handle:
+        schemas = output_schemas(pq.ParquetFile(handle).schema_arrow, config, scorer.dim)
+    paths = output_paths(task, mode)
+    writers: dict[str, _AtomicParquet] = {}
+
+    def writer(stream: str) -> _AtomicParquet:
+        if stream not in writers:
+            writers[stream] = _AtomicParquet(out_fs, out_root, paths[stream], schemas[stream], config["compression"])
+        return writers[stream]
+
+    try:
+        for stream in schemas:  # main outputs exist even when empty; rejected only when needed
+            if stream != "rejected":
+                writer(stream)
+        for batch, npy in _task_batches(task, in_fs, config["batch_rows"], timings):
+            t0 = time.perf_counter()
+            n = batch.num_rows
+            rows_read += n
+            table = pa.Table.from_batches([batch])
+            if npy is not None and config["write_embeddings"]:
+                table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
+                    pa.array(npy.astype(np.float16).reshape(-1)), npy.shape[1]))
+            reasons: list = [None] * n
+            first_problem: dict[int, str] = {}
+            any_unsafe = np.zeros(n, dtype=bool)
+            ok_all = np.ones(n, dtype=bool)
+            for column, score_name in zip(columns, score_columns):
+                if npy is not None:
+                    ok = np.isfinite(npy).all(axis=1)
+                    matrix = npy if ok.all() else npy[ok]
+                    col_reasons = [None if good else "NaN or Inf in embedding" for good in ok]
+                else:
+                    matrix, ok, col_reasons = decode(table.column(column), scorer.dim)
+                t1 = time.perf_counter()
+                values = np.full(n, np.nan, dtype=np.float32)
+                values[ok] = scorer(matrix)
+                timings["score"] += time.perf_counter() - t1
+                table = table.append_column(score_name, pa.array(values, mask=~ok))
+                any_unsafe |= ok & (values >= threshold)
+                ok_all &= ok
+                histogram += np.histogram(values[ok], bins=bins)[0]
+                for i in np.flatnonzero(~ok):
+                    label = col_reasons[i] if len(columns) == 1 else f"{column}: {col_reasons[i]}"
+                    reasons[i] = label if reasons[i] is None else f"{reasons[i]}; {label}"
+                    first_problem.setdefault(int(i), col_reasons[i].split(":")[0])
+            rejected_by_reason.update(first_problem.values())  # a row counts once, by its first problem
+            unsafe_rows += int(any_unsafe.sum())
+            with_reason = table.append_column(config["reason_column"], pa.array(reasons, type=pa.string()))
+            if mode == "annotate":
+                writer("annotated").write(_as_schema(with_reason, schemas["annotated"]))
+            else:
+                safe_mask, unsafe_mask = ok_all & ~any_unsafe, ok_all & any_unsafe
+                if mode == "filter":
+                    keep = safe_mask if config["keep"] == "safe" else unsafe_mask
+                    writer("kept").write(_as_schema(table.filter(pa.array(keep)), schemas["kept"]))
+                else:
+                    writer("safe").write(_as_schema(table.filter(pa.array(safe_mask)), schemas["safe"]))
+                    writer("unsafe").write(_as_schema(table.filter(pa.array(unsafe_mask)), schemas["unsafe"]))
+                if not ok_all.all():
+                    writer("rejected").write(_as_schema(with_reason.filter(pa.array(~ok_all)), schemas["rejected"]))
+            timings["process"] += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        for stream in sorted(writers):
+            writers[stream].commit()
+        timings["write"] += time.perf_counter() - t2
+    except BaseException:
+        for pending in writers.values():
+            try:
+                pending.abort()
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        raise
+    stats = {
+        "task_id": task.task_id, "rel": task.rel, "rows_read": rows_read,
+        "rows_written": {stream: w.rows for stream, w in writers.items()},
+        "rows_unsafe": unsafe_rows, "rows_rejected": sum(rejected_by_reason.values()),
+        "rejected_by_reason": dict(rejected_by_reason), "histogram": histogram.tolist(),
+        "seconds": time.perf_counter() - started, "stage_seconds": dict(timings),
+    }
+    out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
+    with out_fs.open(join(out_root, TASKS_DIR, task.task_id + ".json"), "w") as handle:
+        handle.write(json.dumps(stats))  # the last write: its presence means "this task is complete"
+    return stats
+

@@ -1,0 +1,225 @@
+"""The scoring job end to end: real local Spark, real models, real parquet files on disk."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
+from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
+from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
+from conftest import needs_models
+
+pytestmark = needs_models
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from clip_nsfw_spark.sparkjob import spark_session
+
+    with spark_session("local[2]") as session:
+        yield session
+
+
+@pytest.fixture
+def spark_runner(spark):
+    from clip_nsfw_spark.sparkjob import spark_runner as make
+
+    return make(spark)
+
+
+def run(input, output, runner=None, **options):
+    return run_job(JobConfig(input=str(input), output=str(output), **options), runner=runner)
+
+
+def read_dir(path):
+    return pq.read_table(str(path), partitioning=None)
+
+
+def test_annotate_parquet_spark_equals_local_and_scorer(tmp_path, spark_runner, scorers):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=3000, files=3, row_group_rows=400)
+    report = run(source, tmp_path / "spark", spark_runner, rows_per_task=400)
+    run(source, tmp_path / "local", rows_per_task=400)
+    for name in sorted(os.listdir(source)):  # 1000-row files, 400-row groups: three slices each
+        sizes = [pq.read_metadata(tmp_path / "spark" / name.replace(".parquet", f".slice-{i:05d}.parquet")).num_rows
+                 for i in range(3)]
+        assert sizes == [400, 400, 200]
+    spark_out, local_out = read_dir(tmp_path / "spark"), read_dir(tmp_path / "local")
+    assert spark_out.equals(local_out)
+    original = read_dir(source)
+    assert spark_out.drop_columns(["punsafe", "nsfw_reject_reason"]).equals(original)
+    x = np.stack(original.column("embedding").to_numpy(zero_copy_only=False))
+    expected = scorers["vit-l-14"](x)
+    assert np.max(np.abs(spark_out.column("punsafe").to_numpy() - expected)) <= 1e-6
+    assert spark_out.schema.field("punsafe").type == pa.float32()
+    assert report["rows"]["read"] == 3000 and report["rows"]["written"] == {"annotated": 3000}
+    assert report["input"]["tasks"] == 9 and sum(report["score_histogram"]["counts"]) == 3000
+    assert (tmp_path / "spark" / SUCCESS_NAME).exists()
+    files = sorted(p.name for p in (tmp_path / "spark").iterdir())
+    assert files[:2] == ["_SUCCESS", "_clip_nsfw_report.json"] and "_clip_nsfw_tmp" not in files
+
+
+def test_list_float32_several_columns_and_metadata_preserved(tmp_path, scorers):
+    n = 500
+    l14, b32 = embeddings(n, 768, 1, np.float32), embeddings(n, 512, 2, np.float32)
+    table = pa.table(metadata(n, 0) | {"img": embedding_array(l14, fixed=False), "other": embedding_array(b32, False)})
+    table = table.replace_schema_metadata({b"owner": b"data-team"})
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "a.parquet")
+    with pytest.raises(InputError, match="several list-of-float columns in .*img, other"):
+        run(tmp_path / "in", tmp_path / "out0")
+    run(tmp_path / "in", tmp_path / "out", embedding_columns=("img",))
+    out = pq.read_table(tmp_path / "out" / "a.parquet")
+    assert out.schema.metadata[b"owner"] == b"data-team"
+    assert out.column_names == ["key", "url", "caption", "img", "other", "punsafe", "nsfw_reject_reason"]
+    assert np.max(np.abs(out.column("punsafe").to_numpy() - scorers["vit-l-14"](l14))) <= 1e-6
+    with pytest.raises(DimensionError, match=r"'other' holds 512-d .* expects 768-d.*--model vit-b-32"):
+        run(tmp_path / "in", tmp_path / "out2", embedding_columns=("other",))
+
+
+def _bad_rows_table():
+    good = embeddings(6, 768, 3, np.float32)
+    nan_row = good[0].copy()
+    nan_row[5] = np.nan
+    rows = [good[0].tolist(), None, good[1][:500].tolist(), nan_row.tolist(), good[2].tolist(), good[3].tolist()]
+    return pa.table(metadata(6, 0) | {"embedding": pa.array(rows, pa.list_(pa.float32()))}), good
+
+
+def test_rows_that_cannot_be_scored_are_never_dropped(tmp_path, spark_runner):
+    table, _ = _bad_rows_table()
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "x.parquet")
+    report = run(tmp_path / "in", tmp_path / "ann", spark_runner)
+    out = pq.read_table(tmp_path / "ann" / "x.parquet")
+    assert out.num_rows == 6
+    assert out.column("punsafe").null_count == 3
+    assert out.column("nsfw_reject_reason").to_pylist() == [
+        None, "null embedding", "wrong length: expected 768, found 500", "NaN or Inf in embedding", None, None]
+    assert report["rows"]["rejected_by_reason"] == {"null embedding": 1, "wrong length": 1, "NaN or Inf in embedding": 1}
+
+    run(tmp_path / "in", tmp_path / "filt", spark_runner, mode="filter")
+    kept = pq.read_table(tmp_path / "filt" / "x.parquet")
+    rejected = pq.read_table(tmp_path / "filt" / "_rejected" / "x.parquet")
+    assert kept.num_rows + rejected.num_rows == 6 and rejected.num_rows == 3
+    assert rejected.column("key").to_pylist() == ["000000001", "000000002", "000000003"]
+
+
+def test_filter_and_split_agree_with_annotate(tmp_path, spark_runner):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=4000, files=2)
+    run(source, tmp_path / "ann", spark_runner)
+    annotated = read_dir(tmp_path / "ann")
+    scores = annotated.column("punsafe").to_numpy()
+    threshold = float(np.quantile(scores, 0.9))  # a cut that puts ~10% on the unsafe side
+    run(source, tmp_path / "safe", spark_runner, mode="filter", threshold=threshold)
+    run(source, tmp_path / "unsafe", spark_runner, mode="filter", threshold=threshold, keep="unsafe")
+    report = run(source, tmp_path / "split", spark_runner, mode="split", threshold=threshold)
+    safe, unsafe = read_dir(tmp_path / "safe"), read_dir(tmp_path / "unsafe")
+    assert safe.num_rows == int((scores < threshold).sum()) and unsafe.num_rows == int((scores >= threshold).sum())
+    assert np.all(safe.column("punsafe").to_numpy() < threshold)
+    assert np.all(unsafe.column("punsafe").to_numpy() >= threshold)
+    assert read_dir(tmp_path / "split" / "safe").equals(safe)
+    assert read_dir(tmp_path / "split" / "unsafe").equals(unsafe)
+    assert report["rows"]["unsafe"] == unsafe.num_rows and report["rows"]["safe"] == safe.num_rows
+    assert "nsfw_reject_reason" not in safe.column_names
+
+
+def test_hive_partitions_keep_their_folders(tmp_path, spark_runner):
+    source = tmp_path / "in"
+    for year in (2021, 2022):
+        write_parquet_sample(str(source / f"year={year}"), rows=300, files=2, seed=year)
+    run(source, tmp_path / "out", spark_runner)
+    produced = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.parquet")
+                      if not p.relative_to(tmp_path / "out").parts[0].startswith("_"))
+    assert produced == ["year=2021/part-00000.parquet", "year=2021/part-00001.parquet",
+                        "year=2022/part-00000.parquet", "year=2022/part-00001.parquet"]
+    assert pq.read_table(str(tmp_path / "out")).column("year").to_pylist().count(2021) == 300
+
+
+def test_laion_npy_layout(tmp_path, spark_runner, scorers):
+    source = tmp_path / "laion"
+    write_laion_sample(str(source), rows=2500, files=2)
+    report = run(source, tmp_path / "out", spark_runner, rows_per_task=700)
+    assert report["input"]["layout"] == "laion-npy" and report["rows"]["read"] == 2500
+    for index in range(2):
+        x = np.load(source / "img_emb" / f"img_emb_{index}.npy")
+        meta = pq.read_table(source / "metadata" / f"metadata_{index}.parquet")
+        parts = sorted((tmp_path / "out").glob(f"metadata_{index}.slice-*.parquet"))
+        out = pa.concat_tables([pq.read_table(p) for p in parts])
+        assert out.drop_columns(["punsafe", "nsfw_reject_reason"]).equals(meta)
+        assert np.max(np.abs(out.column("punsafe").to_numpy() - scorers["vit-l-14"](x))) <= 1e-6
+    os.remove(source / "metadata" / "metadata_1.parquet")
+    with pytest.raises(InputError, match="img_emb_1.npy has no partner file number 1 in metadata/"):
+        run(source, tmp_path / "out2")
+
+
+def test_reruns_refuse_overwrite_and_resume_equals_clean_run(tmp_path, spark_runner):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=2000, files=4)
+    clean = run(source, tmp_path / "clean", spark_runner)
+    with pytest.raises(OutputError, match="not empty. Use --overwrite .* --resume"):
+        run(source, tmp_path / "clean")
+    with pytest.raises(OutputError, match="inside the input"):
+        run(source, source / "out")
+    # An interrupted run: two tasks never finished (no state file, one left a stray temp file).
+    out = tmp_path / "partial"
+    run(source, out)
+    states = sorted((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json"))
+    for state in states[:2]:
+        rel = json.loads(state.read_text())["rel"]
+        (out / rel).unlink()
+        state.unlink()
+    (out / SUCCESS_NAME).unlink()
+    (out / "_clip_nsfw_tmp" / "dead").mkdir(parents=True)
+    resumed = run(source, out, spark_runner, resume=True)
+    assert resumed["tasks_resumed"] == 2
+    assert read_dir(out).equals(read_dir(tmp_path / "clean"))
+    assert resumed["rows"] == clean["rows"]
+    assert not (out / "_clip_nsfw_tmp").exists() and (out / SUCCESS_NAME).exists()
+    with pytest.raises(OutputError, match="threshold: 0.5 then, 0.2 now"):
+        run(source, out, resume=True, threshold=0.2)
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["model"]["sha256"].startswith("905520bb")
+
+
+def test_config_errors_are_clear(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("input: a\noutput: b\ntreshold: 0.3\n")
+    with pytest.raises(ConfigError, match="unknown key.*'treshold' \\(did you mean 'threshold'\\?\\)"):
+        JobConfig.load(str(config))
+    with pytest.raises(ConfigError, match="threshold must be a number in \\[0, 1\\]"):
+        JobConfig(input="a", output="b", threshold=1.5)
+    with pytest.raises(ConfigError, match="mode must be one of annotate, filter, split"):
+        JobConfig(input="a", output="b", mode="drop")
+    secret = JobConfig(input="s3://b/x", output="s3://b/y", storage_options={"secret": "S3CR3T", "key": "AKIA"})
+    assert "S3CR3T" not in json.dumps(secret.redacted()) and "AKIA" not in json.dumps(secret.redacted())
+
+
+def test_cli_run_and_spark_submit_entry_point(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=1000, files=2)
+    conf = root / "conf" / "score_embeddings.yaml"
+    result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", "--config", str(conf),
+                             "--input", str(source), "--output", str(tmp_path / "cli"), "--master", "local[2]",
+                             "--mode", "split", "--threshold", "0.1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "split done" in result.stdout and "read 1,000" in result.stdout
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    result = subprocess.run([str(spark_submit), "--master", "local[2]", str(root / "jobs" / "score_embeddings.py"),
+                             "--config", str(conf), "--input", str(source), "--output", str(tmp_path / "submit"),
+                             "--mode", "split", "--threshold", "0.1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_dir(tmp_path / "submit" / "safe").equals(read_dir(tmp_path / "cli" / "safe"))
+    bad = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", "--input", str(tmp_path / "nope"),
+                          "--output", str(tmp_path / "o"), "--local-runner"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
