@@ -137,16 +137,22 @@ def plan(config: JobConfig) -> Plan:
     tasks, schema, first, total = [], None, None, 0
     for path in files:
         meta = _read_footer(fs, path)
-        file_schema = meta.schema.to_arrow_schema()
-        if schema is None:
-            schema, first = file_schema, path
-        elif not file_schema.remove_metadata().equals(schema.remove_metadata()):
-            raise InputError(_schema_difference(fs, first, schema, path, file_schema))
+        schema, first = _same_schema(fs, schema, first, path, meta)
         rel = path[len(base):].lstrip("/") or path.rsplit("/", 1)[-1]
         tasks.extend(_slice_row_groups(path, rel, meta, config.rows_per_task))
         total += meta.num_rows
     columns = choose_embedding_columns(schema, config, unstrip(fs, first))
     return Plan(tuple(tasks), layout, columns, schema, total)
+
+
+def _same_schema(fs, schema, first, path, meta) -> tuple[pa.Schema, str]:
+    """The dataset's schema so far (taken from the first file); raise if ``path``'s schema differs."""
+    file_schema = meta.schema.to_arrow_schema()
+    if schema is None:
+        return file_schema, path
+    if not file_schema.remove_metadata().equals(schema.remove_metadata()):
+        raise InputError(_schema_difference(fs, first, schema, path, file_schema))
+    return schema, first
 
 
 def _schema_difference(fs, first, schema, path, other) -> str:
@@ -202,18 +208,14 @@ def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
                          "metadata must pair up row for row")
     if not npys:
         raise InputError(f"no img_emb_N.npy files in {unstrip(fs, emb_dir)}")
-    tasks, schema, total = [], None, 0
+    tasks, schema, first, total = [], None, None, 0
     for number in sorted(npys):
         shape, _, _ = _npy_header(fs, npys[number])
         meta = _read_footer(fs, metas[number])
         if meta.num_rows != shape[0]:
             raise InputError(f"{unstrip(fs, npys[number])} has {shape[0]} rows but {unstrip(fs, metas[number])} has "
                              f"{meta.num_rows}: they must align row for row")
-        file_schema = meta.schema.to_arrow_schema()
-        if schema is None:
-            schema, first = file_schema, metas[number]
-        elif not file_schema.remove_metadata().equals(schema.remove_metadata()):
-            raise InputError(_schema_difference(fs, first, schema, metas[number], file_schema))
+        schema, first = _same_schema(fs, schema, first, metas[number], meta)
         name = metas[number].rsplit("/", 1)[-1]
         stem = name[: -len(".parquet")]
         starts = list(range(0, shape[0], config.rows_per_task)) or [0]

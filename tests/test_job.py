@@ -223,3 +223,13 @@ def test_cli_run_and_spark_submit_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", "--input", str(tmp_path / "nope"),
                           "--output", str(tmp_path / "o"), "--local-runner"], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_schema_that_differs_between_files_is_named(tmp_path):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=200, files=2)
+    other = pq.read_table(source / "part-00001.parquet").drop_columns(["caption"])
+    pq.write_table(other, source / "part-00001.parquet")
+    with pytest.raises(InputError, match=r"schema of .*part-00001.parquet differs from .*part-00000.parquet "
+                                         r"\(caption: string vs missing\)"):
+        run(source, tmp_path / "out")
