@@ -27,7 +27,7 @@ from .config import JobConfig
 from .errors import DimensionError, OutputError
 from .models import REGISTRY, canonical_name, model_for_dim, prepare_model
 from .reader import Plan, _npy_header, plan as plan_input
-from .storage import filesystem, join, unstrip
+from .storage import accessing, filesystem, join, unstrip
 from .weights import PortableWeights
 from .worker import TASKS_DIR, TMP_DIR, process_task
 
@@ -59,10 +59,11 @@ def check_output(config: JobConfig, in_fs, in_root: str) -> tuple:
     if same_store and (b.startswith(a) or a.startswith(b)):
         raise OutputError(f"output {unstrip(out_fs, out_root)} is inside the input {unstrip(in_fs, base_in)} (or "
                           "contains it): choose an output folder outside the input; the input is never modified")
-    exists = out_fs.exists(out_root)
+    with accessing(out_fs, out_root, "output"):
+        exists = out_fs.exists(out_root)
+        non_empty = exists and out_fs.isdir(out_root) and bool(out_fs.ls(out_root, detail=False))
     if exists and not out_fs.isdir(out_root):
         raise OutputError(f"output {unstrip(out_fs, out_root)} is a file; it must be a folder")
-    non_empty = exists and bool(out_fs.ls(out_root, detail=False))
     if non_empty and not (config.overwrite or config.resume):
         raise OutputError(f"output {unstrip(out_fs, out_root)} is not empty. Use --overwrite to replace it, "
                           "--resume to finish an interrupted run, or choose another folder.")
@@ -102,7 +103,7 @@ def run_job(config: JobConfig, runner: Callable | None = None) -> dict:
     """Run the whole job; return the report (also written next to the output).
 
     ``runner(tasks, task_config, model)`` runs ``process_task`` over the tasks and returns their stats;
-    ``None`` runs them here, one after the other (the Spark runner lives in sparkjob.py).
+    ``None`` runs them here, one after the other (the Spark runner lives in spark.py).
     """
     started = time.perf_counter()
     durations = {}

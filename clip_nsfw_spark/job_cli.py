@@ -75,7 +75,7 @@ def run_from_args(args, default_master: str | None) -> int:
     if args.local_runner:
         report = run_job(config)
     else:
-        from .sparkjob import spark_runner, spark_session
+        from .spark import spark_runner, spark_session
 
         with spark_session(config.master or default_master) as spark:
             report = run_job(config, runner=spark_runner(spark))

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .config import JobConfig
 from .embeddings import is_embedding_type
 from .errors import InputError
-from .storage import filesystem, join, unstrip
+from .storage import accessing, filesystem, join, unstrip
 
 NPY_PATTERN = re.compile(r"(\d+)\.npy$")
 PARQUET_NUMBER = re.compile(r"(\d+)\.parquet$")
@@ -130,6 +130,11 @@ def choose_embedding_columns(schema: pa.Schema, config: JobConfig, where: str) -
 def plan(config: JobConfig) -> Plan:
     """Discover the input and cut it into tasks. Reads only footers/headers, never data."""
     fs, root = filesystem(config.input, config.storage_options)
+    with accessing(fs, root):
+        return _plan(fs, root, config)
+
+
+def _plan(fs, root: str, config: JobConfig) -> Plan:
     layout = detect_layout(fs, root, config)
     if layout == "laion-npy":
         return _plan_laion(fs, root, config)

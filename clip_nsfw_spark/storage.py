@@ -9,11 +9,12 @@ every machine (untested here: no HDFS is available on this machine kind).
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 
 import fsspec
 
-from .errors import MissingDependencyError
+from .errors import ClipNsfwError, InputError, MissingDependencyError, OutputError
 
 
 def filesystem(url: str, storage_options: dict | None = None):
@@ -42,3 +43,22 @@ def join(*parts: str) -> str:
 def unstrip(fs, path: str) -> str:
     """A full URL for messages: path with its protocol (s3://bucket/key), or the local path."""
     return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+@contextlib.contextmanager
+def accessing(fs, path: str, role: str = "input"):
+    """Turn storage failures (denied, bad credentials, unreachable endpoint) into one clear error.
+
+    The message names the URL and the cause, never the credentials (botocore does not print them).
+    """
+    try:
+        yield
+    except ClipNsfwError:
+        raise
+    except Exception as err:  # noqa: BLE001 - s3fs/botocore/pyarrow raise many unrelated types
+        error = InputError if role == "input" else OutputError
+        raise error(
+            f"cannot access {role} {unstrip(fs, path)}: {type(err).__name__}: {err}. Check the path, the "
+            "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or --storage-option) and the "
+            "endpoint (AWS_ENDPOINT_URL or --storage-option endpoint_url=…)."
+        ) from err

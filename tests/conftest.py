@@ -60,3 +60,23 @@ def tf_scorers(prepared_models):
     from clip_nsfw_spark import load_scorer
 
     return {name: load_scorer(name, backend="tensorflow") for name in prepared_models}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1, for the whole test run."""
+    from s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local[2] Spark session for the whole run (stopped at the end)."""
+    from clip_nsfw_spark.spark import spark_session
+
+    with spark_session("local[2]") as session:
+        yield session

@@ -17,17 +17,9 @@ from conftest import needs_models
 pytestmark = needs_models
 
 
-@pytest.fixture(scope="session")
-def spark():
-    from clip_nsfw_spark.sparkjob import spark_session
-
-    with spark_session("local[2]") as session:
-        yield session
-
-
 @pytest.fixture
 def spark_runner(spark):
-    from clip_nsfw_spark.sparkjob import spark_runner as make
+    from clip_nsfw_spark.spark import spark_runner as make
 
     return make(spark)
 

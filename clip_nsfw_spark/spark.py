@@ -1,0 +1,158 @@
+"""Spark glue, and the only module that imports pyspark.
+
+The job's work is described as a DataFrame of task numbers (``spark.range`` with one partition per task)
+processed with ``mapInArrow``: it runs the same on classic Spark and on Spark Connect (no SparkContext,
+no RDDs, no broadcast). The closure carries the task list, the config and the portable weights (~2 MB);
+Spark ships it once per executor, and each Python worker builds its scorer once (worker.scorer_for).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark"):
+    """Yield the active SparkSession, or create one and stop it afterwards (and only then).
+
+    A created local session binds the driver (and its UI) to 127.0.0.1 and runs Python workers with this
+    interpreter unless PYSPARK_PYTHON says otherwise.
+    """
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if master:
+        builder = builder.master(master)
+    if (master or "local").startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        builder = (builder.config("spark.driver.host", "127.0.0.1")
+                   .config("spark.driver.bindAddress", "127.0.0.1")
+                   .config("spark.ui.showConsoleProgress", "false"))
+    builder = builder.config("spark.python.worker.reuse", "true")
+    spark = builder.getOrCreate()
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def spark_runner(spark):
+    """A runner for ``job.run_job``: one Spark task per job task, results collected on the driver."""
+
+    def run(tasks, task_config, model):
+        if not tasks:
+            return []
+        import pyarrow as pa
+
+        payload = [task.to_dict() for task in tasks]
+
+        def process_partition(batches):
+            from clip_nsfw_spark.reader import Task
+            from clip_nsfw_spark.worker import process_task
+
+            for batch in batches:
+                for index in batch.column(0).to_pylist():
+                    stats = process_task(Task.from_dict(payload[index]), task_config, model)
+                    yield pa.RecordBatch.from_pydict({"stats": [json.dumps(stats)]})
+
+        frame = spark.range(0, len(payload), 1, numPartitions=len(payload)).mapInArrow(process_partition, "stats string")
+        return [json.loads(row.stats) for row in frame.collect()]
+
+    return run
+
+
+# --------------------------------------------------------------------------------- DataFrame / SQL API
+
+
+def _model_payload(model: str) -> dict:
+    """Prepare the model on the driver and return what executors need (bytes of the portable weights)."""
+    from .models import canonical_name, prepare_model
+
+    resolved = prepare_model(model)
+    return {"bytes": resolved.portable.read_bytes(), "sha256": resolved.sha256,
+            "name": canonical_name(model) or resolved.name}
+
+
+def _score_arrow(array, payload: dict):
+    """Arrow list array (n,) → float32 Arrow array (n,), null where the row cannot be scored."""
+    import numpy as np
+    import pyarrow as pa
+
+    from .embeddings import decode
+    from .worker import scorer_for
+
+    scorer = scorer_for(payload["bytes"], payload["sha256"], payload["name"])
+    matrix, ok, _ = decode(array, scorer.dim)
+    values = np.full(len(ok), np.nan, dtype=np.float32)
+    values[ok] = scorer(matrix)
+    return pa.array(values, mask=~ok)
+
+
+def _scoring_udf(model: str):
+    """A vectorised UDF ``array<float|double> → float``: Arrow-native where Spark has it, else pandas."""
+    from pyspark.sql.types import FloatType
+
+    payload = _model_payload(model)
+    try:
+        from pyspark.sql.functions import arrow_udf
+    except ImportError:  # Spark < 4.1: pandas UDF on the same Arrow path
+        import pandas as pd
+        from pyspark.sql.functions import pandas_udf
+
+        @pandas_udf(FloatType())
+        def score_pandas(series: "pd.Series") -> "pd.Series":
+            import pyarrow as pa
+
+            return _score_arrow(pa.array(series, from_pandas=True), payload).to_pandas()
+
+        return score_pandas
+
+    @arrow_udf(FloatType())
+    def score(array):
+        return _score_arrow(array, payload)
+
+    return score
+
+
+def nsfw_score(column, model: str = "vit-l-14"):
+    """A Column with the NSFW score (float, null for null/wrong-length/NaN embeddings) of ``column``.
+
+    ``column`` is a Column or column name of ``array<float>``/``array<double>`` CLIP embeddings.
+    Scores equal the job's and ``load_scorer(model)``'s. Example:
+    ``df.withColumn("punsafe", nsfw_score("embedding"))``.
+    """
+    return _scoring_udf(model)(column)
+
+
+def with_nsfw_scores(df, column: str = "embedding", model: str = "vit-l-14", score_column: str = "punsafe",
+                     threshold: float | None = None, keep: str = "safe"):
+    """``df`` plus a score column; with ``threshold``, only the rows on the ``keep`` side of it.
+
+    Unsafe ⇔ score ≥ threshold. Rows whose score is null (unscorable) are dropped by the filter: use it
+    without ``threshold`` to see them. Composes with ``df.transform(with_nsfw_scores, ...)``.
+    """
+    from pyspark.sql import functions as F
+
+    scored = df.withColumn(score_column, nsfw_score(column, model))
+    if threshold is None:
+        return scored
+    if keep not in ("safe", "unsafe"):
+        raise ValueError(f"keep must be 'safe' or 'unsafe', found {keep!r}")
+    condition = F.col(score_column) < threshold if keep == "safe" else F.col(score_column) >= threshold
+    return scored.filter(condition)
+
+
+def register_nsfw_udf(spark, name: str = "nsfw_score", model: str = "vit-l-14"):
+    """Register the scorer as a SQL function: ``SELECT nsfw_score(embedding) FROM t``."""
+    return spark.udf.register(name, _scoring_udf(model))

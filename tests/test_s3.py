@@ -1,0 +1,77 @@
+"""The job with input and output on a real S3 server (SeaweedFS on 127.0.0.1)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.job import run_job
+from clip_nsfw_spark.sample import write_parquet_sample
+from clip_nsfw_spark.spark import spark_runner
+from conftest import ROOT, needs_models
+from s3server import SECRET_KEY
+
+pytestmark = needs_models
+
+
+def read_s3_dir(fs, path):
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_" not in p[len(path):])
+    tables = []
+    for name in files:
+        with fs.open(name, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    return files, tables
+
+
+def test_job_on_s3_equals_local_and_never_shows_the_secret(s3_server, spark, tmp_path, capfd):
+    fs = s3_server.filesystem()
+    fs.mkdir("data")
+    options = s3_server.storage_options()
+    write_parquet_sample("s3://data/emb", rows=1500, files=3, row_group_rows=256, storage_options=options)
+    write_parquet_sample(str(tmp_path / "local-in"), rows=1500, files=3, row_group_rows=256)
+    report = run_job(JobConfig(input="s3://data/emb", output="s3://data/scored", storage_options=options,
+                               rows_per_task=300), runner=spark_runner(spark))
+    run_job(JobConfig(input=str(tmp_path / "local-in"), output=str(tmp_path / "local-out"), rows_per_task=300))
+    files, tables = read_s3_dir(fs, "data/scored")
+    local = sorted(p.name for p in (tmp_path / "local-out").glob("*.parquet"))
+    assert [f.rsplit("/", 1)[-1] for f in files] == local and len(local) == 6
+    for name, table in zip(local, tables):
+        assert table.equals(pq.read_table(tmp_path / "local-out" / name))
+    assert fs.exists("data/scored/_SUCCESS") and not fs.exists("data/scored/_clip_nsfw_tmp")
+    stored = fs.cat("data/scored/_clip_nsfw_report.json").decode()
+    assert json.loads(stored)["rows"]["read"] == 1500 and report["rows"]["written"] == {"annotated": 1500}
+    captured = capfd.readouterr()
+    for text in (stored, json.dumps(report), captured.out, captured.err):
+        assert SECRET_KEY not in text
+    assert json.loads(stored)["config"]["storage_options"]["secret"] == "***"
+
+
+def test_cli_reads_credentials_and_endpoint_from_the_aws_environment(s3_server, tmp_path):
+    fs = s3_server.filesystem()
+    fs.mkdir("envtest")
+    write_parquet_sample("s3://envtest/in", rows=400, files=2, storage_options=s3_server.storage_options())
+    env = dict(os.environ, **s3_server.env())
+    result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", "--input", "s3://envtest/in",
+                             "--output", "s3://envtest/out", "--mode", "split", "--master", "local[2]"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert SECRET_KEY not in result.stdout + result.stderr
+    safe = len(read_s3_dir(fs, "envtest/out/safe")[0])
+    assert safe == 2 and fs.exists("envtest/out/_SUCCESS")
+
+
+def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_server, tmp_path):
+    fs = s3_server.filesystem()
+    fs.mkdir("creds")
+    write_parquet_sample("s3://creds/in", rows=100, files=1, storage_options=s3_server.storage_options())
+    env = dict(os.environ, **(s3_server.env() | {"AWS_SECRET_ACCESS_KEY": "wrong-" + SECRET_KEY}))
+    result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", "--input", "s3://creds/in",
+                             "--output", "s3://creds/out", "--local-runner"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "s3://creds/in" in result.stderr and "credentials" in result.stderr
+    assert "Traceback" not in result.stderr and SECRET_KEY not in result.stdout + result.stderr
+    assert not fs.exists("creds/out")
