@@ -15,6 +15,7 @@ Output layout under ``output``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 
 from .config import JobConfig
 from .errors import DimensionError, OutputError
+from .progress import ProgressWatcher
 from .models import REGISTRY, canonical_name, model_for_dim, prepare_model
 from .reader import Plan, _npy_header, plan as plan_input
 from .storage import accessing, filesystem, join, unstrip
@@ -99,11 +101,12 @@ def _check_dimension(plan: Plan, in_fs, dim: int, model_name: str) -> None:
                                  f"{dim}-d{hint}")
 
 
-def run_job(config: JobConfig, runner: Callable | None = None) -> dict:
+def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = False) -> dict:
     """Run the whole job; return the report (also written next to the output).
 
     ``runner(tasks, task_config, model)`` runs ``process_task`` over the tasks and returns their stats;
-    ``None`` runs them here, one after the other (the Spark runner lives in spark.py).
+    ``None`` runs them here, one after the other (the Spark runner lives in spark.py). ``progress``
+    shows tasks done, rows/s and ETA while they run (see progress.py).
     """
     started = time.perf_counter()
     durations = {}
@@ -131,13 +134,14 @@ def run_job(config: JobConfig, runner: Callable | None = None) -> dict:
              config.input, len(plan.tasks) - len(pending), model_name)
 
     t0 = time.perf_counter()
-    if runner is None:
-        new_stats = []
-        for number, task in enumerate(pending, 1):
-            new_stats.append(process_task(task, task_config, model))
-            log.info("task %d/%d done: %s", number, len(pending), task.rel)
-    else:
-        new_stats = runner(pending, task_config, model)
+    watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, len(plan.tasks), plan.total_rows, set(done),
+                              rows_before=sum(s["rows_read"] for s in done.values())) if progress \
+        else contextlib.nullcontext()
+    with watcher:
+        if runner is None:
+            new_stats = [process_task(task, task_config, model) for task in pending]
+        else:
+            new_stats = runner(pending, task_config, model)
     durations["run"] = time.perf_counter() - t0
 
     stats = list(done.values()) + list(new_stats)

@@ -73,12 +73,12 @@ def run_from_args(args, default_master: str | None) -> int:
 
     config = config_from_args(args)
     if args.local_runner:
-        report = run_job(config)
+        report = run_job(config, progress=True)
     else:
         from .spark import spark_runner, spark_session
 
         with spark_session(config.master or default_master) as spark:
-            report = run_job(config, runner=spark_runner(spark))
+            report = run_job(config, runner=spark_runner(spark), progress=True)
     print(summary(report))
     print(f"  report    {config.output.rstrip('/')}/{REPORT_NAME}")
     return 0

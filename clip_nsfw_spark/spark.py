@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark"):
     """Yield the active SparkSession, or create one and stop it afterwards (and only then).
 
+    ``master`` is a Spark master URL (``local[*]``, ``yarn``, ``k8s://…``) or a Spark Connect URL
+    (``sc://host:15002``); None leaves it to spark-submit / the Spark defaults.
+
     A created local session binds the driver (and its UI) to 127.0.0.1 and runs Python workers with this
     interpreter unless PYSPARK_PYTHON says otherwise.
     """
@@ -32,7 +35,9 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark"):
         return
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
-    if master:
+    if master and master.startswith("sc://"):  # a Spark Connect server
+        builder = builder.remote(master)
+    elif master:
         builder = builder.master(master)
     if (master or "local").startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")

@@ -225,3 +225,24 @@ def test_schema_that_differs_between_files_is_named(tmp_path):
     with pytest.raises(InputError, match=r"schema of .*part-00001.parquet differs from .*part-00000.parquet "
                                          r"\(caption: string vs missing\)"):
         run(source, tmp_path / "out")
+
+
+def test_executors_never_import_tensorflow(tmp_path, spark, spark_runner):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=400, files=2)
+    run(source, tmp_path / "out", spark_runner)
+
+    def modules(batches):
+        import sys
+
+        import pyarrow as pa
+
+        from clip_nsfw_spark import worker
+
+        for _ in batches:
+            heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
+            yield pa.RecordBatch.from_pydict({"heavy": [",".join(heavy)], "scorers": [len(worker._SCORERS)]})
+
+    rows = spark.range(0, 2, 1, numPartitions=2).mapInArrow(modules, "heavy string, scorers long").collect()
+    assert [r.heavy for r in rows] == ["", ""]
+    assert any(r.scorers >= 1 for r in rows)  # the workers that ran tasks kept their scorer
