@@ -101,12 +101,14 @@ def _check_dimension(plan: Plan, in_fs, dim: int, model_name: str) -> None:
                                  f"{dim}-d{hint}")
 
 
-def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = False) -> dict:
+def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = False,
+            io_only: bool = False) -> dict:
     """Run the whole job; return the report (also written next to the output).
 
     ``runner(tasks, task_config, model)`` runs ``process_task`` over the tasks and returns their stats;
     ``None`` runs them here, one after the other (the Spark runner lives in spark.py). ``progress``
-    shows tasks done, rows/s and ETA while they run (see progress.py).
+    shows tasks done, rows/s and ETA while they run (see progress.py). ``io_only`` replaces the model
+    by a constant 0 (the benchmark's IO floor; never for real outputs).
     """
     started = time.perf_counter()
     durations = {}
@@ -119,7 +121,8 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
     weights = PortableWeights.load(resolved.portable)
     model_name = canonical_name(config.model) or resolved.name
     _check_dimension(plan, in_fs, weights.dim, model_name)
-    model = {"bytes": resolved.portable.read_bytes(), "sha256": resolved.sha256, "name": model_name}
+    model = {"bytes": resolved.portable.read_bytes(), "sha256": resolved.sha256, "name": model_name,
+             "io_only": io_only}
     durations["model"] = time.perf_counter() - t0
 
     out_fs, out_root = check_output(config, in_fs, in_root)
@@ -223,5 +226,6 @@ def build_report(config, task_config, plan, resolved, dim, model_name, stats, du
         "task_stage_seconds": {k: round(v, 3) for k, v in stages.items()},
         "throughput_rows_per_second": round(rows_read / durations["run"], 1) if durations.get("run") else None,
         "tasks_resumed": resumed,
+        "worker_max_rss_mb": max((s.get("worker_max_rss_mb", 0) for s in stats), default=0),
     }
 

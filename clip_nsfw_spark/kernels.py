@@ -20,8 +20,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Rows that share each loaded kernel row: 4 keeps 4 × 512 float32 accumulators in L1.
-_ROW_BLOCK = 4
+# Rows that share each loaded kernel row: 8 keeps 8 × 512 float32 accumulators (16 KiB) in L1;
+# measured here 8 ≈ 1.2x faster than 4, larger blocks no better.
+_ROW_BLOCK = 8
 
 
 def _dense_relu_tf_order_py(x, kernel, bias, block, relu, out):  # pragma: no cover - compiled below

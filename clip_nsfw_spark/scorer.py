@@ -21,6 +21,7 @@ from .weights import PortableWeights, sortable_int32
 # Rows per chunk: small enough that a chunk's activations stay in L2 cache (1024 × 512 float32 = 2 MiB
 # at the widest layer), large enough that sgemm runs near its peak.
 CHUNK_ROWS = 1024
+_FLOAT16_TO_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
 def check_embeddings(embeddings, dim: int, name: str) -> np.ndarray:
@@ -76,8 +77,12 @@ class NumpyScorer:
         return scores
 
     def encode(self, chunk: np.ndarray) -> np.ndarray:
-        """The model's input encoding: float32 (m, dim) → normalised float32 (m, dim) features."""
-        x = np.array(chunk, dtype=np.float32, order="C", copy=True)
+        """The model's input encoding: float16/32/64 (m, dim) → normalised float32 (m, dim) features."""
+        if chunk.dtype == np.float16:
+            # A 256 KiB table of every float16's float32 value: exact, and ~4x faster than numpy's cast.
+            x = _FLOAT16_TO_FLOAT32[np.ascontiguousarray(chunk).view(np.uint16)]
+        else:
+            x = np.array(chunk, dtype=np.float32, order="C", copy=True)
         codes = [(column, self._lookup(x[:, column], lo, hi, values, default))
                  for column, lo, hi, values, default in self._categorical]
         np.copyto(x, np.float32(0), where=np.isnan(x))
