@@ -40,7 +40,7 @@ class JobConfig:
     resume: bool = False
     master: str | None = None
     storage_options: dict = dataclasses.field(default_factory=dict)
-    batch_rows: int = 65536
+    batch_rows: int = 16384
     rows_per_task: int = 1_000_000
     metadata_dir: str = "metadata"
     embeddings_dir: str = "img_emb"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from typing import Callable
 
@@ -31,7 +32,7 @@ from .models import REGISTRY, canonical_name, model_for_dim, prepare_model
 from .reader import Plan, _npy_header, plan as plan_input
 from .storage import accessing, filesystem, join, unstrip
 from .weights import PortableWeights
-from .worker import TASKS_DIR, TMP_DIR, process_task
+from .worker import FAULT_ENV, TASKS_DIR, TMP_DIR, process_task
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "_clip_nsfw_report.json"
@@ -129,6 +130,7 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
     task_config = config.to_dict() | {
         "layout": plan.layout, "embedding_columns": list(plan.embedding_columns),
         "score_columns": list(config.score_columns or default_score_columns(plan.embedding_columns)),
+        "fault": os.environ.get(FAULT_ENV),  # tests only (see worker.inject_fault)
     }
     fingerprint = {key: task_config[key] for key in _FINGERPRINT_KEYS} | {"model_sha256": resolved.sha256}
     done = _prepare_state(out_fs, out_root, fingerprint, config.resume)

@@ -56,22 +56,51 @@ def _dense_relu_tf_order_py(x, kernel, bias, block, relu, out):  # pragma: no co
                 out[i0 + r, j] = value
 
 
+def _dot_lanes8_py(x, weights, bias, out):  # pragma: no cover - compiled below
+    """out (n,) = x (n, k) @ weights (k,) + bias, for the 1-output layer.
+
+    TensorFlow uses a matrix-vector kernel there whose exact order we have not pinned down. Eight FMA
+    lanes (lane j takes k ≡ j mod 8) reduced pairwise ((0+1)+(2+3))+((4+5)+(6+7)), then the leftover k
+    in order, is the layout closest to it of those measured (tests/test_parity.py). Each row is summed on
+    its own, so a score never depends on its batch.
+    """
+    n, k_total = x.shape
+    full = k_total - k_total % 8
+    lanes = np.empty(8, np.float32)
+    for i in range(n):
+        for j in range(8):
+            lanes[j] = 0.0
+        for start in range(0, full, 8):
+            for j in range(8):
+                lanes[j] = lanes[j] + x[i, start + j] * weights[start + j]
+        total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+        for k in range(full, k_total):
+            total = total + x[i, k] * weights[k]
+        out[i] = total + bias
+
+
 try:  # numba is a core dependency, but keep the package importable without it
     import numba
 
-    dense_relu_tf_order = numba.njit(fastmath={"contract"}, cache=True, boundscheck=False, nogil=True)(
-        _dense_relu_tf_order_py
-    )
+    _compile = numba.njit(fastmath={"contract"}, cache=True, boundscheck=False, nogil=True)
+    dense_relu_tf_order = _compile(_dense_relu_tf_order_py)
+    dot_lanes8 = _compile(_dot_lanes8_py)
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
-    dense_relu_tf_order = None
+    dense_relu_tf_order = dot_lanes8 = None
     HAVE_NUMBA = False
 
 
 def dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, block: int, relu: bool,
           tf_order: bool) -> np.ndarray:
     """One Dense layer: float32 (n, k) → float32 (n, m), in TensorFlow's order when ``tf_order``."""
-    if tf_order and dense_relu_tf_order is not None:
+    if tf_order and HAVE_NUMBA and kernel.shape[1] == 1:
+        out = np.empty((x.shape[0], 1), np.float32)
+        dot_lanes8(np.ascontiguousarray(x), np.ascontiguousarray(kernel[:, 0]), bias[0], out[:, 0])
+        if relu:
+            np.maximum(out, np.float32(0), out=out)
+        return out
+    if tf_order and HAVE_NUMBA:
         out = np.empty((x.shape[0], kernel.shape[1]), np.float32)
         dense_relu_tf_order(np.ascontiguousarray(x), kernel, bias, block or kernel.shape[0], relu, out)
         return out

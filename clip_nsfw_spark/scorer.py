@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from .errors import ClipNsfwError, DimensionError
-from .kernels import HAVE_NUMBA, dense, matmul_blas
+from .kernels import HAVE_NUMBA, dense
 from .models import REGISTRY, canonical_name, model_for_dim, prepare_model, saved_model_dir
 from .weights import PortableWeights, sortable_int32
 
@@ -104,11 +104,9 @@ class NumpyScorer:
     def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
         h = self.encode(chunk)
         for kernel, bias, activation, block in self._layers:
-            relu = activation == "relu"
-            if kernel.shape[1] > 1:
-                h = dense(h, kernel, bias, block, relu, self.tf_order)
-            else:  # the 1-output layer: BLAS is as close to TensorFlow's matrix-vector order as any
-                h = matmul_blas(h, kernel, bias, relu)
+            # Every layer, the 1-output one included, sums each row on its own in a fixed order, so a
+            # row's score never depends on the other rows in its batch (BLAS picks kernels by size).
+            h = dense(h, kernel, bias, block, activation == "relu", self.tf_order)
             if activation == "sigmoid":
                 # exp(-z) overflows to inf for z < -88, giving 1/(1+inf) = 0: the right limit.
                 with np.errstate(over="ignore"):

@@ -12,7 +12,9 @@ last. A task with a state file is complete; a retried or resumed task rewrites i
 from __future__ import annotations
 
 import json
+import os
 import resource
+import signal
 import time
 import uuid
 from collections import Counter
@@ -21,12 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .embeddings import decode
+from .embeddings import decode, finite_rows
 from .reader import Task, read_npy_rows
 from .scorer import NumpyScorer
 from .storage import filesystem, join
 from .weights import PortableWeights
 
+FAULT_ENV = "CLIP_NSFW_FAULT"
 TMP_DIR = "_clip_nsfw_tmp"
 TASKS_DIR = "_clip_nsfw_tasks"
 REJECTED_DIR = "_rejected"
@@ -52,6 +55,32 @@ def scorer_for(model_bytes: bytes, sha256: str, name: str, io_only: bool = False
         scorer = NumpyScorer(PortableWeights.load(model_bytes), name=name, sha256=sha256)
         _SCORERS[sha256] = scorer
     return scorer
+
+
+def inject_fault(spec: str | None, point: str, task: Task, count: int) -> None:
+    """Test-only fault injection, driven by ``CLIP_NSFW_FAULT`` on the driver (it reaches executors in the
+    task config). Format: ``point=batch|commit,match=<substring of the task's output name>,after=<n>,
+    action=kill|raise|sleep[,seconds=<s>][,once=<flag file>]``. ``kill`` SIGKILLs the Python worker (as a
+    preempted executor would die); ``once`` makes the fault fire a single time, so Spark's retry succeeds.
+    """
+    if not spec:
+        return
+    fault = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+    if fault.get("point") != point or fault.get("match", "") not in task.rel or count < int(fault.get("after", 0)):
+        return
+    once = fault.get("once")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+    action = fault.get("action", "raise")
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "sleep":
+        time.sleep(float(fault.get("seconds", 1)))
+    else:
+        raise RuntimeError(f"injected fault at {point} of {task.rel}")
 
 
 def output_paths(task: Task, mode: str) -> dict[str, str]:
@@ -187,7 +216,7 @@ def process_task(task: Task, config: dict, model: dict) -> dict:
     bins = np.linspace(0.0, 1.0, config["histogram_bins"] + 1)
     histogram = np.zeros(config["histogram_bins"], dtype=np.int64)
     rejected_by_reason: Counter = Counter()
-    rows_read = unsafe_rows = 0
+    rows_read = unsafe_rows = batches = 0
     with in_fs.open(task.path, "rb") as handle:
         schemas = output_schemas(pq.ParquetFile(handle).schema_arrow, config, scorer.dim)
     paths = output_paths(task, mode)
@@ -216,7 +245,7 @@ def process_task(task: Task, config: dict, model: dict) -> dict:
             ok_all = np.ones(n, dtype=bool)
             for column, score_name in zip(columns, score_columns):
                 if npy is not None:
-                    ok = np.isfinite(npy).all(axis=1)
+                    ok = finite_rows(npy)
                     matrix = npy if ok.all() else npy[ok]
                     col_reasons = [None if good else "NaN or Inf in embedding" for good in ok]
                 else:
@@ -249,9 +278,12 @@ def process_task(task: Task, config: dict, model: dict) -> dict:
                 if not ok_all.all():
                     writer("rejected").write(_as_schema(with_reason.filter(pa.array(~ok_all)), schemas["rejected"]))
             timings["process"] += time.perf_counter() - t0
+            batches += 1
+            inject_fault(config.get("fault"), "batch", task, batches)
         t2 = time.perf_counter()
-        for stream in sorted(writers):
+        for number, stream in enumerate(sorted(writers)):
             writers[stream].commit()
+            inject_fault(config.get("fault"), "commit", task, number + 1)
         timings["write"] += time.perf_counter() - t2
     except BaseException:
         for pending in writers.values():

@@ -103,3 +103,14 @@ def test_float16_and_float32_versions_can_score_differently(scorers):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     as_is, quantised = scorer(x), scorer(x.astype(np.float16))
     assert np.max(np.abs(as_is - quantised)) > 1e-4
+
+
+@needs_models
+@pytest.mark.parametrize("model", ["vit-l-14", "vit-b-32"])
+def test_a_rows_score_does_not_depend_on_its_batch(model, scorers):
+    """Reruns and retries must reproduce outputs bit for bit, whatever the batch sizes."""
+    scorer = scorers[model]
+    x = np.random.default_rng(6).normal(size=(3000, scorer.dim)).astype(np.float16)
+    whole = scorer(x)
+    assert np.array_equal(scorer(x[:1]), whole[:1])
+    assert np.array_equal(np.concatenate([scorer(x[s:s + 7]) for s in range(0, 3000, 7)]), whole)

@@ -1,0 +1,185 @@
+"""Bad input gets a clear error or a documented per-row policy; faults end with output equal to a clean run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.errors import InputError, ModelError
+from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
+from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
+from clip_nsfw_spark.weights import PortableWeights
+from conftest import ROOT, needs_models
+
+pytestmark = needs_models
+
+
+def run(source, output, **options):
+    return run_job(JobConfig(input=str(source), output=str(output), **options))
+
+
+def read_outputs(root):
+    """{relative path: table} of every data file (not _ state), for comparing two runs."""
+    found = {}
+    for path in sorted(root.rglob("*.parquet")):
+        rel = path.relative_to(root)
+        if not str(rel).startswith(("_clip_nsfw", )):
+            found[str(rel)] = pq.read_table(path)
+    return found
+
+
+def assert_same_outputs(a, b):
+    left, right = read_outputs(a), read_outputs(b)
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert left[name].equals(right[name]), name
+    assert not (a / "_clip_nsfw_tmp").exists() and not (b / "_clip_nsfw_tmp").exists()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_named_column_missing_lists_the_columns(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=10, files=1)
+    with pytest.raises(InputError, match="embedding column 'img_emb' not found .*columns found: key, url, caption, embedding"):
+        run(tmp_path / "in", tmp_path / "out", embedding_columns=("img_emb",))
+
+
+def test_non_numeric_or_absent_embedding_column(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "embedding": [["x", "y"]]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(InputError, match=r"'embedding' .* is list<element: string>, expected a list of float16/float32/float64"):
+        run(tmp_path / "in", tmp_path / "out", embedding_columns=("embedding",))
+    with pytest.raises(InputError, match=r"no embedding column .*key \(string\), embedding \(list<element: string>\)"):
+        run(tmp_path / "in", tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not parquet"])
+def test_corrupt_parquet_names_the_file(tmp_path, damage):
+    write_parquet_sample(str(tmp_path / "in"), rows=200, files=2)
+    victim = tmp_path / "in" / "part-00001.parquet"
+    data = victim.read_bytes()
+    victim.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "not parquet": b"hello" * 100}[damage])
+    with pytest.raises(InputError, match=r"cannot read parquet file .*part-00001.parquet: .*truncated or not parquet"):
+        run(tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_row_dataset_gives_empty_outputs_and_a_report(tmp_path):
+    (tmp_path / "in").mkdir()
+    empty = pa.table(metadata(0, 0) | {"embedding": embedding_array(np.zeros((0, 768), np.float16), True)})
+    pq.write_table(empty, tmp_path / "in" / "a.parquet")
+    report = run(tmp_path / "in", tmp_path / "out", mode="split")
+    assert report["rows"]["read"] == 0 and report["rows"]["written"] == {"safe": 0, "unsafe": 0}
+    assert pq.read_table(tmp_path / "out" / "safe" / "a.parquet").schema.names[-1] == "punsafe"
+    assert (tmp_path / "out" / SUCCESS_NAME).exists()
+
+
+def test_npy_and_metadata_that_do_not_align(tmp_path):
+    write_laion_sample(str(tmp_path / "l"), rows=100, files=2)
+    meta = tmp_path / "l" / "metadata" / "metadata_1.parquet"
+    pq.write_table(pq.read_table(meta).slice(0, 10), meta)
+    with pytest.raises(InputError, match=r"img_emb_1.npy has 50 rows but .*metadata_1.parquet has 10: they must align"):
+        run(tmp_path / "l", tmp_path / "out")
+    os.remove(tmp_path / "l" / "img_emb" / "img_emb_1.npy")
+    with pytest.raises(InputError, match=r"metadata_1.parquet has no partner file number 1 in img_emb/"):
+        run(tmp_path / "l", tmp_path / "out")
+
+
+def test_truncated_npy_names_the_file(tmp_path):
+    write_laion_sample(str(tmp_path / "l"), rows=100, files=1)
+    npy = tmp_path / "l" / "img_emb" / "img_emb_0.npy"
+    npy.write_bytes(npy.read_bytes()[:-1000])
+    with pytest.raises(InputError, match=r"img_emb_0.npy is truncated: expected 100 rows of 768 float16"):
+        run(tmp_path / "l", tmp_path / "out")
+
+
+def test_portable_weights_are_never_unpickled(tmp_path):
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, format=np.array("clip-nsfw-spark/portable-weights/v1"), header=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ModelError, match="not a portable weights file.*allow_pickle"):
+        PortableWeights.load(evil)
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def _cli(args, env_extra=None, **kwargs):
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("point", ["batch", "commit"])
+def test_killed_python_worker_is_retried_without_duplicates_or_partial_files(tmp_path, point):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=1200, files=3, row_group_rows=100)
+    run(source, tmp_path / "clean", mode="split", threshold=0.01, batch_rows=100)
+    fault = f"point={point},match=part-00001,after=2,action=kill,once={tmp_path / 'fired'}"
+    process = _cli(["--input", str(source), "--output", str(tmp_path / "faulty"), "--mode", "split",
+                    "--threshold", "0.01", "--batch-rows", "100", "--master", "local[2,3]"],
+                   {"CLIP_NSFW_FAULT": fault})
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert (tmp_path / "fired").exists()  # the worker really was killed once
+    assert_same_outputs(tmp_path / "clean", tmp_path / "faulty")
+    report = json.loads((tmp_path / "faulty" / REPORT_NAME).read_text())
+    assert report["rows"]["read"] == 1200
+
+
+def test_job_killed_midway_then_resumed_equals_a_clean_run(tmp_path):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=2000, files=8)
+    run(source, tmp_path / "clean")
+    process = _cli(["--input", str(source), "--output", str(tmp_path / "out"), "--master", "local[1]",
+                    "--batch-rows", "50"], {"CLIP_NSFW_FAULT": "point=batch,after=1,action=sleep,seconds=0.05"},
+                   start_new_session=True)
+    state = tmp_path / "out" / "_clip_nsfw_tasks"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(state.glob("[0-9a-f]*.json"))) < 2:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole job: driver, JVM and workers
+    process.wait(timeout=60)
+    done = len(list(state.glob("[0-9a-f]*.json")))
+    assert 2 <= done < 8, done
+    assert not (tmp_path / "out" / SUCCESS_NAME).exists()
+    refused = _cli(["--input", str(source), "--output", str(tmp_path / "out"), "--local-runner"])
+    assert refused.wait(timeout=300) == 2 and "--resume" in refused.stderr.read()
+    resumed = _cli(["--input", str(source), "--output", str(tmp_path / "out"), "--resume", "--master", "local[2]"])
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"({done} resumed)" in out
+    assert_same_outputs(tmp_path / "clean", tmp_path / "out")
+
+
+# -------------------------------------------------------------------------------------------- security
+
+
+def test_embedded_local_spark_listens_on_loopback_only(spark):
+    pid = spark._jvm.java.lang.ProcessHandle.current().pid()
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                listening.append(fields[1].split(":")[0])
+    assert listening, "the JVM should listen somewhere (block manager, driver RPC, UI)"
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    assert set(listening) <= loopback, listening
