@@ -18,11 +18,12 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark"):
+def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", conf: dict | None = None):
     """Yield the active SparkSession, or create one and stop it afterwards (and only then).
 
     ``master`` is a Spark master URL (``local[*]``, ``yarn``, ``k8s://…``) or a Spark Connect URL
-    (``sc://host:15002``); None leaves it to spark-submit / the Spark defaults.
+    (``sc://host:15002``); None leaves it to spark-submit / the Spark defaults. ``conf`` adds Spark
+    settings for a session this function creates.
 
     A created local session binds the driver (and its UI) to 127.0.0.1 and runs Python workers with this
     interpreter unless PYSPARK_PYTHON says otherwise.
@@ -45,6 +46,8 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark"):
                    .config("spark.driver.bindAddress", "127.0.0.1")
                    .config("spark.ui.showConsoleProgress", "false"))
     builder = builder.config("spark.python.worker.reuse", "true")
+    for key, value in (conf or {}).items():  # e.g. spark.driver.memory, before the JVM starts
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     try:
         yield spark

@@ -50,13 +50,15 @@ class SeaweedS3:
         config.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [
             {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = {name: _free_port() for name in ("master", "volume", "filer", "s3", "webdav", "admin")}
+        if not getattr(self, "ports", None):  # a restart keeps its ports, so clients find it again
+            self.ports = {name: _free_port() for name in ("master", "volume", "filer", "s3", "webdav", "admin")}
+        ports = self.ports
         self.port = ports["s3"]
         (self.workdir / "data").mkdir(exist_ok=True)
         args = [weed, "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-master.telemetry=false", "-admin.ui=false", f"-s3.config={config}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0"] + [f"-{name}.port={port}" for name, port in ports.items()]
-        self.log = open(self.workdir / "weed.log", "wb")
+        self.log = open(self.workdir / "weed.log", "ab")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -98,3 +100,8 @@ class SeaweedS3:
                 os.killpg(self.process.pid, signal.SIGKILL)
         if getattr(self, "log", None):
             self.log.close()
+
+    def restart(self) -> None:
+        """Stop the server (SIGTERM, as an orchestrator would) and start it again on the same ports/data."""
+        self.stop()
+        self.start()

@@ -246,3 +246,34 @@ def test_executors_never_import_tensorflow(tmp_path, spark, spark_runner):
     rows = spark.range(0, 2, 1, numPartitions=2).mapInArrow(modules, "heavy string, scorers long").collect()
     assert [r.heavy for r in rows] == ["", ""]
     assert any(r.scorers >= 1 for r in rows)  # the workers that ran tasks kept their scorer
+
+
+def test_glob_input_and_large_list_float64(tmp_path, scorers):
+    x = embeddings(300, 768, 8, np.float64)
+    offsets = pa.array(np.arange(0, x.size + 1, 768, dtype=np.int64))
+    column = pa.LargeListArray.from_arrays(offsets, pa.array(x.reshape(-1)))
+    (tmp_path / "in").mkdir()
+    for name, part in (("a.parquet", slice(0, 100)), ("b.parquet", slice(100, 300)), ("skip.txt", None)):
+        if part is None:
+            (tmp_path / "in" / name).write_text("not data")
+            continue
+        pq.write_table(pa.table(metadata(300, 0) | {"emb": column}).slice(part.start, part.stop - part.start),
+                       tmp_path / "in" / name)
+    report = run(str(tmp_path / "in" / "*.parquet"), tmp_path / "out")
+    assert report["input"]["tasks"] == 2 and report["rows"]["read"] == 300
+    out = pa.concat_tables([pq.read_table(tmp_path / "out" / n) for n in ("a.parquet", "b.parquet")])
+    assert out.schema.field("emb").type == pa.large_list(pa.float64())
+    assert np.max(np.abs(out.column("punsafe").to_numpy() - scorers["vit-l-14"](x))) <= 1e-6
+
+
+def test_laion_embeddings_are_written_only_if_asked(tmp_path):
+    write_laion_sample(str(tmp_path / "l"), rows=200, files=1)
+    run(tmp_path / "l", tmp_path / "plain")
+    run(tmp_path / "l", tmp_path / "with", write_embeddings=True)
+    plain = pq.read_table(tmp_path / "plain" / "metadata_0.parquet")
+    with_embeddings = pq.read_table(tmp_path / "with" / "metadata_0.parquet")
+    assert "embedding" not in plain.column_names
+    assert with_embeddings.schema.field("embedding").type == pa.list_(pa.float16(), 768)
+    stored = np.stack(with_embeddings.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.array_equal(stored, np.load(tmp_path / "l" / "img_emb" / "img_emb_0.npy"))
+    assert with_embeddings.column("punsafe").equals(plain.column("punsafe"))

@@ -75,3 +75,52 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_server, tmp_
     assert "s3://creds/in" in result.stderr and "credentials" in result.stderr
     assert "Traceback" not in result.stderr and SECRET_KEY not in result.stdout + result.stderr
     assert not fs.exists("creds/out")
+
+
+def test_s3_server_restarted_during_a_run(s3_server, tmp_path):
+    """Either the run survives the restart (client retries) or it fails clearly; --resume then finishes it,
+    and the output equals a clean run. No partial file is ever visible under a final name."""
+    import time
+
+    from clip_nsfw_spark.job import SUCCESS_NAME
+
+    fs = s3_server.filesystem()
+    fs.mkdir("restart")
+    options = s3_server.storage_options()
+    write_parquet_sample("s3://restart/in", rows=3200, files=8, storage_options=options)
+    write_parquet_sample(str(tmp_path / "in"), rows=3200, files=8)
+    run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "clean")))
+    env = dict(os.environ, **s3_server.env(), CLIP_NSFW_FAULT="point=batch,after=1,action=sleep,seconds=0.15")
+    args = [sys.executable, "-m", "clip_nsfw_spark.cli", "run", "--input", "s3://restart/in",
+            "--output", "s3://restart/out", "--master", "local[2]", "--batch-rows", "50"]
+    first = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not _completed_tasks(fs):
+        time.sleep(0.2)
+    assert _completed_tasks(fs), "no task completed before the restart"
+    s3_server.restart()
+    out, err = first.communicate(timeout=900)
+    fs = s3_server.filesystem()
+    if first.returncode != 0:
+        assert first.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert not fs.exists(f"restart/out/{SUCCESS_NAME}")
+        for name in fs.find("restart/out"):  # whatever is visible under a final name is complete parquet
+            if name.endswith(".parquet") and "/_clip_nsfw_tmp/" not in name:
+                with fs.open(name, "rb") as handle:
+                    pq.read_metadata(handle)
+        resumed = subprocess.run(args[:-4] + ["--resume", "--master", "local[2]"], env=dict(env, CLIP_NSFW_FAULT=""),
+                                 cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    files, tables = read_s3_dir(fs, "restart/out")
+    local = sorted(p.name for p in (tmp_path / "clean").glob("*.parquet"))
+    assert [f.rsplit("/", 1)[-1] for f in files] == local
+    for name, table in zip(local, tables):
+        assert table.equals(pq.read_table(tmp_path / "clean" / name))
+    assert fs.exists(f"restart/out/{SUCCESS_NAME}")
+
+
+def _completed_tasks(fs) -> int:
+    try:
+        return len([p for p in fs.ls("restart/out/_clip_nsfw_tasks", refresh=True) if not p.endswith("_job.json")])
+    except (FileNotFoundError, OSError):
+        return 0
