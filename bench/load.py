@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 from clip_nsfw_spark.sample import write_parquet_sample  # noqa: E402
 
 
-def process_tree(root_pid: int) -> dict[int, tuple[str, int]]:
-    """{pid: (command line, rss bytes)} of ``root_pid`` and all its descendants."""
+def process_tree(root_pid: int) -> dict[int, tuple[str, int, int]]:
+    """{pid: (command line, rss bytes, parent pid)} of ``root_pid`` and all its descendants."""
     children: dict[int, list[int]] = {}
-    info: dict[int, tuple[str, int]] = {}
+    info: dict[int, tuple[str, int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -41,7 +41,7 @@ def process_tree(root_pid: int) -> dict[int, tuple[str, int]]:
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(parent, []).append(int(entry))
-        info[int(entry)] = (cmd, rss_pages * os.sysconf("SC_PAGE_SIZE"))
+        info[int(entry)] = (cmd, rss_pages * os.sysconf("SC_PAGE_SIZE"), parent)
     tree, stack = {}, [root_pid]
     while stack:
         pid = stack.pop()
@@ -51,13 +51,15 @@ def process_tree(root_pid: int) -> dict[int, tuple[str, int]]:
     return tree
 
 
-def role(pid: int, root: int, cmd: str) -> str:
+def role(pid: int, root: int, tree: dict) -> str:
+    cmd, _, parent = tree[pid]
     if pid == root:
         return "driver (python)"
     if "java" in cmd.split(" ")[0]:
         return "jvm"
-    if "pyspark.daemon" in cmd or "pyspark/daemon" in cmd:
-        return "python worker daemon"
+    parent_cmd = tree.get(parent, ("", 0, 0))[0]
+    if "java" in parent_cmd.split(" ")[0]:
+        return "python worker daemon"  # started by the JVM; the workers are forked from it
     return "python workers"
 
 
@@ -85,8 +87,9 @@ def main() -> int:
     peaks: dict[str, int] = {}
     while child.poll() is None:
         totals: dict[str, int] = {}
-        for pid, (cmd, rss) in process_tree(child.pid).items():
-            name = role(pid, child.pid, cmd)
+        tree = process_tree(child.pid)
+        for pid, (cmd, rss, _) in tree.items():
+            name = role(pid, child.pid, tree)
             if name == "python workers":  # per worker, not summed: the budget is per Python worker
                 peaks[name] = max(peaks.get(name, 0), rss)
             else:
@@ -105,6 +108,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"), "rows_input": expected, "rows_written": written,
         "rows_reported": report["rows"]["read"], "exact": written == expected == report["rows"]["read"] == args.rows,
         "seconds_wall": round(elapsed, 1), "rows_per_second_wall": round(args.rows / elapsed),
+        "worker_peak_rss_mb_from_tasks": report.get("worker_max_rss_mb"),
         "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()}, "cores": args.cores,
     }
     print(json.dumps(result, indent=2))

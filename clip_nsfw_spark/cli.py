@@ -63,6 +63,15 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_package(args) -> int:
+    from .package import build_environment_archive
+
+    path = build_environment_archive(args.out, args.extras)
+    print(f"wrote {path}; use: spark-submit --archives {path}#environment "
+          "--conf spark.pyspark.python=./environment/bin/python jobs/score_embeddings.py …")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip-nsfw-spark",
@@ -85,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--dim", type=int, default=768)
     sample.add_argument("--layout", choices=["parquet", "laion-npy"], default="parquet")
     sample.set_defaults(func=_cmd_sample)
+
+    package = commands.add_parser("package", help="pack the library + executor dependencies for spark-submit --archives")
+    package.add_argument("--out", default="dist/clip-nsfw-spark-env.tar.gz", help="archive to write (.tar.gz)")
+    package.add_argument("--extras", default="s3", help="extras to include (default s3; '' for none)")
+    package.set_defaults(func=_cmd_package)
 
     try:
         from .job_cli import add_run_command

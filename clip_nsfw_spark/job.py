@@ -70,6 +70,9 @@ def check_output(config: JobConfig, in_fs, in_root: str) -> tuple:
     if non_empty and not (config.overwrite or config.resume):
         raise OutputError(f"output {unstrip(out_fs, out_root)} is not empty. Use --overwrite to replace it, "
                           "--resume to finish an interrupted run, or choose another folder.")
+    if non_empty and config.resume and not out_fs.exists(join(out_root, TASKS_DIR, JOB_STATE)):
+        raise OutputError(f"--resume refused: {unstrip(out_fs, out_root)} is not empty and was not written by "
+                          "clip-nsfw-spark (no _clip_nsfw_tasks/_job.json). Choose another output folder.")
     if non_empty and config.overwrite:
         log.info("overwrite: removing %s", unstrip(out_fs, out_root))
         out_fs.rm(out_root, recursive=True)

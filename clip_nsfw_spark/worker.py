@@ -145,11 +145,10 @@ class _AtomicParquet:
 def _task_batches(task: Task, fs, batch_rows: int, timings: Counter):
     """Yield ``(batch, npy_rows_or_None)`` for the task's rows, at most ``batch_rows`` at a time."""
     with fs.open(task.path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+        # Buffered reads, no pre-buffering: memory stays at about one row group whatever the file size.
+        parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
         if task.kind == "parquet":
-            groups = list(task.row_groups)
-            batches = parquet.iter_batches(batch_size=batch_rows, row_groups=groups) if groups else iter(())
-            for batch in _timed(batches, timings, "read"):
+            for batch in _timed(_row_group_batches(parquet, task.row_groups, batch_rows), timings, "read"):
                 yield batch, None
             return
         # laion-npy: rows [row_start, row_stop) of the metadata file and of the npy file, read together.
@@ -158,8 +157,7 @@ def _task_batches(task: Task, fs, batch_rows: int, timings: Counter):
         groups = [i for i in range(meta.num_row_groups)
                   if offsets[i] < task.row_stop and offsets[i + 1] > task.row_start]
         position = int(offsets[groups[0]]) if groups else 0
-        batches = parquet.iter_batches(batch_size=batch_rows, row_groups=groups) if groups else iter(())
-        for batch in _timed(batches, timings, "read"):
+        for batch in _timed(_row_group_batches(parquet, groups, batch_rows), timings, "read"):
             first, position = position, position + batch.num_rows
             lo, hi = max(task.row_start, first), min(task.row_stop, position)
             if hi > lo:
@@ -167,6 +165,16 @@ def _task_batches(task: Task, fs, batch_rows: int, timings: Counter):
                 rows = read_npy_rows(fs, task.npy_path, lo, hi)
                 timings["read"] += time.perf_counter() - t0
                 yield batch.slice(lo - first, hi - lo), rows
+
+
+def _row_group_batches(parquet: pq.ParquetFile, groups, batch_rows: int):
+    """Batches of the given row groups, one reader per row group.
+
+    One ``iter_batches`` call over many row groups kept every buffer it had read until it finished
+    (measured: 1.6 GB of RSS after 800k rows of a 2M-row file); one reader per group peaks at ~0.5 GB.
+    """
+    for group in groups:
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group])
 
 
 def _timed(iterator, timings: Counter, key: str):

@@ -183,3 +183,14 @@ def test_embedded_local_spark_listens_on_loopback_only(spark):
     assert listening, "the JVM should listen somewhere (block manager, driver RPC, UI)"
     loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
     assert set(listening) <= loopback, listening
+
+
+def test_resume_refuses_a_folder_it_did_not_write(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=10, files=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.csv").write_text("someone else's data")
+    from clip_nsfw_spark.errors import OutputError
+
+    with pytest.raises(OutputError, match="not empty and was not written by clip-nsfw-spark"):
+        run(tmp_path / "in", tmp_path / "out", resume=True)
+    assert (tmp_path / "out" / "precious.csv").read_text() == "someone else's data"
