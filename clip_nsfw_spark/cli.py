@@ -57,6 +57,10 @@ def _cmd_sample(args) -> int:
 
     if args.layout == "parquet":
         write_parquet_sample(args.output, args.rows, args.files, args.dim)
+    elif args.layout == "labelled":
+        from .sample import write_labelled_sample
+
+        write_labelled_sample(args.output, args.rows, args.dim)
     else:
         write_laion_sample(args.output, args.rows, args.files, args.dim)
     print(f"wrote {args.rows:,} rows of {args.dim}-d float16 embeddings to {args.output} ({args.layout})")
@@ -69,6 +73,47 @@ def _cmd_package(args) -> int:
     path = build_environment_archive(args.out, args.extras)
     print(f"wrote {path}; use: spark-submit --archives {path}#environment "
           "--conf spark.pyspark.python=./environment/bin/python jobs/score_embeddings.py …")
+    return 0
+
+
+def _class_labels(pairs):
+    if not pairs:
+        return None
+    mapping = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if value not in ("0", "1"):
+            raise ClipNsfwError(f"--class-label expects NAME=0 or NAME=1, found {pair!r}")
+        mapping[name] = int(value)
+    return mapping
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import DEFAULT_THRESHOLDS, evaluate
+
+    options = dict(compare=args.compare, recall=args.recall, precision=args.precision,
+                   class_labels=_class_labels(args.class_label), embedding_column=args.embedding_column,
+                   label_column=args.label_column)
+    thresholds = tuple(args.threshold or DEFAULT_THRESHOLDS)
+    if args.spark:
+        from .spark import spark_runner, spark_session
+
+        with spark_session(args.master or "local[*]") as spark:
+            report = evaluate(args.model, args.data, args.out, thresholds, runner=spark_runner(spark), **options)
+    else:
+        report = evaluate(args.model, args.data, args.out, thresholds, **options)
+    for name, result in report["models"].items():
+        print(f"{name}: ROC-AUC {result['roc_auc']:.4f}  PR-AUC {result['pr_auc']:.4f}")
+    print(f"report: {args.out}/report.md")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    summary = train(args.data, args.out, args.method, args.max_trials, args.epochs, args.seed,
+                    args.validation_fraction, _class_labels(args.class_label), args.embedding_column, args.label_column)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -92,13 +137,42 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--rows", type=int, default=200_000)
     sample.add_argument("--files", type=int, default=4)
     sample.add_argument("--dim", type=int, default=768)
-    sample.add_argument("--layout", choices=["parquet", "laion-npy"], default="parquet")
+    sample.add_argument("--layout", choices=["parquet", "laion-npy", "labelled"], default="parquet",
+                        help="labelled: generated class folders (porn/ sexy/ neutral/ drawings/) for evaluate/train")
     sample.set_defaults(func=_cmd_sample)
 
     package = commands.add_parser("package", help="pack the library + executor dependencies for spark-submit --archives")
     package.add_argument("--out", default="dist/clip-nsfw-spark-env.tar.gz", help="archive to write (.tar.gz)")
     package.add_argument("--extras", default="s3", help="extras to include (default s3; '' for none)")
     package.set_defaults(func=_cmd_package)
+
+    evaluate = commands.add_parser("evaluate", help="metrics, threshold sweep, per-class breakdown and plots on labelled data")
+    evaluate.add_argument("--model", action="append", required=True, help="registry name or path (repeat to compare)")
+    evaluate.add_argument("--data", required=True, help="class folders (img_emb/) or parquet with a label column")
+    evaluate.add_argument("--out", default="evaluation", help="folder for report.json, report.md and PNGs")
+    evaluate.add_argument("--threshold", type=float, action="append", help="thresholds to report (repeat)")
+    evaluate.add_argument("--recall", type=float, help="also find the threshold reaching this recall")
+    evaluate.add_argument("--precision", type=float, help="also find the threshold reaching this precision")
+    evaluate.add_argument("--compare", action="store_true", help="also score float16-quantised inputs")
+    evaluate.add_argument("--class-label", action="append", metavar="NAME=0|1", help="class → label (repeat)")
+    evaluate.add_argument("--embedding-column")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--spark", action="store_true", help="score parquet data with the Spark job (large sets)")
+    evaluate.add_argument("--master", help="Spark master for --spark (default local[*])")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    train = commands.add_parser("train", help="train a new head (autokeras search or a plain Keras MLP)")
+    train.add_argument("--data", required=True, help="labelled data, as for evaluate")
+    train.add_argument("--out", required=True, help="folder to export the model to")
+    train.add_argument("--method", choices=["autokeras", "mlp"], default="autokeras")
+    train.add_argument("--max-trials", type=int, default=1)
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--validation-fraction", type=float, default=0.2)
+    train.add_argument("--class-label", action="append", metavar="NAME=0|1")
+    train.add_argument("--embedding-column")
+    train.add_argument("--label-column", default="label")
+    train.set_defaults(func=_cmd_train)
 
     try:
         from .job_cli import add_run_command

@@ -277,6 +277,9 @@ def prepare_model(model: str | os.PathLike) -> ResolvedModel:
         return ResolvedModel(path.stem, sha256_file(path), path.resolve(), None, path.resolve())
     if path.is_file() and zipfile.is_zipfile(path):
         return _prepare_archive(path.resolve(), path.stem, sha256_file(path))
+    if path.is_dir() and (path / "model.nsfw.npz").is_file():  # a folder written by `clip-nsfw-spark train`
+        portable = path / "model.nsfw.npz"
+        return ResolvedModel(path.name, sha256_file(portable), portable.resolve(), None, path.resolve())
     if path.is_dir():
         saved_model = find_saved_model(path)
         digest = _directory_sha256(saved_model)

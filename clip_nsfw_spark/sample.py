@@ -72,3 +72,29 @@ def write_laion_sample(output: str, rows: int, files: int = 2, dim: int = 768, s
         pq.write_table(pa.table(metadata(n, start)), os.path.join(output, "metadata", f"metadata_{index}.parquet"),
                        row_group_size=max(1, n // 3))
         start += n
+
+
+LABELLED_CLASSES = {1: ("porn", "sexy"), 0: ("neutral", "drawings")}
+
+
+def separable(rows: int, dim: int, seed: int, shift: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Generated labelled embeddings (float16 unit vectors): label 1 rows are shifted along one fixed
+    direction, label 0 rows against it. Separable but noisy; the direction depends only on ``dim``."""
+    direction = np.random.default_rng(dim).normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(rows) % 2).astype(int)
+    x = rng.normal(size=(rows, dim)) / np.sqrt(dim) + np.outer(2 * labels - 1, direction) * shift
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16), labels
+
+
+def write_labelled_sample(output: str, rows: int, dim: int = 768, seed: int = 0) -> None:
+    """LAION's test-set layout with generated data: porn/ sexy/ (label 1) and neutral/ drawings/ (label 0),
+    each with img_emb/img_emb_0.npy."""
+    x, labels = separable(rows, dim, seed)
+    for label, classes in LABELLED_CLASSES.items():
+        part = x[labels == label]
+        for i, name in enumerate(classes):
+            os.makedirs(os.path.join(output, name, "img_emb"), exist_ok=True)
+            np.save(os.path.join(output, name, "img_emb", "img_emb_0.npy"), part[i::len(classes)])
