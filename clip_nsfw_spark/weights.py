@@ -218,13 +218,6 @@ class PortableWeights:
         finally:
             Path(tmp).unlink(missing_ok=True)
 
-    def to_bytes(self) -> bytes:
-        """The ``.npz`` content (what is shipped to Spark executors)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / "w.npz"
-            self.save(target)
-            return target.read_bytes()
-
     @classmethod
     def load(cls, source: str | os.PathLike | bytes) -> "PortableWeights":
         """Read a portable weights file (a path or its bytes). Never unpickles."""
