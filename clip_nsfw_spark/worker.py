@@ -11,6 +11,7 @@ last. A task with a state file is complete; a retried or resumed task rewrites i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -208,26 +209,90 @@ def _as_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(table.columns, schema=schema)
 
 
+@dataclasses.dataclass
+class ScoredBatch:
+    """One batch after scoring: the input columns plus one score column per embedding column.
+
+    ``ok`` (n,) marks rows whose every embedding was scored; ``unsafe`` (n,) rows with any score ≥ the
+    threshold; ``reasons`` (n,) None or why a row was not scored; ``problems`` one short reason per
+    unscored row (its first problem); ``scores`` the valid scores of each column (for the histogram).
+    """
+
+    table: pa.Table
+    ok: np.ndarray
+    unsafe: np.ndarray
+    reasons: list
+    problems: list
+    scores: list
+
+
+def score_batch(table: pa.Table, npy: np.ndarray | None, columns, score_columns, scorer, threshold: float,
+                timings: Counter) -> ScoredBatch:
+    """Score a batch's embedding columns (or its npy rows). Pure: no IO."""
+    n = table.num_rows
+    reasons: list = [None] * n
+    first_problem: dict[int, str] = {}
+    unsafe = np.zeros(n, dtype=bool)
+    ok_all = np.ones(n, dtype=bool)
+    valid_scores = []
+    for column, score_name in zip(columns, score_columns):
+        if npy is not None:
+            ok = finite_rows(npy)
+            matrix = npy if ok.all() else npy[ok]
+            col_reasons = [None if good else "NaN or Inf in embedding" for good in ok]
+        else:
+            matrix, ok, col_reasons = decode(table.column(column), scorer.dim)
+        t0 = time.perf_counter()
+        values = np.full(n, np.nan, dtype=np.float32)
+        values[ok] = scorer(matrix)
+        timings["score"] += time.perf_counter() - t0
+        table = table.append_column(score_name, pa.array(values, mask=~ok))
+        unsafe |= ok & (values >= threshold)
+        ok_all &= ok
+        valid_scores.append(values[ok])
+        for i in np.flatnonzero(~ok):
+            label = col_reasons[i] if len(columns) == 1 else f"{column}: {col_reasons[i]}"
+            reasons[i] = label if reasons[i] is None else f"{reasons[i]}; {label}"
+            first_problem.setdefault(int(i), col_reasons[i].split(":")[0])
+    return ScoredBatch(table, ok_all, unsafe, reasons, list(first_problem.values()), valid_scores)
+
+
+def _write_batch(scored: ScoredBatch, config: dict, schemas: dict, writer) -> None:
+    """Route a scored batch to its output streams (see ``output_paths``)."""
+    with_reason = scored.table.append_column(config["reason_column"], pa.array(scored.reasons, type=pa.string()))
+    mode = config["mode"]
+    if mode == "annotate":
+        writer("annotated").write(_as_schema(with_reason, schemas["annotated"]))
+        return
+    safe, unsafe = scored.ok & ~scored.unsafe, scored.ok & scored.unsafe
+    if mode == "filter":
+        keep = safe if config["keep"] == "safe" else unsafe
+        writer("kept").write(_as_schema(scored.table.filter(pa.array(keep)), schemas["kept"]))
+    else:
+        writer("safe").write(_as_schema(scored.table.filter(pa.array(safe)), schemas["safe"]))
+        writer("unsafe").write(_as_schema(scored.table.filter(pa.array(unsafe)), schemas["unsafe"]))
+    if not scored.ok.all():
+        writer("rejected").write(_as_schema(with_reason.filter(pa.array(~scored.ok)), schemas["rejected"]))
+
+
 def process_task(task: Task, config: dict, model: dict) -> dict:
     """Score one task and write its outputs; return its statistics (also stored in its state file).
 
     ``config`` is ``JobConfig.to_dict()`` plus the resolved ``layout``, ``embedding_columns`` and
-    ``score_columns``; ``model`` is ``{"bytes", "sha256", "name"}``.
+    ``score_columns``; ``model`` is ``{"bytes", "sha256", "name"}``. Stage seconds: read, score, write.
     """
     started = time.perf_counter()
     timings: Counter = Counter()
     scorer = scorer_for(model["bytes"], model["sha256"], model["name"], model.get("io_only", False))
     in_fs, _ = filesystem(config["input"], config["storage_options"])
     out_fs, out_root = filesystem(config["output"], config["storage_options"])
-    columns, score_columns = config["embedding_columns"], config["score_columns"]
-    threshold, mode = float(config["threshold"]), config["mode"]
     bins = np.linspace(0.0, 1.0, config["histogram_bins"] + 1)
     histogram = np.zeros(config["histogram_bins"], dtype=np.int64)
     rejected_by_reason: Counter = Counter()
     rows_read = unsafe_rows = batches = 0
     with in_fs.open(task.path, "rb") as handle:
         schemas = output_schemas(pq.ParquetFile(handle).schema_arrow, config, scorer.dim)
-    paths = output_paths(task, mode)
+    paths = output_paths(task, config["mode"])
     writers: dict[str, _AtomicParquet] = {}
 
     def writer(stream: str) -> _AtomicParquet:
@@ -240,59 +305,27 @@ def process_task(task: Task, config: dict, model: dict) -> dict:
             if stream != "rejected":
                 writer(stream)
         for batch, npy in _task_batches(task, in_fs, config["batch_rows"], timings):
-            t0 = time.perf_counter()
-            n = batch.num_rows
-            rows_read += n
+            rows_read += batch.num_rows
             table = pa.Table.from_batches([batch])
             if npy is not None and config["write_embeddings"]:
                 table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
                     pa.array(npy.astype(np.float16).reshape(-1)), npy.shape[1]))
-            reasons: list = [None] * n
-            first_problem: dict[int, str] = {}
-            any_unsafe = np.zeros(n, dtype=bool)
-            ok_all = np.ones(n, dtype=bool)
-            for column, score_name in zip(columns, score_columns):
-                if npy is not None:
-                    ok = finite_rows(npy)
-                    matrix = npy if ok.all() else npy[ok]
-                    col_reasons = [None if good else "NaN or Inf in embedding" for good in ok]
-                else:
-                    matrix, ok, col_reasons = decode(table.column(column), scorer.dim)
-                t1 = time.perf_counter()
-                values = np.full(n, np.nan, dtype=np.float32)
-                values[ok] = scorer(matrix)
-                timings["score"] += time.perf_counter() - t1
-                table = table.append_column(score_name, pa.array(values, mask=~ok))
-                any_unsafe |= ok & (values >= threshold)
-                ok_all &= ok
-                histogram += np.histogram(values[ok], bins=bins)[0]
-                for i in np.flatnonzero(~ok):
-                    label = col_reasons[i] if len(columns) == 1 else f"{column}: {col_reasons[i]}"
-                    reasons[i] = label if reasons[i] is None else f"{reasons[i]}; {label}"
-                    first_problem.setdefault(int(i), col_reasons[i].split(":")[0])
-            rejected_by_reason.update(first_problem.values())  # a row counts once, by its first problem
-            unsafe_rows += int(any_unsafe.sum())
-            with_reason = table.append_column(config["reason_column"], pa.array(reasons, type=pa.string()))
-            if mode == "annotate":
-                writer("annotated").write(_as_schema(with_reason, schemas["annotated"]))
-            else:
-                safe_mask, unsafe_mask = ok_all & ~any_unsafe, ok_all & any_unsafe
-                if mode == "filter":
-                    keep = safe_mask if config["keep"] == "safe" else unsafe_mask
-                    writer("kept").write(_as_schema(table.filter(pa.array(keep)), schemas["kept"]))
-                else:
-                    writer("safe").write(_as_schema(table.filter(pa.array(safe_mask)), schemas["safe"]))
-                    writer("unsafe").write(_as_schema(table.filter(pa.array(unsafe_mask)), schemas["unsafe"]))
-                if not ok_all.all():
-                    writer("rejected").write(_as_schema(with_reason.filter(pa.array(~ok_all)), schemas["rejected"]))
-            timings["process"] += time.perf_counter() - t0
+            scored = score_batch(table, npy, config["embedding_columns"], config["score_columns"], scorer,
+                                 float(config["threshold"]), timings)
+            for values in scored.scores:
+                histogram += np.histogram(values, bins=bins)[0]
+            rejected_by_reason.update(scored.problems)  # a row counts once, by its first problem
+            unsafe_rows += int(scored.unsafe.sum())
+            t0 = time.perf_counter()
+            _write_batch(scored, config, schemas, writer)
+            timings["write"] += time.perf_counter() - t0
             batches += 1
             inject_fault(config.get("fault"), "batch", task, batches)
-        t2 = time.perf_counter()
+        t0 = time.perf_counter()
         for number, stream in enumerate(sorted(writers)):
             writers[stream].commit()
             inject_fault(config.get("fault"), "commit", task, number + 1)
-        timings["write"] += time.perf_counter() - t2
+        timings["write"] += time.perf_counter() - t0
     except BaseException:
         for pending in writers.values():
             try:
