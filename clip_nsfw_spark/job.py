@@ -23,12 +23,13 @@ import time
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import JobConfig
 from .errors import DimensionError, OutputError
 from .progress import ProgressWatcher
-from .models import REGISTRY, canonical_name, model_for_dim, prepare_model
+from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model
 from .reader import Plan, _npy_header, plan as plan_input
 from .storage import accessing, filesystem, join, unstrip
 from .weights import PortableWeights
@@ -92,17 +93,16 @@ def _check_dimension(plan: Plan, in_fs, dim: int, model_name: str) -> None:
             widths = {}
             for column in plan.embedding_columns:
                 for batch in parquet.iter_batches(batch_size=64, columns=[column]):
-                    lengths = batch.column(0).value_lengths().drop_null().to_numpy(zero_copy_only=False) \
-                        if not hasattr(batch.column(0).type, "list_size") else np.array([batch.column(0).type.list_size])
+                    values = batch.column(0)
+                    lengths = np.array([values.type.list_size]) if pa.types.is_fixed_size_list(values.type) \
+                        else values.value_lengths().drop_null().to_numpy(zero_copy_only=False)
                     if len(lengths):
                         widths[column] = int(np.bincount(lengths).argmax())
                         break
     for column, width in widths.items():
         if width != dim:
-            fits = model_for_dim(width)
-            hint = f"; the model for {width}-d embeddings is {fits!r} (--model {fits})" if fits else ""
             raise DimensionError(f"column {column!r} holds {width}-d embeddings but model {model_name!r} expects "
-                                 f"{dim}-d{hint}")
+                                 f"{dim}-d{fitting_model_hint(width)}")
 
 
 def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = False,

@@ -83,6 +83,12 @@ def model_for_dim(dim: int) -> str | None:
     return next((spec.name for spec in REGISTRY.values() if spec.dim == dim), None)
 
 
+def fitting_model_hint(dim: int) -> str:
+    """'; the model for 512-d embeddings is 'vit-b-32' (--model vit-b-32)', or '' if none fits."""
+    fits = model_for_dim(dim)
+    return f"; the model for {dim}-d embeddings is {fits!r} (--model {fits})" if fits else ""
+
+
 # --------------------------------------------------------------------------------------------- directories
 
 
@@ -291,17 +297,22 @@ def prepare_model(model: str | os.PathLike) -> ResolvedModel:
     )
 
 
+def _extract_once(archive: Path, sha256: str) -> Path:
+    """The SavedModel directory of ``archive``, extracted (once, under a lock) into the derived cache."""
+    extracted = derived_dir(sha256) / "saved_model"
+    with _lock(extracted):
+        if not extracted.is_dir():
+            safe_extract(archive, extracted)
+    return find_saved_model(extracted)
+
+
 def _prepare_archive(archive: Path, name: str, sha256: str) -> ResolvedModel:
-    base = derived_dir(sha256)
-    extracted = base / "saved_model"
-    portable = base / (name + PORTABLE_SUFFIX)
-    if not portable.is_file():
-        with _lock(extracted):
-            if not extracted.is_dir():
-                safe_extract(archive, extracted)
-    saved_model = find_saved_model(extracted) if extracted.is_dir() else None
-    if not portable.is_file():
-        assert saved_model is not None
+    portable = derived_dir(sha256) / (name + PORTABLE_SUFFIX)
+    extracted = derived_dir(sha256) / "saved_model"
+    if portable.is_file():  # converted before: extraction is needed only by the TensorFlow backend
+        saved_model = find_saved_model(extracted) if extracted.is_dir() else None
+    else:
+        saved_model = _extract_once(archive, sha256)
         _convert_once(saved_model, portable)
     return ResolvedModel(name, sha256, portable, saved_model, archive)
 
@@ -335,8 +346,4 @@ def saved_model_dir(model: str | os.PathLike) -> Path:
     registry_name = canonical_name(os.fspath(model))
     if registry_name is None:
         raise ModelError(f"{model} is a portable weights file: it has no SavedModel for TensorFlow.")
-    extracted = derived_dir(resolved.sha256) / "saved_model"
-    with _lock(extracted):
-        if not extracted.is_dir():
-            safe_extract(resolved.source, extracted)
-    return find_saved_model(extracted)
+    return _extract_once(resolved.source, resolved.sha256)

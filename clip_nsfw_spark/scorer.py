@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ClipNsfwError, DimensionError
 from .kernels import HAVE_NUMBA, dense
-from .models import REGISTRY, canonical_name, model_for_dim, prepare_model, saved_model_dir
+from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model, saved_model_dir
 from .weights import PortableWeights, sortable_int32
 
 # Rows per chunk: small enough that a chunk's activations stay in L2 cache (1024 × 512 float32 = 2 MiB
@@ -32,11 +32,8 @@ def check_embeddings(embeddings, dim: int, name: str) -> np.ndarray:
     if array.dtype not in (np.float16, np.float32, np.float64):
         raise TypeError(f"{name} expects float16, float32 or float64 embeddings; found {array.dtype}")
     if array.shape[1] != dim:
-        fits = model_for_dim(array.shape[1])
-        hint = f"; the model for {array.shape[1]}-d embeddings is {fits!r}" if fits else ""
-        raise DimensionError(
-            f"model {name} expects {dim}-d embeddings ({dim} columns), found {array.shape[1]}-d{hint}"
-        )
+        raise DimensionError(f"model {name} expects {dim}-d embeddings ({dim} columns), found "
+                             f"{array.shape[1]}-d{fitting_model_hint(array.shape[1])}")
     return array
 
 
