@@ -19,6 +19,8 @@ from .errors import ConfigError
 MODES = ("annotate", "filter", "split")
 LAYOUTS = ("auto", "parquet", "laion-npy")
 KEEP = ("safe", "unsafe")
+# Parquet codecs pyarrow writes (checked before any work: a typo must not fail inside every task).
+COMPRESSIONS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
 
 
@@ -45,6 +47,7 @@ class JobConfig:
     metadata_dir: str = "metadata"
     embeddings_dir: str = "img_emb"
     write_embeddings: bool = False
+    replace_scores: bool = False
     compression: str = "zstd"
     histogram_bins: int = 20
 
@@ -61,12 +64,14 @@ class JobConfig:
                               f"found {self.threshold!r}")
         if self.overwrite and self.resume:
             raise ConfigError("choose one of overwrite (start again) and resume (finish what is missing)")
-        if self.score_columns and len(self.score_columns) != len(self.embedding_columns):
+        if self.score_columns and self.embedding_columns and len(self.score_columns) != len(self.embedding_columns):
             raise ConfigError(f"score_columns {list(self.score_columns)} must name one column per embedding "
                               f"column {list(self.embedding_columns)}")
         for key in ("batch_rows", "rows_per_task", "histogram_bins"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer; found {getattr(self, key)!r}")
+        if not isinstance(self.compression, str) or self.compression.lower() not in COMPRESSIONS:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSIONS)}; found {self.compression!r}")
         if not isinstance(self.storage_options, dict):
             raise ConfigError("storage_options must be a mapping of fsspec options (endpoint_url, anon, profile …)")
 

@@ -1,7 +1,8 @@
 """Arrow embedding columns → numpy matrices, with a reason for every row that cannot be scored.
 
 Pure pyarrow/numpy. Accepts list, large_list and fixed_size_list of float16/float32/float64. Rows that
-cannot be scored are never dropped silently: each gets a reason (null embedding, wrong length, NaN/Inf).
+cannot be scored are never dropped silently: each gets a reason (null embedding, wrong length, a null
+value inside the list, NaN/Inf, a float64 value that overflows float32).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import pyarrow as pa
 FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
 REASON_NULL = "null embedding"
 REASON_NON_FINITE = "NaN or Inf in embedding"
+REASON_NULL_VALUE = "null value in embedding"
+REASON_OVERFLOW = "value out of float32 range"
+REASON_SCORE = "score not finite"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def finite_rows(values: np.ndarray) -> np.ndarray:
@@ -64,11 +69,42 @@ def decode(column: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np
         # flatten() honours slicing and offsets (.values would not); zero-copy when there are no nulls.
         flat = scorable.flatten()
         values = flat.to_numpy(zero_copy_only=False).reshape(len(scorable), dim)
-    finite = finite_rows(values)
-    if not finite.all():
+    problems = row_problems(values, _null_values(scorable, dim))
+    if problems:
         positions = np.flatnonzero(ok)
-        for i in positions[~finite]:
-            reasons[i] = REASON_NON_FINITE
-        ok[positions[~finite]] = False
-        values = values[finite]
+        for row, reason in problems.items():
+            reasons[positions[row]] = reason
+        keep = np.ones(len(values), dtype=bool)
+        keep[list(problems)] = False
+        ok[positions[~keep]] = False
+        values = values[keep]
     return values, ok, reasons
+
+
+def _null_values(column, dim: int) -> np.ndarray | None:
+    """bool (n,): rows of a list column (every row of length ``dim``) holding a null value, or None."""
+    flat = column.flatten()
+    if not flat.null_count:
+        return None
+    return flat.is_null().to_numpy(zero_copy_only=False).reshape(len(column), dim).any(axis=1)
+
+
+def row_problems(values: np.ndarray, null_values: np.ndarray | None = None) -> dict[int, str]:
+    """``{row: reason}`` for the rows of a 2-D float array that the model cannot score.
+
+    Null values inside a list (read as NaN) are named as nulls; NaN/Inf as such; float64 values beyond
+    float32's range, which the model's float32 cast would turn into Inf, as out of range.
+    """
+    problems: dict[int, str] = {}
+    finite = finite_rows(values)
+    for row in np.flatnonzero(~finite):
+        problems[int(row)] = REASON_NON_FINITE
+    if values.dtype == np.float64:
+        with np.errstate(invalid="ignore"):
+            overflow = (np.abs(values) > _FLOAT32_MAX).any(axis=1) & finite
+        for row in np.flatnonzero(overflow):
+            problems[int(row)] = REASON_OVERFLOW
+    if null_values is not None:
+        for row in np.flatnonzero(null_values):
+            problems[int(row)] = REASON_NULL_VALUE
+    return problems

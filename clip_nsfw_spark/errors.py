@@ -42,3 +42,9 @@ class OutputError(ClipNsfwError):
 
 class MissingDependencyError(ClipNsfwError, ImportError):
     """An optional dependency is needed for this feature; the message names the pip command."""
+
+
+class TaskError(ClipNsfwError):
+    """A task failed for a reason that is not a known input problem (I/O, a worker's environment …).
+
+    The message names the task's input file and the cause; the run can be finished with --resume."""

@@ -27,13 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import JobConfig
-from .errors import DimensionError, OutputError
+from .errors import ConfigError, DimensionError, InputError, OutputError
 from .progress import ProgressWatcher
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model
-from .reader import Plan, _npy_header, plan as plan_input
+from .reader import Plan, Task, plan as plan_input
 from .storage import accessing, filesystem, join, unstrip
 from .weights import PortableWeights
-from .worker import FAULT_ENV, TASKS_DIR, TMP_DIR, process_task
+from .worker import FAULT_ENV, TASKS_DIR, TMP_DIR, output_paths, process_task
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "_clip_nsfw_report.json"
@@ -41,7 +41,7 @@ SUCCESS_NAME = "_SUCCESS"
 JOB_STATE = "_job.json"
 # Settings that change what is written: a resume with different values would mix two datasets.
 _FINGERPRINT_KEYS = ("input", "layout", "embedding_columns", "score_columns", "reason_column", "mode",
-                     "threshold", "keep", "rows_per_task", "write_embeddings", "compression")
+                     "threshold", "keep", "rows_per_task", "write_embeddings", "compression", "replace_scores")
 
 
 def default_score_columns(embedding_columns: tuple[str, ...]) -> tuple[str, ...]:
@@ -86,7 +86,7 @@ def _check_dimension(plan: Plan, in_fs, dim: int, model_name: str) -> None:
     if first is None:
         return
     if plan.layout == "laion-npy":
-        widths = {"embedding": _npy_header(in_fs, first.npy_path)[0][1]}
+        widths = {"embedding": plan.npy_width}  # the planner checked that every npy file has this width
     else:
         with in_fs.open(first.path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
@@ -105,6 +105,62 @@ def _check_dimension(plan: Plan, in_fs, dim: int, model_name: str) -> None:
                                  f"{dim}-d{fitting_model_hint(width)}")
 
 
+def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str, ...]) -> None:
+    """Refuse an output schema with two columns of one name (pyarrow could not read it back).
+
+    An input may already hold a score column (LAION's joined metadata has ``punsafe``; so does an output
+    of this job scored again): that is an error unless ``replace_scores`` says to overwrite it.
+    """
+    if len(score_columns) != len(plan.embedding_columns):
+        raise ConfigError(f"score_columns {list(score_columns)} must name one column per embedding column "
+                          f"{list(plan.embedding_columns)}")
+    added = list(score_columns) + [config.reason_column]
+    if plan.layout == "laion-npy" and config.write_embeddings:
+        added.insert(0, "embedding")
+    repeated = sorted({name for name in added if added.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"the output would hold two columns named {', '.join(map(repr, repeated))} (score "
+                          f"columns {list(score_columns)}, reason column {config.reason_column!r}): give each "
+                          "a distinct name with --score-column / reason_column")
+    # Only what this job writes may be replaced: float score columns, and the reason column when it comes
+    # with one of them (an output of this job scored again) — never an id or data column by a name clash.
+    scores_present = [n for n in score_columns if n in plan.schema.names
+                      and pa.types.is_floating(plan.schema.field(n).type)]
+    replaceable = set(scores_present)
+    if scores_present and config.reason_column in plan.schema.names \
+            and pa.types.is_string(plan.schema.field(config.reason_column).type):
+        replaceable.add(config.reason_column)
+    for name in added:
+        if name not in plan.schema.names:
+            continue
+        if name in plan.embedding_columns or name not in replaceable:
+            raise InputError(f"the input already has a column {name!r}, which the output would add again; "
+                             "name the new column differently (--score-column, reason_column)")
+        if not config.replace_scores:
+            raise InputError(
+                f"the input already has a column {name!r} (LAION's joined metadata has 'punsafe'; so does an "
+                f"output of this job): name the new column differently (--score-column NAME or reason_column) "
+                f"or pass --replace-scores to overwrite {name!r} with the new values")
+
+
+def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
+    """Rows planned = rows read = rows written (+ rows deliberately left out): else fail, naming the task."""
+    by_id = {s["task_id"]: s for s in stats}
+    for task in plan.tasks:
+        s = by_id[task.task_id]
+        written, read = s["rows_written"], s["rows_read"]
+        rejected, unsafe = s["rows_rejected"], s["rows_unsafe"]
+        safe = read - unsafe - rejected
+        expected = {"annotate": {"annotated": read},
+                    "filter": {"kept": safe if keep == "safe" else unsafe, "rejected": rejected},
+                    "split": {"safe": safe, "unsafe": unsafe, "rejected": rejected}}[mode]
+        found = {stream: written.get(stream, 0) for stream in expected}
+        if read != task.rows or found != expected:
+            raise OutputError(f"task {task.rel} ({task.path}) planned {task.rows} rows, read {read}, wrote "
+                              f"{found} where {expected} was due; the output is not trustworthy. Check that "
+                              "the input did not change during the run, then rerun with --overwrite.")
+
+
 def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = False,
             io_only: bool = False) -> dict:
     """Run the whole job; return the report (also written next to the output).
@@ -118,6 +174,8 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
     durations = {}
     in_fs, in_root = filesystem(config.input, config.storage_options)
     plan = plan_input(config)
+    score_columns = tuple(config.score_columns or default_score_columns(plan.embedding_columns))
+    check_output_columns(plan, config, score_columns)
     durations["plan"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
@@ -132,14 +190,17 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
     out_fs, out_root = check_output(config, in_fs, in_root)
     task_config = config.to_dict() | {
         "layout": plan.layout, "embedding_columns": list(plan.embedding_columns),
-        "score_columns": list(config.score_columns or default_score_columns(plan.embedding_columns)),
+        "score_columns": list(score_columns),
         "fault": os.environ.get(FAULT_ENV),  # tests only (see worker.inject_fault)
     }
     fingerprint = {key: task_config[key] for key in _FINGERPRINT_KEYS} | {"model_sha256": resolved.sha256}
-    done = _prepare_state(out_fs, out_root, fingerprint, config.resume)
+    with accessing(out_fs, out_root, "output"):
+        done, resume_actions = _prepare_state(out_fs, out_root, fingerprint, config.resume, plan, config.mode)
     pending = [task for task in plan.tasks if task.task_id not in done]
     log.info("%d tasks (%d rows) in %s; %d already complete; model %s", len(plan.tasks), plan.total_rows,
              config.input, len(plan.tasks) - len(pending), model_name)
+    for path, why in plan.skipped[:20]:
+        log.warning("skipped %s: %s", path, why)
 
     t0 = time.perf_counter()
     watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, len(plan.tasks), plan.total_rows, set(done),
@@ -158,11 +219,13 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
     if missing:
         raise OutputError(f"{len(missing)} tasks did not report completion (first: {missing[0]}); "
                           "run again with --resume")
+    _check_rows(plan, [by_id[t.task_id] for t in plan.tasks], config.mode, config.keep)
+    stats = [by_id[t.task_id] for t in plan.tasks]
     if out_fs.exists(join(out_root, TMP_DIR)):
         out_fs.rm(join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started
     report = build_report(config, task_config, plan, resolved, weights.dim, model_name, stats, durations,
-                          resumed=len(plan.tasks) - len(pending))
+                          resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions)
     with out_fs.open(join(out_root, REPORT_NAME), "w") as handle:
         handle.write(json.dumps(report, indent=2))
     with out_fs.open(join(out_root, SUCCESS_NAME), "w") as handle:
@@ -170,11 +233,17 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
     return report
 
 
-def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool) -> dict:
-    """Create the state folder; on resume, check it is the same job and return completed tasks' stats."""
+def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str) -> tuple[dict, dict]:
+    """Create the state folder; on resume, check it is the same job and sort the completed tasks.
+
+    Returns ``(done, actions)``: the stats of tasks that are complete for the input as it is now, keyed
+    by task id, and what the resume did. A task whose input changed (size, modification time/ETag, row
+    count, footer) is run again, after its old outputs are removed; the outputs of a task whose input
+    is gone are removed. Nothing stale survives a resume.
+    """
     state_dir = join(out_root, TASKS_DIR)
     job_file = join(state_dir, JOB_STATE)
-    done = {}
+    done, actions = {}, {"reused": 0, "rerun_changed": [], "removed_gone": []}
     if out_fs.exists(join(out_root, SUCCESS_NAME)):
         out_fs.rm(join(out_root, SUCCESS_NAME))  # this run is not complete until it says so again
     if resume and out_fs.exists(job_file):
@@ -185,19 +254,38 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool) -> di
             raise OutputError("--resume refused: the output was written with other settings "
                               + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
                               + ". Use --overwrite to start again.")
+        planned = {task.task_id: task for task in plan.tasks}
         for path in out_fs.ls(state_dir, detail=False):
             name = path.rsplit("/", 1)[-1]
-            if name.endswith(".json") and name != JOB_STATE:
-                with out_fs.open(path, "r") as handle:
-                    stats = json.load(handle)
-                done[stats["task_id"]] = stats
+            if not name.endswith(".json") or name.startswith("_"):
+                continue
+            with out_fs.open(path, "r") as handle:
+                stats = json.load(handle)
+            task = planned.get(stats["task_id"])
+            if task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel:
+                done[task.task_id] = stats
+                continue
+            # Stale: remove the state file first (the task is then "not done"), then its outputs.
+            outputs = stats.get("outputs") or list(output_paths(Task("parquet", "", stats["rel"]), mode).values())
+            out_fs.rm(path)
+            for rel in outputs:
+                if out_fs.exists(join(out_root, rel)):
+                    out_fs.rm(join(out_root, rel))
+            (actions["rerun_changed"] if task is not None else actions["removed_gone"]).append(stats["rel"])
+        actions["reused"] = len(done)
+        for key in ("rerun_changed", "removed_gone"):
+            if actions[key]:
+                log.warning("resume: %s %d task(s) whose input %s: %s", "re-running" if key == "rerun_changed"
+                            else "removed the outputs of", len(actions[key]),
+                            "changed" if key == "rerun_changed" else "is gone", ", ".join(actions[key][:10]))
     out_fs.makedirs(state_dir, exist_ok=True)
     with out_fs.open(job_file, "w") as handle:
         handle.write(json.dumps(fingerprint))
-    return done
+    return done, actions
 
 
-def build_report(config, task_config, plan, resolved, dim, model_name, stats, durations, resumed) -> dict:
+def build_report(config, task_config, plan, resolved, dim, model_name, stats, durations, resumed,
+                 resume_actions=None) -> dict:
     """The JSON report: config (secrets redacted), model, row counts by stream and reason, histogram, timing."""
     written: dict[str, int] = {}
     rejected: dict[str, int] = {}
@@ -221,7 +309,8 @@ def build_report(config, task_config, plan, resolved, dim, model_name, stats, du
         "config": config.redacted() | {k: task_config[k] for k in ("layout", "embedding_columns", "score_columns")},
         "model": {"name": model_name, "sha256": resolved.sha256, "dim": dim, "source": str(resolved.source),
                   "clip_model": spec.clip_model if spec else None},
-        "input": {"layout": plan.layout, "tasks": len(plan.tasks), "rows": plan.total_rows},
+        "input": {"layout": plan.layout, "tasks": len(plan.tasks), "rows": plan.total_rows,
+                  "skipped_files": len(plan.skipped), "skipped_examples": [f"{p}: {why}" for p, why in plan.skipped[:10]]},
         "rows": {"read": rows_read, "written": written, "unsafe": unsafe, "safe": rows_read - unsafe - n_rejected,
                  "rejected": n_rejected, "rejected_by_reason": rejected,
                  "kept": written.get("kept") if config.mode == "filter" else None},
@@ -231,6 +320,7 @@ def build_report(config, task_config, plan, resolved, dim, model_name, stats, du
         "task_stage_seconds": {k: round(v, 3) for k, v in stages.items()},
         "throughput_rows_per_second": round(rows_read / durations["run"], 1) if durations.get("run") else None,
         "tasks_resumed": resumed,
+        "resume": resume_actions,
         "worker_max_rss_mb": max((s.get("worker_max_rss_mb", 0) for s in stats), default=0),
     }
 

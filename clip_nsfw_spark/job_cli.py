@@ -34,6 +34,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["annotate", "filter", "split"])
     parser.add_argument("--threshold", type=float, help="unsafe ⇔ score ≥ threshold (default 0.5)")
     parser.add_argument("--keep", choices=["safe", "unsafe"], help="filter mode: which side to keep")
+    parser.add_argument("--replace-scores", dest="replace_scores", action="store_true", default=None,
+                        help="overwrite score/reason columns the input already has (e.g. LAION's punsafe)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output")
     parser.add_argument("--resume", action="store_true", default=None, help="finish an interrupted run")
     parser.add_argument("--master", help="Spark master (default: the active session, else local[*])")
@@ -63,6 +65,13 @@ def summary(report: dict) -> str:
         "  written   " + ", ".join(f"{k} {v:,}" for k, v in sorted(rows["written"].items())),
         f"  tasks     {report['input']['tasks']} ({report['tasks_resumed']} resumed)",
     ]
+    if report["input"].get("skipped_files"):
+        lines.append(f"  skipped   {report['input']['skipped_files']} input file(s) that are not parquet "
+                     f"(e.g. {report['input']['skipped_examples'][0]}); see the report")
+    resume = report.get("resume") or {}
+    if resume.get("rerun_changed") or resume.get("removed_gone"):
+        lines.append(f"  resume    re-ran {len(resume['rerun_changed'])} task(s) whose input changed, removed the "
+                     f"outputs of {len(resume['removed_gone'])} whose input is gone")
     if rows["rejected_by_reason"]:
         lines.append("  rejected  " + ", ".join(f"{k}: {v:,}" for k, v in rows["rejected_by_reason"].items()))
     return "\n".join(lines)

@@ -4,12 +4,25 @@ A task is one slice of one input file: whole row groups of a parquet file (at mo
 rows, unless one row group is larger), or a row range of a LAION ``img_emb_N.npy`` file with the same
 rows of its ``metadata_N.parquet``. Tasks hold only strings and integers, so they cross to Spark
 executors as plain data; the executor opens the files itself (pyarrow + fsspec).
+
+Naming rules (no two tasks may ever write the same file, see ``_check_unique``):
+
+* a path that exists is taken literally, even when it holds glob characters (``data[1]/``, ``what?/``);
+  only a path that does not exist is expanded as a glob;
+* output names are input paths relative to a root that every input shares: the folder itself, the
+  parent of a single file, or the part of a glob before its first wildcard component
+  (``in/sub?/*.parquet`` → ``in``, so ``sub1/part.parquet`` and ``sub2/part.parquet`` stay apart);
+* parquet files are ``.parquet``, ``.parq``, ``.pq`` or extension-less (Hadoop part files); other
+  visible files are skipped and reported; ``_``/``.`` files and folders are ignored, as Spark does;
+* a task records the identity of what it reads (size, modification time or ETag, row count, a footer
+  digest), so that a resume can tell a changed input from a finished one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 
 import numpy as np
@@ -19,15 +32,23 @@ import pyarrow.parquet as pq
 from .config import JobConfig
 from .embeddings import is_embedding_type
 from .errors import InputError
-from .storage import accessing, filesystem, join, unstrip
+from .storage import accessing, filesystem, is_local, join, unstrip
 
-NPY_PATTERN = re.compile(r"(\d+)\.npy$")
-PARQUET_NUMBER = re.compile(r"(\d+)\.parquet$")
+PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
+NPY_NUMBER = re.compile(r"(\d+)\.npy$")
+PARQUET_NUMBER = re.compile(r"(\d+)\.(?:parquet|parq|pq)$")
+# Table formats whose folders hold files of removed versions: listing their files would read stale rows.
+TABLE_FORMAT_MARKERS = {"_delta_log": "Delta", ".hoodie": "Hudi"}
+NPY_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One unit of work. ``rel`` is the output name relative to the output root (deterministic)."""
+    """One unit of work. ``rel`` is the output name relative to the output root (unique in a plan).
+
+    ``rows`` is how many rows the task must read (checked against what it read); ``source`` identifies
+    the bytes it reads (see ``file_identity``), so that ``--resume`` re-runs a task whose input changed.
+    """
 
     kind: str  # "parquet" | "laion-npy"
     path: str  # the parquet file (data or metadata) in the input filesystem's terms
@@ -36,6 +57,8 @@ class Task:
     row_start: int = 0  # laion-npy: rows [row_start, row_stop) of both files
     row_stop: int = 0
     npy_path: str = ""
+    rows: int = 0
+    source: str = ""
 
     @property
     def task_id(self) -> str:
@@ -53,46 +76,135 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What the driver learnt: the tasks, the columns to score, the common schema."""
+    """What the driver learnt: the tasks, the columns to score, the common schema, what was skipped.
+
+    ``skipped`` holds ``(path, why)`` for every visible file that is not read (never silently);
+    ``widths`` the embedding width found in each npy file (laion-npy) for the dimension check.
+    """
 
     tasks: tuple[Task, ...]
     layout: str
     embedding_columns: tuple[str, ...]
     schema: pa.Schema
     total_rows: int
+    skipped: tuple[tuple[str, str], ...] = ()
+    npy_width: int | None = None
 
 
 def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
-def _visible(rel: str) -> bool:
-    return not any(part.startswith(("_", ".")) for part in rel.split("/"))
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
 
 
-def list_parquet_files(fs, root: str) -> tuple[list[str], str]:
-    """Parquet files under ``root`` (a file, folder tree or glob), sorted; and the base for relative names."""
-    if _is_glob(root):
-        files = sorted(p for p in fs.glob(root) if fs.isfile(p))
-        base = root.split("*")[0].rsplit("/", 1)[0]
-    elif fs.isfile(root):
-        return [root], root.rsplit("/", 1)[0]
-    elif fs.isdir(root):
-        files = sorted(p for p in fs.find(root) if _visible(p[len(root):].lstrip("/")))
-        base = root
+def _is_parquet_name(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.lower().endswith(PARQUET_EXTENSIONS) or "." not in name
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard component: ``in/sub?/*.pq`` → ``in``."""
+    parts = pattern.split("/")
+    fixed = []
+    for part in parts[:-1]:
+        if _is_glob(part):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
+def file_identity(info: dict, extra: str = "") -> str:
+    """A short digest of what identifies a file's content without reading it: size, and the
+    modification time or ETag that the store reports (plus ``extra``, e.g. a footer digest)."""
+    version = next((str(info[key]) for key in ("ETag", "etag", "mtime", "LastModified", "last_modified",
+                                               "modified", "created") if info.get(key) is not None), "")
+    return hashlib.sha1(f"{info.get('size')}|{version}|{extra}".encode()).hexdigest()[:20]
+
+
+def _footer_digest(meta: pq.FileMetaData) -> str:
+    groups = ",".join(f"{meta.row_group(i).num_rows}:{meta.row_group(i).total_byte_size}"
+                      for i in range(meta.num_row_groups))
+    return hashlib.sha1(f"{meta.num_rows}|{groups}|{meta.schema.to_arrow_schema()}".encode()).hexdigest()[:20]
+
+
+def _walk_local(root: str) -> dict[str, dict]:
+    """Files under a local folder, following symlinked folders (a loop is an error) → {path: info}."""
+    found, seen = {}, set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise InputError(f"{folder} leads back to {real} (a symlink loop); remove the loop and run again")
+        seen.add(real)
+        dirs.sort()
+        for name in files:
+            path = os.path.join(folder, name)
+            stat = os.stat(path)  # follows symlinks: the identity of what is read
+            found[path] = {"name": path, "size": stat.st_size, "mtime": stat.st_mtime_ns, "type": "file"}
+    return found
+
+
+def _find_files(fs, root: str) -> dict[str, dict]:
+    if is_local(fs):
+        return _walk_local(root)
+    return {path: info for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
+
+
+def _refuse_table_formats(fs, root: str, paths) -> None:
+    for marker, name in TABLE_FORMAT_MARKERS.items():
+        hit = fs.isdir(join(root, marker)) or any(f"/{marker}/" in p for p in paths)
+        if hit:
+            raise InputError(
+                f"{unstrip(fs, root)} is a {name} table ({marker}/): its folder also holds files of removed "
+                f"versions, so reading its files would score stale or duplicated rows. Export the current "
+                f"version to plain parquet (e.g. spark.read.format('{name.lower()}').load(…).write.parquet(…)) "
+                "and score that.")
+
+
+def list_parquet_files(fs, root: str) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
+    """Parquet files under ``root`` (a file, folder tree or glob) → ``({path: info}, base, skipped)``.
+
+    ``base`` is the root the output names are relative to; ``skipped`` lists visible files that are
+    not parquet, with the reason. Paths that exist are taken literally, before any glob expansion.
+    """
+    if fs.exists(root):
+        if fs.isfile(root):
+            return {root: fs.info(root)}, root.rsplit("/", 1)[0], []
+        entries, base = _find_files(fs, root), root
+    elif _is_glob(root):
+        base = _glob_base(root)
+        entries = {}
+        for path, info in sorted(fs.glob(root, detail=True).items()):
+            if info.get("type") == "directory":
+                entries.update(_find_files(fs, path))  # a matched folder: everything under it
+            else:
+                entries[path] = info
     else:
         raise InputError(f"input {unstrip(fs, root)} does not exist. Check the path (and the storage "
                          "options/credentials for remote storage).")
-    files = [p for p in files if p.endswith(".parquet") or "." not in p.rsplit("/", 1)[-1]]
+    _refuse_table_formats(fs, base, entries)
+    files, skipped = {}, []
+    for path in sorted(entries):
+        rel = path[len(base):].lstrip("/")
+        if _hidden(rel):
+            continue
+        if entries[path].get("type") not in (None, "file"):
+            skipped.append((path, f"not a regular file ({entries[path].get('type')})"))
+        elif _is_parquet_name(path):
+            files[path] = entries[path]
+        else:
+            skipped.append((path, f"not a parquet file name (expected {', '.join(PARQUET_EXTENSIONS)})"))
     if not files:
-        raise InputError(f"no parquet files found under {unstrip(fs, root)}")
-    return files, base
+        what = f" ({len(skipped)} other files skipped, e.g. {skipped[0][0]})" if skipped else ""
+        raise InputError(f"no parquet files found under {unstrip(fs, root)}{what}")
+    return files, base, skipped
 
 
 def detect_layout(fs, root: str, config: JobConfig) -> str:
     if config.layout != "auto":
         return config.layout
-    if not _is_glob(root) and fs.isdir(root) and fs.isdir(join(root, config.embeddings_dir)):
+    if fs.isdir(root) and fs.isdir(join(root, config.embeddings_dir)):
         return "laion-npy"
     return "parquet"
 
@@ -137,17 +249,31 @@ def plan(config: JobConfig) -> Plan:
 def _plan(fs, root: str, config: JobConfig) -> Plan:
     layout = detect_layout(fs, root, config)
     if layout == "laion-npy":
-        return _plan_laion(fs, root, config)
-    files, base = list_parquet_files(fs, root)
-    tasks, schema, first, total = [], None, None, 0
-    for path in files:
-        meta = _read_footer(fs, path)
-        schema, first = _same_schema(fs, schema, first, path, meta)
-        rel = path[len(base):].lstrip("/") or path.rsplit("/", 1)[-1]
-        tasks.extend(_slice_row_groups(path, rel, meta, config.rows_per_task))
-        total += meta.num_rows
-    columns = choose_embedding_columns(schema, config, unstrip(fs, first))
-    return Plan(tuple(tasks), layout, columns, schema, total)
+        result = _plan_laion(fs, root, config)
+    else:
+        files, base, skipped = list_parquet_files(fs, root)
+        tasks, schema, first, total = [], None, None, 0
+        for path, info in files.items():
+            meta = _read_footer(fs, path)
+            schema, first = _same_schema(fs, schema, first, path, meta)
+            rel = path[len(base):].lstrip("/") or path.rsplit("/", 1)[-1]
+            source = file_identity(info, _footer_digest(meta))
+            tasks.extend(_slice_row_groups(path, rel, meta, config.rows_per_task, source))
+            total += meta.num_rows
+        columns = choose_embedding_columns(schema, config, unstrip(fs, first))
+        result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped))
+    _check_unique(fs, result.tasks)
+    return result
+
+
+def _check_unique(fs, tasks) -> None:
+    """No two tasks may write the same output: that would lose rows while every task reports success."""
+    owners: dict[str, Task] = {}
+    for task in tasks:
+        other = owners.setdefault(task.rel, task)
+        if other is not task:
+            raise InputError(f"{unstrip(fs, other.path)} and {unstrip(fs, task.path)} would both be written as "
+                             f"{task.rel!r}; score them in separate runs or rename one of them")
 
 
 def _same_schema(fs, schema, first, path, meta) -> tuple[pa.Schema, str]:
@@ -168,7 +294,15 @@ def _schema_difference(fs, first, schema, path, other) -> str:
             "All input files must share one schema: score them in separate runs or rewrite them.")
 
 
-def _slice_row_groups(path: str, rel: str, meta: pq.FileMetaData, rows_per_task: int) -> list[Task]:
+def _stem(rel: str) -> str:
+    lower = rel.lower()
+    for extension in PARQUET_EXTENSIONS:
+        if lower.endswith(extension):
+            return rel[: -len(extension)]
+    return rel
+
+
+def _slice_row_groups(path: str, rel: str, meta: pq.FileMetaData, rows_per_task: int, source: str) -> list[Task]:
     groups, current, rows = [], [], 0
     for index in range(meta.num_row_groups):
         n = meta.row_group(index).num_rows
@@ -179,14 +313,16 @@ def _slice_row_groups(path: str, rel: str, meta: pq.FileMetaData, rows_per_task:
         rows += n
     if current or not groups:
         groups.append(current)
+    counts = [sum(meta.row_group(i).num_rows for i in group) for group in groups]
     if len(groups) == 1:
-        return [Task("parquet", path, rel, tuple(groups[0]))]
-    stem = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
-    return [Task("parquet", path, f"{stem}.slice-{i:05d}.parquet", tuple(g)) for i, g in enumerate(groups)]
+        return [Task("parquet", path, rel, tuple(groups[0]), rows=counts[0], source=source)]
+    return [Task("parquet", path, f"{_stem(rel)}.slice-{i:05d}.parquet", tuple(g), rows=n, source=source)
+            for i, (g, n) in enumerate(zip(groups, counts))]
 
 
-def _npy_header(fs, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Shape, dtype and data offset of a .npy file, reading only its header."""
+def _npy_header(fs, path: str, size: int | None = None) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a .npy file, reading only its header; checks what the job needs:
+    a C-ordered 2-D float16/32/64 array (either byte order) whose data is all there (when ``size`` is known)."""
     with fs.open(path, "rb") as handle:
         try:
             version = np.lib.format.read_magic(handle)
@@ -195,9 +331,41 @@ def _npy_header(fs, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
         except ValueError as err:
             raise InputError(f"{unstrip(fs, path)} is not a valid .npy file: {err}") from err
         offset = handle.tell()
+    where = unstrip(fs, path)
+    if dtype.hasobject or dtype.newbyteorder("=") not in NPY_DTYPES:
+        raise InputError(f"{where} holds {dtype} values ({dtype.str}); expected float16, float32 or float64 "
+                         "embeddings. Re-save it with np.save(path, array.astype('float16')).")
     if fortran or len(shape) != 2:
-        raise InputError(f"{unstrip(fs, path)} must hold a C-ordered 2-D array (rows × dim); found shape {shape}")
+        raise InputError(f"{where} must hold a C-ordered 2-D array (rows × dim); found shape {shape}"
+                         + (" in Fortran order" if fortran else ""))
+    if size is not None and size < offset + shape[0] * shape[1] * dtype.itemsize:
+        raise InputError(f"{where} is truncated: expected {shape[0]} rows of {shape[1]} {dtype.name} "
+                         f"({offset + shape[0] * shape[1] * dtype.itemsize} bytes), found {size} bytes")
     return shape, dtype, offset
+
+
+def _numbered(fs, folder: str, pattern: re.Pattern, what: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """``{number as written: path}`` of the files in ``folder`` whose name matches ``pattern``.
+
+    Files pair up by the number exactly as written: ``img_emb_0`` goes with ``metadata_0``, never with
+    ``metadata_00``. Two files whose numbers are equal as integers but written differently are ambiguous.
+    """
+    numbered, skipped, by_value = {}, [], {}
+    for path in sorted(fs.ls(folder, detail=False)):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith(("_", ".")):  # hidden, macOS ._ files, _SUCCESS …
+            continue
+        match = pattern.search(name)
+        if not match:
+            skipped.append((path, f"not a {what} file"))
+            continue
+        number = match.group(1)
+        other = by_value.setdefault(int(number), path)
+        if other != path:
+            raise InputError(f"{unstrip(fs, other)} and {unstrip(fs, path)} have the same number written "
+                             "differently: files pair up by their exact number; remove or rename one")
+        numbered[number] = path
+    return numbered, skipped
 
 
 def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
@@ -205,35 +373,44 @@ def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
     if not fs.isdir(meta_dir):
         raise InputError(f"{unstrip(fs, root)} has {config.embeddings_dir}/ but no {config.metadata_dir}/ folder; "
                          "set metadata_dir if your mirror names it differently")
-    npys = {int(m.group(1)): p for p in fs.ls(emb_dir, detail=False) if (m := NPY_PATTERN.search(p))}
-    metas = {int(m.group(1)): p for p in fs.ls(meta_dir, detail=False) if (m := PARQUET_NUMBER.search(p))}
-    for number in sorted(set(npys) ^ set(metas)):
+    npys, skipped = _numbered(fs, emb_dir, NPY_NUMBER, ".npy")
+    metas, skipped_meta = _numbered(fs, meta_dir, PARQUET_NUMBER, "parquet")
+    skipped += skipped_meta
+    for number in sorted(set(npys) ^ set(metas), key=lambda n: (int(n), n)):
         has, lacks = ((npys[number], config.metadata_dir) if number in npys else (metas[number], config.embeddings_dir))
-        raise InputError(f"{unstrip(fs, has)} has no partner file number {number} in {lacks}/: embeddings and "
+        near = [n for n in (metas if number in npys else npys) if int(n) == int(number)]
+        hint = f" (a file numbered {near[0]!r} is there: numbers must be written the same way)" if near else ""
+        raise InputError(f"{unstrip(fs, has)} has no partner file number {number} in {lacks}/{hint}: embeddings and "
                          "metadata must pair up row for row")
     if not npys:
         raise InputError(f"no img_emb_N.npy files in {unstrip(fs, emb_dir)}")
-    tasks, schema, first, total = [], None, None, 0
-    for number in sorted(npys):
-        shape, _, _ = _npy_header(fs, npys[number])
+    tasks, schema, first, total, width, width_file = [], None, None, 0, None, None
+    for number in sorted(npys, key=lambda n: (int(n), n)):
+        npy_info, meta_info = fs.info(npys[number]), fs.info(metas[number])
+        shape, _, _ = _npy_header(fs, npys[number], npy_info.get("size"))
+        if width is None:
+            width, width_file = shape[1], npys[number]
+        elif shape[1] != width:
+            raise InputError(f"{unstrip(fs, npys[number])} holds {shape[1]}-d embeddings but {unstrip(fs, width_file)} "
+                             f"holds {width}-d: one run scores one embedding width")
         meta = _read_footer(fs, metas[number])
         if meta.num_rows != shape[0]:
             raise InputError(f"{unstrip(fs, npys[number])} has {shape[0]} rows but {unstrip(fs, metas[number])} has "
                              f"{meta.num_rows}: they must align row for row")
         schema, first = _same_schema(fs, schema, first, metas[number], meta)
+        source = file_identity(meta_info, _footer_digest(meta)) + ":" + file_identity(npy_info, str(shape))
         name = metas[number].rsplit("/", 1)[-1]
-        stem = name[: -len(".parquet")]
         starts = list(range(0, shape[0], config.rows_per_task)) or [0]
         for i, start in enumerate(starts):
             stop = min(start + config.rows_per_task, shape[0])
-            rel = name if len(starts) == 1 else f"{stem}.slice-{i:05d}.parquet"
-            tasks.append(Task("laion-npy", metas[number], rel, (), start, stop, npys[number]))
+            rel = name if len(starts) == 1 else f"{_stem(name)}.slice-{i:05d}.parquet"
+            tasks.append(Task("laion-npy", metas[number], rel, (), start, stop, npys[number], stop - start, source))
         total += shape[0]
-    return Plan(tuple(tasks), "laion-npy", ("embedding",), schema, total)
+    return Plan(tuple(tasks), "laion-npy", ("embedding",), schema, total, tuple(skipped), width)
 
 
 def read_npy_rows(fs, path: str, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a 2-D .npy file, reading only those bytes."""
+    """Rows [start, stop) of a 2-D .npy file, reading only those bytes, in native byte order."""
     shape, dtype, offset = _npy_header(fs, path)
     row_bytes = shape[1] * dtype.itemsize
     with fs.open(path, "rb") as handle:
@@ -241,4 +418,5 @@ def read_npy_rows(fs, path: str, start: int, stop: int) -> np.ndarray:
         data = handle.read((stop - start) * row_bytes)
     if len(data) != (stop - start) * row_bytes:
         raise InputError(f"{unstrip(fs, path)} is truncated: expected {shape[0]} rows of {shape[1]} {dtype}")
-    return np.frombuffer(data, dtype=dtype).reshape(stop - start, shape[1])
+    rows = np.frombuffer(data, dtype=dtype).reshape(stop - start, shape[1])
+    return rows if dtype.isnative else rows.astype(dtype.newbyteorder("="))

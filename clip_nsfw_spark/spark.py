@@ -55,8 +55,19 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
         spark.stop()
 
 
+# In-place attempts of a task that failed with an unexpected (possibly transient) error; a crashed Python
+# worker is retried by Spark itself (spark.task.maxFailures).
+TASK_ATTEMPTS = 3
+
+
 def spark_runner(spark):
-    """A runner for ``job.run_job``: one Spark task per job task, results collected on the driver."""
+    """A runner for ``job.run_job``: one Spark task per job task, results collected on the driver.
+
+    A task's error comes back as data, never as a failed Spark task, so the driver raises it as the same
+    one-line error (naming the task's file) instead of Spark's and Py4J's stack traces: a known input
+    problem (``InputError`` …) at once, since retrying cannot fix it; anything else (``TaskError``: I/O,
+    the worker's environment) after ``TASK_ATTEMPTS`` attempts in place.
+    """
 
     def run(tasks, task_config, model):
         if not tasks:
@@ -66,18 +77,58 @@ def spark_runner(spark):
         payload = [task.to_dict() for task in tasks]
 
         def process_partition(batches):
+            import time
+
+            from clip_nsfw_spark.errors import ClipNsfwError, TaskError
             from clip_nsfw_spark.reader import Task
             from clip_nsfw_spark.worker import process_task
 
             for batch in batches:
                 for index in batch.column(0).to_pylist():
-                    stats = process_task(Task.from_dict(payload[index]), task_config, model)
-                    yield pa.RecordBatch.from_pydict({"stats": [json.dumps(stats)]})
+                    for attempt in range(1, TASK_ATTEMPTS + 1):
+                        try:
+                            result = process_task(Task.from_dict(payload[index]), task_config, model)
+                            break
+                        except TaskError as err:
+                            result = {"error": str(err), "error_type": type(err).__name__}
+                            if attempt < TASK_ATTEMPTS:
+                                time.sleep(attempt)
+                        except ClipNsfwError as err:
+                            result = {"error": str(err), "error_type": type(err).__name__}
+                            break
+                    yield pa.RecordBatch.from_pydict({"stats": [json.dumps(result)]})
 
         frame = spark.range(0, len(payload), 1, numPartitions=len(payload)).mapInArrow(process_partition, "stats string")
-        return [json.loads(row.stats) for row in frame.collect()]
+        try:
+            rows = frame.collect()
+        except Exception as err:  # noqa: BLE001 - Py4J, PySpark and Connect raise different types
+            raise _spark_failure(err) from None
+        results = [json.loads(row.stats) for row in rows]
+        failed = [r for r in results if "error" in r]
+        if failed:
+            more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
+            raise _error_class(failed[0]["error_type"])(
+                f"{failed[0]['error']}{more}. The output is incomplete: fix the cause and rerun with --resume.")
+        return results
 
     return run
+
+
+def _error_class(name: str):
+    from . import errors
+
+    found = getattr(errors, name, None)
+    return found if isinstance(found, type) and issubclass(found, errors.ClipNsfwError) else errors.TaskError
+
+
+def _spark_failure(err: Exception):
+    """One line for a Spark job that failed outside our tasks' control (a worker killed too often …)."""
+    from .errors import TaskError
+
+    text = str(err)
+    last = next((line.strip() for line in text.splitlines() if "Error" in line or "Exception" in line),
+                type(err).__name__)
+    return TaskError(f"the Spark job failed: {last[:500]}. The output is incomplete: rerun with --resume.")
 
 
 # --------------------------------------------------------------------------------- DataFrame / SQL API

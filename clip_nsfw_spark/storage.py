@@ -56,9 +56,16 @@ def accessing(fs, path: str, role: str = "input"):
     except ClipNsfwError:
         raise
     except Exception as err:  # noqa: BLE001 - s3fs/botocore/pyarrow raise many unrelated types
+        if not _is_storage_error(err):
+            raise  # a data or programming error must not be blamed on credentials
         error = InputError if role == "input" else OutputError
         raise error(
             f"cannot access {role} {unstrip(fs, path)}: {type(err).__name__}: {err}. Check the path, the "
             "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or --storage-option) and the "
             "endpoint (AWS_ENDPOINT_URL or --storage-option endpoint_url=…)."
         ) from err
+
+
+def _is_storage_error(err: BaseException) -> bool:
+    """OSError (s3fs maps most S3 failures to it, pyarrow's IO errors are OSErrors) or a botocore error."""
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")

@@ -24,10 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .embeddings import decode, finite_rows
+from .embeddings import REASON_SCORE, decode, row_problems
+from .errors import ClipNsfwError, InputError, TaskError
 from .reader import Task, read_npy_rows
 from .scorer import NumpyScorer
-from .storage import filesystem, join
+from .storage import filesystem, join, unstrip
 from .weights import PortableWeights
 
 FAULT_ENV = "CLIP_NSFW_FAULT"
@@ -190,14 +191,27 @@ def _timed(iterator, timings: Counter, key: str):
         yield item
 
 
+def _with_column(schema: pa.Schema, field: pa.Field) -> pa.Schema:
+    """``schema`` plus ``field``; a column of the same name is replaced in place (``replace_scores``:
+    the planner refuses such a clash otherwise)."""
+    index = schema.get_field_index(field.name)
+    return schema.append(field) if index < 0 else schema.set(index, field)
+
+
 def output_schemas(input_schema: pa.Schema, config: dict, dim: int) -> dict[str, pa.Schema]:
-    """The schema of each output stream: the input's fields and metadata, plus scores (+ reason)."""
+    """The schema of each output stream: the input's fields and metadata, plus scores (+ reason).
+
+    The reason column is in annotate and rejected outputs; in the other streams only when the input
+    already had one (a re-scored output: it is then rewritten, null for every scored row).
+    """
     schema = input_schema
     if config["layout"] == "laion-npy" and config["write_embeddings"]:
-        schema = schema.append(pa.field("embedding", pa.list_(pa.float16(), dim)))
+        schema = _with_column(schema, pa.field("embedding", pa.list_(pa.float16(), dim)))
     for name in config["score_columns"]:
-        schema = schema.append(pa.field(name, pa.float32()))
-    with_reason = schema.append(pa.field(config["reason_column"], pa.string()))
+        schema = _with_column(schema, pa.field(name, pa.float32()))
+    with_reason = _with_column(schema, pa.field(config["reason_column"], pa.string()))
+    if config["reason_column"] in input_schema.names:
+        schema = with_reason
     mode = config["mode"]
     if mode == "annotate":
         return {"annotated": with_reason}
@@ -205,8 +219,13 @@ def output_schemas(input_schema: pa.Schema, config: dict, dim: int) -> dict[str,
     return streams | {"rejected": with_reason}
 
 
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    index = table.schema.get_field_index(name)
+    return table.append_column(name, values) if index < 0 else table.set_column(index, name, values)
+
+
 def _as_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_arrays(table.columns, schema=schema)
+    return pa.Table.from_arrays([table.column(name) for name in schema.names], schema=schema)
 
 
 @dataclasses.dataclass
@@ -237,16 +256,23 @@ def score_batch(table: pa.Table, npy: np.ndarray | None, columns, score_columns,
     valid_scores = []
     for column, score_name in zip(columns, score_columns):
         if npy is not None:
-            ok = finite_rows(npy)
+            problems = row_problems(npy)
+            ok = np.ones(n, dtype=bool)
+            ok[list(problems)] = False
             matrix = npy if ok.all() else npy[ok]
-            col_reasons = [None if good else "NaN or Inf in embedding" for good in ok]
+            col_reasons = [problems.get(i) for i in range(n)]
         else:
             matrix, ok, col_reasons = decode(table.column(column), scorer.dim)
         t0 = time.perf_counter()
         values = np.full(n, np.nan, dtype=np.float32)
         values[ok] = scorer(matrix)
         timings["score"] += time.perf_counter() - t0
-        table = table.append_column(score_name, pa.array(values, mask=~ok))
+        # A row the model could not score (overflow inside the MLP) is rejected, never taken as safe.
+        unscored = ok & ~np.isfinite(values)
+        for i in np.flatnonzero(unscored):
+            col_reasons[i] = REASON_SCORE
+        ok &= ~unscored
+        table = _set_column(table, score_name, pa.array(values, mask=~ok))
         unsafe |= ok & (values >= threshold)
         ok_all &= ok
         valid_scores.append(values[ok])
@@ -259,7 +285,7 @@ def score_batch(table: pa.Table, npy: np.ndarray | None, columns, score_columns,
 
 def _write_batch(scored: ScoredBatch, config: dict, schemas: dict, writer) -> None:
     """Route a scored batch to its output streams (see ``output_paths``)."""
-    with_reason = scored.table.append_column(config["reason_column"], pa.array(scored.reasons, type=pa.string()))
+    with_reason = _set_column(scored.table, config["reason_column"], pa.array(scored.reasons, type=pa.string()))
     mode = config["mode"]
     if mode == "annotate":
         writer("annotated").write(_as_schema(with_reason, schemas["annotated"]))
@@ -267,10 +293,10 @@ def _write_batch(scored: ScoredBatch, config: dict, schemas: dict, writer) -> No
     safe, unsafe = scored.ok & ~scored.unsafe, scored.ok & scored.unsafe
     if mode == "filter":
         keep = safe if config["keep"] == "safe" else unsafe
-        writer("kept").write(_as_schema(scored.table.filter(pa.array(keep)), schemas["kept"]))
+        writer("kept").write(_as_schema(with_reason.filter(pa.array(keep)), schemas["kept"]))
     else:
-        writer("safe").write(_as_schema(scored.table.filter(pa.array(safe)), schemas["safe"]))
-        writer("unsafe").write(_as_schema(scored.table.filter(pa.array(unsafe)), schemas["unsafe"]))
+        writer("safe").write(_as_schema(with_reason.filter(pa.array(safe)), schemas["safe"]))
+        writer("unsafe").write(_as_schema(with_reason.filter(pa.array(unsafe)), schemas["unsafe"]))
     if not scored.ok.all():
         writer("rejected").write(_as_schema(with_reason.filter(pa.array(~scored.ok)), schemas["rejected"]))
 
@@ -280,7 +306,24 @@ def process_task(task: Task, config: dict, model: dict) -> dict:
 
     ``config`` is ``JobConfig.to_dict()`` plus the resolved ``layout``, ``embedding_columns`` and
     ``score_columns``; ``model`` is ``{"bytes", "sha256", "name"}``. Stage seconds: read, score, write.
+
+    Errors leave as one line naming the task's file: this package's own errors as they are (input
+    problems: retrying cannot help), anything else as ``TaskError`` (it may be transient: Spark retries).
     """
+    try:
+        return _process_task(task, config, model)
+    except ClipNsfwError:
+        raise
+    except Exception as err:
+        in_fs, _ = filesystem(config["input"], config["storage_options"])
+        where = unstrip(in_fs, task.path) + (f" and {unstrip(in_fs, task.npy_path)}" if task.npy_path else "")
+        cause = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line: pyarrow's span several
+        if isinstance(err, (ValueError, TypeError, KeyError, IndexError)) and "pyarrow" in type(err).__module__:
+            raise InputError(f"cannot read {where}: {cause}") from err
+        raise TaskError(f"task {task.rel} ({where}) failed: {cause}") from err
+
+
+def _process_task(task: Task, config: dict, model: dict) -> dict:
     started = time.perf_counter()
     timings: Counter = Counter()
     scorer = scorer_for(model["bytes"], model["sha256"], model["name"], model.get("io_only", False))
@@ -334,7 +377,8 @@ def process_task(task: Task, config: dict, model: dict) -> dict:
                 pass
         raise
     stats = {
-        "task_id": task.task_id, "rel": task.rel, "rows_read": rows_read,
+        "task_id": task.task_id, "rel": task.rel, "source": task.source, "rows_planned": task.rows,
+        "outputs": sorted(paths[stream] for stream in writers), "rows_read": rows_read,
         "rows_written": {stream: w.rows for stream, w in writers.items()},
         "rows_unsafe": unsafe_rows, "rows_rejected": sum(rejected_by_reason.values()),
         "rejected_by_reason": dict(rejected_by_reason), "histogram": histogram.tolist(),

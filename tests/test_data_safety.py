@@ -1,0 +1,363 @@
+"""Issue #10, the data side: no row lost, nothing stale kept, nothing unscored let through as safe.
+
+Each test is a hostile-but-realistic input that lost rows, kept stale outputs or passed unscored rows on
+the first version (found by a hostile run), and a few other spellings of the same class.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
+from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, _check_rows, run_job
+from clip_nsfw_spark.reader import Task, plan
+from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
+from conftest import ROOT, needs_models
+
+
+def run(source, output, runner=None, **options):
+    return run_job(JobConfig(input=str(source), output=str(output), **options), runner=runner)
+
+
+def data_files(root):
+    """{relative path: table} of the data files of an output (state and report excluded)."""
+    return {str(p.relative_to(root)): pq.read_table(p) for p in sorted(root.rglob("*.parquet"))
+            if not str(p.relative_to(root)).startswith("_clip_nsfw")}
+
+
+def rows_on_disk(root) -> int:
+    return sum(t.num_rows for t in data_files(root).values())
+
+
+def write(path, rows, seed=0, dim=768, dtype=np.float16, start=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(metadata(rows, start) | {"embedding": embedding_array(embeddings(rows, dim, seed, dtype), True)})
+    pq.write_table(table, path)
+    return table
+
+
+# ------------------------------------------------------------------ class 3: names that collide, globs, extensions
+
+
+def test_planner_names_outputs_by_full_relative_path_under_a_glob(tmp_path):
+    for run_name, rows in (("run-a", 80), ("run-b", 30), ("run-c", 50)):  # img2dataset runs: same file names
+        write(tmp_path / "in" / run_name / "00000.parquet", rows, seed=rows)
+    found = plan(JobConfig(input=str(tmp_path / "in" / "run-?" / "*.parquet"), output=str(tmp_path / "o")))
+    assert [t.rel for t in found.tasks] == ["run-a/00000.parquet", "run-b/00000.parquet", "run-c/00000.parquet"]
+    assert len({t.task_id for t in found.tasks}) == 3 and found.total_rows == 160
+    glob_dir = plan(JobConfig(input=str(tmp_path / "in" / "run-*"), output=str(tmp_path / "o")))  # folders matched
+    assert [t.rel for t in glob_dir.tasks] == [t.rel for t in found.tasks]
+
+
+@needs_models
+def test_glob_over_same_named_files_keeps_every_row(tmp_path):
+    write(tmp_path / "in" / "sub1" / "part.parquet", 800, seed=1)
+    write(tmp_path / "in" / "sub2" / "part.parquet", 300, seed=2)
+    report = run(str(tmp_path / "in" / "sub?" / "*.parquet"), tmp_path / "out")
+    assert sorted(data_files(tmp_path / "out")) == ["sub1/part.parquet", "sub2/part.parquet"]
+    assert rows_on_disk(tmp_path / "out") == report["rows"]["read"] == 1100
+
+
+def test_existing_paths_are_taken_literally_before_glob_expansion(tmp_path):
+    write(tmp_path / "data[1]" / "a.parquet", 20)
+    write(tmp_path / "data1" / "a.parquet", 30)
+    write(tmp_path / "what?" / "a.parquet", 10)
+    assert plan(JobConfig(input=str(tmp_path / "data[1]"), output="o")).total_rows == 20
+    assert plan(JobConfig(input=str(tmp_path / "what?"), output="o")).total_rows == 10
+    assert plan(JobConfig(input=str(tmp_path / "data[1]" / "a.parquet"), output="o")).total_rows == 20
+
+
+def test_parquet_extensions_are_read_and_anything_skipped_is_reported(tmp_path):
+    write(tmp_path / "in" / "a.parquet", 10)
+    write(tmp_path / "in" / "b.pq", 20)
+    write(tmp_path / "in" / "c.PARQ", 30)
+    (tmp_path / "in" / "notes.txt").write_text("not data")
+    (tmp_path / "in" / "._a.parquet").write_bytes(b"\0\0macos")  # AppleDouble junk: hidden, ignored
+    found = plan(JobConfig(input=str(tmp_path / "in"), output="o"))
+    assert [t.rel for t in found.tasks] == ["a.parquet", "b.pq", "c.PARQ"] and found.total_rows == 60
+    assert [(os.path.basename(p), why.split(" (")[0]) for p, why in found.skipped] == [("notes.txt", "not a parquet file name")]
+
+
+@needs_models
+def test_skipped_files_are_in_the_report(tmp_path):
+    write(tmp_path / "in" / "a.parquet", 10)
+    (tmp_path / "in" / "readme.md").write_text("#")
+    report = run(tmp_path / "in", tmp_path / "out")
+    assert report["input"]["skipped_files"] == 1 and "readme.md" in report["input"]["skipped_examples"][0]
+
+
+def test_two_tasks_that_would_write_one_file_are_refused(tmp_path):
+    write(tmp_path / "in" / "a.parquet", 30)
+    pq.write_table(pq.read_table(tmp_path / "in" / "a.parquet"), tmp_path / "in" / "a.parquet.tmp", row_group_size=10)
+    os.replace(tmp_path / "in" / "a.parquet.tmp", tmp_path / "in" / "a.parquet")  # 3 row groups → 3 slices
+    write(tmp_path / "in" / "a.slice-00001.parquet", 5)  # a file named like one of those slices
+    with pytest.raises(InputError, match=r"a.parquet and .*a.slice-00001.parquet would both be written as "
+                                         r"'a.slice-00001.parquet'"):
+        plan(JobConfig(input=str(tmp_path / "in"), output="o", rows_per_task=10))
+
+
+def test_rows_planned_must_equal_rows_written():
+    task = Task("parquet", "/d/a.parquet", "a.parquet", (0,), rows=10)
+    from clip_nsfw_spark.reader import Plan
+
+    the_plan = Plan((task,), "parquet", ("embedding",), pa.schema([]), 10)
+    good = {"task_id": task.task_id, "rows_read": 10, "rows_rejected": 1, "rows_unsafe": 2,
+            "rows_written": {"safe": 7, "unsafe": 2, "rejected": 1}}
+    _check_rows(the_plan, [good], "split", "safe")
+    lost = good | {"rows_written": {"safe": 5, "unsafe": 2, "rejected": 1}}
+    with pytest.raises(OutputError, match=r"task a.parquet .* planned 10 rows, read 10, wrote"):
+        _check_rows(the_plan, [lost], "split", "safe")
+    short = good | {"rows_read": 9, "rows_written": {"annotated": 9}}
+    with pytest.raises(OutputError, match="planned 10 rows, read 9"):
+        _check_rows(the_plan, [short], "annotate", "safe")
+
+
+def test_table_formats_are_refused_not_listed(tmp_path):
+    write(tmp_path / "delta" / "part-0.parquet", 10)
+    write(tmp_path / "delta" / "part-1-removed.parquet", 10)
+    (tmp_path / "delta" / "_delta_log").mkdir()
+    (tmp_path / "delta" / "_delta_log" / "00000000000000000000.json").write_text("{}")
+    with pytest.raises(InputError, match=r"is a Delta table \(_delta_log/\).*removed versions"):
+        plan(JobConfig(input=str(tmp_path / "delta"), output="o"))
+    with pytest.raises(InputError, match="Delta table"):
+        plan(JobConfig(input=str(tmp_path / "delta" / "*.parquet"), output="o"))
+
+
+def test_symlinked_sub_folders_are_followed(tmp_path):
+    write(tmp_path / "elsewhere" / "b.parquet", 15)
+    write(tmp_path / "in" / "a.parquet", 10)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "in" / "more")
+    found = plan(JobConfig(input=str(tmp_path / "in"), output="o"))
+    assert [t.rel for t in found.tasks] == ["a.parquet", "more/b.parquet"] and found.total_rows == 25
+    os.symlink(tmp_path / "in", tmp_path / "elsewhere" / "loop")
+    with pytest.raises(InputError, match="symlink loop"):
+        plan(JobConfig(input=str(tmp_path / "in"), output="o"))
+
+
+# ------------------------------------------------------------------------ class 4: resume after the input changed
+
+
+@needs_models
+def test_resume_reruns_changed_inputs_and_removes_outputs_of_gone_ones(tmp_path):
+    source = tmp_path / "in"
+    for index in range(4):
+        write(source / f"f{index}.parquet", 1000, seed=index, start=1000 * index)
+    out = tmp_path / "out"
+    run(source, out, mode="split", threshold=0.05)
+    write(source / "f1.parquet", 1500, seed=11, start=5000)  # rewritten: 1000 → 1500 rows
+    os.remove(source / "f2.parquet")  # deleted
+    write(source / "f9.parquet", 500, seed=9, start=9000)  # added
+    report = run(source, out, mode="split", threshold=0.05, resume=True)
+    clean = tmp_path / "clean"
+    run(source, clean, mode="split", threshold=0.05)
+    left, right = data_files(out), data_files(clean)
+    assert sorted(left) == sorted(right) and not any("f2" in name for name in left)
+    for name in left:
+        assert left[name].equals(right[name]), name
+    assert report["rows"]["read"] == rows_on_disk(out) - sum(
+        t.num_rows for n, t in left.items() if n.startswith("_rejected")) == 4000
+    assert report["resume"] == {"reused": 2, "rerun_changed": ["f1.parquet"], "removed_gone": ["f2.parquet"]}
+
+
+@needs_models
+def test_resume_after_touching_a_file_reruns_it(tmp_path):
+    source = tmp_path / "in"
+    write(source / "a.parquet", 100)
+    run(source, tmp_path / "out")
+    table = pq.read_table(source / "a.parquet")
+    pq.write_table(table.set_column(0, "key", pa.array(["changed"] * 100)), source / "a.parquet")  # same rows
+    report = run(source, tmp_path / "out", resume=True)
+    assert report["resume"]["rerun_changed"] == ["a.parquet"]
+    assert set(pq.read_table(tmp_path / "out" / "a.parquet").column("key").to_pylist()) == {"changed"}
+
+
+# ------------------------------------------------------------------------------- class 5: LAION file pairing
+
+
+def test_laion_files_pair_by_the_number_as_written(tmp_path):
+    write_laion_sample(str(tmp_path / "l"), rows=200, files=2)
+    os.rename(tmp_path / "l" / "metadata" / "metadata_0.parquet", tmp_path / "l" / "metadata" / "metadata_00.parquet")
+    with pytest.raises(InputError, match=r"img_emb_0.npy has no partner file number 0 in metadata/ \(a file "
+                                         r"numbered '00' is there"):
+        plan(JobConfig(input=str(tmp_path / "l"), output="o"))
+    os.rename(tmp_path / "l" / "metadata" / "metadata_00.parquet", tmp_path / "l" / "metadata" / "metadata_0.parquet")
+    np.save(tmp_path / "l" / "img_emb" / "img_emb_01.npy", embeddings(100, 768, 5))
+    with pytest.raises(InputError, match=r"img_emb_01.npy and .*img_emb_1.npy have the same number written differently"):
+        plan(JobConfig(input=str(tmp_path / "l"), output="o"))
+
+
+def test_laion_layout_ignores_hidden_files_and_checks_every_npy_header(tmp_path):
+    write_laion_sample(str(tmp_path / "l"), rows=200, files=2)
+    (tmp_path / "l" / "img_emb" / "._img_emb_0.npy").write_bytes(b"\0\x05\x16\x07AppleDouble")
+    (tmp_path / "l" / "metadata" / "._metadata_0.parquet").write_bytes(b"\0\x05\x16\x07")
+    assert plan(JobConfig(input=str(tmp_path / "l"), output="o")).total_rows == 200
+    np.save(tmp_path / "l" / "img_emb" / "img_emb_1.npy", embeddings(100, 512, 1))
+    with pytest.raises(InputError, match=r"img_emb_1.npy holds 512-d embeddings but .*img_emb_0.npy holds 768-d"):
+        plan(JobConfig(input=str(tmp_path / "l"), output="o"))
+    np.save(tmp_path / "l" / "img_emb" / "img_emb_1.npy", np.array([[object()]] * 100, dtype=object))
+    with pytest.raises(InputError, match=r"img_emb_1.npy holds object values .*expected float16, float32 or float64"):
+        plan(JobConfig(input=str(tmp_path / "l"), output="o"))
+    npy = tmp_path / "l" / "img_emb" / "img_emb_1.npy"
+    np.save(npy, embeddings(100, 768, 1))
+    npy.write_bytes(npy.read_bytes()[:-10])
+    with pytest.raises(InputError, match=r"img_emb_1.npy is truncated: expected 100 rows of 768 float16"):
+        plan(JobConfig(input=str(tmp_path / "l"), output="o"))
+
+
+@needs_models
+def test_big_endian_npy_scores_like_little_endian(tmp_path):
+    write_laion_sample(str(tmp_path / "l"), rows=100, files=1)
+    run(tmp_path / "l", tmp_path / "little")
+    npy = tmp_path / "l" / "img_emb" / "img_emb_0.npy"
+    np.save(npy, np.load(npy).astype(">f2"))
+    run(tmp_path / "l", tmp_path / "big")
+    assert pq.read_table(tmp_path / "big" / "metadata_0.parquet").equals(
+        pq.read_table(tmp_path / "little" / "metadata_0.parquet"))
+
+
+# --------------------------------------------------------------------- class 6: unscored rows are never "safe"
+
+
+@needs_models
+def test_rows_that_cannot_be_scored_are_rejected_never_kept_as_safe(tmp_path, scorers):
+    good = embeddings(5, 768, 3, np.float64)
+    overflow = good[0].copy()
+    overflow[10] = 1e300  # float32(1e300) = inf
+    blowup = np.full(768, 3e38)  # finite in float32; the MLP overflows → NaN score
+    rows = [good[0].tolist(), overflow.tolist(), blowup.tolist(), good[1].tolist(), good[2].tolist()]
+    with_null = good[3].tolist()
+    with_null[7] = None
+    rows.append(with_null)
+    table = pa.table(metadata(6, 0) | {"embedding": pa.array(rows, pa.list_(pa.float64()))})
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "x.parquet")
+    assert not np.isfinite(scorers["vit-l-14"](blowup[None, :])[0])  # the premise of the blow-up row
+
+    report = run(tmp_path / "in", tmp_path / "ann")
+    out = pq.read_table(tmp_path / "ann" / "x.parquet")
+    assert out.column("nsfw_reject_reason").to_pylist() == [
+        None, "value out of float32 range", "score not finite", None, None, "null value in embedding"]
+    assert out.column("punsafe").null_count == 3
+    assert report["rows"]["rejected_by_reason"] == {"value out of float32 range": 1, "score not finite": 1,
+                                                    "null value in embedding": 1}
+    for keep in ("safe", "unsafe"):
+        run(tmp_path / "in", tmp_path / f"filter-{keep}", mode="filter", threshold=0.0 if keep == "unsafe" else 1.0,
+            keep=keep)
+        kept = pq.read_table(tmp_path / f"filter-{keep}" / "x.parquet")
+        rejected = pq.read_table(tmp_path / f"filter-{keep}" / "_rejected" / "x.parquet")
+        assert kept.column("key").to_pylist() == ["000000000", "000000003", "000000004"]
+        assert rejected.column("key").to_pylist() == ["000000001", "000000002", "000000005"]
+
+
+# ------------------------------------------------------------------------ class 7: duplicate output columns
+
+
+@needs_models
+def test_an_existing_score_column_is_refused_or_replaced_in_place(tmp_path):
+    n = 50
+    x = embeddings(n, 768, 4)
+    joined = pa.table(metadata(n, 0) | {"punsafe": pa.array(np.full(n, 0.25, np.float64)),
+                                        "embedding": embedding_array(x, True)})
+    (tmp_path / "in").mkdir()
+    pq.write_table(joined, tmp_path / "in" / "a.parquet")
+    with pytest.raises(InputError, match=r"already has a column 'punsafe' .*--score-column NAME .*--replace-scores"):
+        run(tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    run(tmp_path / "in", tmp_path / "renamed", score_columns=("punsafe_v2",))
+    renamed = pq.read_table(tmp_path / "renamed" / "a.parquet")
+    assert renamed.column_names == ["key", "url", "caption", "punsafe", "embedding", "punsafe_v2", "nsfw_reject_reason"]
+    run(tmp_path / "in", tmp_path / "replaced", replace_scores=True)
+    replaced = pq.read_table(tmp_path / "replaced" / "a.parquet")
+    assert replaced.column_names == ["key", "url", "caption", "punsafe", "embedding", "nsfw_reject_reason"]
+    assert replaced.schema.field("punsafe").type == pa.float32()
+    assert replaced.column("punsafe").equals(renamed.column("punsafe_v2"))
+
+
+@needs_models
+def test_an_output_scored_again(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=300, files=1)
+    run(tmp_path / "in", tmp_path / "once")
+    with pytest.raises(InputError, match="already has a column 'punsafe'"):
+        run(tmp_path / "once", tmp_path / "twice", mode="filter", threshold=1.0)
+    run(tmp_path / "once", tmp_path / "twice", mode="filter", threshold=1.0, replace_scores=True)
+    once = pq.read_table(tmp_path / "once" / "part-00000.parquet")
+    twice = pq.read_table(tmp_path / "twice" / "part-00000.parquet")
+    assert twice.equals(once)  # same columns, same scores, reason rewritten (null: every row was scored)
+
+
+def test_colliding_reason_and_score_column_names_are_refused(tmp_path):
+    write(tmp_path / "in" / "a.parquet", 10)
+    with pytest.raises(InputError, match="already has a column 'key'"):
+        run(tmp_path / "in", tmp_path / "o1", reason_column="key")
+    with pytest.raises(InputError, match="already has a column 'key'"):
+        run(tmp_path / "in", tmp_path / "o1", reason_column="key", replace_scores=True)
+    with pytest.raises(ConfigError, match="two columns named 'x'"):
+        run(tmp_path / "in", tmp_path / "o2", score_columns=("x",), reason_column="x")
+    with pytest.raises(InputError, match="already has a column 'embedding'"):
+        run(tmp_path / "in", tmp_path / "o3", score_columns=("embedding",), replace_scores=True)
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+# --------------------------------------------------------------- class 9: errors are one line, checked early
+
+
+def test_writer_options_are_checked_before_any_work():
+    with pytest.raises(ConfigError, match="compression must be one of none, snappy, gzip, brotli, lz4, zstd; "
+                                          "found 'zstdd'"):
+        JobConfig(input="in", output="out", compression="zstdd")
+
+
+def _cli(*args, timeout=600):
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    return subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+@needs_models
+def test_an_error_inside_a_spark_task_is_one_line_and_the_run_resumable(tmp_path):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=600, files=3, row_group_rows=100, fixed=False, dtype=np.float32)
+    victim = source / "part-00001.parquet"
+    good = victim.read_bytes()
+    meta = pq.read_metadata(victim)
+    column = meta.row_group(0).column(meta.schema.to_arrow_schema().get_field_index("embedding"))
+    damaged = bytearray(good)
+    start = column.data_page_offset + 40
+    damaged[start:start + 2000] = os.urandom(2000)  # the data pages, not the footer: only the task sees it
+    victim.write_bytes(bytes(damaged))
+    result = _cli("--input", str(source), "--output", str(tmp_path / "out"), "--master", "local[2]")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("clip-nsfw-spark: error:")]
+    assert len(errors) == 1 and "part-00001.parquet" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / SUCCESS_NAME).exists()
+    victim.write_bytes(good)
+    resumed = _cli("--input", str(source), "--output", str(tmp_path / "out"), "--resume", "--master", "local[2]")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rows_on_disk(tmp_path / "out") == 600 and (tmp_path / "out" / SUCCESS_NAME).exists()
+    assert not (tmp_path / "out" / "_clip_nsfw_tmp").exists()
+
+
+@needs_models
+def test_an_unwritable_output_is_one_line(tmp_path):
+    write(tmp_path / "in" / "a.parquet", 10)
+    (tmp_path / "file").write_text("x")
+    result = _cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "file" / "out"), "--local-runner")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "file/out" in result.stderr.splitlines()[-1]
+
+
+@needs_models
+def test_dimension_is_checked_on_every_npy_file_before_any_task(tmp_path):
+    write_laion_sample(str(tmp_path / "l"), rows=100, files=1, dim=512)
+    with pytest.raises(DimensionError, match=r"holds 512-d embeddings but model 'vit-l-14' expects 768-d"):
+        run(tmp_path / "l", tmp_path / "out")
+    report = json.loads(json.dumps(run(tmp_path / "l", tmp_path / "out", model="vit-b-32")))
+    assert report["rows"]["read"] == 100 and (tmp_path / "out" / REPORT_NAME).exists()
