@@ -70,7 +70,10 @@ def _cmd_sample(args) -> int:
 def _cmd_package(args) -> int:
     from .package import build_environment_archive
 
-    path = build_environment_archive(args.out, args.extras)
+    from .package import default_archive_name
+
+    out = args.out or default_archive_name(args.spark, args.python)
+    path = build_environment_archive(out, args.extras, args.python, args.spark)
     print(f"wrote {path}; use: spark-submit --archives {path}#environment "
           "--conf spark.pyspark.python=./environment/bin/python jobs/score_embeddings.py …")
     return 0
@@ -142,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_cmd_sample)
 
     package = commands.add_parser("package", help="pack the library + executor dependencies for spark-submit --archives")
-    package.add_argument("--out", default="dist/clip-nsfw-spark-env.tar.gz", help="archive to write (.tar.gz)")
+    package.add_argument("--out", help="archive to write (.tar.gz); default dist/clip-nsfw-spark-env-spark<LINE>-py<X.Y>.tar.gz")
+    package.add_argument("--spark", choices=["3.5", "4.0", "4.1+"], default="4.1+",
+                         help="the cluster's Spark line: 3.5 (EMR 7.x, Dataproc 2.2, Databricks LTS), 4.0 (EMR Spark 8), "
+                              "4.1+ (default)")
+    package.add_argument("--python", default=sys.executable,
+                         help="interpreter to build with: the same Python version as the cluster's nodes")
     package.add_argument("--extras", default="s3", help="extras to include (default s3; '' for none)")
     package.set_defaults(func=_cmd_package)
 

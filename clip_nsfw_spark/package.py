@@ -8,7 +8,8 @@ pyspark.zip on the path) and not TensorFlow (executors never need it). Use it as
         --conf spark.pyspark.python=./environment/bin/python jobs/score_embeddings.py …
 
 Like every venv-pack archive it links to the base Python it was built with: build it with the same
-Python version and path as the cluster's nodes (or use the Docker image).
+Python version and path as the cluster's nodes (``--python``), for the cluster's Spark line (``--spark``),
+or use the Docker image.
 """
 
 from __future__ import annotations
@@ -23,11 +24,39 @@ from .errors import ClipNsfwError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parent.parent
-PYSPARK_NEEDS = "pandas>=2.2,<3"
+# What executors need beside this package, per Spark line (the cluster provides pyspark itself). PySpark
+# 3.5 requires numpy < 2, and pyarrow ≥ 21 requires numpy ≥ 2; PySpark checks pandas for mapInArrow.
+SPARK_LINES = {
+    "3.5": ("numpy>=1.24,<2", "pyarrow>=14,<21", "pandas>=2.0,<2.3"),
+    "4.0": ("pandas>=2.0,<3",),
+    "4.1+": ("pandas>=2.2,<3",),
+}
 
 
-def build_environment_archive(output: str | Path, extras: str = "s3", python: str = sys.executable) -> Path:
-    """Build ``output`` (.tar.gz) from this checkout; return its path."""
+def spark_line(version: str) -> str:
+    """The ``SPARK_LINES`` key for a Spark version string ("3.5.6" → "3.5", "4.0.2" → "4.0", "4.3.0" → "4.1+")."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if (major, minor) == (3, 5):
+        return "3.5"
+    if (major, minor) == (4, 0):
+        return "4.0"
+    if (major, minor) > (4, 0):
+        return "4.1+"
+    raise ClipNsfwError(f"Spark {version} is not supported: this job runs on Spark 3.5, 4.0 and 4.1 or newer")
+
+
+def default_archive_name(line: str, python: str = sys.executable) -> str:
+    version = subprocess.run([python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    return f"dist/clip-nsfw-spark-env-spark{line}-py{version}.tar.gz"
+
+
+def build_environment_archive(output: str | Path, extras: str = "s3", python: str = sys.executable,
+                              line: str = "4.1+") -> Path:
+    """Build ``output`` (.tar.gz) from this checkout for Spark ``line`` (a ``SPARK_LINES`` key) and the
+    interpreter ``python`` (its version must be the cluster's); return its path."""
+    if line not in SPARK_LINES:
+        raise ClipNsfwError(f"unknown Spark line {line!r}; choose one of {', '.join(SPARK_LINES)}")
     try:
         import venv_pack
     except ImportError as err:
@@ -43,7 +72,7 @@ def build_environment_archive(output: str | Path, extras: str = "s3", python: st
         _run([python, "-m", "venv", str(env)])
         requirement = f"{wheel}[{extras}]" if extras else str(wheel)
         # PySpark's mapInArrow checks that pandas is importable, though no pandas code runs.
-        _run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", requirement, PYSPARK_NEEDS])
+        _run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", requirement, *SPARK_LINES[line]])
         venv_pack.pack(prefix=str(env), output=str(output), force=True)
     log.info("wrote %s (%.0f MB)", output, output.stat().st_size / 2**20)
     return output

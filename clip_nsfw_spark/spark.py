@@ -155,33 +155,46 @@ def _score_arrow(array, payload: dict):
     matrix, ok, _ = decode(array, scorer.dim)
     values = np.full(len(ok), np.nan, dtype=np.float32)
     values[ok] = scorer(matrix)
-    return pa.array(values, mask=~ok)
+    return pa.array(values, mask=~np.isfinite(values))  # null: not scorable, as the job's rejected rows
+
+
+def has_arrow_udf() -> bool:
+    """The one Spark-version fact this package depends on: ``pyspark.sql.functions.arrow_udf`` (Arrow
+    arrays in and out) exists from Spark 4.1; Spark 3.5 and 4.0 get a pandas UDF on the same Arrow path.
+    Everything else the job uses (``spark.range`` + ``mapInArrow``, Spark Connect) exists from 3.5."""
+    try:
+        from pyspark.sql.functions import arrow_udf  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _scoring_udf(model: str):
-    """A vectorised UDF ``array<float|double> → float``: Arrow-native where Spark has it, else pandas."""
+    """A vectorised UDF ``array<float|double> → float`` with the same scores and nulls on every Spark."""
     from pyspark.sql.types import FloatType
 
     payload = _model_payload(model)
-    try:
+    if has_arrow_udf():
         from pyspark.sql.functions import arrow_udf
-    except ImportError:  # Spark < 4.1: pandas UDF on the same Arrow path
-        import pandas as pd
-        from pyspark.sql.functions import pandas_udf
 
-        @pandas_udf(FloatType())
-        def score_pandas(series: "pd.Series") -> "pd.Series":
-            import pyarrow as pa
+        @arrow_udf(FloatType())
+        def score(array):
+            return _score_arrow(array, payload)
 
-            return _score_arrow(pa.array(series, from_pandas=True), payload).to_pandas()
+        return score
 
-        return score_pandas
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
 
-    @arrow_udf(FloatType())
-    def score(array):
-        return _score_arrow(array, payload)
+    def score_pandas(series):
+        """pandas Series of arrays (n,) → pandas Series of float32 (n,), NaN (null to Spark) if unscorable."""
+        import pyarrow as pa
 
-    return score
+        return _score_arrow(pa.array(series, from_pandas=True), payload).to_pandas()
+
+    # Real classes: PySpark reads the type hints, and this module's annotations are strings.
+    score_pandas.__annotations__ = {"series": pd.Series, "return": pd.Series}
+    return pandas_udf(score_pandas, FloatType())
 
 
 def nsfw_score(column, model: str = "vit-l-14"):

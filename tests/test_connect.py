@@ -6,11 +6,19 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 from clip_nsfw_spark.sample import write_parquet_sample
 from conftest import ROOT, needs_models
 
-pytestmark = needs_models
+import pyspark
+
+# The pyspark 3.5 wheel has no Spark Connect server (spark-connect_2.12 comes from Maven, which this machine
+# cannot reach); on 3.5 the client works against a server started with --packages. .ci/run runs this file
+# on 4.0 and the newest 4.x.
+pytestmark = [needs_models, pytest.mark.skipif(
+    pyspark.__version__.startswith("3."),
+    reason=f"!!! pyspark {pyspark.__version__} ships no Spark Connect server jar: Connect is tested on 4.x only !!!")]
 
 SCRIPT = r"""
 import json, sys

@@ -62,15 +62,23 @@ def test_conf_files_are_valid():
 @needs_models
 def test_job_runs_from_the_packed_environment_with_a_clean_spark_submit(tmp_path):
     archive = tmp_path / "env.tar.gz"
-    result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "package", "--out", str(archive)],
+    import pyspark
+
+    from clip_nsfw_spark.package import spark_line
+
+    line = spark_line(pyspark.__version__)  # the archive for the Spark this test runs (3.5, 4.0 or 4.1+)
+    result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "package", "--out", str(archive),
+                             "--spark", line],
                             capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     unpacked = tmp_path / "driver-env"
     with tarfile.open(archive) as tar:
         tar.extractall(unpacked, filter="tar")
     names = tarfile.open(archive).getnames()
-    assert not any(n.startswith("lib/python3.11/site-packages/pyspark/") for n in names)
-    assert not any(n.startswith("lib/python3.11/site-packages/tensorflow/") for n in names)
+    site = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages/"
+    assert any(n.startswith(site + "clip_nsfw_spark/") for n in names)  # the layout the checks below rely on
+    assert not any(n.startswith(site + "pyspark/") for n in names)
+    assert not any(n.startswith(site + "tensorflow/") for n in names)
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(ROOT / "jobs" / "score_embeddings.py", work)  # no checkout on the path: only the package
@@ -78,8 +86,6 @@ def test_job_runs_from_the_packed_environment_with_a_clean_spark_submit(tmp_path
     write_parquet_sample(str(source), rows=500, files=2)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "PYTHON"))}
     env["PYSPARK_DRIVER_PYTHON"] = str(unpacked / "bin" / "python")
-    import pyspark  # only to locate the Spark installation, as SPARK_HOME is set on a cluster's nodes
-
     env["SPARK_HOME"] = str(Path(pyspark.__file__).parent)
     spark_submit = Path(sys.executable).parent / "spark-submit"
     result = subprocess.run([str(spark_submit), "--master", "local[2]", "--archives", f"{archive}#environment",
