@@ -98,7 +98,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if any(v == 0 for v in size):
         return np.zeros(size, np.float32)
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= storage.size:
+    # A state dict's tensors never hold more elements than their storage (no broadcast views): this also
+    # bounds the copy below by the bytes actually in the file.
+    if last >= storage.size or int(np.prod(size, dtype=object)) > storage.size:
         raise UnsafeModelFileError(f"a tensor of size {tuple(size)} at offset {storage_offset} reaches element "
                                    f"{last} of a storage of {storage.size} elements")
     view = np.lib.stride_tricks.as_strided(storage[storage_offset:], shape=tuple(size),
@@ -187,6 +189,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     except ValueError as err:
         raise ModelError(f"{path}: the safetensors header is not JSON: {err}") from err
     body = memoryview(data)[8 + length:]
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise ModelError(f"{path}: the safetensors header is not a mapping of tensor names to descriptions")
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -195,8 +199,11 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if dtype is None:
             raise ModelError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; supported: "
                              f"{', '.join(_SAFETENSORS_DTYPES)}")
-        shape = tuple(int(v) for v in info["shape"])
-        begin, end = (int(v) for v in info["data_offsets"])
+        try:
+            shape = tuple(int(v) for v in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelError(f"{path}: tensor {name!r} has no valid shape/data_offsets: {err!r}") from err
         if not 0 <= begin <= end <= len(body) or end - begin != int(np.prod(shape)) * _ITEMSIZE[dtype]:
             raise ModelError(f"{path}: tensor {name!r} offsets {begin}..{end} do not fit shape {shape} "
                              f"({dtype}) in a body of {len(body)} bytes")
@@ -240,7 +247,9 @@ def mlp_layers(state: dict[str, np.ndarray], where: str = "state dict") -> list[
     found: dict[int, dict[str, np.ndarray]] = {}
     prefixes = set()
     for key, value in state.items():
-        match = re.fullmatch(r"(.*?)(\d+)\.(weight|bias)", key)
+        # The index must be a whole dotted component ("layers.3.weight", "3.weight"): named layers such as
+        # "fc1.weight" say nothing about the activations between them.
+        match = re.fullmatch(r"((?:.*\.)?)(\d+)\.(weight|bias)", key)
         if match is None:
             raise ModelError(f"{where}: key {key!r} is not '<prefix><index>.weight|bias'; only Sequential "
                              "MLPs of Linear/ReLU/Dropout layers are supported")

@@ -274,6 +274,18 @@ def test_out_of_bounds_tensor_views_are_refused(tmp_path):
         read_state_dict(tmp_path / "short.pth")
     assert data_pkl.startswith("ok/")  # torch names the folder after the file; any folder name is read
 
+    original = members[data_pkl]
+    size, stride = b"K\x02K\x03\x86", b"K\x03K\x01\x86"  # BININT1 2, BININT1 3, TUPLE2: (2, 3) and (3, 1)
+    assert original.count(size) == 1 and original.count(stride) == 1
+    for patched, why in ((original.replace(size, b"K\xc8K\x03\x86"), "reaches element 599"),  # 200 rows
+                         (original.replace(size, b"K\xc8K\x03\x86").replace(stride, b"K\x00K\x01\x86"),
+                          "reaches element 2 of a storage of 6")):  # 600 elements read from 6 (stride 0)
+        with zipfile.ZipFile(tmp_path / "view.pth", "w") as zf:
+            for name, data in members.items():
+                zf.writestr(name, {data_pkl: patched, storage: b"\0" * 24}.get(name, data))
+        with pytest.raises(UnsafeModelFileError, match=why):
+            read_state_dict(tmp_path / "view.pth")
+
 
 def test_legacy_format_needs_torch_and_gives_the_same_tensors(h14, tmp_path):
     model, path = h14
@@ -329,6 +341,10 @@ def test_user_heads_that_are_not_one_output_mlps_are_refused(tmp_path):
     torch.save({"conv.weight": torch.ones(3, 3), "conv.bias": torch.ones(3)}, tmp_path / "conv.pth")
     with pytest.raises(ModelError, match=r"key 'conv.weight' is not '<prefix><index>.weight\|bias'"):
         load_scorer(tmp_path / "conv.pth")
+    torch.save({"fc1.weight": torch.ones(4, 8), "fc1.bias": torch.ones(4), "fc2.weight": torch.ones(1, 4),
+                "fc2.bias": torch.ones(1)}, tmp_path / "named.pth")  # activations unknowable from the keys
+    with pytest.raises(ModelError, match="key 'fc1.weight' is not"):
+        load_scorer(tmp_path / "named.pth")
     torch.save(nn.Sequential(nn.Linear(8, 4), nn.Linear(5, 1)).state_dict(), tmp_path / "gap.pth")
     with pytest.raises(ModelError, match="0 outputs 4 values but the next Linear takes 5"):
         load_scorer(tmp_path / "gap.pth")
