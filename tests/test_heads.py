@@ -403,7 +403,17 @@ def test_violence_score_equals_the_argmax_rule(violence, name):
         lo, hi = (mid, hi) if s[1] <= s[0] else (lo, mid)
     for t in np.linspace(lo - 1e-6, hi + 1e-6, 41):
         crafted.append(((1 - t) * p0 + t * p1).astype(np.float32))
-    rows = np.concatenate([x, np.array(crafted, np.float32), x[:500].astype(np.float16).astype(np.float32)])
+    # Exact ties away from 0: one component c·e_k whose two products round to the same subnormal float32.
+    ties = [np.where(np.arange(len(p0)) == k, c, np.float32(0)).astype(np.float32)
+            for c in (np.float32(2.0 ** -e) for e in range(125, 150))
+            for k in np.flatnonzero((c * p0 == c * p1) & (c * p0 != 0))[:1]]
+    assert len(ties) >= 3
+    tie_sims = scorer.similarities(np.array(ties))
+    assert np.all(tie_sims[:, 0] == tie_sims[:, 1]) and np.all(tie_sims[:, 0] != 0)
+    assert np.all(scorer(np.array(ties)) == BELOW_HALF)
+    basis = np.eye(len(p0), dtype=np.float32)  # b-32's prompts share component 465: an exact tie at 1.0 scale
+    rows = np.concatenate([x, np.array(crafted, np.float32), np.array(ties), basis,
+                           x[:500].astype(np.float16).astype(np.float32)])
     sims = scorer.similarities(rows)
     scores = scorer(rows)
     assert np.array_equal(scores >= 0.5, np.argmax(sims, axis=1) == 1)
@@ -460,6 +470,7 @@ def test_multi_scorer_vit_l_14_and_violence(violence, scorers):
     matrix = multi.scores(x)
     assert matrix.shape == (600, 2) and matrix.dtype == np.float32
     assert np.array_equal(matrix[:, 0], scorers["vit-l-14"](x)) and np.array_equal(matrix[:, 1], violence["violence-l-14"](x))
+    assert np.array_equal(pickle.loads(pickle.dumps(multi)).scores(x), matrix)  # ships to executors as is
     by_column = multi(x)
     assert list(by_column) == ["punsafe", "pviolence"] and np.array_equal(by_column["pviolence"], matrix[:, 1])
     strict = MultiScorer([load_head("vit-l-14", threshold=0.1), load_head(HeadSpec("violence-l-14", "violent", 0.9))])
