@@ -1,9 +1,15 @@
-"""Model registry and on-disk cache: find, download, verify, extract and convert LAION's NSFW models.
+"""Model registry and on-disk cache: find, download, verify, extract and convert LAION's safety heads.
+
+The registry holds three kinds of model (``ModelSpec.kind``): the Autokeras NSFW zips (``keras-zip``),
+the ViT-H/14 NSFW head as a PyTorch state dict (``torch-state-dict``, read by torch_weights.py without
+torch) and the violence prompt embeddings (``prompts``, see prompts.py). Each file is pinned by its
+sha256, or by its git blob id where no sha256 is published, and checked on download and on every use.
 
 Two kinds of directory are involved:
 
-* the **zip directory** holds the original LAION zips. It is ``$CLIP_NSFW_CACHE`` when set (it may be
-  read-only: tests and CI point it at a folder of pre-downloaded zips), else the writable cache below.
+* the **zip directory** holds the original LAION files (zips, .pth, .npy). It is ``$CLIP_NSFW_CACHE``
+  when set (it may be read-only: tests and CI point it at a folder of pre-downloaded files), else the
+  writable cache below.
 * the **writable cache** (``$CLIP_NSFW_HOME``, else ``$XDG_CACHE_HOME/clip-nsfw-spark``, else
   ``~/.cache/clip-nsfw-spark``) receives downloads that cannot go to the zip directory and every derived
   file: the extracted SavedModel and the portable weights file, under ``derived/<sha256 prefix>/``, so a
@@ -490,4 +496,7 @@ def saved_model_dir(model: str | os.PathLike) -> Path:
     registry_name = canonical_name(os.fspath(model))
     if registry_name is None:
         raise ModelError(f"{model} is a portable weights file: it has no SavedModel for TensorFlow.")
+    if REGISTRY[registry_name].kind != KIND_KERAS_ZIP:
+        raise ModelError(f"{registry_name} is a {REGISTRY[registry_name].kind} model: it has no SavedModel for "
+                         "TensorFlow; score it with the numpy backend.")
     return _extract_once(resolved.source, resolved.sha256)

@@ -6,7 +6,6 @@ reads them without it.
 import dataclasses
 import hashlib
 import http.server
-import io
 import json
 import os
 import pickle
