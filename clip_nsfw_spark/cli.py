@@ -16,24 +16,41 @@ from .models import REGISTRY, canonical_name, prepare_model
 
 
 def _model_info(name: str) -> dict:
+    from .heads import head_defaults, portable_format
+    from .prompts import PROMPT_FORMAT, PromptHead
     from .weights import PortableWeights
 
     resolved = prepare_model(name)
-    weights = PortableWeights.load(resolved.portable)
     spec = REGISTRY.get(canonical_name(name) or "")
-    return {
+    column, threshold = head_defaults(name)
+    info = {
         "name": canonical_name(name) or resolved.name,
+        "kind": spec.kind if spec else None,
         "clip_model": spec.clip_model if spec else None,
-        "dim": weights.dim,
+        "dim": None,
         "sha256": resolved.sha256,
+        "pin": dict([spec.pin]) if spec else None,
         "source": str(resolved.source),
         "url": spec.url if spec else None,
         "portable_weights": str(resolved.portable),
         "saved_model": str(resolved.saved_model) if resolved.saved_model else None,
+        "score": spec.score if spec else None,
+        "score_column": column,
+        "threshold": threshold,
+    }
+    if portable_format(resolved.portable) == PROMPT_FORMAT:
+        head = PromptHead.load(resolved.portable)
+        info |= {"dim": head.dim, "prompts": list(head.prompts.shape), "logit_scale": head.logit_scale}
+        return info
+    weights = PortableWeights.load(resolved.portable)
+    info |= {
+        "dim": weights.dim,
         "categorical_columns": [c.column for c in weights.categorical],
         "layers": [list(k.shape) for k in weights.kernels],
+        "activations": list(weights.activations),
         "summation_blocks": list(weights.block_sizes),
     }
+    return info
 
 
 def _cmd_model(args) -> int:

@@ -24,6 +24,10 @@ class UnsafeArchiveError(ModelError):
     """A model archive holds a member that would land outside its extraction directory."""
 
 
+class UnsafeModelFileError(ModelError):
+    """A model file (a pickled state dict) references code or data a plain tensor file never needs."""
+
+
 class DimensionError(ClipNsfwError, ValueError):
     """Embeddings do not have the dimension the model expects."""
 

@@ -252,6 +252,12 @@ def evaluate(models: list[str], data_path: str, out: str | Path, thresholds=DEFA
     if runner is not None:  # large sets: the scoring job (Spark) scores, the driver sees labels and scores
         if compare:
             raise InputError("--compare needs the embeddings in memory; run it without --spark on a sample")
+        from .models import KIND_PROMPTS, REGISTRY, canonical_name
+
+        prompt_heads = [m for m in models if REGISTRY.get(canonical_name(str(m)) or "") is not None
+                        and REGISTRY[canonical_name(str(m))].kind == KIND_PROMPTS]
+        if prompt_heads:  # the job scores one MLP head per run until it runs several heads
+            raise InputError(f"--spark scores MLP heads only; evaluate {', '.join(prompt_heads)} without --spark")
         for model in models:
             scores[model], data = score_with_job(model, data_path, out / "_scores", runner, embedding_column,
                                                  label_column, class_labels)

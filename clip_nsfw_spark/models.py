@@ -1,9 +1,15 @@
-"""Model registry and on-disk cache: find, download, verify, extract and convert LAION's NSFW models.
+"""Model registry and on-disk cache: find, download, verify, extract and convert LAION's safety heads.
+
+The registry holds three kinds of model (``ModelSpec.kind``): the Autokeras NSFW zips (``keras-zip``),
+the ViT-H/14 NSFW head as a PyTorch state dict (``torch-state-dict``, read by torch_weights.py without
+torch) and the violence prompt embeddings (``prompts``, see prompts.py). Each file is pinned by its
+sha256, or by its git blob id where no sha256 is published, and checked on download and on every use.
 
 Two kinds of directory are involved:
 
-* the **zip directory** holds the original LAION zips. It is ``$CLIP_NSFW_CACHE`` when set (it may be
-  read-only: tests and CI point it at a folder of pre-downloaded zips), else the writable cache below.
+* the **zip directory** holds the original LAION files (zips, .pth, .npy). It is ``$CLIP_NSFW_CACHE``
+  when set (it may be read-only: tests and CI point it at a folder of pre-downloaded files), else the
+  writable cache below.
 * the **writable cache** (``$CLIP_NSFW_HOME``, else ``$XDG_CACHE_HOME/clip-nsfw-spark``, else
   ``~/.cache/clip-nsfw-spark``) receives downloads that cannot go to the zip directory and every derived
   file: the extracted SavedModel and the portable weights file, under ``derived/<sha256 prefix>/``, so a
@@ -38,49 +44,126 @@ BASE_URL_ENV = "CLIP_NSFW_BASE_URL"
 PORTABLE_SUFFIX = ".nsfw.npz"
 
 
+GITHUB_BASE_URL = "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/raw/main/"
+
+KIND_KERAS_ZIP = "keras-zip"  # a zip of an Autokeras SavedModel (converted with TensorFlow, once)
+KIND_TORCH = "torch-state-dict"  # a PyTorch state dict of a Linear/ReLU MLP (read without unpickling code)
+KIND_PROMPTS = "prompts"  # a .npy of two unit-length CLIP text embeddings (clip-retrieval's violence rule)
+KINDS = (KIND_KERAS_ZIP, KIND_TORCH, KIND_PROMPTS)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A registry model: where it comes from and what it must hash to."""
+    """A registry model: what it is, where it comes from and what its file must hash to.
+
+    Exactly one integrity pin is set: ``sha256`` (hex sha256 of the file), or ``git_blob`` (hex sha1 of
+    ``b"blob <size>\\0" + content``, the id git gives the file, for files whose sha256 is not published).
+    ``score_column``/``threshold`` are the head's defaults when several heads score one pass (heads.py).
+    """
 
     name: str
-    zip_name: str
-    sha256: str
+    file_name: str
     dim: int
     clip_model: str
+    kind: str = KIND_KERAS_ZIP
+    sha256: str | None = None
+    git_blob: str | None = None
+    aliases: tuple[str, ...] = ()
+    base_url: str = BASE_URL
+    score_column: str = "punsafe"
+    threshold: float = 0.5
+    score: str = "sigmoid output in [0, 1], 1 = NSFW"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind must be one of {KINDS}, found {self.kind!r}")
+        if (self.sha256 is None) == (self.git_blob is None):
+            raise ValueError(f"{self.name}: give exactly one integrity pin (sha256 or git_blob)")
+
+    @property
+    def zip_name(self) -> str:
+        """The file's name (kept for callers written when every model was a zip)."""
+        return self.file_name
+
+    @property
+    def pin(self) -> tuple[str, str]:
+        """``("sha256", hex)`` or ``("git blob id", hex)``."""
+        return ("sha256", self.sha256) if self.sha256 else ("git blob id", self.git_blob)
 
     @property
     def url(self) -> str:
-        base = os.environ.get(BASE_URL_ENV) or BASE_URL
-        return base.rstrip("/") + "/" + self.zip_name
+        # A mirror serves every file flat under one base URL, whatever the upstream paths look like.
+        base = os.environ.get(BASE_URL_ENV) or self.base_url
+        return base.rstrip("/") + "/" + self.file_name
 
 
 REGISTRY: dict[str, ModelSpec] = {
     "vit-l-14": ModelSpec(
         name="vit-l-14",
-        zip_name="clip_autokeras_binary_nsfw.zip",
+        file_name="clip_autokeras_binary_nsfw.zip",
         sha256="905520bb0336accc73ee282c605d926aef90cf14248889d44b9cee50eef71f8a",
         dim=768,
         clip_model="ViT-L/14",
     ),
     "vit-b-32": ModelSpec(
         name="vit-b-32",
-        zip_name="clip_autokeras_nsfw_b32.zip",
+        file_name="clip_autokeras_nsfw_b32.zip",
         sha256="78715ab9d64485167e8c9ade3b8e6761a17a16c24d114bd47431ac1dab46462b",
         dim=512,
         clip_model="ViT-B/32",
     ),
+    "vit-h-14": ModelSpec(
+        name="vit-h-14",
+        file_name="h14_nsfw.pth",
+        git_blob="5c5d8ecea5da82f9e6f1201692691f9f8874759d",
+        dim=1024,
+        clip_model="ViT-H/14 (OpenCLIP)",
+        kind=KIND_TORCH,
+        aliases=("open_clip:ViT-H-14",),
+        base_url=GITHUB_BASE_URL,
+        score="raw output of the last Linear (no sigmoid, not clipped to [0, 1]); higher = NSFW",
+    ),
+    "violence-l-14": ModelSpec(
+        name="violence-l-14",
+        file_name="violence_detection_vit_l_14.npy",
+        sha256="cc08f81ef50b1ef71452ddc87285fe6fbbc01b6fe8f8b8c24482c386ef2ab7e1",
+        dim=768,
+        clip_model="ViT-L/14",
+        kind=KIND_PROMPTS,
+        base_url=GITHUB_BASE_URL,
+        score_column="pviolence",
+        score="softmax(100 * x @ prompts.T)[1], >= 0.5 exactly when argmax(x @ prompts.T) == 1",
+    ),
+    "violence-b-32": ModelSpec(
+        name="violence-b-32",
+        file_name="violence_detection_vit_b_32.npy",
+        sha256="76909cca3e77abbbb21313895756773a9c6fb26c9cc743f3ef0625f025741982",
+        dim=512,
+        clip_model="ViT-B/32",
+        kind=KIND_PROMPTS,
+        base_url=GITHUB_BASE_URL,
+        score_column="pviolence",
+        score="softmax(100 * x @ prompts.T)[1], >= 0.5 exactly when argmax(x @ prompts.T) == 1",
+    ),
 }
 
 
+def _key(name: str) -> str:
+    return name.strip().lower().replace("/", "-").replace("_", "-")
+
+
 def canonical_name(name: str) -> str | None:
-    """Return the registry key for ``name`` ("ViT-L/14", "vit_l_14", "VIT-L-14" …), or None."""
-    key = name.strip().lower().replace("/", "-").replace("_", "-")
-    return key if key in REGISTRY else None
+    """Return the registry key for ``name`` ("ViT-L/14", "vit_l_14", "open_clip:ViT-H-14" …), or None."""
+    key = _key(name)
+    if key in REGISTRY:
+        return key
+    return next((spec.name for spec in REGISTRY.values() if key in {_key(a) for a in spec.aliases}), None)
 
 
 def model_for_dim(dim: int) -> str | None:
-    """The registry model whose input dimension is ``dim``, or None."""
-    return next((spec.name for spec in REGISTRY.values() if spec.dim == dim), None)
+    """The registry NSFW model whose input dimension is ``dim``, or None."""
+    return next((spec.name for spec in REGISTRY.values() if spec.dim == dim and spec.score_column == "punsafe"),
+                None)
 
 
 def fitting_model_hint(dim: int) -> str:
@@ -135,11 +218,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_digests(path: Path) -> dict[str, str]:
+    """``{"sha256": hex, "git blob id": hex}`` of a file, from one read in 1 MiB blocks.
+
+    The git blob id is sha1(b"blob <size>\\0" + content): what ``git hash-object`` prints, and the only
+    published identity of upstream files that have no published sha256.
+    """
+    sha256 = hashlib.sha256()
+    blob = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha256.update(block)
+            blob.update(block)
+    return {"sha256": sha256.hexdigest(), "git blob id": blob.hexdigest()}
+
+
+def pin_mismatch(path: Path, spec: ModelSpec) -> str | None:
+    """None when ``path`` matches ``spec``'s pin, else the digest found (of the pin's kind)."""
+    kind, expected = spec.pin
+    found = file_digests(path)[kind]
+    return None if found == expected else found
+
+
 # ---------------------------------------------------------------------------------------------- download
 
 
-def _download(url: str, target: Path, expected_sha256: str) -> None:
-    """Download ``url`` to ``target`` atomically, refusing content whose sha256 is not the pinned one."""
+def _download(url: str, target: Path, spec: ModelSpec) -> None:
+    """Download ``url`` to ``target`` atomically, refusing content that does not match ``spec``'s pin."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
@@ -148,29 +253,31 @@ def _download(url: str, target: Path, expected_sha256: str) -> None:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, out, 1 << 20)
         os.chmod(tmp, 0o644)
-        found = sha256_file(tmp)
-        if found != expected_sha256:
+        found = pin_mismatch(tmp, spec)
+        if found is not None:
+            kind, expected = spec.pin
             raise ChecksumError(
-                f"downloaded {url} has sha256 {found}, expected {expected_sha256}; the file was removed. "
+                f"downloaded {url} has {kind} {found}, expected {expected}; the file was removed. "
                 "The upstream file changed or the download was tampered with: do not use it."
             )
         os.replace(tmp, target)
     except OSError as err:
         raise ModelError(
-            f"could not download {url} to {target}: {err}. Without network access, put the zip into "
+            f"could not download {url} to {target}: {err}. Without network access, put the file into "
             f"the folder named by CLIP_NSFW_CACHE (now {zip_dir()})."
         ) from err
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def fetch_zip(spec: ModelSpec) -> Path:
-    """Return the verified path of ``spec``'s zip, downloading it once if no cache holds it.
+def fetch_file(spec: ModelSpec) -> Path:
+    """Return the verified path of ``spec``'s file, downloading it once if no cache holds it.
 
-    Raises ChecksumError when a cached zip does not match the pinned sha256; a bad file in a writable
-    cache is removed so that the next call downloads it again.
+    Raises ChecksumError when a cached file does not match the pin (sha256 or git blob id); a bad file
+    in a writable cache is removed so that the next call downloads it again. The pin is checked on every
+    call, not only after a download.
     """
-    candidates = [zip_dir() / spec.zip_name, writable_cache_dir() / spec.zip_name]
+    candidates = [zip_dir() / spec.file_name, writable_cache_dir() / spec.file_name]
     for path in candidates:
         if path.is_file():
             _verify_cached(path, spec)
@@ -178,22 +285,26 @@ def fetch_zip(spec: ModelSpec) -> Path:
     target = candidates[0] if _is_writable_dir(candidates[0].parent) else candidates[1]
     with _lock(target):
         if not target.is_file():  # another process may have finished the download while we waited
-            _download(spec.url, target, spec.sha256)
+            _download(spec.url, target, spec)
     _verify_cached(target, spec)
     return target
 
 
+fetch_zip = fetch_file  # the name from when every model was a zip
+
+
 def _verify_cached(path: Path, spec: ModelSpec) -> None:
-    found = sha256_file(path)
-    if found == spec.sha256:
+    found = pin_mismatch(path, spec)
+    if found is None:
         return
+    kind, expected = spec.pin
     removed = ""
     if os.access(path.parent, os.W_OK):
         path.unlink(missing_ok=True)
         removed = " It was removed; the next run downloads it again."
     raise ChecksumError(
-        f"{path} has sha256 {found}, but {spec.name} is pinned to {spec.sha256}.{removed} "
-        f"Replace it with the original {spec.zip_name} from {spec.url}."
+        f"{path} has {kind} {found}, but {spec.name} is pinned to {expected} ({kind}).{removed} "
+        f"Replace it with the original {spec.file_name} from {spec.url}."
     )
 
 
@@ -259,28 +370,39 @@ def derived_dir(sha256: str) -> Path:
     return writable_cache_dir() / "derived" / sha256[:16]
 
 
-def prepare_model(model: str | os.PathLike) -> ResolvedModel:
-    """Fetch, verify, extract and convert ``model`` so that its portable weights file exists.
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
-    ``model`` is a registry name ("vit-l-14", "ViT-B/32" …), a portable ``.npz`` written by this package,
-    or a path to a SavedModel directory or a zip of one. Conversion needs TensorFlow and happens once per
-    model content (the result is cached under the content's sha256).
+
+def prepare_model(model: str | os.PathLike) -> ResolvedModel:
+    """Fetch, verify, extract and convert ``model`` so that its portable file exists.
+
+    ``model`` is a registry name ("vit-l-14", "ViT-B/32", "open_clip:ViT-H-14", "violence-l-14" …), a
+    portable ``.npz`` written by this package, a path to a SavedModel directory or a zip of one, or a
+    PyTorch ``.pth``/``.pt``/``.bin``/``.safetensors`` state dict of a Linear/ReLU MLP (torch_weights.py).
+    Conversion happens once per model content (the result is cached under the content's sha256):
+    SavedModels need TensorFlow, state dicts need nothing beyond numpy.
     """
     text = os.fspath(model)
     registry_name = canonical_name(text)
     if registry_name is not None:
         spec = REGISTRY[registry_name]
-        archive = fetch_zip(spec)
-        return _prepare_archive(archive, spec.name, spec.sha256)
+        source = fetch_file(spec)
+        if spec.kind == KIND_KERAS_ZIP:
+            return _prepare_archive(source, spec.name, spec.sha256)
+        digest = spec.sha256 or file_digests(source)["sha256"]  # the cache key is always a sha256
+        return _prepare_converted(source, spec.name, digest, spec.kind)
 
     path = Path(text).expanduser()
     if not path.exists():
+        aliases = ", ".join(repr(a) for spec in REGISTRY.values() for a in spec.aliases)
         raise UnknownModelError(
-            f"unknown model {text!r}: it is not a registry name ({', '.join(REGISTRY)}; 'ViT-L/14' and "
-            "'ViT-B/32' are accepted too) and no file or directory exists at that path."
+            f"unknown model {text!r}: it is not a registry name ({', '.join(REGISTRY)}; 'ViT-L/14', "
+            f"'ViT-B/32', {aliases} are accepted too) and no file or directory exists at that path."
         )
     if path.is_file() and path.name.endswith(".npz"):
         return ResolvedModel(path.stem, sha256_file(path), path.resolve(), None, path.resolve())
+    if path.is_file() and (path.suffix.lower() in TORCH_SUFFIXES or _is_torch_zip(path)):
+        return _prepare_converted(path.resolve(), path.stem, sha256_file(path), KIND_TORCH)
     if path.is_file() and zipfile.is_zipfile(path):
         return _prepare_archive(path.resolve(), path.stem, sha256_file(path))
     if path.is_dir() and (path / "model.nsfw.npz").is_file():  # a folder written by `clip-nsfw-spark train`
@@ -293,8 +415,36 @@ def prepare_model(model: str | os.PathLike) -> ResolvedModel:
         _convert_once(saved_model, portable)
         return ResolvedModel(path.name, digest, portable, saved_model, path.resolve())
     raise UnknownModelError(
-        f"{path} is neither a SavedModel directory, a zip of one, nor a portable .npz weights file."
+        f"{path} is neither a SavedModel directory, a zip of one, a PyTorch state dict (.pth, .pt, .bin, "
+        ".safetensors) nor a portable .npz weights file."
     )
+
+
+def _is_torch_zip(path: Path) -> bool:
+    """A zip written by ``torch.save`` holds ``<folder>/data.pkl`` (and no SavedModel)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.count("/") == 1 and n.endswith("/data.pkl") for n in zf.namelist())
+
+
+def _prepare_converted(source: Path, name: str, sha256: str, kind: str) -> ResolvedModel:
+    """Convert a state dict (KIND_TORCH) or prompt embeddings (KIND_PROMPTS) once into the derived cache."""
+    portable = derived_dir(sha256) / (name + PORTABLE_SUFFIX)
+    if not portable.is_file():
+        portable.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(portable):
+            if not portable.is_file():
+                if kind == KIND_TORCH:
+                    from .torch_weights import convert_state_dict_file  # numpy only: never imports torch
+
+                    expected = REGISTRY[name].dim if name in REGISTRY else None
+                    convert_state_dict_file(source, name, registry=name in REGISTRY, dim=expected).save(portable)
+                else:
+                    from .prompts import PromptHead
+
+                    PromptHead.from_npy(source, name).save(portable)
+    return ResolvedModel(name, sha256, portable, None, source)
 
 
 def _extract_once(archive: Path, sha256: str) -> Path:
@@ -346,4 +496,7 @@ def saved_model_dir(model: str | os.PathLike) -> Path:
     registry_name = canonical_name(os.fspath(model))
     if registry_name is None:
         raise ModelError(f"{model} is a portable weights file: it has no SavedModel for TensorFlow.")
+    if REGISTRY[registry_name].kind != KIND_KERAS_ZIP:
+        raise ModelError(f"{registry_name} is a {REGISTRY[registry_name].kind} model: it has no SavedModel for "
+                         "TensorFlow; score it with the numpy backend.")
     return _extract_once(resolved.source, resolved.sha256)

@@ -140,17 +140,24 @@ class TensorFlowScorer:
 
 
 def load_scorer(model: str | os.PathLike = "vit-l-14", backend: str = "numpy"):
-    """Return a scorer for ``model`` (registry name, SavedModel dir/zip, or portable ``.npz``).
+    """Return a scorer for ``model``: a registry name (the Keras NSFW models, ``vit-h-14``, the violence
+    heads), a SavedModel dir/zip, a PyTorch ``.pth``/safetensors MLP state dict, or a portable ``.npz``.
 
-    ``backend="numpy"`` (default) needs numpy only once the portable weights exist; ``"tensorflow"``
-    runs the original graph. The first use of a model fetches, verifies and converts it (see models.py).
+    ``backend="numpy"`` (default) needs numpy only once the portable file exists; ``"tensorflow"`` runs
+    the original graph (Keras models only). The first use of a model fetches, verifies and converts it
+    (see models.py). Heads other than the Keras ones return a NumpyScorer (vit-h-14 and state dicts: raw
+    last-layer output, not bounded to [0, 1]) or a PromptScorer (violence heads; see prompts.py).
     """
+    from .heads import scorer_from_portable
+
     resolved = prepare_model(model)
     registry_name = canonical_name(os.fspath(model))
     name = registry_name or resolved.name
     if backend == "numpy":
-        return NumpyScorer(PortableWeights.load(resolved.portable), name=name, sha256=resolved.sha256)
+        return scorer_from_portable(resolved.portable, name=name, sha256=resolved.sha256)
     if backend == "tensorflow":
+        if resolved.saved_model is None and (registry_name is None or REGISTRY[registry_name].kind != "keras-zip"):
+            raise ClipNsfwError(f"{name} has no TensorFlow graph (it is not a SavedModel); use backend='numpy'")
         weights_dim = REGISTRY[registry_name].dim if registry_name else PortableWeights.load(resolved.portable).dim
         return TensorFlowScorer(saved_model_dir(model), name=name, dim=weights_dim, sha256=resolved.sha256)
     raise ClipNsfwError(f"unknown backend {backend!r}: choose 'numpy' or 'tensorflow'")

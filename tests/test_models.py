@@ -34,23 +34,37 @@ def test_registry_aliases():
     assert canonical_name("ViT-L/14") == "vit-l-14"
     assert canonical_name("ViT-B/32") == "vit-b-32"
     assert canonical_name("vit_l_14") == "vit-l-14"
-    assert canonical_name("vit-h-14") is None
+    for alias in ("vit-h-14", "open_clip:ViT-H-14", "ViT-H/14", "vit_h_14"):
+        assert canonical_name(alias) == "vit-h-14"
+    assert canonical_name("ViolENCE_L_14") == "violence-l-14"
+    assert canonical_name("vit-g-14") is None
+    upstream = ("https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main/",
+                "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/raw/main/")
     for spec in REGISTRY.values():
-        assert spec.url.startswith("https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main/")
+        assert spec.url == next(u for u in upstream if spec.url.startswith(u)) + spec.file_name
+    assert REGISTRY["vit-h-14"].url == "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/raw/main/h14_nsfw.pth"
+
+
+def test_mirror_serves_every_file_flat(monkeypatch):
+    monkeypatch.setenv("CLIP_NSFW_BASE_URL", "http://mirror.example/laion/")
+    assert {spec.url for spec in REGISTRY.values()} == {"http://mirror.example/laion/" + spec.file_name
+                                                        for spec in REGISTRY.values()}
 
 
 def test_pinned_sha256_match_shared_sums():
     sums = SHARED_MODELS / "SHA256SUMS"
     if not sums.is_file():
         pytest.skip("!!! ../shared/models/SHA256SUMS missing !!!")
-    pinned = {spec.zip_name: spec.sha256 for spec in REGISTRY.values()}
+    pinned = {spec.file_name: spec.sha256 for spec in REGISTRY.values() if spec.sha256}
+    assert set(pinned) >= {"violence_detection_vit_l_14.npy", "violence_detection_vit_b_32.npy"}
     listed = dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip())
     assert pinned == {name: listed[name] for name in pinned}
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(UnknownModelError, match="vit-l-14, vit-b-32"):
-        prepare_model("vit-h-14")
+    with pytest.raises(UnknownModelError, match="vit-l-14, vit-b-32, vit-h-14, violence-l-14, violence-b-32; "
+                                                 ".*'open_clip:ViT-H-14'"):
+        prepare_model("vit-g-14")
 
 
 @needs_models
