@@ -33,7 +33,7 @@ from .progress import ProgressWatcher
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model
 from .reader import Plan, _npy_header, plan as plan_input
 from .lease import LEASE_NAME, RunLease, refuse_if_held
-from .storage import accessing, canonical, filesystem, join, unstrip, within
+from .storage import accessing, filesystem, is_local, join, locations, unstrip, within
 from .weights import PortableWeights
 from .worker import FAULT_ENV, TASKS_DIR, TMP_DIR, process_task
 
@@ -73,11 +73,13 @@ def validate_output(config: JobConfig) -> OutputTarget:
     ``overwrite`` of a folder this tool did not write, or that holds files it does not write (see
     ``foreign_files``).
     """
-    out_fs, out_root = canonical(config.output, config.storage_options)
-    in_fs, in_base = canonical(config.input, config.storage_options, glob_base=True)
+    out_fs, out_paths = locations(config.output, config.storage_options)
+    in_fs, in_paths = locations(config.input, config.storage_options, glob_base=True)
+    out_root, in_base = out_paths[0], in_paths[0]
     url = unstrip(out_fs, out_root)
     shown = url if config.output.rstrip("/") == url else f"{config.output} (that is {url})"
-    inside, contains = within(out_fs, out_root, in_fs, in_base), within(in_fs, in_base, out_fs, out_root)
+    inside = any(within(out_fs, o, in_fs, i) for o in out_paths for i in in_paths)
+    contains = any(within(in_fs, i, out_fs, o) for o in out_paths for i in in_paths)
     if inside or contains:
         relation = "is the input" if inside and contains else "is inside the input" if inside else "contains the input"
         raise OutputError(f"output {shown} {relation} {unstrip(in_fs, in_base)}: choose an output folder outside "
@@ -98,6 +100,11 @@ def validate_output(config: JobConfig) -> OutputTarget:
     if config.resume and not out_fs.exists(join(out_root, TASKS_DIR, JOB_STATE)):
         raise OutputError(f"--resume refused: {shown} is not empty and was not written by "
                           "clip-nsfw-spark (no _clip_nsfw_tasks/_job.json). Choose another output folder.")
+    links = _symlinks(out_fs, out_root)
+    if links:
+        raise OutputError(f"output {shown} holds symlinks ({_listing(links)}); this tool never writes one and "
+                          "would write through them (perhaps into the input). Remove them or choose another "
+                          "output folder.")
     if config.overwrite:
         _refuse_foreign(target, shown)
     return target
@@ -115,9 +122,12 @@ def foreign_files(fs, root: str) -> list[str]:
     names: a name ending in ``.parquet``/``.parq``/``.pq`` counts as data, any other file is opened and
     counts as data only if it starts with parquet's magic bytes ``PAR1``.
     """
-    found = []
+    links = _symlinks(fs, root)
+    found = [link + " (a symlink)" for link in links]
     for path in sorted(fs.find(root)):
         rel = path[len(root):].lstrip("/")
+        if any(rel == link or rel.startswith(link + "/") for link in links):
+            continue
         if rel.split("/", 1)[0].startswith("_clip_nsfw") or rel == SUCCESS_NAME or rel.endswith(_DATA_SUFFIXES):
             continue
         try:
@@ -128,6 +138,19 @@ def foreign_files(fs, root: str) -> list[str]:
             pass
         found.append(rel)
     return found
+
+
+def _symlinks(fs, root: str) -> list[str]:
+    """Symlinks under a local ``root`` (relative paths, not followed). This tool never writes one: a symlink
+    in an output is foreign, and a symlink into the input would make the job write inside the input."""
+    if not is_local(fs):
+        return []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(found)
 
 
 def _listing(names: list[str], limit: int = 5) -> str:
@@ -166,7 +189,11 @@ def clear_output(target: OutputTarget) -> None:
     log.info("overwrite: removing the previous output in %s", target.url)
     with accessing(fs, root, "output"):
         for path in fs.ls(root, detail=False):
-            if path.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME:
+            if path.rstrip("/").rsplit("/", 1)[-1] == LEASE_NAME:
+                continue
+            if is_local(fs) and os.path.islink(path):
+                os.unlink(path)  # the link, never what it points to
+            else:
                 fs.rm(path, recursive=True)
 
 

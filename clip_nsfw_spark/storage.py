@@ -47,14 +47,38 @@ def canonical(url: str, storage_options: dict | None = None, glob_base: bool = F
     """
     fs, path = filesystem(url, storage_options)
     if glob_base:
-        parts = path.split("/")
-        cut = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
-        path = "/".join(parts[:cut]) or "/"
+        path = _glob_base(path)
     if is_local(fs):
         return fs, os.path.realpath(os.path.expanduser(path))
     bucket, _, key = re.sub("/+", "/", path).lstrip("/").partition("/")
     key = posixpath.normpath("/" + key).lstrip("/")
     return fs, join(bucket, key) if key else bucket
+
+
+def _glob_base(path: str) -> str:
+    """The path up to (not including) its first part holding a glob character."""
+    parts = path.split("/")
+    cut = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+    return "/".join(parts[:cut]) or "/"
+
+
+def locations(url: str, storage_options: dict | None = None, glob_base: bool = False):
+    """Return ``(fs, paths)``: the canonical path and, on a local filesystem whose path ends in a symlink,
+    also where that symlink itself sits (its parent resolved, its name kept). Containment checks compare
+    every pair: a folder holding a symlink to the input holds the input's path, and deleting it would take
+    that path away, even though the data lives elsewhere.
+    """
+    fs, resolved = canonical(url, storage_options, glob_base)
+    paths = [resolved]
+    if is_local(fs):
+        raw = filesystem(url, storage_options)[1]
+        raw = os.path.expanduser(_glob_base(raw) if glob_base else raw).rstrip("/")
+        head, _, tail = raw.rpartition("/")
+        if tail not in ("", ".", ".."):
+            link = os.path.join(os.path.realpath(head or "/"), tail)
+            if link != resolved:
+                paths.append(link)
+    return fs, paths
 
 
 def location(fs, path: str) -> str:

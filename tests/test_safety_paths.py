@@ -35,12 +35,15 @@ def snapshot(folder) -> dict:
 
 @pytest.fixture
 def tree(tmp_path):
-    """``d/in`` (two parquet files), ``d/link`` → ``d/in``, ``d/away`` → ``d/a/b`` (so ``away/..`` is ``d/a``)."""
+    """``d/in`` (two parquet files), ``d/link`` → ``d/in``, ``d/away`` → ``d/a/b`` (so ``away/..`` is ``d/a``),
+    ``d/box/data`` → ``d/in`` (a folder that holds the input's path, not its data)."""
     d = tmp_path / "d"
     write_parquet_sample(str(d / "in"), rows=60, files=2)
     (d / "a" / "b").mkdir(parents=True)
     os.symlink(d / "in", d / "link")
     os.symlink(d / "a" / "b", d / "away")
+    (d / "box").mkdir()
+    os.symlink(d / "in", d / "box" / "data")
     return d
 
 
@@ -60,6 +63,7 @@ ALIASES = {
     "input through a symlink, output the target": ("link/", "/in"),
     "output contains the input (dot spelling)": ("in", "/./"),
     "output contains the input (file url)": ("in", "file://{d}/a/.."),
+    "output holds the symlink the input is named by": ("box/data", "/box"),
     "glob input, output inside its folder": ("in/*.parquet", "/in/out"),
     "glob with ? before *": ("in/part-0000?.parquet", "/in/out"),
     "glob through a symlink": ("link/*.parquet", "/in/out"),
@@ -114,6 +118,27 @@ def test_s3_keys_are_compared_after_normalising(s3_server):
     with pytest.raises(OutputError, match="is inside the input s3://alias/in"):
         run_job(JobConfig(input="s3://alias//in/*.parquet", output="s3://alias/in/out", storage_options=options))
     assert sorted(fs.find("alias/in")) == before
+
+
+@needs_models
+@pytest.mark.parametrize("flag", ["resume", "overwrite"])
+def test_a_symlink_in_the_output_is_never_written_through(tmp_path, flag):
+    """A split output whose ``safe/`` was replaced by a symlink to the input: a rerun would write the input."""
+    write_parquet_sample(str(tmp_path / "in"), rows=60, files=2)
+    out = tmp_path / "out"
+    run_job(JobConfig(input=str(tmp_path / "in"), output=str(out), mode="split", threshold=0.05))
+    for state in (out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json"):
+        state.unlink()
+    (out / "_SUCCESS").unlink()
+    for path in (out / "safe").iterdir():
+        path.unlink()
+    (out / "safe").rmdir()
+    os.symlink(tmp_path / "in", out / "safe")
+    before = snapshot(tmp_path / "in")
+    with pytest.raises(OutputError, match=r"output .*out holds symlinks \(safe\); this tool never writes one"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(out), mode="split", threshold=0.05,
+                          **{flag: True}))
+    assert snapshot(tmp_path / "in") == before and (out / "safe").is_symlink()
 
 
 # ------------------------------------------------------------------------------ class 2: --overwrite
