@@ -84,6 +84,8 @@ def validate_output(config: JobConfig) -> OutputTarget:
         relation = "is the input" if inside and contains else "is inside the input" if inside else "contains the input"
         raise OutputError(f"output {shown} {relation} {unstrip(in_fs, in_base)}: choose an output folder outside "
                           "the input; the input is never modified")
+    with accessing(in_fs, in_base, "input"):  # storage errors (credentials, endpoint) name the input first
+        in_fs.exists(in_base)
     with accessing(out_fs, out_root, "output"):
         exists = out_fs.exists(out_root)
         if exists and not out_fs.isdir(out_root):

@@ -1,12 +1,13 @@
 """One run at a time per output folder: a lease file the driver holds and every task checks at commit.
 
-``<output>/_clip_nsfw_lease.json`` holds ``{"run_id", "host", "pid", "started", "heartbeat"}``
+``<output>/_clip_nsfw_lease.json`` holds ``{"run_id", "host", "pid", "pidns", "started", "heartbeat"}``
 (``heartbeat`` in seconds since the epoch). The driver creates it before it deletes or writes anything,
 refreshes ``heartbeat`` every ``HEARTBEAT_SECONDS`` while the run lives, and removes it when the run ends
 (also on errors and Ctrl-C). A second run on the same output is refused while the lease is live. A lease is
 stale, and may be taken over, when its heartbeat is older than ``STALE_SECONDS`` or its pid is gone on this
-same host (a killed driver). Every task reads the lease just before moving its files into place and refuses
-to commit when its run no longer owns it, so a run that lost its lease never overwrites another run's files.
+same host and pid namespace (a killed driver). Every task reads the lease just before moving its files into
+place and refuses to commit when its run no longer owns it, so a run that lost its lease never overwrites
+another run's files.
 
 Atomicity: on a local (or NFS-like POSIX) filesystem the lease is created with ``O_CREAT | O_EXCL`` and
 a stale one is taken over by an atomic ``rename`` first, so exactly one of two racing runs wins. Object
@@ -30,7 +31,7 @@ import time
 import uuid
 
 from .errors import OutputError
-from .storage import is_local, join, unstrip
+from .storage import accessing, is_local, join, unstrip
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_clip_nsfw_lease.json"
@@ -70,7 +71,10 @@ def stale_reason(lease: dict, now: float | None = None) -> str | None:
     age = now - float(lease.get("heartbeat") or 0)
     if age > STALE_SECONDS:
         return f"no heartbeat for {age:.0f} s (stale after {STALE_SECONDS:.0f} s)"
-    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int) and lease["pid"] > 0:
+    # The pid means something only in the same pid namespace: containers sharing the host's name
+    # (docker --network host) have their own pids.
+    if lease.get("host") == socket.gethostname() and lease.get("pidns") == _pid_namespace() \
+            and isinstance(lease.get("pid"), int) and lease["pid"] > 0:
         try:
             os.kill(lease["pid"], 0)
         except ProcessLookupError:
@@ -78,6 +82,13 @@ def stale_reason(lease: dict, now: float | None = None) -> str | None:
         except PermissionError:
             pass  # the process exists under another user
     return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def describe(lease: dict, url: str) -> str:
@@ -121,6 +132,7 @@ class RunLease:
         self.path = join(root, LEASE_NAME)
         self.run_id = run_id or new_run_id()
         self.record = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                       "pidns": _pid_namespace(),
                        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                        "heartbeat": time.time()}
         self.lost: str | None = None
@@ -141,12 +153,13 @@ class RunLease:
         self.release()
 
     def acquire(self) -> None:
-        self._created = is_local(self.fs) and not self.fs.exists(self.root)
-        self.fs.makedirs(self.root, exist_ok=True)
-        if is_local(self.fs):
-            self._acquire_local()
-        else:
-            self._acquire_remote()
+        with accessing(self.fs, self.root, "output"):  # e.g. a read-only output: one clear error
+            self._created = is_local(self.fs) and not self.fs.exists(self.root)
+            self.fs.makedirs(self.root, exist_ok=True)
+            if is_local(self.fs):
+                self._acquire_local()
+            else:
+                self._acquire_remote()
         log.info("run %s holds the lease of %s", self.run_id, self.url)
 
     def _acquire_local(self) -> None:

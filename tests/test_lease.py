@@ -18,17 +18,18 @@ import pytest
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
-from clip_nsfw_spark.lease import LEASE_NAME, STALE_SECONDS
+from clip_nsfw_spark import lease as lease_module
+from clip_nsfw_spark.lease import LEASE_NAME, STALE_SECONDS, RunLease, read_lease, stale_reason
+from clip_nsfw_spark.storage import filesystem
 from clip_nsfw_spark.sample import write_parquet_sample
 from clip_nsfw_spark.worker import process_task
 from conftest import ROOT, needs_models
 
-pytestmark = needs_models
 INTERRUPTED = "clip-nsfw-spark: interrupted; the output is incomplete: rerun with --resume"
 
 
-def write_lease(out, run_id="0th3rrun", host="elsewhere", pid=4242, age=0.0):
-    (out / LEASE_NAME).write_text(json.dumps({"run_id": run_id, "host": host, "pid": pid,
+def write_lease(out, run_id="0th3rrun", host="elsewhere", pid=4242, age=0.0, pidns=None):
+    (out / LEASE_NAME).write_text(json.dumps({"run_id": run_id, "host": host, "pid": pid, "pidns": pidns,
                                               "started": "2026-01-01 00:00:00 UTC",
                                               "heartbeat": time.time() - age}))
 
@@ -60,6 +61,7 @@ def _wait_for(predicate, process, seconds=300):
     assert predicate()
 
 
+@needs_models
 def test_a_live_lease_refuses_other_runs_and_a_stale_one_is_taken_over(tmp_path):
     write_parquet_sample(str(tmp_path / "in"), rows=40, files=2)
     out = tmp_path / "out"
@@ -78,7 +80,8 @@ def test_a_live_lease_refuses_other_runs_and_a_stale_one_is_taken_over(tmp_path)
     assert not (out / LEASE_NAME).exists()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    write_lease(out, host=socket.gethostname(), pid=gone.pid)  # fresh heartbeat, but its driver is dead
+    # Fresh heartbeat, but its driver is dead: on this host and in this pid namespace only.
+    write_lease(out, host=socket.gethostname(), pid=gone.pid, pidns=os.readlink("/proc/self/ns/pid"))
     assert run_job(JobConfig(input=str(tmp_path / "in"), output=str(out), overwrite=True))["rows"]["read"] == 40
     assert (out / SUCCESS_NAME).exists() and not (out / LEASE_NAME).exists()
 
@@ -96,6 +99,7 @@ def _stealing_runner(out, inner=None):
     return run
 
 
+@needs_models
 def test_a_task_whose_run_lost_the_lease_does_not_commit(tmp_path):
     write_parquet_sample(str(tmp_path / "in"), rows=60, files=3)
     out = tmp_path / "out"
@@ -109,6 +113,7 @@ def test_a_task_whose_run_lost_the_lease_does_not_commit(tmp_path):
     assert not (out / SUCCESS_NAME).exists()
 
 
+@needs_models
 def test_executors_check_the_lease_at_commit(tmp_path, spark):
     from clip_nsfw_spark.spark import spark_runner
 
@@ -122,6 +127,7 @@ def test_executors_check_the_lease_at_commit(tmp_path, spark):
     assert not (out / SUCCESS_NAME).exists()
 
 
+@needs_models
 def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(tmp_path):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=24000, files=24)
@@ -146,6 +152,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(tmp_
     assert not (out / LEASE_NAME).exists() and not (out / "_clip_nsfw_tmp").exists()
 
 
+@needs_models
 def test_ctrl_c_ends_with_one_line_and_resume_completes(tmp_path):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=16000, files=16)
@@ -165,3 +172,46 @@ def test_ctrl_c_ends_with_one_line_and_resume_completes(tmp_path):
     assert resumed.returncode == 0, err[-3000:]
     assert_same(tmp_path / "clean", out)
     assert json.loads((out / REPORT_NAME).read_text())["rows"]["read"] == 16000
+
+
+def test_the_heartbeat_refreshes_the_lease_and_notices_a_takeover(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "HEARTBEAT_SECONDS", 0.05)
+    fs, root = filesystem(str(tmp_path / "out"))
+    with RunLease(fs, root) as held:
+        first = read_lease(fs, root)["heartbeat"]
+        deadline = time.time() + 10
+        while time.time() < deadline and read_lease(fs, root)["heartbeat"] == first:
+            time.sleep(0.02)
+        assert read_lease(fs, root)["heartbeat"] > first
+        with pytest.raises(OutputError, match="is being written by run " + held.run_id):
+            RunLease(fs, root).acquire()
+        write_lease(tmp_path / "out")  # another run takes it (as after a wrongly judged stale lease)
+        time.sleep(0.3)
+        assert held.lost == "run 0th3rrun on host elsewhere took its lease over"
+        with pytest.raises(OutputError, match=rf"run {held.run_id} lost the lease of output .*out"):
+            held.check()
+    assert read_lease(fs, root)["run_id"] == "0th3rrun"  # not released: it is not ours
+
+
+def test_stale_means_an_old_heartbeat_or_a_dead_pid_on_this_host():
+    now = time.time()
+    fresh = {"run_id": "r", "host": socket.gethostname(), "pid": os.getpid(),
+             "pidns": os.readlink("/proc/self/ns/pid"), "heartbeat": now}
+    assert stale_reason(fresh) is None
+    assert "no heartbeat for" in stale_reason(fresh | {"heartbeat": now - STALE_SECONDS - 1})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert "is gone" in stale_reason(fresh | {"pid": gone.pid})
+    assert stale_reason(fresh | {"pid": gone.pid, "pidns": "pid:[1]"}) is None  # another container's pid
+    assert stale_reason(fresh | {"pid": gone.pid, "host": "elsewhere"}) is None
+
+
+def test_the_lease_on_s3_admits_one_run(s3_server):
+    s3 = s3_server.filesystem()
+    s3.mkdir("leases")
+    fs, root = filesystem("s3://leases/out", s3_server.storage_options())
+    with RunLease(fs, root) as held:
+        assert read_lease(fs, root)["run_id"] == held.run_id
+        with pytest.raises(OutputError, match=f"output s3://leases/out is being written by run {held.run_id}"):
+            RunLease(fs, root).acquire()
+    assert read_lease(fs, root) is None

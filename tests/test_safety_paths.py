@@ -218,10 +218,12 @@ def test_overwrite_keeps_files_it_did_not_write_and_replaces_its_own(tmp_path):
 
 def test_output_is_validated_before_planning_and_model_conversion(tmp_path):
     """A non-empty output is refused first: no model is fetched or converted for a run that cannot start."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.parquet").write_bytes(b"not parquet")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x.txt").write_text("x")
     with pytest.raises(OutputError, match="is not empty"):
-        run_job(JobConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "out"), model="no-such-model"))
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model="no-such-model"))
 
 
 # ------------------------------------------------------------------------------ class 8: long paths
