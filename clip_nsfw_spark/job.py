@@ -7,7 +7,8 @@ Output layout under ``output``:
 * filter: ``<rel>`` (the kept rows) and ``_rejected/<rel>`` (rows that could not be scored, with reason);
 * split: ``safe/<rel>``, ``unsafe/<rel>`` and ``_rejected/<rel>``;
 * ``_clip_nsfw_report.json`` (see ``build_report``), then ``_SUCCESS`` last;
-* ``_clip_nsfw_tasks/`` (one state file per completed task, and ``_job.json``: what this output is for).
+* ``_clip_nsfw_tasks/`` (one state file per completed task, and ``_job.json``: what this output is for);
+* ``_clip_nsfw_lease.json`` while a run writes the output (lease.py: one run at a time).
 
 ``<rel>`` is the input file's path relative to the input root (hive ``key=value`` folders included), or
 ``<stem>.slice-NNNNN.parquet`` when a large file is cut into several tasks.

@@ -88,11 +88,26 @@ def location(fs, path: str) -> str:
 
 
 def within(fs_a, a: str, fs_b, b: str) -> bool:
-    """Whether canonical location ``a`` is ``b`` or lies under it (same store, whole path parts)."""
+    """Whether canonical location ``a`` is ``b`` or lies under it (same store, whole path parts).
+
+    On a local filesystem the folders are also compared by identity (device and inode): a bind mount or a
+    case-insensitive filesystem (``/D/IN`` is ``/d/in`` on macOS) gives one folder two canonical paths.
+    """
     inner, outer = location(fs_a, a), location(fs_b, b)
     if outer.endswith("://"):  # the root of a filesystem holds everything on it
         return inner.startswith(outer)
-    return inner == outer or inner.startswith(outer + "/")
+    if inner == outer or inner.startswith(outer + "/"):
+        return True
+    if is_local(fs_a) and is_local(fs_b) and os.path.exists(b):
+        path = a
+        while True:
+            if os.path.exists(path) and os.path.samefile(path, b):
+                return True
+            parent = os.path.dirname(path)
+            if parent == path:
+                return False
+            path = parent
+    return False
 
 
 def is_local(fs) -> bool:

@@ -96,6 +96,26 @@ def test_relative_spellings_are_compared_as_absolute_paths(tree, monkeypatch):
     assert snapshot(tree / "in") == before and sorted(os.listdir(tree / "a")) == ["b"]
 
 
+def test_a_bind_mount_of_the_input_is_the_input(tree):
+    """Two paths, one folder: compared by device and inode too (as a case-insensitive filesystem would need)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("needs unshare (a private mount namespace) to bind-mount without touching the system")
+    (tree / "mnt").mkdir()
+    check = ("import sys; from clip_nsfw_spark.config import JobConfig; from clip_nsfw_spark.job import run_job\n"
+             "try:\n    run_job(JobConfig(input=sys.argv[1], output=sys.argv[2], overwrite=True))\n"
+             "except Exception as err:\n    print(err)")
+    script = f'mount --bind "$1" "$2" && exec "{sys.executable}" -c "$3" "$1" "$2/scored"'
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(tree / "in"), str(tree / "mnt"), check],
+                            capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert re.search(r"output .*mnt/scored is inside the input .*in: choose", result.stdout), \
+        result.stdout + result.stderr
+    assert sorted(snapshot(tree / "in")) == ["part-00000.parquet", "part-00001.parquet"]
+
+
 @needs_models
 def test_dot_dot_after_a_symlink_means_what_the_kernel_means(tree):
     """``d/away/../in`` is ``d/a/in`` (away → d/a/b), not the input ``d/in``: accepted and written there."""
