@@ -169,8 +169,10 @@ def _type_error(name: str, hint: Any, value: Any) -> str | None:
             bad = next(item for item in value if not isinstance(item, str))
             return f"{name} must be {expected}; found {_found(bad)} in it"
     elif hint is dict or origin is dict:
-        ok, expected = isinstance(value, collections.abc.Mapping), \
-            "a mapping of fsspec options (endpoint_url, anon, profile …)"
+        if isinstance(value, collections.abc.Mapping):
+            return None
+        kind = _found(value).split(" ")[:2]  # the kind only: a misplaced value may hold a secret
+        return f"{name} must be a mapping of fsspec options (endpoint_url, anon, profile …), found {' '.join(kind)}"
     else:  # a field type this checker does not know: a programming error, caught by the tests
         raise TypeError(f"no type check for field {name!r} of type {hint!r}")
     return None if ok else f"{name} must be {expected}, found {_found(value)}"
