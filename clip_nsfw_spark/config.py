@@ -7,18 +7,24 @@ usual AWS environment/config; whatever is given in ``storage_options`` is redact
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .errors import ConfigError
 
-MODES = ("annotate", "filter", "split")
-LAYOUTS = ("auto", "parquet", "laion-npy")
-KEEP = ("safe", "unsafe")
+Mode = Literal["annotate", "filter", "split"]
+Layout = Literal["auto", "parquet", "laion-npy"]
+Keep = Literal["safe", "unsafe"]
+MODES = typing.get_args(Mode)
+LAYOUTS = typing.get_args(Layout)
+KEEP = typing.get_args(Keep)
 # Parquet codecs pyarrow writes (checked before any work: a typo must not fail inside every task).
 COMPRESSIONS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
@@ -30,14 +36,14 @@ class JobConfig:
 
     input: str
     output: str
-    layout: str = "auto"
+    layout: Layout = "auto"
     embedding_columns: tuple[str, ...] = ()
     score_columns: tuple[str, ...] = ()
     reason_column: str = "nsfw_reject_reason"
     model: str = "vit-l-14"
-    mode: str = "annotate"
+    mode: Mode = "annotate"
     threshold: float = 0.5
-    keep: str = "safe"
+    keep: Keep = "safe"
     overwrite: bool = False
     resume: bool = False
     master: str | None = None
@@ -52,14 +58,15 @@ class JobConfig:
     histogram_bins: int = 20
 
     def __post_init__(self):
+        for key in ("embedding_columns", "score_columns"):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         if not self.input:
             raise ConfigError("'input' is required: a parquet file, folder, glob, or a LAION embedding folder")
         if not self.output:
             raise ConfigError("'output' is required: the folder the results are written to")
-        for key, allowed in (("mode", MODES), ("layout", LAYOUTS), ("keep", KEEP)):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; found {getattr(self, key)!r}")
-        if not isinstance(self.threshold, (int, float)) or not 0.0 <= float(self.threshold) <= 1.0:
+        check_types(self)
+        if not 0.0 <= float(self.threshold) <= 1.0:
             raise ConfigError(f"threshold must be a number in [0, 1] (unsafe ⇔ score ≥ threshold); "
                               f"found {self.threshold!r}")
         if self.overwrite and self.resume:
@@ -68,12 +75,10 @@ class JobConfig:
             raise ConfigError(f"score_columns {list(self.score_columns)} must name one column per embedding "
                               f"column {list(self.embedding_columns)}")
         for key in ("batch_rows", "rows_per_task", "histogram_bins"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+            if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer; found {getattr(self, key)!r}")
-        if not isinstance(self.compression, str) or self.compression.lower() not in COMPRESSIONS:
+        if self.compression.lower() not in COMPRESSIONS:
             raise ConfigError(f"compression must be one of {', '.join(COMPRESSIONS)}; found {self.compression!r}")
-        if not isinstance(self.storage_options, dict):
-            raise ConfigError("storage_options must be a mapping of fsspec options (endpoint_url, anon, profile …)")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -89,19 +94,13 @@ class JobConfig:
                 close = difflib.get_close_matches(key, known, n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ConfigError(f"unknown key(s) in {where}: {', '.join(hints)}. Valid keys: {', '.join(sorted(known))}")
-        values = dict(values)
+        # A key given without a value (YAML ``key:`` or ``null``) means its default.
+        values = {key: value for key, value in values.items() if value is not None or key in ("input", "output")}
         for key in ("embedding_columns", "score_columns"):
             if isinstance(values.get(key), str):
                 values[key] = (values[key],)
-            if values.get(key) is not None:
+            if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
-        if values.get("storage_options") is None:
-            values.pop("storage_options", None)
-        if "threshold" in values and isinstance(values["threshold"], str):
-            try:
-                values["threshold"] = float(values["threshold"])
-            except ValueError as err:
-                raise ConfigError(f"threshold must be a number in [0, 1]; found {values['threshold']!r}") from err
         try:
             return cls(**values)
         except TypeError as err:
@@ -133,6 +132,64 @@ class JobConfig:
         data = self.to_dict()
         data["storage_options"] = redact(self.storage_options)
         return data
+
+
+def _found(value: Any) -> str:
+    """How a wrongly typed value is named in an error: its YAML kind and its value."""
+    kinds = ((bool, "the boolean"), (int, "the integer"), (float, "the number"), (str, "the string"),
+             (collections.abc.Mapping, "a mapping"), ((list, tuple), "a list"))
+    kind = next((name for types_, name in kinds if isinstance(value, types_)), f"a {type(value).__name__}")
+    # Containers are named, not printed: storage_options may hold secrets.
+    return kind if isinstance(value, (collections.abc.Mapping, list, tuple)) else f"{kind} {value!r}"
+
+
+def _type_error(name: str, hint: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint`` of field ``name``, or None if it does.
+
+    Strict on purpose: YAML's ``"false"`` is a string and ``0`` an integer, never a boolean; a boolean is
+    never a number; an enum (Literal) takes only its listed values.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = [_type_error(name, arg, value) for arg in args if arg is not type(None)]
+        return None if None in errors else errors[0]
+    if hint is bool:
+        ok, expected = isinstance(value, bool), "true or false (a YAML boolean)"
+    elif hint is int:
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif hint is float:
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif hint is str:
+        ok, expected = isinstance(value, str), "a string"
+    elif origin is Literal:
+        if isinstance(value, str) and value in args:
+            return None
+        return f"{name} must be one of {', '.join(args)}; found {value!r}"
+    elif origin is tuple:
+        ok = isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value)
+        expected = "a list of strings"
+        if isinstance(value, (tuple, list)) and not ok:
+            bad = next(item for item in value if not isinstance(item, str))
+            return f"{name} must be {expected}; found {_found(bad)} in it"
+    elif hint is dict or origin is dict:
+        if isinstance(value, collections.abc.Mapping):
+            return None
+        kind = _found(value).split(" ")[:2]  # the kind only: a misplaced value may hold a secret
+        return f"{name} must be a mapping of fsspec options (endpoint_url, anon, profile …), found {' '.join(kind)}"
+    else:  # a field type this checker does not know: a programming error, caught by the tests
+        raise TypeError(f"no type check for field {name!r} of type {hint!r}")
+    return None if ok else f"{name} must be {expected}, found {_found(value)}"
+
+
+def check_types(config: "JobConfig") -> None:
+    """Raise ConfigError for the first field whose value does not fit its annotation (see ``_type_error``)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        problem = _type_error(field.name, hints[field.name], getattr(config, field.name))
+        if problem:
+            raise ConfigError(problem)
 
 
 def redact(options: Any) -> Any:

@@ -7,7 +7,8 @@ Output layout under ``output``:
 * filter: ``<rel>`` (the kept rows) and ``_rejected/<rel>`` (rows that could not be scored, with reason);
 * split: ``safe/<rel>``, ``unsafe/<rel>`` and ``_rejected/<rel>``;
 * ``_clip_nsfw_report.json`` (see ``build_report``), then ``_SUCCESS`` last;
-* ``_clip_nsfw_tasks/`` (one state file per completed task, and ``_job.json``: what this output is for).
+* ``_clip_nsfw_tasks/`` (one state file per completed task, and ``_job.json``: what this output is for);
+* ``_clip_nsfw_lease.json`` while a run writes the output (lease.py: one run at a time).
 
 ``<rel>`` is the input file's path relative to the input root (hive ``key=value`` folders included), or
 ``<stem>.slice-NNNNN.parquet`` when a large file is cut into several tasks.
@@ -16,11 +17,12 @@ Output layout under ``output``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +33,8 @@ from .errors import ConfigError, DimensionError, InputError, OutputError
 from .progress import ProgressWatcher
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model
 from .reader import Plan, Task, plan as plan_input
-from .storage import accessing, filesystem, join, unstrip
+from .lease import LEASE_NAME, RunLease, refuse_if_held
+from .storage import accessing, filesystem, is_local, join, locations, unstrip, within
 from .weights import PortableWeights
 from .worker import FAULT_ENV, TASKS_DIR, TMP_DIR, output_paths, process_task
 
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "_clip_nsfw_report.json"
 SUCCESS_NAME = "_SUCCESS"
 JOB_STATE = "_job.json"
+_DATA_SUFFIXES = (".parquet", ".parq", ".pq")
 # Settings that change what is written: a resume with different values would mix two datasets.
 _FINGERPRINT_KEYS = ("input", "layout", "embedding_columns", "score_columns", "reason_column", "mode",
                      "threshold", "keep", "rows_per_task", "write_embeddings", "compression", "replace_scores")
@@ -50,34 +54,150 @@ def default_score_columns(embedding_columns: tuple[str, ...]) -> tuple[str, ...]
     return tuple(f"punsafe_{column}" for column in embedding_columns)
 
 
-def _normal(fs, path: str) -> str:
-    return unstrip(fs, path).rstrip("/") + "/"
+@dataclasses.dataclass(frozen=True)
+class OutputTarget:
+    """The output folder after validation: ``fs`` and its canonical ``root`` (``storage.canonical``), the
+    canonical ``url`` every process writes to, and whether it held anything besides a lease (``non_empty``)."""
+
+    fs: Any
+    root: str
+    url: str
+    non_empty: bool
 
 
-def check_output(config: JobConfig, in_fs, in_root: str) -> tuple:
-    """Refuse outputs inside the input (or the reverse) and non-empty outputs without overwrite/resume."""
-    out_fs, out_root = filesystem(config.output, config.storage_options)
-    same_store = type(out_fs) is type(in_fs)
-    base_in = in_root.split("*")[0] if any(c in in_root for c in "*?[") else in_root
-    a, b = _normal(in_fs, base_in), _normal(out_fs, out_root)
-    if same_store and (b.startswith(a) or a.startswith(b)):
-        raise OutputError(f"output {unstrip(out_fs, out_root)} is inside the input {unstrip(in_fs, base_in)} (or "
-                          "contains it): choose an output folder outside the input; the input is never modified")
+def validate_output(config: JobConfig) -> OutputTarget:
+    """Check the output folder before any work, deleting nothing: the first step of ``run_job``.
+
+    Refuses: an output that is the input, lies inside it or contains it (compared in canonical form, so no
+    spelling, symlink or ``file://`` aliases them); a file; a folder another live run is writing (its lease);
+    a non-empty folder without ``overwrite``/``resume``; ``resume`` on a folder this tool did not write; and
+    ``overwrite`` of a folder this tool did not write, or that holds files it does not write (see
+    ``foreign_files``).
+    """
+    out_fs, out_paths = locations(config.output, config.storage_options)
+    in_fs, in_paths = locations(config.input, config.storage_options, glob_base=True)
+    out_root, in_base = out_paths[0], in_paths[0]
+    url = unstrip(out_fs, out_root)
+    shown = url if config.output.rstrip("/") == url else f"{config.output} (that is {url})"
+    inside = any(within(out_fs, o, in_fs, i) for o in out_paths for i in in_paths)
+    contains = any(within(in_fs, i, out_fs, o) for o in out_paths for i in in_paths)
+    if inside or contains:
+        relation = "is the input" if inside and contains else "is inside the input" if inside else "contains the input"
+        raise OutputError(f"output {shown} {relation} {unstrip(in_fs, in_base)}: choose an output folder outside "
+                          "the input; the input is never modified")
+    with accessing(in_fs, in_base, "input"):  # storage errors (credentials, endpoint) name the input first
+        in_fs.exists(in_base)
     with accessing(out_fs, out_root, "output"):
         exists = out_fs.exists(out_root)
-        non_empty = exists and out_fs.isdir(out_root) and bool(out_fs.ls(out_root, detail=False))
-    if exists and not out_fs.isdir(out_root):
-        raise OutputError(f"output {unstrip(out_fs, out_root)} is a file; it must be a folder")
-    if non_empty and not (config.overwrite or config.resume):
-        raise OutputError(f"output {unstrip(out_fs, out_root)} is not empty. Use --overwrite to replace it, "
+        if exists and not out_fs.isdir(out_root):
+            raise OutputError(f"output {shown} is a file; it must be a folder")
+        refuse_if_held(out_fs, out_root, url)
+        entries = [p for p in out_fs.ls(out_root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME] \
+            if exists else []
+    target = OutputTarget(out_fs, out_root, url, bool(entries))
+    if not target.non_empty:
+        return target
+    if not (config.overwrite or config.resume):
+        raise OutputError(f"output {shown} is not empty. Use --overwrite to replace it, "
                           "--resume to finish an interrupted run, or choose another folder.")
-    if non_empty and config.resume and not out_fs.exists(join(out_root, TASKS_DIR, JOB_STATE)):
-        raise OutputError(f"--resume refused: {unstrip(out_fs, out_root)} is not empty and was not written by "
+    if config.resume and not out_fs.exists(join(out_root, TASKS_DIR, JOB_STATE)):
+        raise OutputError(f"--resume refused: {shown} is not empty and was not written by "
                           "clip-nsfw-spark (no _clip_nsfw_tasks/_job.json). Choose another output folder.")
-    if non_empty and config.overwrite:
-        log.info("overwrite: removing %s", unstrip(out_fs, out_root))
-        out_fs.rm(out_root, recursive=True)
-    return out_fs, out_root
+    links = _symlinks(out_fs, out_root)
+    if links:
+        raise OutputError(f"output {shown} holds symlinks ({_listing(links)}); this tool never writes one and "
+                          "would write through them (perhaps into the input). Remove them or choose another "
+                          "output folder.")
+    if config.overwrite:
+        _refuse_foreign(target, shown)
+    return target
+
+
+def written_by_this_tool(fs, root: str) -> bool:
+    """Whether the folder holds this tool's state (``_clip_nsfw_tasks/_job.json``) or report."""
+    return fs.exists(join(root, TASKS_DIR, JOB_STATE)) or fs.exists(join(root, REPORT_NAME))
+
+
+def foreign_files(fs, root: str) -> list[str]:
+    """Files under ``root`` (relative paths) this tool never writes.
+
+    The tool writes its ``_clip_nsfw*`` files, ``_SUCCESS`` and parquet data files, which keep the input's
+    names: a name ending in ``.parquet``/``.parq``/``.pq`` counts as data, any other file is opened and
+    counts as data only if it starts with parquet's magic bytes ``PAR1``.
+    """
+    links = _symlinks(fs, root)
+    found = [link + " (a symlink)" for link in links]
+    for path in sorted(fs.find(root)):
+        rel = path[len(root):].lstrip("/")
+        if any(rel == link or rel.startswith(link + "/") for link in links):
+            continue
+        if rel.split("/", 1)[0].startswith("_clip_nsfw") or rel == SUCCESS_NAME or rel.endswith(_DATA_SUFFIXES):
+            continue
+        try:
+            with fs.open(path, "rb") as handle:
+                if handle.read(4) == b"PAR1":
+                    continue
+        except OSError:
+            pass
+        found.append(rel)
+    return found
+
+
+def _symlinks(fs, root: str) -> list[str]:
+    """Symlinks under a local ``root`` (relative paths, not followed). This tool never writes one: a symlink
+    in an output is foreign, and a symlink into the input would make the job write inside the input."""
+    if not is_local(fs):
+        return []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(found)
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _refuse_foreign(target: OutputTarget, shown: str) -> None:
+    """Refuse to overwrite a folder this tool did not write, or one holding files it does not write."""
+    fs, root = target.fs, target.root
+    with accessing(fs, root, "output"):
+        if not written_by_this_tool(fs, root):
+            names = sorted(p[len(root):].lstrip("/") for p in fs.find(root))
+            names = [n for n in names if n != LEASE_NAME]
+            raise OutputError(
+                f"--overwrite refused: output {shown} was not written by clip-nsfw-spark (it has no "
+                f"{TASKS_DIR}/{JOB_STATE} or {REPORT_NAME}); it holds {len(names)} file(s): {_listing(names)}. "
+                "Choose a new or empty output folder; if this folder is really meant to be replaced, empty it "
+                "yourself first.")
+        foreign = foreign_files(fs, root)
+    if foreign:
+        raise OutputError(
+            f"--overwrite refused: output {shown} holds {len(foreign)} file(s) clip-nsfw-spark does not write: "
+            f"{_listing(foreign)}. Move them out of the output folder (overwrite removes only this tool's "
+            "outputs) or choose another output folder.")
+
+
+def clear_output(target: OutputTarget) -> None:
+    """Remove everything in a validated output folder (``--overwrite``), keeping the folder and the lease.
+
+    Runs only after every validation passed and while this run holds the lease; it checks ownership and
+    foreign files again first, since the folder may have changed since ``validate_output``.
+    """
+    fs, root = target.fs, target.root
+    _refuse_foreign(target, target.url)
+    log.info("overwrite: removing the previous output in %s", target.url)
+    with accessing(fs, root, "output"):
+        for path in fs.ls(root, detail=False):
+            if path.rstrip("/").rsplit("/", 1)[-1] == LEASE_NAME:
+                continue
+            if is_local(fs) and os.path.islink(path):
+                os.unlink(path)  # the link, never what it points to
+            else:
+                fs.rm(path, recursive=True)
 
 
 def _check_dimension(plan: Plan, in_fs, dim: int, model_name: str) -> None:
@@ -169,7 +289,17 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
     ``None`` runs them here, one after the other (the Spark runner lives in spark.py). ``progress``
     shows tasks done, rows/s and ETA while they run (see progress.py). ``io_only`` replaces the model
     by a constant 0 (the benchmark's IO floor; never for real outputs).
+
+    The output is validated first (``validate_output``, before planning and model conversion), then the
+    run holds the output's lease (lease.py) until it ends: another run cannot write the same output.
     """
+    target = validate_output(config)
+    with RunLease(target.fs, target.root) as lease:
+        return _run_job(config, target, lease, runner, progress, io_only)
+
+
+def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: Callable | None, progress: bool,
+             io_only: bool) -> dict:
     started = time.perf_counter()
     durations = {}
     in_fs, in_root = filesystem(config.input, config.storage_options)
@@ -187,8 +317,11 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
              "io_only": io_only}
     durations["model"] = time.perf_counter() - t0
 
-    out_fs, out_root = check_output(config, in_fs, in_root)
+    out_fs, out_root = target.fs, target.root
+    if config.overwrite and target.non_empty:
+        clear_output(target)
     task_config = config.to_dict() | {
+        "output": target.url, "run_id": lease.run_id,  # one canonical spelling; the run tasks commit for
         "layout": plan.layout, "embedding_columns": list(plan.embedding_columns),
         "score_columns": list(score_columns),
         "fault": os.environ.get(FAULT_ENV),  # tests only (see worker.inject_fault)
@@ -221,6 +354,7 @@ def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = 
                           "run again with --resume")
     _check_rows(plan, [by_id[t.task_id] for t in plan.tasks], config.mode, config.keep)
     stats = [by_id[t.task_id] for t in plan.tasks]
+    lease.check()  # a run that lost its lease must not mark the output complete
     if out_fs.exists(join(out_root, TMP_DIR)):
         out_fs.rm(join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started

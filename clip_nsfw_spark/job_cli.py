@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from .config import JobConfig
 
@@ -77,17 +78,27 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+INTERRUPTED = "clip-nsfw-spark: interrupted; the output is incomplete: rerun with --resume"
+
+
 def run_from_args(args, default_master: str | None) -> int:
+    """Run the job from parsed options; print the summary. Ctrl-C (SIGINT) ends with one line and status 130
+    (128 + SIGINT, the shell's convention): the run's lease is released on the way out, so ``--resume``
+    can follow at once."""
     from .job import REPORT_NAME, run_job
 
     config = config_from_args(args)
-    if args.local_runner:
-        report = run_job(config, progress=True)
-    else:
-        from .spark import spark_runner, spark_session
+    try:
+        if args.local_runner:
+            report = run_job(config, progress=True)
+        else:
+            from .spark import spark_runner, spark_session
 
-        with spark_session(config.master or default_master) as spark:
-            report = run_job(config, runner=spark_runner(spark), progress=True)
+            with spark_session(config.master or default_master) as spark:
+                report = run_job(config, runner=spark_runner(spark), progress=True)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     print(summary(report))
     print(f"  report    {config.output.rstrip('/')}/{REPORT_NAME}")
     return 0

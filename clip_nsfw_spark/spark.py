@@ -100,7 +100,8 @@ def spark_runner(spark):
 
         frame = spark.range(0, len(payload), 1, numPartitions=len(payload)).mapInArrow(process_partition, "stats string")
         try:
-            rows = frame.collect()
+            with _cancel_on_interrupt(spark):
+                rows = frame.collect()
         except Exception as err:  # noqa: BLE001 - Py4J, PySpark and Connect raise different types
             raise _spark_failure(err) from None
         results = [json.loads(row.stats) for row in rows]
@@ -129,6 +130,47 @@ def _spark_failure(err: Exception):
     last = next((line.strip() for line in text.splitlines() if "Error" in line or "Exception" in line),
                 type(err).__name__)
     return TaskError(f"the Spark job failed: {last[:500]}. The output is incomplete: rerun with --resume.")
+
+
+@contextlib.contextmanager
+def _cancel_on_interrupt(spark):
+    """While the driver waits for Spark jobs, Ctrl-C (SIGINT) cancels them and raises KeyboardInterrupt.
+
+    PySpark's own handler calls the JVM from inside the signal handler; when the signal lands while the main
+    thread is reading a py4j answer (as it is in ``collect``), that nested call fails and py4j logs several
+    tracebacks. Here the handler only starts a thread that cancels the jobs; ``collect`` then fails with a
+    cancellation, which becomes one KeyboardInterrupt. A second Ctrl-C raises at once.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = threading.Event()
+
+    def cancel():
+        try:
+            spark.sparkContext.cancelAllJobs()
+        except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext
+            with contextlib.suppress(Exception):
+                spark.interruptAll()
+
+    def on_interrupt(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        threading.Thread(target=cancel, name="clip-nsfw-cancel", daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    except Exception:
+        if interrupted.is_set():
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # --------------------------------------------------------------------------------- DataFrame / SQL API

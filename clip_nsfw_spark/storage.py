@@ -10,7 +10,9 @@ every machine (untested here: no HDFS is available on this machine kind).
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
+import re
 
 import fsspec
 
@@ -29,6 +31,83 @@ def filesystem(url: str, storage_options: dict | None = None):
         raise MissingDependencyError(f"reading {url} needs an fsspec backend: {err}. For s3:// run "
                                      "pip install 'clip-nsfw-spark[s3]'") from err
     return fs, path.rstrip("/") if path not in ("/",) else path
+
+
+def canonical(url: str, storage_options: dict | None = None, glob_base: bool = False):
+    """Return ``(fs, path)`` with ``path`` in the one spelling this job compares, deletes and writes by.
+
+    Every spelling of one location gives the same ``path``: ``//``, ``.``, ``..`` and a trailing ``/`` are
+    normalised; ``file://``, relative and ``~`` paths become absolute; on a local filesystem symlinks are
+    resolved (``os.path.realpath``, which also resolves the existing parent of a path not created yet, as
+    the kernel will when it is written); on an object store the key is ``bucket/key`` without empty or
+    ``.`` parts and with ``..`` applied (never above the bucket). Comparing object-store keys this way is
+    deliberately conservative: S3 itself treats ``b//in`` and ``b/in`` as different keys, but a path that
+    could be the input is never used as the output. ``glob_base`` cuts a glob at its first part holding
+    ``*``, ``?`` or ``[``: the folder every match lies under (``/d/in/*.parquet`` → ``/d/in``).
+    """
+    fs, path = filesystem(url, storage_options)
+    if glob_base:
+        path = _glob_base(path)
+    if is_local(fs):
+        return fs, os.path.realpath(os.path.expanduser(path))
+    bucket, _, key = re.sub("/+", "/", path).lstrip("/").partition("/")
+    key = posixpath.normpath("/" + key).lstrip("/")
+    return fs, join(bucket, key) if key else bucket
+
+
+def _glob_base(path: str) -> str:
+    """The path up to (not including) its first part holding a glob character."""
+    parts = path.split("/")
+    cut = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+    return "/".join(parts[:cut]) or "/"
+
+
+def locations(url: str, storage_options: dict | None = None, glob_base: bool = False):
+    """Return ``(fs, paths)``: the canonical path and, on a local filesystem whose path ends in a symlink,
+    also where that symlink itself sits (its parent resolved, its name kept). Containment checks compare
+    every pair: a folder holding a symlink to the input holds the input's path, and deleting it would take
+    that path away, even though the data lives elsewhere.
+    """
+    fs, resolved = canonical(url, storage_options, glob_base)
+    paths = [resolved]
+    if is_local(fs):
+        raw = filesystem(url, storage_options)[1]
+        raw = os.path.expanduser(_glob_base(raw) if glob_base else raw).rstrip("/")
+        head, _, tail = raw.rpartition("/")
+        if tail not in ("", ".", ".."):
+            link = os.path.join(os.path.realpath(head or "/"), tail)
+            if link != resolved:
+                paths.append(link)
+    return fs, paths
+
+
+def location(fs, path: str) -> str:
+    """A key that differs between two canonical locations unless they are the same store and path."""
+    protocol = "file" if is_local(fs) else (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
+    return f"{protocol}://{path.rstrip('/')}"
+
+
+def within(fs_a, a: str, fs_b, b: str) -> bool:
+    """Whether canonical location ``a`` is ``b`` or lies under it (same store, whole path parts).
+
+    On a local filesystem the folders are also compared by identity (device and inode): a bind mount or a
+    case-insensitive filesystem (``/D/IN`` is ``/d/in`` on macOS) gives one folder two canonical paths.
+    """
+    inner, outer = location(fs_a, a), location(fs_b, b)
+    if outer.endswith("://"):  # the root of a filesystem holds everything on it
+        return inner.startswith(outer)
+    if inner == outer or inner.startswith(outer + "/"):
+        return True
+    if is_local(fs_a) and is_local(fs_b) and os.path.exists(b):
+        path = a
+        while True:
+            if os.path.exists(path) and os.path.samefile(path, b):
+                return True
+            parent = os.path.dirname(path)
+            if parent == path:
+                return False
+            path = parent
+    return False
 
 
 def is_local(fs) -> bool:

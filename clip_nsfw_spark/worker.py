@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from .embeddings import REASON_SCORE, decode, row_problems
 from .errors import ClipNsfwError, InputError, TaskError
+from .lease import check_owner
 from .reader import Task, read_npy_rows
 from .scorer import NumpyScorer
 from .storage import filesystem, join, unstrip
@@ -104,12 +105,16 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
 
 
 class _AtomicParquet:
-    """A parquet file that appears under its final name only when complete (temp file, then move)."""
+    """A parquet file that appears under its final name only when complete (temp file, then move).
+
+    The temp name is ``_clip_nsfw_tmp/<32 hex>.parquet`` whatever ``rel`` is: a name built from a deep
+    relative path would pass the filesystem's 255-byte limit on one name ("File name too long").
+    """
 
     def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str):
         self.fs, self.final = fs, join(root, rel)
-        self.tmp = join(root, TMP_DIR, uuid.uuid4().hex, rel.replace("/", "__"))
-        fs.makedirs(self.tmp.rsplit("/", 1)[0], exist_ok=True)
+        self.tmp = join(root, TMP_DIR, uuid.uuid4().hex + ".parquet")
+        fs.makedirs(join(root, TMP_DIR), exist_ok=True)
         self._handle = fs.open(self.tmp, "wb")
         self._writer = pq.ParquetWriter(self._handle, schema, compression=compression,
                                         use_dictionary=dictionary_columns(schema))
@@ -126,7 +131,6 @@ class _AtomicParquet:
         parent = self.final.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         self.fs.mv(self.tmp, self.final)
-        self._cleanup()
 
     def abort(self) -> None:
         try:
@@ -135,13 +139,6 @@ class _AtomicParquet:
         finally:
             if self.fs.exists(self.tmp):
                 self.fs.rm(self.tmp)
-            self._cleanup()
-
-    def _cleanup(self) -> None:
-        try:
-            self.fs.rmdir(self.tmp.rsplit("/", 1)[0])
-        except (OSError, NotImplementedError):
-            pass  # object stores have no empty folders; a local one may be shared by a retry
 
 
 def _task_batches(task: Task, fs, batch_rows: int, timings: Counter):
@@ -365,6 +362,7 @@ def _process_task(task: Task, config: dict, model: dict) -> dict:
             batches += 1
             inject_fault(config.get("fault"), "batch", task, batches)
         t0 = time.perf_counter()
+        check_owner(out_fs, out_root, config.get("run_id"))  # a run that lost its lease must not commit
         for number, stream in enumerate(sorted(writers)):
             writers[stream].commit()
             inject_fault(config.get("fault"), "commit", task, number + 1)

@@ -1,0 +1,217 @@
+"""One run at a time per output (issue #10, class 10) and Ctrl-C ending with one line.
+
+A run holds ``<output>/_clip_nsfw_lease.json`` while it lives; a second run is refused; a task whose run
+no longer holds the lease does not move its files into place (in-process and on Spark executors).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.errors import OutputError
+from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
+from clip_nsfw_spark import lease as lease_module
+from clip_nsfw_spark.lease import LEASE_NAME, STALE_SECONDS, RunLease, read_lease, stale_reason
+from clip_nsfw_spark.storage import filesystem
+from clip_nsfw_spark.sample import write_parquet_sample
+from clip_nsfw_spark.worker import process_task
+from conftest import ROOT, needs_models
+
+INTERRUPTED = "clip-nsfw-spark: interrupted; the output is incomplete: rerun with --resume"
+
+
+def write_lease(out, run_id="0th3rrun", host="elsewhere", pid=4242, age=0.0, pidns=None):
+    (out / LEASE_NAME).write_text(json.dumps({"run_id": run_id, "host": host, "pid": pid, "pidns": pidns,
+                                              "started": "2026-01-01 00:00:00 UTC",
+                                              "heartbeat": time.time() - age}))
+
+
+def data_files(root):
+    """{relative path: table} of the data files (no _ state), for comparing two runs."""
+    return {str(p.relative_to(root)): pq.read_table(p) for p in sorted(root.rglob("*.parquet"))
+            if not str(p.relative_to(root)).startswith("_")}
+
+
+def assert_same(a, b):
+    left, right = data_files(a), data_files(b)
+    assert sorted(left) == sorted(right) and left
+    for name in left:
+        assert left[name].equals(right[name]), name
+
+
+def _cli(args, **kwargs):
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    return subprocess.Popen([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for(predicate, process, seconds=300):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not predicate():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    assert predicate()
+
+
+@needs_models
+def test_a_live_lease_refuses_other_runs_and_a_stale_one_is_taken_over(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=40, files=2)
+    out = tmp_path / "out"
+    run_job(JobConfig(input=str(tmp_path / "in"), output=str(out)))
+    assert not (out / LEASE_NAME).exists()  # released by a finished run
+    write_lease(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for flags in ({"resume": True}, {"overwrite": True}, {}):
+        with pytest.raises(OutputError, match=rf"output {out} is being written by run 0th3rrun started at "
+                                              r"2026-01-01 00:00:00 UTC on host elsewhere, pid 4242; wait for it "
+                                              r"or, if it died, rerun with --resume after \d{4}-"):
+            run_job(JobConfig(input=str(tmp_path / "in"), output=str(out), **flags))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    write_lease(out, age=STALE_SECONDS + 5)  # no heartbeat for longer than the stale time
+    assert run_job(JobConfig(input=str(tmp_path / "in"), output=str(out), resume=True))["tasks_resumed"] == 2
+    assert not (out / LEASE_NAME).exists()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    # Fresh heartbeat, but its driver is dead: on this host and in this pid namespace only.
+    write_lease(out, host=socket.gethostname(), pid=gone.pid, pidns=os.readlink("/proc/self/ns/pid"))
+    assert run_job(JobConfig(input=str(tmp_path / "in"), output=str(out), overwrite=True))["rows"]["read"] == 40
+    assert (out / SUCCESS_NAME).exists() and not (out / LEASE_NAME).exists()
+
+
+def _stealing_runner(out, inner=None):
+    """A runner that lets the first task commit, then hands the lease to another run, then runs the rest."""
+
+    def run(tasks, task_config, model):
+        first = [process_task(tasks[0], task_config, model)]
+        write_lease(out)
+        rest = tasks[1:]
+        return first + (inner(rest, task_config, model) if inner else [process_task(t, task_config, model)
+                                                                        for t in rest])
+
+    return run
+
+
+@needs_models
+def test_a_task_whose_run_lost_the_lease_does_not_commit(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=60, files=3)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match=r"run \w+ no longer holds the lease of output .*out: it is held by run "
+                                          r"0th3rrun \(host elsewhere, pid 4242\)\. This task's files were not "
+                                          r"moved into place"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(out)), runner=_stealing_runner(out))
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000.parquet"]
+    assert len(list((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json"))) == 1
+    assert json.loads((out / LEASE_NAME).read_text())["run_id"] == "0th3rrun"  # the other run's lease stays
+    assert not (out / SUCCESS_NAME).exists()
+
+
+@needs_models
+def test_executors_check_the_lease_at_commit(tmp_path, spark):
+    from clip_nsfw_spark.spark import spark_runner
+
+    write_parquet_sample(str(tmp_path / "in"), rows=60, files=3)
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="no longer holds the lease"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(out)),
+                runner=_stealing_runner(out, spark_runner(spark)))
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000.parquet"]
+    assert not list((out / "_clip_nsfw_tmp").glob("*"))  # the refused tasks removed their temp files
+    assert not (out / SUCCESS_NAME).exists()
+
+
+@needs_models
+def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(tmp_path):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=24000, files=24)
+    run_job(JobConfig(input=str(source), output=str(tmp_path / "clean")))
+    out = tmp_path / "out"
+    first = _cli(["--input", str(source), "--output", str(out), "--master", "local[1]", "--batch-rows", "20"])
+    _wait_for(lambda: (out / LEASE_NAME).exists() and any((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json")),
+              first)
+    lease = json.loads((out / LEASE_NAME).read_text())
+    for flag in ("--overwrite", "--resume"):
+        second = _cli(["--input", str(source), "--output", str(out), flag, "--local-runner"])
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2, err[-3000:]
+        assert (f"is being written by run {lease['run_id']} started at {lease['started']} on host "
+                f"{socket.gethostname()}, pid {first.pid}; wait for it or, if it died, rerun with --resume after") \
+            in err
+    assert first.poll() is None, "the first run ended before the second was tried: make it slower"
+    out_text, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert "read 24,000" in out_text
+    assert_same(tmp_path / "clean", out)
+    assert not (out / LEASE_NAME).exists() and not (out / "_clip_nsfw_tmp").exists()
+
+
+@needs_models
+def test_ctrl_c_ends_with_one_line_and_resume_completes(tmp_path):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=16000, files=16)
+    run_job(JobConfig(input=str(source), output=str(tmp_path / "clean")))
+    out = tmp_path / "out"
+    process = _cli(["--input", str(source), "--output", str(out), "--master", "local[1]", "--batch-rows", "20"],
+                   start_new_session=True)
+    _wait_for(lambda: any((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json")), process)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.count(INTERRUPTED) == 1
+    assert not (out / LEASE_NAME).exists() and not (out / SUCCESS_NAME).exists()
+    resumed = _cli(["--input", str(source), "--output", str(out), "--resume", "--local-runner"])
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert_same(tmp_path / "clean", out)
+    assert json.loads((out / REPORT_NAME).read_text())["rows"]["read"] == 16000
+
+
+def test_the_heartbeat_refreshes_the_lease_and_notices_a_takeover(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "HEARTBEAT_SECONDS", 0.05)
+    fs, root = filesystem(str(tmp_path / "out"))
+    with RunLease(fs, root) as held:
+        first = read_lease(fs, root)["heartbeat"]
+        deadline = time.time() + 10
+        while time.time() < deadline and read_lease(fs, root)["heartbeat"] == first:
+            time.sleep(0.02)
+        assert read_lease(fs, root)["heartbeat"] > first
+        with pytest.raises(OutputError, match="is being written by run " + held.run_id):
+            RunLease(fs, root).acquire()
+        write_lease(tmp_path / "out")  # another run takes it (as after a wrongly judged stale lease)
+        time.sleep(0.3)
+        assert held.lost == "run 0th3rrun on host elsewhere took its lease over"
+        with pytest.raises(OutputError, match=rf"run {held.run_id} lost the lease of output .*out"):
+            held.check()
+    assert read_lease(fs, root)["run_id"] == "0th3rrun"  # not released: it is not ours
+
+
+def test_stale_means_an_old_heartbeat_or_a_dead_pid_on_this_host():
+    now = time.time()
+    fresh = {"run_id": "r", "host": socket.gethostname(), "pid": os.getpid(),
+             "pidns": os.readlink("/proc/self/ns/pid"), "heartbeat": now}
+    assert stale_reason(fresh) is None
+    assert "no heartbeat for" in stale_reason(fresh | {"heartbeat": now - STALE_SECONDS - 1})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert "is gone" in stale_reason(fresh | {"pid": gone.pid})
+    assert stale_reason(fresh | {"pid": gone.pid, "pidns": "pid:[1]"}) is None  # another container's pid
+    assert stale_reason(fresh | {"pid": gone.pid, "host": "elsewhere"}) is None
+
+
+def test_the_lease_on_s3_admits_one_run(s3_server):
+    s3 = s3_server.filesystem()
+    s3.mkdir("leases")
+    fs, root = filesystem("s3://leases/out", s3_server.storage_options())
+    with RunLease(fs, root) as held:
+        assert read_lease(fs, root)["run_id"] == held.run_id
+        with pytest.raises(OutputError, match=f"output s3://leases/out is being written by run {held.run_id}"):
+            RunLease(fs, root).acquire()
+    assert read_lease(fs, root) is None
