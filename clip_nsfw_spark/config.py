@@ -28,6 +28,39 @@ KEEP = typing.get_args(Keep)
 # Parquet codecs pyarrow writes (checked before any work: a typo must not fail inside every task).
 COMPRESSIONS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
+DEFAULT_MODEL = "vit-l-14"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+    """One head of a run (``models:`` in YAML, ``--model`` repeated): a registry name or a path, and
+    optionally its own score column (default: the head's, ``punsafe`` or ``pviolence``) and threshold
+    (default: the run's ``threshold``)."""
+
+    model: str
+    score_column: str | None = None
+    threshold: float | None = None
+
+    @classmethod
+    def parse(cls, item: Any, where: str = "models") -> "ModelChoice":
+        """A YAML/CLI item: ``"violence-l-14"`` or ``{model: …, score_column: …, threshold: …}``."""
+        if isinstance(item, cls):
+            return item
+        if isinstance(item, str) and item:
+            return cls(item)
+        if not isinstance(item, collections.abc.Mapping):
+            raise ConfigError(f"each entry of {where} must be a model name or a mapping with 'model' "
+                              f"(and optionally 'score_column', 'threshold'); found {_found(item)}")
+        unknown = sorted(set(item) - {"model", "score_column", "threshold"})
+        if unknown or not isinstance(item.get("model"), str) or not item.get("model"):
+            raise ConfigError(f"an entry of {where} must have 'model' (a name or path) and may have "
+                              f"'score_column', 'threshold'; found {dict(item)!r}")
+        column, threshold = item.get("score_column"), item.get("threshold")
+        if column is not None and (not isinstance(column, str) or not column):
+            raise ConfigError(f"score_column of {item['model']} in {where} must be a column name; found {_found(column)}")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise ConfigError(f"threshold of {item['model']} in {where} must be a number; found {_found(threshold)}")
+        return cls(item["model"], column, None if threshold is None else float(threshold))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +73,8 @@ class JobConfig:
     embedding_columns: tuple[str, ...] = ()
     score_columns: tuple[str, ...] = ()
     reason_column: str = "nsfw_reject_reason"
-    model: str = "vit-l-14"
+    model: str = DEFAULT_MODEL
+    models: tuple[ModelChoice, ...] = ()
     mode: Mode = "annotate"
     threshold: float = 0.5
     keep: Keep = "safe"
@@ -61,6 +95,10 @@ class JobConfig:
         for key in ("embedding_columns", "score_columns"):
             if isinstance(getattr(self, key), list):
                 object.__setattr__(self, key, tuple(getattr(self, key)))
+        if isinstance(self.models, (str, collections.abc.Mapping)):
+            object.__setattr__(self, "models", (self.models,))
+        if isinstance(self.models, (list, tuple)):
+            object.__setattr__(self, "models", tuple(ModelChoice.parse(item) for item in self.models))
         if not self.input:
             raise ConfigError("'input' is required: a parquet file, folder, glob, or a LAION embedding folder")
         if not self.output:
@@ -77,8 +115,21 @@ class JobConfig:
         for key in ("batch_rows", "rows_per_task", "histogram_bins"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer; found {getattr(self, key)!r}")
+        if self.models and self.model != DEFAULT_MODEL:
+            raise ConfigError(f"give the heads either as model ({self.model!r}) or as models "
+                              f"({[m.model for m in self.models]}), not both")
+        for choice in self.models:
+            if choice.threshold is not None and not 0.0 <= choice.threshold <= 1.0:
+                raise ConfigError(f"threshold of {choice.model} must be in [0, 1]; found {choice.threshold!r}")
+        if self.score_columns and len(self.choices()) > 1:
+            raise ConfigError("score_columns names one column per embedding column for a single model; with "
+                              "several models give each its own score_column under models:")
         if self.compression.lower() not in COMPRESSIONS:
             raise ConfigError(f"compression must be one of {', '.join(COMPRESSIONS)}; found {self.compression!r}")
+
+    def choices(self) -> tuple[ModelChoice, ...]:
+        """The heads of this run, in order: ``models`` if given, else the one ``model``."""
+        return self.models or (ModelChoice(self.model),)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -167,6 +218,9 @@ def _type_error(name: str, hint: Any, value: Any) -> str | None:
         if isinstance(value, str) and value in args:
             return None
         return f"{name} must be one of {', '.join(args)}; found {value!r}"
+    elif origin is tuple and args and args[0] is not str:
+        ok, expected = isinstance(value, tuple) and all(isinstance(item, args[0]) for item in value), \
+            f"a list of {args[0].__name__}"
     elif origin is tuple:
         ok = isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value)
         expected = "a list of strings"

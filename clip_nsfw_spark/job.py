@@ -35,7 +35,6 @@ from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model
 from .reader import Plan, Task, plan as plan_input
 from .lease import LEASE_NAME, RunLease, refuse_if_held
 from .storage import accessing, filesystem, is_local, join, locations, unstrip, within
-from .weights import PortableWeights
 from .worker import FAULT_ENV, TASKS_DIR, TMP_DIR, output_paths, process_task
 
 log = logging.getLogger(__name__)
@@ -46,12 +45,6 @@ _DATA_SUFFIXES = (".parquet", ".parq", ".pq")
 # Settings that change what is written: a resume with different values would mix two datasets.
 _FINGERPRINT_KEYS = ("input", "layout", "embedding_columns", "score_columns", "reason_column", "mode",
                      "threshold", "keep", "rows_per_task", "write_embeddings", "compression", "replace_scores")
-
-
-def default_score_columns(embedding_columns: tuple[str, ...]) -> tuple[str, ...]:
-    if len(embedding_columns) == 1:
-        return ("punsafe",)
-    return tuple(f"punsafe_{column}" for column in embedding_columns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,29 +193,83 @@ def clear_output(target: OutputTarget) -> None:
                 fs.rm(path, recursive=True)
 
 
-def _check_dimension(plan: Plan, in_fs, dim: int, model_name: str) -> None:
-    """Fail early (before any task runs) when the data's embedding width does not fit the model."""
+def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
+    """The embedding width of each column to score: the npy width (every file checked by the planner), or
+    the commonest list length in the first rows of the first parquet file (fixed-size lists: the type's)."""
     first = plan.tasks[0] if plan.tasks else None
     if first is None:
-        return
+        return {}
     if plan.layout == "laion-npy":
-        widths = {"embedding": plan.npy_width}  # the planner checked that every npy file has this width
-    else:
-        with in_fs.open(first.path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            widths = {}
-            for column in plan.embedding_columns:
-                for batch in parquet.iter_batches(batch_size=64, columns=[column]):
-                    values = batch.column(0)
-                    lengths = np.array([values.type.list_size]) if pa.types.is_fixed_size_list(values.type) \
-                        else values.value_lengths().drop_null().to_numpy(zero_copy_only=False)
-                    if len(lengths):
-                        widths[column] = int(np.bincount(lengths).argmax())
-                        break
+        return {"embedding": plan.npy_width}
+    widths = {}
+    with in_fs.open(first.path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        for column in plan.embedding_columns:
+            for batch in parquet.iter_batches(batch_size=64, columns=[column]):
+                values = batch.column(0)
+                lengths = np.array([values.type.list_size]) if pa.types.is_fixed_size_list(values.type) \
+                    else values.value_lengths().drop_null().to_numpy(zero_copy_only=False)
+                if len(lengths):
+                    widths[column] = int(np.bincount(lengths).argmax())
+                    break
+    return widths
+
+
+@dataclasses.dataclass(frozen=True)
+class RunHead:
+    """A head as the driver resolved it: what executors need (``payload``) and what the report says."""
+
+    name: str
+    sha256: str
+    source: str
+    dim: int
+    score_column: str  # before any per-embedding-column suffix
+    threshold: float
+    payload: dict
+
+
+def resolve_heads(config: JobConfig) -> list[RunHead]:
+    """Fetch, verify and convert every head of the run once (models.py); read their widths."""
+    from .heads import head_defaults, scorer_from_portable
+
+    heads = []
+    for choice in config.choices():
+        resolved = prepare_model(choice.model)
+        name = canonical_name(choice.model) or resolved.name
+        data = resolved.portable.read_bytes()
+        column, _ = head_defaults(choice.model)
+        heads.append(RunHead(name, resolved.sha256, str(resolved.source), scorer_from_portable(data).dim,
+                             choice.score_column or column,
+                             float(config.threshold if choice.threshold is None else choice.threshold),
+                             {"bytes": data, "sha256": resolved.sha256, "name": name}))
+    return heads
+
+
+def score_targets(config: JobConfig, plan: Plan, heads: list[RunHead]) -> list[tuple[str, list]]:
+    """``[(embedding column, [(score column, head index, threshold), …]), …]``: one column per head and
+    embedding column. One embedding column: the head's column (``punsafe``, ``pviolence`` or its own);
+    several: ``<column>_<embedding column>``; a single head may be named per column by ``score_columns``."""
+    several = len(plan.embedding_columns) > 1
+    targets = []
+    for position, embedding in enumerate(plan.embedding_columns):
+        outputs = []
+        for index, head in enumerate(heads):
+            if config.score_columns:
+                name = config.score_columns[position]
+            else:
+                name = f"{head.score_column}_{embedding}" if several else head.score_column
+            outputs.append((name, index, head.threshold))
+        targets.append((embedding, outputs))
+    return targets
+
+
+def check_widths(widths: dict[str, int], heads: list[RunHead]) -> None:
+    """Fail early (before any task runs) when a head does not fit the data's embedding width."""
     for column, width in widths.items():
-        if width != dim:
-            raise DimensionError(f"column {column!r} holds {width}-d embeddings but model {model_name!r} expects "
-                                 f"{dim}-d{fitting_model_hint(width)}")
+        for head in heads:
+            if width != head.dim:
+                raise DimensionError(f"column {column!r} holds {width}-d embeddings but model {head.name!r} "
+                                     f"expects {head.dim}-d{fitting_model_hint(width)}")
 
 
 def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str, ...]) -> None:
@@ -231,8 +278,8 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
     An input may already hold a score column (LAION's joined metadata has ``punsafe``; so does an output
     of this job scored again): that is an error unless ``replace_scores`` says to overwrite it.
     """
-    if len(score_columns) != len(plan.embedding_columns):
-        raise ConfigError(f"score_columns {list(score_columns)} must name one column per embedding column "
+    if config.score_columns and len(config.score_columns) != len(plan.embedding_columns):
+        raise ConfigError(f"score_columns {list(config.score_columns)} must name one column per embedding column "
                           f"{list(plan.embedding_columns)}")
     added = list(score_columns) + [config.reason_column]
     if plan.layout == "laion-npy" and config.write_embeddings:
@@ -304,17 +351,18 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
     durations = {}
     in_fs, in_root = filesystem(config.input, config.storage_options)
     plan = plan_input(config)
-    score_columns = tuple(config.score_columns or default_score_columns(plan.embedding_columns))
-    check_output_columns(plan, config, score_columns)
+    if config.score_columns and len(config.score_columns) != len(plan.embedding_columns):
+        raise ConfigError(f"score_columns {list(config.score_columns)} must name one column per embedding column "
+                          f"{list(plan.embedding_columns)}")
     durations["plan"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
-    resolved = prepare_model(config.model)
-    weights = PortableWeights.load(resolved.portable)
-    model_name = canonical_name(config.model) or resolved.name
-    _check_dimension(plan, in_fs, weights.dim, model_name)
-    model = {"bytes": resolved.portable.read_bytes(), "sha256": resolved.sha256, "name": model_name,
-             "io_only": io_only}
+    heads = resolve_heads(config)
+    check_widths(embedding_widths(plan, in_fs), heads)
+    targets = score_targets(config, plan, heads)
+    score_columns = tuple(name for _, outputs in targets for name, _, _ in outputs)
+    check_output_columns(plan, config, score_columns)
+    model = {"heads": [head.payload for head in heads], "io_only": io_only}
     durations["model"] = time.perf_counter() - t0
 
     out_fs, out_root = target.fs, target.root
@@ -323,15 +371,16 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
     task_config = config.to_dict() | {
         "output": target.url, "run_id": lease.run_id,  # one canonical spelling; the run tasks commit for
         "layout": plan.layout, "embedding_columns": list(plan.embedding_columns),
-        "score_columns": list(score_columns),
+        "score_columns": list(score_columns), "targets": [[e, [list(o) for o in outs]] for e, outs in targets],
         "fault": os.environ.get(FAULT_ENV),  # tests only (see worker.inject_fault)
     }
-    fingerprint = {key: task_config[key] for key in _FINGERPRINT_KEYS} | {"model_sha256": resolved.sha256}
+    fingerprint = {key: task_config[key] for key in _FINGERPRINT_KEYS} | {
+        "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads]}
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(out_fs, out_root, fingerprint, config.resume, plan, config.mode)
     pending = [task for task in plan.tasks if task.task_id not in done]
     log.info("%d tasks (%d rows) in %s; %d already complete; model %s", len(plan.tasks), plan.total_rows,
-             config.input, len(plan.tasks) - len(pending), model_name)
+             config.input, len(plan.tasks) - len(pending), ", ".join(h.name for h in heads))
     for path, why in plan.skipped[:20]:
         log.warning("skipped %s: %s", path, why)
 
@@ -358,7 +407,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
     if out_fs.exists(join(out_root, TMP_DIR)):
         out_fs.rm(join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started
-    report = build_report(config, task_config, plan, resolved, weights.dim, model_name, stats, durations,
+    report = build_report(config, task_config, plan, heads, stats, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions)
     with out_fs.open(join(out_root, REPORT_NAME), "w") as handle:
         handle.write(json.dumps(report, indent=2))
@@ -418,14 +467,17 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     return done, actions
 
 
-def build_report(config, task_config, plan, resolved, dim, model_name, stats, durations, resumed,
+def build_report(config, task_config, plan, heads: list[RunHead], stats, durations, resumed,
                  resume_actions=None) -> dict:
-    """The JSON report: config (secrets redacted), model, row counts by stream and reason, histogram, timing."""
+    """The JSON report: config (secrets redacted), heads, row counts by stream and reason, per-head unsafe
+    counts and score histograms, timing. ``model`` describes the first head (as when a run had one)."""
     written: dict[str, int] = {}
     rejected: dict[str, int] = {}
     stages: dict[str, float] = {}
     bins = config.histogram_bins
-    histogram = np.zeros(bins, dtype=np.int64)
+    histograms = {name: np.zeros(bins, dtype=np.int64) for name in task_config["score_columns"]}
+    outside = {name: [0, 0] for name in task_config["score_columns"]}
+    flagged = {name: 0 for name in task_config["score_columns"]}
     for s in stats:
         for stream, n in s["rows_written"].items():
             written[stream] = written.get(stream, 0) + n
@@ -433,23 +485,39 @@ def build_report(config, task_config, plan, resolved, dim, model_name, stats, du
             rejected[reason] = rejected.get(reason, 0) + n
         for stage, seconds in s["stage_seconds"].items():
             stages[stage] = stages.get(stage, 0.0) + seconds
-        histogram += np.asarray(s["histogram"], dtype=np.int64)
+        for name in histograms:
+            histograms[name] += np.asarray(s["histograms"][name], dtype=np.int64)
+            outside[name] = [a + b for a, b in zip(outside[name], s["outside_0_1"][name])]
+            flagged[name] += s["unsafe_by_column"][name]
     rows_read = sum(s["rows_read"] for s in stats)
     unsafe = sum(s["rows_unsafe"] for s in stats)
     n_rejected = sum(rejected.values())
-    spec = REGISTRY.get(canonical_name(config.model) or "")
+    edges = np.linspace(0, 1, bins + 1).round(6).tolist()
+    columns_of = {index: [name for _, outputs in task_config["targets"] for name, i, _ in outputs if i == index]
+                  for index in range(len(heads))}
+    head_reports = []
+    for index, head in enumerate(heads):
+        spec = REGISTRY.get(canonical_name(head.name) or "")
+        head_reports.append({
+            "name": head.name, "sha256": head.sha256, "dim": head.dim, "source": head.source,
+            "clip_model": spec.clip_model if spec else None, "threshold": head.threshold,
+            "score_columns": {name: {"unsafe": flagged[name], "histogram": histograms[name].tolist(),
+                                     "below_0": outside[name][0], "above_1": outside[name][1]}
+                              for name in columns_of[index]}})
+    first = head_reports[0]
     return {
         "status": "succeeded",
         "config": config.redacted() | {k: task_config[k] for k in ("layout", "embedding_columns", "score_columns")},
-        "model": {"name": model_name, "sha256": resolved.sha256, "dim": dim, "source": str(resolved.source),
-                  "clip_model": spec.clip_model if spec else None},
+        "model": {k: first[k] for k in ("name", "sha256", "dim", "source", "clip_model")},
+        "heads": head_reports,
         "input": {"layout": plan.layout, "tasks": len(plan.tasks), "rows": plan.total_rows,
                   "skipped_files": len(plan.skipped), "skipped_examples": [f"{p}: {why}" for p, why in plan.skipped[:10]]},
         "rows": {"read": rows_read, "written": written, "unsafe": unsafe, "safe": rows_read - unsafe - n_rejected,
                  "rejected": n_rejected, "rejected_by_reason": rejected,
                  "kept": written.get("kept") if config.mode == "filter" else None},
         "threshold": config.threshold,
-        "score_histogram": {"edges": np.linspace(0, 1, bins + 1).round(6).tolist(), "counts": histogram.tolist()},
+        # Every score column together (raw heads' values outside [0, 1] are in the heads' below_0/above_1).
+        "score_histogram": {"edges": edges, "counts": sum(histograms.values(), np.zeros(bins, np.int64)).tolist()},
         "durations_seconds": {k: round(v, 3) for k, v in durations.items()},
         "task_stage_seconds": {k: round(v, 3) for k, v in stages.items()},
         "throughput_rows_per_second": round(rows_read / durations["run"], 1) if durations.get("run") else None,
@@ -457,4 +525,3 @@ def build_report(config, task_config, plan, resolved, dim, model_name, stats, du
         "resume": resume_actions,
         "worker_max_rss_mb": max((s.get("worker_max_rss_mb", 0) for s in stats), default=0),
     }
-

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from .config import JobConfig
+from .config import DEFAULT_MODEL, JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedding column to score (repeat for several); default: the one list-of-floats column")
     parser.add_argument("--score-column", dest="score_columns", action="append",
                         help="name of the score column, one per embedding column (default punsafe)")
-    parser.add_argument("--model", help="vit-l-14 (default), vit-b-32, or a path to a model")
+    parser.add_argument("--model", dest="models", action="append",
+                        help="a head: vit-l-14 (default), vit-b-32, vit-h-14, violence-l-14, violence-b-32, or a path "
+                             "to a model; repeat to run several heads in one pass (e.g. --model vit-l-14 "
+                             "--model violence-l-14)")
     parser.add_argument("--mode", choices=["annotate", "filter", "split"])
     parser.add_argument("--threshold", type=float, help="unsafe ⇔ score ≥ threshold (default 0.5)")
     parser.add_argument("--keep", choices=["safe", "unsafe"], help="filter mode: which side to keep")
@@ -50,6 +53,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> JobConfig:
     overrides = {key: getattr(args, key) for key in JobConfig.keys() if hasattr(args, key)}
+    if overrides.get("models"):  # --model on the command line replaces the file's model/models
+        overrides["model"] = DEFAULT_MODEL
     if overrides.get("storage_options") is not None:
         overrides["storage_options"] = dict(overrides["storage_options"])
     return JobConfig.load(args.config, overrides)
@@ -60,8 +65,10 @@ def summary(report: dict) -> str:
     lines = [
         f"clip-nsfw-spark: {report['config']['mode']} done in {report['durations_seconds']['total']:.1f} s "
         f"({report['throughput_rows_per_second'] or 0:,.0f} rows/s while scoring)",
-        f"  model     {report['model']['name']} (sha256 {report['model']['sha256'][:12]}…)",
-        f"  rows      read {rows['read']:,}  unsafe {rows['unsafe']:,} (score ≥ {report['threshold']})  "
+        *[f"  {'model' if i == 0 else '':9} {h['name']} (sha256 {h['sha256'][:12]}…): "
+          + ", ".join(f"{col} ≥ {h['threshold']} on {c['unsafe']:,} rows" for col, c in h["score_columns"].items())
+          for i, h in enumerate(report["heads"])],
+        f"  rows      read {rows['read']:,}  unsafe {rows['unsafe']:,} (a score ≥ its threshold)  "
         f"rejected {rows['rejected']:,}",
         "  written   " + ", ".join(f"{k} {v:,}" for k, v in sorted(rows["written"].items())),
         f"  tasks     {report['input']['tasks']} ({report['tasks_resumed']} resumed)",

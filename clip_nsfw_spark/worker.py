@@ -28,15 +28,13 @@ from .embeddings import REASON_SCORE, decode, row_problems
 from .errors import ClipNsfwError, InputError, TaskError
 from .lease import check_owner
 from .reader import Task, read_npy_rows
-from .scorer import NumpyScorer
 from .storage import filesystem, join, unstrip
-from .weights import PortableWeights
 
 FAULT_ENV = "CLIP_NSFW_FAULT"
 TMP_DIR = "_clip_nsfw_tmp"
 TASKS_DIR = "_clip_nsfw_tasks"
 REJECTED_DIR = "_rejected"
-_SCORERS: dict[str, NumpyScorer] = {}
+_SCORERS: dict[str, object] = {}
 
 
 class ConstantScorer:
@@ -50,12 +48,15 @@ class ConstantScorer:
 
 
 def scorer_for(model_bytes: bytes, sha256: str, name: str, io_only: bool = False):
-    """The scorer for these weights, built once per process (the cache holds while workers are reused)."""
+    """The scorer for a head's portable bytes, built once per process (the cache holds while workers are
+    reused): an MLP head (NumpyScorer) or a prompt head (PromptScorer), numpy only."""
+    from .heads import scorer_from_portable  # executors: numpy heads only, never torch or TensorFlow
+
     if io_only:
-        return ConstantScorer(PortableWeights.load(model_bytes).dim)
+        return ConstantScorer(scorer_from_portable(model_bytes).dim)
     scorer = _SCORERS.get(sha256)
     if scorer is None:
-        scorer = NumpyScorer(PortableWeights.load(model_bytes), name=name, sha256=sha256)
+        scorer = scorer_from_portable(model_bytes, name=name, sha256=sha256)
         _SCORERS[sha256] = scorer
     return scorer
 
@@ -227,11 +228,12 @@ def _as_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 @dataclasses.dataclass
 class ScoredBatch:
-    """One batch after scoring: the input columns plus one score column per embedding column.
+    """One batch after scoring: the input columns plus one score column per (embedding column, head).
 
-    ``ok`` (n,) marks rows whose every embedding was scored; ``unsafe`` (n,) rows with any score ≥ the
-    threshold; ``reasons`` (n,) None or why a row was not scored; ``problems`` one short reason per
-    unscored row (its first problem); ``scores`` the valid scores of each column (for the histogram).
+    ``ok`` (n,) marks rows that every head scored on every embedding column; ``unsafe`` (n,) rows with any
+    score at or over its head's threshold; ``reasons`` (n,) None or why a row was not scored; ``problems``
+    one short reason per unscored row (its first problem); ``scores`` the valid scores of each score
+    column (for the histograms); ``flagged`` per score column, the rows at or over its threshold.
     """
 
     table: pa.Table
@@ -239,19 +241,25 @@ class ScoredBatch:
     unsafe: np.ndarray
     reasons: list
     problems: list
-    scores: list
+    scores: dict
+    flagged: dict
 
 
-def score_batch(table: pa.Table, npy: np.ndarray | None, columns, score_columns, scorer, threshold: float,
-                timings: Counter) -> ScoredBatch:
-    """Score a batch's embedding columns (or its npy rows). Pure: no IO."""
+def score_batch(table: pa.Table, npy: np.ndarray | None, targets, scorers, timings: Counter) -> ScoredBatch:
+    """Score a batch's embedding columns (or its npy rows) with every head. Pure: no IO.
+
+    ``targets`` is ``[(embedding column, [(score column, head index, threshold), …]), …]`` and ``scorers``
+    the heads' scorers (they share one width). Each embedding column is decoded once, whatever the number
+    of heads. A row a head cannot score (a non-finite score) is rejected, never taken as safe.
+    """
     n = table.num_rows
     reasons: list = [None] * n
     first_problem: dict[int, str] = {}
     unsafe = np.zeros(n, dtype=bool)
     ok_all = np.ones(n, dtype=bool)
-    valid_scores = []
-    for column, score_name in zip(columns, score_columns):
+    valid_scores, flagged = {}, {}
+    several = len(targets) > 1
+    for column, outputs in targets:
         if npy is not None:
             problems = row_problems(npy)
             ok = np.ones(n, dtype=bool)
@@ -259,25 +267,28 @@ def score_batch(table: pa.Table, npy: np.ndarray | None, columns, score_columns,
             matrix = npy if ok.all() else npy[ok]
             col_reasons = [problems.get(i) for i in range(n)]
         else:
-            matrix, ok, col_reasons = decode(table.column(column), scorer.dim)
-        t0 = time.perf_counter()
-        values = np.full(n, np.nan, dtype=np.float32)
-        values[ok] = scorer(matrix)
-        timings["score"] += time.perf_counter() - t0
-        # A row the model could not score (overflow inside the MLP) is rejected, never taken as safe.
-        unscored = ok & ~np.isfinite(values)
-        for i in np.flatnonzero(unscored):
-            col_reasons[i] = REASON_SCORE
-        ok &= ~unscored
-        table = _set_column(table, score_name, pa.array(values, mask=~ok))
-        unsafe |= ok & (values >= threshold)
-        ok_all &= ok
-        valid_scores.append(values[ok])
-        for i in np.flatnonzero(~ok):
-            label = col_reasons[i] if len(columns) == 1 else f"{column}: {col_reasons[i]}"
+            matrix, ok, col_reasons = decode(table.column(column), scorers[outputs[0][1]].dim)
+        column_ok = ok.copy()
+        for score_name, index, threshold in outputs:
+            t0 = time.perf_counter()
+            values = np.full(n, np.nan, dtype=np.float32)
+            values[ok] = scorers[index](matrix)
+            timings["score"] += time.perf_counter() - t0
+            scored = ok & np.isfinite(values)
+            for i in np.flatnonzero(ok & ~scored):
+                col_reasons[i] = REASON_SCORE
+            table = _set_column(table, score_name, pa.array(values, mask=~scored))
+            over = scored & (values >= threshold)
+            unsafe |= over
+            column_ok &= scored
+            valid_scores[score_name] = values[scored]
+            flagged[score_name] = int(over.sum())
+        ok_all &= column_ok
+        for i in np.flatnonzero(~column_ok):
+            label = f"{column}: {col_reasons[i]}" if several else col_reasons[i]
             reasons[i] = label if reasons[i] is None else f"{reasons[i]}; {label}"
             first_problem.setdefault(int(i), col_reasons[i].split(":")[0])
-    return ScoredBatch(table, ok_all, unsafe, reasons, list(first_problem.values()), valid_scores)
+    return ScoredBatch(table, ok_all, unsafe, reasons, list(first_problem.values()), valid_scores, flagged)
 
 
 def _write_batch(scored: ScoredBatch, config: dict, schemas: dict, writer) -> None:
@@ -323,15 +334,18 @@ def process_task(task: Task, config: dict, model: dict) -> dict:
 def _process_task(task: Task, config: dict, model: dict) -> dict:
     started = time.perf_counter()
     timings: Counter = Counter()
-    scorer = scorer_for(model["bytes"], model["sha256"], model["name"], model.get("io_only", False))
+    scorers = [scorer_for(head["bytes"], head["sha256"], head["name"], model.get("io_only", False))
+               for head in model["heads"]]
     in_fs, _ = filesystem(config["input"], config["storage_options"])
     out_fs, out_root = filesystem(config["output"], config["storage_options"])
     bins = np.linspace(0.0, 1.0, config["histogram_bins"] + 1)
-    histogram = np.zeros(config["histogram_bins"], dtype=np.int64)
+    histograms = {name: np.zeros(config["histogram_bins"], dtype=np.int64) for name in config["score_columns"]}
+    outside: dict[str, list[int]] = {name: [0, 0] for name in config["score_columns"]}  # below 0, above 1
+    flagged: Counter = Counter()
     rejected_by_reason: Counter = Counter()
     rows_read = unsafe_rows = batches = 0
     with in_fs.open(task.path, "rb") as handle:
-        schemas = output_schemas(pq.ParquetFile(handle).schema_arrow, config, scorer.dim)
+        schemas = output_schemas(pq.ParquetFile(handle).schema_arrow, config, scorers[0].dim)
     paths = output_paths(task, config["mode"])
     writers: dict[str, _AtomicParquet] = {}
 
@@ -350,10 +364,12 @@ def _process_task(task: Task, config: dict, model: dict) -> dict:
             if npy is not None and config["write_embeddings"]:
                 table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
                     pa.array(npy.astype(np.float16).reshape(-1)), npy.shape[1]))
-            scored = score_batch(table, npy, config["embedding_columns"], config["score_columns"], scorer,
-                                 float(config["threshold"]), timings)
-            for values in scored.scores:
-                histogram += np.histogram(values, bins=bins)[0]
+            scored = score_batch(table, npy, config["targets"], scorers, timings)
+            for name, values in scored.scores.items():
+                histograms[name] += np.histogram(values, bins=bins)[0]  # [0, 1]; raw heads may leave it
+                outside[name][0] += int((values < 0).sum())
+                outside[name][1] += int((values > 1).sum())
+            flagged.update(scored.flagged)
             rejected_by_reason.update(scored.problems)  # a row counts once, by its first problem
             unsafe_rows += int(scored.unsafe.sum())
             t0 = time.perf_counter()
@@ -379,7 +395,9 @@ def _process_task(task: Task, config: dict, model: dict) -> dict:
         "outputs": sorted(paths[stream] for stream in writers), "rows_read": rows_read,
         "rows_written": {stream: w.rows for stream, w in writers.items()},
         "rows_unsafe": unsafe_rows, "rows_rejected": sum(rejected_by_reason.values()),
-        "rejected_by_reason": dict(rejected_by_reason), "histogram": histogram.tolist(),
+        "rejected_by_reason": dict(rejected_by_reason),
+        "histograms": {name: h.tolist() for name, h in histograms.items()}, "outside_0_1": outside,
+        "unsafe_by_column": {name: flagged.get(name, 0) for name in config["score_columns"]},
         "seconds": time.perf_counter() - started, "stage_seconds": dict(timings),
         "worker_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
