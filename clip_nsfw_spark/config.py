@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError
 
-Mode = Literal["annotate", "filter", "split"]
+Mode = Literal["annotate", "filter", "split", "scores"]
 Layout = Literal["auto", "parquet", "laion-npy"]
 Keep = Literal["safe", "unsafe"]
 MODES = typing.get_args(Mode)
@@ -76,6 +76,9 @@ class JobConfig:
     model: str = DEFAULT_MODEL
     models: tuple[ModelChoice, ...] = ()
     mode: Mode = "annotate"
+    id_columns: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()
+    drop_columns: tuple[str, ...] = ()
     threshold: float = 0.5
     keep: Keep = "safe"
     overwrite: bool = False
@@ -92,7 +95,7 @@ class JobConfig:
     histogram_bins: int = 20
 
     def __post_init__(self):
-        for key in ("embedding_columns", "score_columns"):
+        for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns"):
             if isinstance(getattr(self, key), list):
                 object.__setattr__(self, key, tuple(getattr(self, key)))
         if isinstance(self.models, (str, collections.abc.Mapping)):
@@ -124,6 +127,14 @@ class JobConfig:
         if self.score_columns and len(self.choices()) > 1:
             raise ConfigError("score_columns names one column per embedding column for a single model; with "
                               "several models give each its own score_column under models:")
+        if self.columns and self.drop_columns:
+            raise ConfigError("choose one of columns (keep only these) and drop_columns (keep all but these)")
+        if self.mode == "scores" and (self.columns or self.drop_columns):
+            raise ConfigError("mode scores writes only id columns, scores and the reason: name the ids with "
+                              "id_columns, not columns/drop_columns")
+        if self.id_columns and self.mode != "scores":
+            raise ConfigError("id_columns is for mode scores (a sidecar of ids and scores); with "
+                              f"mode {self.mode} use columns or drop_columns")
         if self.compression.lower() not in COMPRESSIONS:
             raise ConfigError(f"compression must be one of {', '.join(COMPRESSIONS)}; found {self.compression!r}")
 
@@ -147,7 +158,7 @@ class JobConfig:
             raise ConfigError(f"unknown key(s) in {where}: {', '.join(hints)}. Valid keys: {', '.join(sorted(known))}")
         # A key given without a value (YAML ``key:`` or ``null``) means its default.
         values = {key: value for key, value in values.items() if value is not None or key in ("input", "output")}
-        for key in ("embedding_columns", "score_columns"):
+        for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns"):
             if isinstance(values.get(key), str):
                 values[key] = (values[key],)
             if isinstance(values.get(key), list):
@@ -176,6 +187,8 @@ class JobConfig:
         data = dataclasses.asdict(self)
         data["embedding_columns"] = list(self.embedding_columns)
         data["score_columns"] = list(self.score_columns)
+        for key in ("id_columns", "columns", "drop_columns"):
+            data[key] = list(getattr(self, key))
         return data
 
     def redacted(self) -> dict:

@@ -44,7 +44,11 @@ JOB_STATE = "_job.json"
 _DATA_SUFFIXES = (".parquet", ".parq", ".pq")
 # Settings that change what is written: a resume with different values would mix two datasets.
 _FINGERPRINT_KEYS = ("input", "layout", "embedding_columns", "score_columns", "reason_column", "mode",
-                     "threshold", "keep", "rows_per_task", "write_embeddings", "compression", "replace_scores")
+                     "threshold", "keep", "rows_per_task", "write_embeddings", "compression", "replace_scores",
+                     "write_columns")
+# mode scores: the first of these present is the sidecar's id; none present → source_file + row_index.
+ID_CANDIDATES = ("key", "id", "uid", "hash", "image_path", "url")
+ROW_ID_COLUMNS = ("source_file", "row_index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +276,31 @@ def check_widths(widths: dict[str, int], heads: list[RunHead]) -> None:
                                      f"expects {head.dim}-d{fitting_model_hint(width)}")
 
 
-def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str, ...]) -> None:
+def written_columns(plan: Plan, config: JobConfig) -> tuple[list[str], bool]:
+    """The input columns each output keeps, in order, and whether row ids are added (``ROW_ID_COLUMNS``).
+
+    annotate/filter/split keep every column, or ``columns`` (in that order), or all but ``drop_columns``;
+    ``scores`` keeps only the id columns (``id_columns``, else the first of ``ID_CANDIDATES`` present,
+    else the file and row number). Unknown names are errors listing the columns there are.
+    """
+    names = plan.schema.names
+    asked = config.id_columns or config.columns or config.drop_columns
+    unknown = [c for c in asked if c not in names]
+    if unknown:
+        raise InputError(f"column(s) {', '.join(map(repr, unknown))} not in the input; columns found: "
+                         f"{', '.join(names)}")
+    if config.mode == "scores":
+        if config.id_columns:
+            return list(config.id_columns), False
+        found = next((c for c in ID_CANDIDATES if c in names), None)
+        return ([found], False) if found else ([], True)
+    if config.columns:
+        return list(config.columns), False
+    return [c for c in names if c not in config.drop_columns], False
+
+
+def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str, ...],
+                         kept: list[str] | None = None, row_ids: bool = False) -> None:
     """Refuse an output schema with two columns of one name (pyarrow could not read it back).
 
     An input may already hold a score column (LAION's joined metadata has ``punsafe``; so does an output
@@ -281,9 +309,12 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
     if config.score_columns and len(config.score_columns) != len(plan.embedding_columns):
         raise ConfigError(f"score_columns {list(config.score_columns)} must name one column per embedding column "
                           f"{list(plan.embedding_columns)}")
+    kept = plan.schema.names if kept is None else kept
     added = list(score_columns) + [config.reason_column]
     if plan.layout == "laion-npy" and config.write_embeddings:
         added.insert(0, "embedding")
+    if row_ids:
+        added[:0] = ROW_ID_COLUMNS
     repeated = sorted({name for name in added if added.count(name) > 1})
     if repeated:
         raise ConfigError(f"the output would hold two columns named {', '.join(map(repr, repeated))} (score "
@@ -291,16 +322,18 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
                           "a distinct name with --score-column / reason_column")
     # Only what this job writes may be replaced: float score columns, and the reason column when it comes
     # with one of them (an output of this job scored again) — never an id or data column by a name clash.
-    scores_present = [n for n in score_columns if n in plan.schema.names
-                      and pa.types.is_floating(plan.schema.field(n).type)]
+    scores_present = [n for n in score_columns if n in kept and pa.types.is_floating(plan.schema.field(n).type)]
     replaceable = set(scores_present)
-    if scores_present and config.reason_column in plan.schema.names \
+    if scores_present and config.reason_column in kept \
             and pa.types.is_string(plan.schema.field(config.reason_column).type):
         replaceable.add(config.reason_column)
     for name in added:
-        if name not in plan.schema.names:
+        if name in plan.embedding_columns:  # read for scoring even when not written: never overwritten
+            raise InputError(f"{name!r} is an embedding column this run scores; name the new column differently "
+                             "(--score-column, reason_column)")
+        if name not in kept:
             continue
-        if name in plan.embedding_columns or name not in replaceable:
+        if name not in replaceable:
             raise InputError(f"the input already has a column {name!r}, which the output would add again; "
                              "name the new column differently (--score-column, reason_column)")
         if not config.replace_scores:
@@ -318,7 +351,7 @@ def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
         written, read = s["rows_written"], s["rows_read"]
         rejected, unsafe = s["rows_rejected"], s["rows_unsafe"]
         safe = read - unsafe - rejected
-        expected = {"annotate": {"annotated": read},
+        expected = {"annotate": {"annotated": read}, "scores": {"scores": read},
                     "filter": {"kept": safe if keep == "safe" else unsafe, "rejected": rejected},
                     "split": {"safe": safe, "unsafe": unsafe, "rejected": rejected}}[mode]
         found = {stream: written.get(stream, 0) for stream in expected}
@@ -361,7 +394,8 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
     check_widths(embedding_widths(plan, in_fs), heads)
     targets = score_targets(config, plan, heads)
     score_columns = tuple(name for _, outputs in targets for name, _, _ in outputs)
-    check_output_columns(plan, config, score_columns)
+    kept, row_ids = written_columns(plan, config)
+    check_output_columns(plan, config, score_columns, kept, row_ids)
     model = {"heads": [head.payload for head in heads], "io_only": io_only}
     durations["model"] = time.perf_counter() - t0
 
@@ -371,6 +405,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
     task_config = config.to_dict() | {
         "output": target.url, "run_id": lease.run_id,  # one canonical spelling; the run tasks commit for
         "layout": plan.layout, "embedding_columns": list(plan.embedding_columns),
+        "write_columns": kept, "row_ids": row_ids,
         "score_columns": list(score_columns), "targets": [[e, [list(o) for o in outs]] for e, outs in targets],
         "fault": os.environ.get(FAULT_ENV),  # tests only (see worker.inject_fault)
     }

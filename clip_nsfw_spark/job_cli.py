@@ -35,7 +35,16 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a head: vit-l-14 (default), vit-b-32, vit-h-14, violence-l-14, violence-b-32, or a path "
                              "to a model; repeat to run several heads in one pass (e.g. --model vit-l-14 "
                              "--model violence-l-14)")
-    parser.add_argument("--mode", choices=["annotate", "filter", "split"])
+    parser.add_argument("--mode", choices=["annotate", "filter", "split", "scores"],
+                        help="annotate (add scores), filter, split (safe/ unsafe/), or scores (a sidecar: ids, "
+                             "scores and reason only)")
+    parser.add_argument("--id-column", dest="id_columns", action="append",
+                        help="mode scores: id column to keep (repeat); default: the first of key, id, uid, hash, "
+                             "image_path, url, else source_file + row_index")
+    parser.add_argument("--columns", dest="columns", action="append",
+                        help="write only these input columns (repeat; e.g. the metadata without the embeddings)")
+    parser.add_argument("--drop-columns", dest="drop_columns", action="append",
+                        help="write every input column but these (repeat; e.g. --drop-columns embedding)")
     parser.add_argument("--threshold", type=float, help="unsafe ⇔ score ≥ threshold (default 0.5)")
     parser.add_argument("--keep", choices=["safe", "unsafe"], help="filter mode: which side to keep")
     parser.add_argument("--replace-scores", dest="replace_scores", action="store_true", default=None,

@@ -300,7 +300,7 @@ def test_colliding_reason_and_score_column_names_are_refused(tmp_path):
         run(tmp_path / "in", tmp_path / "o1", reason_column="key", replace_scores=True)
     with pytest.raises(ConfigError, match="two columns named 'x'"):
         run(tmp_path / "in", tmp_path / "o2", score_columns=("x",), reason_column="x")
-    with pytest.raises(InputError, match="already has a column 'embedding'"):
+    with pytest.raises(InputError, match="'embedding' is an embedding column this run scores"):
         run(tmp_path / "in", tmp_path / "o3", score_columns=("embedding",), replace_scores=True)
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
