@@ -32,7 +32,7 @@ def _model_info(name: str) -> dict:
         "saved_model": str(resolved.saved_model) if resolved.saved_model else None,
         "categorical_columns": [c.column for c in weights.categorical],
         "layers": [list(k.shape) for k in weights.kernels],
-        "summation_blocks": list(weights.block_sizes),
+        "summation_order": weights.order,
     }
 
 

@@ -6,8 +6,8 @@ Two kinds of directory are involved:
   read-only: tests and CI point it at a folder of pre-downloaded zips), else the writable cache below.
 * the **writable cache** (``$CLIP_NSFW_HOME``, else ``$XDG_CACHE_HOME/clip-nsfw-spark``, else
   ``~/.cache/clip-nsfw-spark``) receives downloads that cannot go to the zip directory and every derived
-  file: the extracted SavedModel and the portable weights file, under ``derived/<sha256 prefix>/``, so a
-  changed zip can never be confused with an old conversion.
+  file: the extracted SavedModel and the portable weights file, under ``derived/<sha256 prefix>-w<format
+  version>/``, so neither a changed zip nor an older weights format can be confused with this conversion.
 
 Every step that writes is guarded by a file lock and writes to a temporary name first, then renames:
 many processes asking for the same model at once cause one download and one conversion, and nobody ever
@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from filelock import FileLock
 
 from .errors import ChecksumError, ModelError, UnknownModelError, UnsafeArchiveError
+from .weights import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,9 @@ class ResolvedModel:
 
 
 def derived_dir(sha256: str) -> Path:
-    return writable_cache_dir() / "derived" / sha256[:16]
+    """Cache directory of the files derived from a model's content, keyed by the portable-weights format too:
+    a new format (e.g. another summation order) is re-derived, never read from an older file."""
+    return writable_cache_dir() / "derived" / f"{sha256[:16]}-w{FORMAT_VERSION}"
 
 
 def prepare_model(model: str | os.PathLike) -> ResolvedModel:
