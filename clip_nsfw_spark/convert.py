@@ -181,23 +181,24 @@ def agreement_bound(tf_spread: float) -> float:
     return max(AGREEMENT_FLOOR, 2.0 * tf_spread)
 
 
-def tf_spread(score, x: np.ndarray, batch_sizes=(64, 7)) -> tuple[np.ndarray, float]:
+def tf_spread(score, x: np.ndarray, batch: int = 64, small: int = 7, small_rows: int = 1500
+              ) -> tuple[np.ndarray, float]:
     """TensorFlow's scores of ``x`` in one batch, and how far they move when the same rows go in other batches.
 
-    ``score`` maps an (m, d) array to (m,) scores. Batch sizes 64 and a cycle of 1…``batch_sizes[-1]`` rows
-    are tried (TensorFlow picks kernels by shape). Returns (full-batch scores float64 (n,), max |difference|).
+    ``score`` maps an (m, d) array to (m,) scores. Tried: batches of ``batch`` rows, and the first
+    ``small_rows`` rows in batches of 1, 2, …, ``small``, 1, 2, … (TensorFlow picks kernels by shape).
+    Returns (full-batch scores float64 (n,), max |difference| from them).
     """
     full = np.asarray(score(x), np.float64)
-    spread = 0.0
-    for size in batch_sizes[:-1]:
-        parts = np.concatenate([score(x[i:i + size]) for i in range(0, len(x), size)])
-        spread = max(spread, float(np.max(np.abs(parts - full), initial=0.0)))
-    small, start, step = [], 0, 1
-    while start < len(x):
-        small.append(score(x[start:start + step]))
-        start, step = start + step, step % batch_sizes[-1] + 1
-    parts = np.concatenate(small)
-    spread = max(spread, float(np.max(np.abs(parts - full), initial=0.0)))
+    parts = np.concatenate([score(x[i:i + batch]) for i in range(0, len(x), batch)] or [np.zeros(0)])
+    spread = float(np.max(np.abs(parts - full), initial=0.0))
+    pieces, start, size = [], 0, 1
+    head = x[:small_rows]
+    while start < len(head):
+        pieces.append(score(head[start:start + size]))
+        start, size = start + size, size % small + 1
+    if pieces:
+        spread = max(spread, float(np.max(np.abs(np.concatenate(pieces) - full[:len(head)]), initial=0.0)))
     return full, spread
 
 

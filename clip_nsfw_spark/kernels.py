@@ -3,18 +3,21 @@
 The order (``ORDER``, recorded in every portable weights file):
 
 * **Dense layer** ``z = act(x @ W + b)``, x float32 (n, K), W float32 (K, m): k is cut into blocks of
-  ``K_BLOCK`` = 64 (the last one shorter); in each block, output ``z[i, j]`` gets one chain of fused
+  ``K_BLOCK`` = 256 (the last one shorter); in each block, output ``z[i, j]`` gets one chain of fused
   multiply-adds in ascending k started from +0.0; the block sums are added in order::
 
-      for each block q = [64q, min(64q + 64, K)):
+      for each block q = [256q, min(256q + 256, K)):
           s = +0.0f;  for k in block:  s = fmaf(x[i, k], W[k, j], s)
           T = s if q == 0 else T + s          (one float32 addition; T = +0.0 when K = 0)
       z[i, j] = T + b[j]                      (one float32 addition)
       relu: z = +0.0 if z < 0 else z          (NaN stays NaN, -0.0 stays -0.0)
 
-  Every layer follows it, the 1-output layer included. Blocks of 64 rather than one chain over all of k:
-  the rounding error grows with the chain length, and shorter chains put the scores measurably closer to
-  TensorFlow's (README "Exactness").
+  Every layer follows it, the 1-output layer included. Why blocks of 256: it is the k-block TensorFlow's
+  CPU MatMul (Eigen's blocked GEMM, FMA chains restarted per block) measured on both the AMD EPYC and the
+  Intel Xeon machines for LAION's 512-wide layers, so the order is the one closest to TensorFlow's usual
+  one; on ViT-B/32 that puts the scores within ~1e-7 of TensorFlow where one chain over all of k, blocks
+  of 64 or even float64 sums land 1.5–2e-6 away (TensorFlow's own error). It is a constant, never measured
+  on the running machine.
 * **Sigmoid** (last layer): ``s = float32(1.0 / (1.0 + exp64(-double(z))))`` in float64, where ``exp64`` is
   the routine below (``_exp64``: Cody–Waite reduction by ln 2, a degree-13 Taylor polynomial evaluated by
   FMA, scaling by 2^n), made only of correctly rounded IEEE operations. NaN stays NaN.

@@ -33,7 +33,7 @@ FORMAT = "clip-nsfw-spark/portable-weights/v2"
 FORMAT_VERSION = 2
 # Each Dense output: FMA chains over k-blocks of K_BLOCK, the block sums added in order, then + bias, then the
 # activation; the sigmoid in float64 with kernels._exp64. See kernels.py. Never derived from the machine.
-K_BLOCK = 64
+K_BLOCK = 256
 ORDER = f"fma32-kblock{K_BLOCK}-sequential/v1"
 ACTIVATIONS = ("relu", "sigmoid", "linear")
 

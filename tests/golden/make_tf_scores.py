@@ -1,0 +1,20 @@
+"""Re-make the committed TensorFlow scores: python tests/golden/make_tf_scores.py (needs TensorFlow and the
+real models; run from the checkout root). Only the scores are stored; the rows come from
+tests/test_parity.py ``golden_rows`` (seeded)."""
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import conftest  # noqa: E402,F401  (sets up the model cache like the tests)
+from test_parity import make_golden  # noqa: E402
+
+from clip_nsfw_spark import load_scorer  # noqa: E402
+
+for model in ("vit-l-14", "vit-b-32"):
+    fixture = make_golden(model, load_scorer(model, backend="tensorflow"), load_scorer(model).weights)
+    (HERE / f"tf_scores_{model}.json").write_text(json.dumps(fixture, indent=1) + "\n")
+    print(model, fixture["made_with"], sum(len(k["scores"]) for k in fixture["kinds"].values()), "rows")
