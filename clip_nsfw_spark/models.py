@@ -7,7 +7,8 @@ Two kinds of directory are involved:
 * the **writable cache** (``$CLIP_NSFW_HOME``, else ``$XDG_CACHE_HOME/clip-nsfw-spark``, else
   ``~/.cache/clip-nsfw-spark``) receives downloads that cannot go to the zip directory and every derived
   file: the extracted SavedModel and the portable weights file, under ``derived/<sha256 prefix>-w<format
-  version>/``, so neither a changed zip nor an older weights format can be confused with this conversion.
+  version>-<order hash>/``, so neither a changed zip nor an older weights format or summation order can be
+  confused with this conversion.
 
 Every step that writes is guarded by a file lock and writes to a temporary name first, then renames:
 many processes asking for the same model at once cause one download and one conversion, and nobody ever
@@ -29,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from filelock import FileLock
 
 from .errors import ChecksumError, ModelError, UnknownModelError, UnsafeArchiveError
-from .weights import FORMAT_VERSION
+from .weights import FORMAT_VERSION, ORDER
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +258,10 @@ class ResolvedModel:
 
 
 def derived_dir(sha256: str) -> Path:
-    """Cache directory of the files derived from a model's content, keyed by the portable-weights format too:
-    a new format (e.g. another summation order) is re-derived, never read from an older file."""
-    return writable_cache_dir() / "derived" / f"{sha256[:16]}-w{FORMAT_VERSION}"
+    """Cache directory of the files derived from a model's content, keyed by the portable-weights format and
+    summation order too: after either changes, a model is re-derived, never scored from an older file."""
+    order = hashlib.sha256(ORDER.encode()).hexdigest()[:8]
+    return writable_cache_dir() / "derived" / f"{sha256[:16]}-w{FORMAT_VERSION}-{order}"
 
 
 def prepare_model(model: str | os.PathLike) -> ResolvedModel:

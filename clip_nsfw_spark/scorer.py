@@ -52,7 +52,8 @@ class NumpyScorer:
             raise MissingDependencyError("the numpy scorer needs numba (its fixed-order kernel): pip install numba")
         if weights.order != ORDER:
             raise ModelError(f"weights {weights.name!r} were made for summation order {weights.order!r}; this "
-                             f"scorer computes {ORDER!r}. Re-create them with `clip-nsfw-spark model fetch`.")
+                             f"scorer computes {ORDER!r}. Convert the model again (registry models re-derive "
+                             "themselves in the cache: `clip-nsfw-spark model fetch`).")
         self.weights = weights
         self.name = name or weights.name
         self.sha256 = sha256

@@ -117,10 +117,16 @@ def test_weights_name_their_order_and_older_formats_are_refused(tmp_path):
 
 
 def test_the_model_cache_key_names_the_weights_format():
-    from clip_nsfw_spark.models import derived_dir
+    from clip_nsfw_spark import models
     from clip_nsfw_spark.weights import FORMAT_VERSION
 
-    assert derived_dir("ab" * 32).name == f"{'ab' * 8}-w{FORMAT_VERSION}"
+    name = models.derived_dir("ab" * 32).name
+    assert name.startswith(f"{'ab' * 8}-w{FORMAT_VERSION}-")
+    models.ORDER = "another order"
+    try:
+        assert models.derived_dir("ab" * 32).name != name
+    finally:
+        models.ORDER = ORDER
 
 
 # ----------------------------------------------------------------------------------- real models
