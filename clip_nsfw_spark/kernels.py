@@ -88,19 +88,21 @@ _NR = _NV * _L  # columns per packed weight panel (wide layers)
 if HAVE_NUMBA:
 
     @intrinsic
-    def _fma_tile(typingctx, a, lda, b, k, c, ldc, mr, nv, lanes):
-        """c[r, :nv*lanes] = the FMA chains of rows a[r, :k] (r < mr) with the packed panel b (k, nv*lanes).
+    def _fma_tile(typingctx, a, lda, b, k, c, ldc, bias, relu, mr, nv, lanes):
+        """c[r, :nv*lanes] = act(k-block FMA chains of row a[r, :k] with the packed panel b (k, nv*lanes) + bias).
 
-        ``a``, ``b``, ``c`` are addresses of float32 data; ``lda``/``ldc`` row strides in elements. The
-        accumulators are LLVM vector values carried in phi nodes (registers); each lane is one output.
+        ``a``, ``b``, ``c``, ``bias`` are addresses of float32 data (bias: nv*lanes values); ``lda``/``ldc``
+        row strides in elements; ``relu`` non-zero for ReLU. The accumulators of a k-block are LLVM vector
+        values carried in phi nodes (registers); each lane is one output. c holds the running block total
+        between blocks.
         """
         if not all(isinstance(t, types.IntegerLiteral) for t in (mr, nv, lanes)):
             return None
         rows, vectors, width = mr.literal_value, nv.literal_value, lanes.literal_value
-        sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, mr, nv, lanes)
+        sig = types.void(*[types.intp] * 8, mr, nv, lanes)
 
         def codegen(context, builder, signature, args):
-            a_addr, lda_v, b_addr, k_v, c_addr, ldc_v = args[:6]
+            a_addr, lda_v, b_addr, k_v, c_addr, ldc_v, bias_addr, relu_v = args[:8]
             f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
             vec = ir.VectorType(f32, width)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
@@ -112,6 +114,16 @@ if HAVE_NUMBA:
             a_rows = [builder.gep(a_ptr, [builder.mul(lda_v, ir.Constant(i64, r))]) for r in range(rows)]
             c_rows = [builder.gep(c_ptr, [builder.mul(ldc_v, ir.Constant(i64, r))]) for r in range(rows)]
             zero = ir.Constant(vec, [0.0] * width)
+            bias_ptr = builder.inttoptr(bias_addr, f32.as_pointer())
+            biases = [builder.load(builder.bitcast(builder.gep(bias_ptr, [ir.Constant(i64, v * width)]), vptr),
+                                   align=4) for v in range(vectors)]
+            relu_on = builder.icmp_signed("!=", relu_v, ir.Constant(i64, 0))
+
+            def finish(total, v):
+                """total + bias, then ReLU (z < 0 → +0.0; NaN and -0.0 compare false and stay)."""
+                z = builder.fadd(total, biases[v])
+                rectified = builder.select(builder.fcmp_ordered("<", z, zero), zero, z)
+                return builder.select(relu_on, rectified, z)
             splat = ir.Constant(ir.VectorType(i32, width), [0] * width)
             k_block = ir.Constant(i64, K_BLOCK)
             entry = builder.block
@@ -155,15 +167,16 @@ if HAVE_NUMBA:
             builder.cbranch(builder.icmp_signed("<", k_next, stop), loop, block_end)
 
             # Fold the block into the running total kept in c: the first block is stored as is, later
-            # ones added in order (one float32 addition each).
+            # ones added in order (one float32 addition each); after the last block, bias and ReLU.
             builder.position_at_end(block_end)
             first = builder.icmp_signed("==", start, ir.Constant(i64, 0))
+            last = builder.icmp_signed(">=", after, k_v)
             for r in range(rows):
                 for v in range(vectors):
                     target = builder.bitcast(builder.gep(c_rows[r], [ir.Constant(i64, v * width)]), vptr)
                     block_sum = updated[r * vectors + v]
-                    total = builder.fadd(builder.load(target, align=4), block_sum)
-                    builder.store(builder.select(first, block_sum, total), target, align=4)
+                    total = builder.select(first, block_sum, builder.fadd(builder.load(target, align=4), block_sum))
+                    builder.store(builder.select(last, finish(total, v), total), target, align=4)
             start.add_incoming(after, block_end)
             builder.cbranch(builder.icmp_signed("<", after, k_v), block_head, done)
 
@@ -171,7 +184,7 @@ if HAVE_NUMBA:
             for r in range(rows):
                 for v in range(vectors):
                     target = builder.bitcast(builder.gep(c_rows[r], [ir.Constant(i64, v * width)]), vptr)
-                    builder.store(zero, target, align=4)
+                    builder.store(finish(zero, v), target, align=4)
             builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()
@@ -199,49 +212,41 @@ if HAVE_NUMBA:
     _jit = numba.njit(cache=True, boundscheck=False, nogil=True, error_model="numpy")
 
     @_jit
-    def gemm_panels(x, k_total, panels, out):
-        """out[:n, p*NR:(p+1)*NR] = FMA chains of x[:, :k_total] with panel p, for every panel.
+    def gemm_panels(x, k_total, panels, bias, relu, out):
+        """out = act(x[:, :k_total] @ W + bias) in the documented order, W packed as ``panels``.
 
-        x float32 (n, lda) C-contiguous, panels float32 (P, k_total, NR) with NR = _NR, or (P, k, _L)
-        for narrow layers; out float32 (n, P*NR) C-contiguous.
+        x float32 (n, lda ≥ k_total) C-contiguous; panels float32 (P, k_total, NR) with NR = _NR, or _L for
+        narrow layers; bias float32 (P*NR,) zero-padded; relu 0/1; out float32 (n, P*NR) C-contiguous
+        (columns past the layer's width hold act(0 + 0)).
         """
         n, lda = x.shape
         n_panels, _, nr = panels.shape
         ldc = out.shape[1]
         full = n - n % _MR
-        xa, pa, oa = x.ctypes.data, panels.ctypes.data, out.ctypes.data
-        pad_x = np.zeros((_MR, max(k_total, 1)), np.float32)
-        pad_out = np.empty((_MR, nr), np.float32)
         rest = n - full
+        xa, pa, oa, ba = x.ctypes.data, panels.ctypes.data, out.ctypes.data, bias.ctypes.data
+        pad_x = np.zeros((_MR, max(k_total, 1)), np.float32)  # the last rows, padded to a whole tile
+        pad_out = np.empty((_MR, nr), np.float32)
         for r in range(rest):
             pad_x[r, :k_total] = x[full + r, :k_total]
+        padded_a, padded_c, padded_lda = pad_x.ctypes.data, pad_out.ctypes.data, pad_x.shape[1]
         for p in range(n_panels):
-            b = pa + p * k_total * nr * 4
+            b, bias_p = pa + p * k_total * nr * 4, ba + p * nr * 4
             if nr == _L:
                 for i in range(0, full, _MR):
-                    _fma_tile(xa + i * lda * 4, lda, b, k_total, oa + (i * ldc + p * nr) * 4, ldc, _MR, 1, _L)
+                    _fma_tile(xa + i * lda * 4, lda, b, k_total, oa + (i * ldc + p * nr) * 4, ldc, bias_p, relu,
+                              _MR, 1, _L)
                 if rest:
-                    _fma_tile(pad_x.ctypes.data, pad_x.shape[1], b, k_total, pad_out.ctypes.data, nr, _MR, 1, _L)
+                    _fma_tile(padded_a, padded_lda, b, k_total, padded_c, nr, bias_p, relu, _MR, 1, _L)
             else:
                 for i in range(0, full, _MR):
-                    _fma_tile(xa + i * lda * 4, lda, b, k_total, oa + (i * ldc + p * nr) * 4, ldc, _MR, _NV, _L)
-                if rest:
-                    _fma_tile(pad_x.ctypes.data, pad_x.shape[1], b, k_total, pad_out.ctypes.data, nr,
+                    _fma_tile(xa + i * lda * 4, lda, b, k_total, oa + (i * ldc + p * nr) * 4, ldc, bias_p, relu,
                               _MR, _NV, _L)
+                if rest:
+                    _fma_tile(padded_a, padded_lda, b, k_total, padded_c, nr, bias_p, relu, _MR, _NV, _L)
             for r in range(rest):
                 for j in range(nr):
                     out[full + r, p * nr + j] = pad_out[r, j]
-
-    @_jit
-    def _bias_relu(out, bias, relu):
-        """In place: out[i, j] += bias[j] (bias padded to the width of out), then relu if asked."""
-        n, m = out.shape
-        for i in range(n):
-            for j in range(m):
-                value = out[i, j] + bias[j]
-                if relu and value < np.float32(0):  # NaN compares false: it stays NaN
-                    value = np.float32(0)
-                out[i, j] = value
 
     _LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: n * _LN2_HI is exact for |n| < 2^11
     _LN2_LO = 1.90821492927058770002e-10
@@ -262,10 +267,10 @@ if HAVE_NUMBA:
         return math.ldexp(p, n)
 
     @_jit
-    def sigmoid_column(out, bias, scores):
-        """scores[i] = sigmoid(out[i, 0] + bias[0]) by the documented float64 rule."""
+    def sigmoid_column(out, scores):
+        """scores[i] = sigmoid(out[i, 0]) by the documented float64 rule."""
         for i in range(out.shape[0]):
-            z = out[i, 0] + bias[0]
+            z = out[i, 0]
             if z != z:
                 scores[i] = z
             else:
@@ -358,8 +363,7 @@ class PackedLayer:
     def forward(self, x: np.ndarray, k: int) -> np.ndarray:
         """x float32 (n, ≥k) C-contiguous, columns :k used → float32 (n, P*nr), columns :width meaningful."""
         out = np.empty((x.shape[0], self.bias.shape[0]), np.float32)
-        gemm_panels(x, k, self.panels, out)
-        _bias_relu(out, self.bias, self.relu)
+        gemm_panels(x, k, self.panels, self.bias, int(self.relu), out)
         return out
 
 
@@ -387,10 +391,11 @@ def dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, relu: bool = Fals
 def sigmoid(z: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """The documented sigmoid of float32 z (n, ≥1) column 0 (+ bias[0]) → float32 (n,)."""
     _require_numba()
-    z = np.ascontiguousarray(z, dtype=np.float32).reshape(len(z), -1)
-    bias = np.zeros(1, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+    z = np.array(z, dtype=np.float32, order="C", copy=True).reshape(len(z), -1)
+    if bias is not None:
+        z[:, 0] += np.asarray(bias, np.float32).reshape(-1)[0]
     scores = np.empty(len(z), np.float32)
-    sigmoid_column(z, bias, scores)
+    sigmoid_column(z, scores)
     return scores
 
 

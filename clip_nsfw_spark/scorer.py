@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from .errors import ClipNsfwError, DimensionError, MissingDependencyError, ModelError
-from .kernels import HAVE_NUMBA, PackedLayer, decode_float16, encode_inplace, gemm_panels, sigmoid_column
+from .kernels import HAVE_NUMBA, PackedLayer, decode_float16, encode_inplace, sigmoid_column
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model, saved_model_dir
 from .weights import ORDER, PortableWeights
 
@@ -104,11 +104,9 @@ class NumpyScorer:
         for layer in self._layers[:-1]:
             h = layer.forward(h, width)  # padded to whole panels; only the first ``width`` columns count
             width = layer.width
-        last = self._layers[-1]
-        z = np.empty((len(h), last.bias.shape[0]), np.float32)
-        gemm_panels(h, width, last.panels, z)
+        z = self._layers[-1].forward(h, width)  # the sigmoid layer: its sum + bias, no ReLU
         scores = np.empty(len(h), np.float32)
-        sigmoid_column(z, last.bias, scores)
+        sigmoid_column(z, scores)
         return scores
 
 
