@@ -36,14 +36,11 @@ BLAS sgemm kernel; the tile shape is picked for the target CPU and changes speed
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-
-from .weights import K_BLOCK, ORDER  # noqa: E402,F401  (the order documented above and its id)
+from .weights import K_BLOCK, ORDER  # noqa: F401  (the order documented above, and its id)
 
 try:  # numba is a core dependency; keep the package importable without it (the scorer then refuses)
     import numba
@@ -397,12 +394,3 @@ def sigmoid(z: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     scores = np.empty(len(z), np.float32)
     sigmoid_column(z, scores)
     return scores
-
-
-def matmul_blas(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, relu: bool) -> np.ndarray:
-    """The plain BLAS layer (``x @ W + b``): the speed reference of bench/bench.py, not the scorer's order."""
-    h = x @ kernel
-    h += bias
-    if relu:
-        np.maximum(h, np.float32(0), out=h)
-    return h

@@ -4,7 +4,8 @@ Contract shared by both: ``scorer(embeddings)`` takes a 2-D array of shape ``(n,
 float16, float32 or float64, and returns float32 scores of shape ``(n,)`` in [0, 1] (1 = NSFW; LAION's
 ``punsafe``). NaN inputs are scored as the original model scores them (numeric NaN → 0), never raised.
 
-This module imports numpy (and numba, through kernels.py) only; TensorFlow is imported by the 'tensorflow' backend when it is chosen.
+This module imports numpy (and numba, through kernels.py) only; TensorFlow is imported by the
+'tensorflow' backend when it is chosen.
 """
 
 from __future__ import annotations
