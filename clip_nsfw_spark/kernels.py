@@ -47,12 +47,12 @@ try:  # numba is a core dependency; keep the package importable without it (the 
     from llvmlite import ir
     from numba import types
     from numba.core import cgutils
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic, overload
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
-    decode_float16 = encode_inplace = gemm_panels = sigmoid_column = dense_reference = None
+    encode_rows = gemm_panels = sigmoid_column = dense_reference = None
 
 
 def _tile_shape() -> tuple[int, int, int]:
@@ -273,30 +273,36 @@ if HAVE_NUMBA:
             else:
                 scores[i] = np.float32(1.0 / (1.0 + _exp64(-np.float64(z))))
 
-    @_jit
-    def decode_float16(bits, table, out):
-        """out[i, j] = float32 value of the float16 whose bit pattern is bits[i, j] (an exact table lookup)."""
-        n, d = bits.shape
-        for i in range(n):
-            source, target = bits[i], out[i]
-            for j in range(d):
-                target[j] = table[source[j]]
+    def _as_float32(value, table):  # pragma: no cover - replaced by the overload below inside numba
+        raise NotImplementedError
+
+    @overload(_as_float32)
+    def _as_float32_impl(value, table):
+        """float16 bit patterns (uint16) through the exact 65,536-entry table; floats rounded to nearest."""
+        if isinstance(value, types.Integer):
+            return lambda value, table: table[value]
+        return lambda value, table: np.float32(value)
 
     @_jit
-    def encode_inplace(x, mean, scale, columns, lo, hi, codes, starts, defaults):
-        """The model's input encoding, in place on float32 x (n, d), exactly as TensorFlow's graph does it.
+    def encode_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, x):
+        """The model's input encoding of raw (n, d) into float32 x (n, d), exactly as TensorFlow's graph does it.
 
-        Categorical column c (``columns[c]``) takes the code of the vocabulary interval holding its raw
-        value (intervals ``lo/hi/codes[starts[c]:starts[c+1]]`` as sortable int32 keys, see weights.py), else
-        ``defaults[c]``; other columns NaN → 0; then every column (v - mean) / scale, in float32.
+        ``raw`` is float32/float64, or uint16 holding float16 bit patterns (decoded through ``table``, the
+        float32 value of every float16). Categorical column c (``columns[c]``) takes the code of the
+        vocabulary interval holding its float32 value (intervals ``lo/hi/codes[starts[c]:starts[c+1]]`` as
+        sortable int32 keys, see weights.py), else ``defaults[c]``; other columns NaN → 0; then every column
+        (v - mean) / scale, in float32. One pass per row, while the row is in L1.
         """
-        n, d = x.shape
+        n, d = raw.shape
         found = np.empty(len(columns), np.float32)
         as_bits = np.empty(1, np.float32)
         key_view = as_bits.view(np.int32)
         for i in range(n):
+            source, row = raw[i], x[i]
+            for j in range(d):
+                row[j] = _as_float32(source[j], table)
             for c in range(len(columns)):
-                as_bits[0] = x[i, columns[c]]
+                as_bits[0] = row[columns[c]]
                 key = key_view[0]
                 if key < 0:
                     key = key ^ np.int32(0x7FFFFFFF)
@@ -306,7 +312,6 @@ if HAVE_NUMBA:
                     found[c] = codes[slot]
                 else:
                     found[c] = defaults[c]
-            row = x[i]
             for j in range(d):
                 value = row[j]
                 if value != value:
@@ -314,7 +319,7 @@ if HAVE_NUMBA:
                 row[j] = (value - mean[j]) / scale[j]
             for c in range(len(columns)):
                 column = columns[c]
-                x[i, column] = (found[c] - mean[column]) / scale[column]
+                row[column] = (found[c] - mean[column]) / scale[column]
 
     @_jit
     def dense_reference(x, kernel, bias, relu):

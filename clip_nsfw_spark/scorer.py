@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .errors import ClipNsfwError, DimensionError, MissingDependencyError, ModelError
-from .kernels import HAVE_NUMBA, PackedLayer, decode_float16, encode_inplace, sigmoid_column
+from .kernels import HAVE_NUMBA, PackedLayer, encode_rows, sigmoid_column
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model, saved_model_dir
 from .weights import ORDER, PortableWeights
 
@@ -89,14 +89,11 @@ class NumpyScorer:
 
     def encode(self, chunk: np.ndarray) -> np.ndarray:
         """The model's input encoding: float16/32/64 (m, dim) → normalised float32 (m, dim) features."""
-        if chunk.dtype == np.float16:
-            x = np.empty(chunk.shape, np.float32)
-            # A 256 KiB table of every float16's float32 value: exact, and faster than a cast.
-            decode_float16(np.ascontiguousarray(chunk).view(np.uint16), _FLOAT16_TO_FLOAT32, x)
-        else:
-            x = np.array(chunk, dtype=np.float32, order="C", copy=True)
-        encode_inplace(x, self._mean, self._scale, self._columns, self._lo, self._hi, self._codes,
-                        self._starts, self._defaults)
+        x = np.empty(chunk.shape, np.float32)
+        if chunk.dtype == np.float16:  # decoded through a table of every float16's float32 value: exact
+            chunk = np.ascontiguousarray(chunk).view(np.uint16)
+        encode_rows(chunk, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
+                    self._codes, self._starts, self._defaults, x)
         return x
 
     def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
