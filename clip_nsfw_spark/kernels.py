@@ -52,7 +52,7 @@ try:  # numba is a core dependency; keep the package importable without it (the 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
-    encode_rows = gemm_panels = sigmoid_column = dense_reference = None
+    encode_rows = gemm_panels = sigmoid_column = score_rows = dense_reference = None
 
 
 def _tile_shape() -> tuple[int, int, int]:
@@ -320,6 +320,27 @@ if HAVE_NUMBA:
             for c in range(len(columns)):
                 column = columns[c]
                 row[column] = (found[c] - mean[column]) / scale[column]
+
+    @_jit
+    def score_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, panels, biases, relus,
+                   widths, chunk_rows, scores):
+        """The whole model on raw (n, d) → scores float32 (n,), ``chunk_rows`` rows at a time (speed only).
+
+        Encoding as ``encode_rows``; layer l = ``gemm_panels`` with ``panels[l]``, ``biases[l]`` (tuples),
+        ``relus[l]``, real output width ``widths[l]`` (arrays); the last layer's column 0 through the
+        sigmoid. Each row's bits depend on that row only.
+        """
+        n, d = raw.shape
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            h = np.empty((stop - start, d), np.float32)
+            encode_rows(raw[start:stop], table, mean, scale, columns, lo, hi, codes, starts, defaults, h)
+            width = d
+            for layer in range(len(panels)):
+                out = np.empty((stop - start, biases[layer].shape[0]), np.float32)
+                gemm_panels(h, width, panels[layer], biases[layer], relus[layer], out)
+                h, width = out, widths[layer]
+            sigmoid_column(h, scores[start:stop])
 
     @_jit
     def dense_reference(x, kernel, bias, relu):

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .errors import ClipNsfwError, DimensionError, MissingDependencyError, ModelError
-from .kernels import HAVE_NUMBA, PackedLayer, encode_rows, sigmoid_column
+from .kernels import HAVE_NUMBA, PackedLayer, encode_rows, score_rows, sigmoid_column
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model, saved_model_dir
 from .weights import ORDER, PortableWeights
 
@@ -81,10 +81,14 @@ class NumpyScorer:
 
     def __call__(self, embeddings) -> np.ndarray:
         array = check_embeddings(embeddings, self.dim, self.name)
+        if array.dtype == np.float16:  # decoded in the kernel through a table of every float16's value
+            array = np.ascontiguousarray(array).view(np.uint16)
         scores = np.empty(len(array), dtype=np.float32)
-        for start in range(0, len(array), CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, len(array))
-            scores[start:stop] = self._score_chunk(array[start:stop])
+        layers = self._layers
+        score_rows(array, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
+                   self._codes, self._starts, self._defaults, tuple(layer.panels for layer in layers),
+                   tuple(layer.bias for layer in layers), np.array([layer.relu for layer in layers], np.int64),
+                   np.array([layer.width for layer in layers], np.int64), CHUNK_ROWS, scores)
         return scores
 
     def encode(self, chunk: np.ndarray) -> np.ndarray:
@@ -95,17 +99,6 @@ class NumpyScorer:
         encode_rows(chunk, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
                     self._codes, self._starts, self._defaults, x)
         return x
-
-    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
-        h = self.encode(chunk)
-        width = self.dim
-        for layer in self._layers[:-1]:
-            h = layer.forward(h, width)  # padded to whole panels; only the first ``width`` columns count
-            width = layer.width
-        z = self._layers[-1].forward(h, width)  # the sigmoid layer: its sum + bias, no ReLU
-        scores = np.empty(len(h), np.float32)
-        sigmoid_column(z, scores)
-        return scores
 
 
 class TensorFlowScorer:
