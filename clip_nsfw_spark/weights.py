@@ -256,5 +256,5 @@ class PortableWeights:
                    kernels=tuple(data[f"kernel_{i}"] for i in layers),
                    biases=tuple(data[f"bias_{i}"] for i in layers),
                    activations=tuple(header["activations"]),
-                   order=header["order"],
+                   order=header.get("order", "missing"),
                    metadata=header.get("metadata", {}))

@@ -1,6 +1,7 @@
 """The fixed summation order: the kernel computes exactly the documented order, and the same bits whatever
 the batch size, thread, process, or CPU target the kernel was compiled for."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -114,6 +115,11 @@ def test_weights_name_their_order_and_older_formats_are_refused(tmp_path):
     np.savez(old, **arrays)
     with pytest.raises(ModelError, match="v1 files used a machine-dependent summation order"):
         PortableWeights.load(old)
+    from clip_nsfw_spark.scorer import NumpyScorer
+
+    assert NumpyScorer(weights)(np.ones((3, 2), np.float16)).tolist() == [sigmoid(np.full((1, 1), 2.0))[0]] * 3
+    with pytest.raises(ModelError, match="made for summation order 'another'"):
+        NumpyScorer(dataclasses.replace(weights, order="another"))
 
 
 def test_the_model_cache_key_names_the_weights_format():
