@@ -1,6 +1,7 @@
 """Benchmark: the job against a seed-style baseline, the kernel, the IO floor and this CPU's sgemm limit.
 
     python bench/bench.py [--rows 1000000] [--files 10] [--cores 2] [--out bench/results/bench.json]
+    python bench/bench.py --kernel-only      # the kernel against the BLAS MLP and sgemm, about a minute
 
 Everything runs in one process, on the same data and the same number of cores, and is reported as
 rows/s and as ratios. The data (LAION-like float16 embeddings in parquet, plus a float32 copy of the same
@@ -104,13 +105,12 @@ def _timed(fn) -> float:
 
 
 def _kernel_worker(args):
-    model, path, rows, tf_order = args
+    model, path, rows = args
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
     scorer = load_scorer(model)
-    scorer.tf_order = tf_order
     x = np.load(path, mmap_mode="r")[:rows]
     x = np.ascontiguousarray(x)
     scorer(x[:2048])  # compile/warm outside the timing
@@ -119,19 +119,89 @@ def _kernel_worker(args):
     return time.perf_counter() - t0
 
 
-def kernel_rows_per_second(model: str, f16_dir: Path, cores: int, rows: int, workdir: Path,
-                           tf_order: bool = True) -> float:
+def kernel_rows_per_second(model: str, f16_dir: Path, cores: int, rows: int, workdir: Path) -> float:
     """The numpy scorer alone on in-memory float16 arrays, one process per core."""
     table = pq.read_table(sorted(f16_dir.glob("*.parquet"))[0], columns=["embedding"])
     x = table.column(0).combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)[:rows]
     path = workdir / "kernel.npy"
     np.save(path, x)
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
-        pool.map(_kernel_worker, [(model, str(path), 1000, tf_order)] * cores)  # warm numba's cache
+        pool.map(_kernel_worker, [(model, str(path), 1000)] * cores)  # warm numba's cache
         t0 = time.perf_counter()
-        pool.map(_kernel_worker, [(model, str(path), len(x), tf_order)] * cores)
+        pool.map(_kernel_worker, [(model, str(path), len(x))] * cores)
         wall = time.perf_counter() - t0
     return cores * len(x) / wall
+
+
+def _compare_worker(args) -> dict:
+    """One process, one thread: the scorer (float32 and float16 rows, encoding included) against a plain
+    numpy/BLAS MLP of the same layers on the same float32 rows, interleaved; best of ``rounds`` each."""
+    model, rows, rounds = args
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    scorer = load_scorer(model)
+    x = np.random.default_rng(0).normal(size=(rows, scorer.dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # CLIP embeddings are unit vectors
+    x32, x16 = x.astype(np.float32), x.astype(np.float16)
+    w = scorer.weights
+    layers = list(zip(w.kernels, w.biases, w.activations))
+
+    def mlp(rows32):  # the plain BLAS MLP: no encoding, BLAS order, numpy's sigmoid
+        h = rows32
+        for kernel, bias, activation in layers:
+            h = h @ kernel
+            h += bias
+            if activation == "relu":
+                np.maximum(h, np.float32(0), out=h)
+        return np.float32(1) / (np.float32(1) + np.exp(-h[:, 0]))
+
+    def mlp_chunked(rows32):
+        return np.concatenate([mlp(rows32[i:i + 1024]) for i in range(0, len(rows32), 1024)])
+
+    square = np.random.default_rng(1).normal(size=(2048, 2048)).astype(np.float32)
+    flop_per_row = 2 * sum(kernel.size for kernel in w.kernels)
+    sgemm_rows = 2 * 2048 ** 3 / flop_per_row  # one 2048² sgemm, counted in rows of this model
+    variants = {"scorer float32": (scorer, x32), "scorer float16": (scorer, x16),
+                "BLAS MLP float32, one batch": (mlp, x32), "BLAS MLP float32, 1024-row chunks": (mlp_chunked, x32),
+                "sgemm limit (2048² sgemm FLOP/s / FLOP per row)": (lambda a: a @ a, square)}
+    for fn, data in variants.values():
+        fn(data[:4096])  # compile / warm up outside the timing
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(rounds):
+        for name, (fn, data) in variants.items():
+            best[name] = min(best[name], _timed(lambda: fn(data)))
+    rates = {name: rows / seconds for name, seconds in best.items()}
+    rates["sgemm limit (2048² sgemm FLOP/s / FLOP per row)"] = sgemm_rows / rows * rates.pop(
+        "sgemm limit (2048² sgemm FLOP/s / FLOP per row)")
+    return rates
+
+
+def kernel_vs_blas(model: str, cores: int, rows: int = 60_000, rounds: int = 7) -> dict:
+    """rows/s of the scorer and of the plain BLAS MLP, one single-threaded process per core, summed."""
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+        per_process = pool.map(_compare_worker, [(model, rows, rounds)] * cores)
+    rates = {name: sum(p[name] for p in per_process) for name in per_process[0]}
+    blas = max(rates["BLAS MLP float32, one batch"], rates["BLAS MLP float32, 1024-row chunks"])
+    rates["ratio float32 (scorer / best BLAS MLP)"] = rates["scorer float32"] / blas
+    rates["ratio float16 (scorer / best BLAS MLP)"] = rates["scorer float16"] / blas
+    return rates
+
+
+def kernel_report(model: str, cores: int) -> dict:
+    """The fixed-order kernel against the BLAS MLP and the sgemm limit, on one core and on ``cores``
+    (all measured interleaved in the same processes, best of 7 rounds each)."""
+    report = {}
+    for n in sorted({1, cores}):
+        rates = kernel_vs_blas(model, n)
+        limit = rates["sgemm limit (2048² sgemm FLOP/s / FLOP per row)"]
+        rates["scorer float32 / sgemm limit"] = rates["scorer float32"] / limit
+        report[f"{n} core{'s' if n > 1 else ''}"] = rates
+        print(f"\n{n} single-threaded process(es), {model}")
+        for name, value in rates.items():
+            print(f"  {name:50s} {value:12,.2f}" if value < 100 else f"  {name:50s} {value:12,.0f} rows/s")
+    return report
 
 
 def seed_baseline(spark, f32_dir: Path, saved_model: str) -> float:
@@ -193,7 +263,18 @@ def main() -> int:
     parser.add_argument("--workdir", default=str(ROOT / "bench" / "data"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench.json"))
     parser.add_argument("--skip-baseline", action="store_true", help="skip the (slow) TensorFlow baseline")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="only the kernel against the BLAS MLP and the sgemm limit (about a minute, no Spark)")
     args = parser.parse_args()
+    if args.kernel_only:
+        results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_model(), "machine": platform.machine(),
+                   "model": args.model, "cores": args.cores,
+                   "kernel_vs_blas": kernel_report(args.model, args.cores)}
+        out = Path(args.out).with_name("kernel.json") if args.out == parser.get_default("out") else Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"{results['cpu']}, {results['date']}; written {out}")
+        return 0
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -212,9 +293,7 @@ def main() -> int:
     kernel = kernel_rows_per_second(args.model, f16, args.cores, min(rows // args.files, 200_000), workdir)
     figures["kernel (numpy scorer, float16 in memory)"] = (None, kernel)
     print(f"kernel {kernel:,.0f} rows/s")
-    blas = kernel_rows_per_second(args.model, f16, args.cores, min(rows // args.files, 200_000), workdir,
-                                  tf_order=False)
-    figures["kernel, BLAS order (tf_order=False: not TF-exact)"] = (None, blas)
+    results["kernel_vs_blas"] = kernel_report(args.model, args.cores)
     results["worker_cold_start_seconds"] = worker_cold_start(args.model, workdir)
     laion = make_laion_data(workdir, rows, args.files)
 

@@ -48,7 +48,7 @@ def _model_info(name: str) -> dict:
         "categorical_columns": [c.column for c in weights.categorical],
         "layers": [list(k.shape) for k in weights.kernels],
         "activations": list(weights.activations),
-        "summation_blocks": list(weights.block_sizes),
+        "summation_order": weights.order,
     }
     return info
 

@@ -12,8 +12,9 @@ Two kinds of directory are involved:
   writable cache below.
 * the **writable cache** (``$CLIP_NSFW_HOME``, else ``$XDG_CACHE_HOME/clip-nsfw-spark``, else
   ``~/.cache/clip-nsfw-spark``) receives downloads that cannot go to the zip directory and every derived
-  file: the extracted SavedModel and the portable weights file, under ``derived/<sha256 prefix>/``, so a
-  changed zip can never be confused with an old conversion.
+  file: the extracted SavedModel and the portable weights file, under ``derived/<sha256 prefix>-w<format
+  version>-<order hash>/``, so neither a changed zip nor an older weights format or summation order can be
+  confused with this conversion.
 
 Every step that writes is guarded by a file lock and writes to a temporary name first, then renames:
 many processes asking for the same model at once cause one download and one conversion, and nobody ever
@@ -35,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from filelock import FileLock
 
 from .errors import ChecksumError, ModelError, UnknownModelError, UnsafeArchiveError
+from .weights import FORMAT_VERSION, ORDER
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +369,10 @@ class ResolvedModel:
 
 
 def derived_dir(sha256: str) -> Path:
-    return writable_cache_dir() / "derived" / sha256[:16]
+    """Cache directory of the files derived from a model's content, keyed by the portable-weights format and
+    summation order too: after either changes, a model is re-derived, never scored from an older file."""
+    order = hashlib.sha256(ORDER.encode()).hexdigest()[:8]
+    return writable_cache_dir() / "derived" / f"{sha256[:16]}-w{FORMAT_VERSION}-{order}"
 
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")

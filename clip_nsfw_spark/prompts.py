@@ -40,10 +40,10 @@ CHUNK_ROWS = 4096
 def fixed_order_dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, relu: bool) -> np.ndarray:
     """float32 (n, k) @ float32 (k, m) + bias (m,) → float32 (n, m), each output one fixed-order sum over k.
 
-    The single place this module calls ``kernels.dense`` (block 0 = one FMA chain over all of k, in the
-    row-independent numba kernel; BLAS only where numba is missing).
+    The single place this module calls ``kernels.dense``: the project's one summation order (FMA chains in
+    k-blocks, see kernels.py), so a similarity is a pure function of (prompt file, row) on every CPU.
     """
-    return dense(x, kernel, bias, 0, relu, True)
+    return dense(x, kernel, bias, relu)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ Contract shared by both: ``scorer(embeddings)`` takes a 2-D array of shape ``(n,
 float16, float32 or float64, and returns float32 scores of shape ``(n,)`` in [0, 1] (1 = NSFW; LAION's
 ``punsafe``). NaN inputs are scored as the original model scores them (numeric NaN → 0), never raised.
 
-This module imports numpy only; TensorFlow is imported by the 'tensorflow' backend when it is chosen.
+This module imports numpy (and numba, through kernels.py) only; TensorFlow is imported by the
+'tensorflow' backend when it is chosen.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import os
 
 import numpy as np
 
-from .errors import ClipNsfwError, DimensionError
-from .kernels import HAVE_NUMBA, dense
+from .errors import ClipNsfwError, DimensionError, MissingDependencyError, ModelError
+from .kernels import HAVE_NUMBA, PackedLayer, encode_rows, score_rows, sigmoid_column
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model, saved_model_dir
-from .weights import PortableWeights, sortable_int32
+from .weights import ORDER, PortableWeights
 
-# Rows per chunk: small enough that a chunk's activations stay in L2 cache (1024 × 512 float32 = 2 MiB
-# at the widest layer), large enough that sgemm runs near its peak.
-CHUNK_ROWS = 1024
+# Rows per chunk: a chunk's activations stay in L2 cache (240 × 768 float32 = 720 KiB at the input), and
+# 240 is a multiple of every register tile height (12, 6, 4). Speed only: a row's bits never depend on it.
+CHUNK_ROWS = 240
 _FLOAT16_TO_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -38,19 +39,23 @@ def check_embeddings(embeddings, dim: int, name: str) -> np.ndarray:
 
 
 class NumpyScorer:
-    """The LAION detector without TensorFlow: numpy for the encoding, a numba kernel for the layers.
+    """The LAION detector without TensorFlow: a numba kernel for the encoding and the layers.
 
-    ``tf_order=True`` (default, needs numba) sums the hidden layers in TensorFlow's order, which makes
-    them bit-identical to the original model; ``False`` uses BLAS (≈1e-5 from TensorFlow on extreme
-    inputs). Holds only arrays: picklable, cheap to build, safe to call from several threads.
+    Every layer is summed in the fixed order of ``kernels.ORDER`` (recorded in the weights file), so a
+    row's score is a pure function of (weights, row): the same bits for any batch size, thread count,
+    process or CPU. Holds only arrays: picklable, cheap to build, safe to call from several threads.
     """
 
     backend = "numpy"
 
-    def __init__(self, weights: PortableWeights, name: str | None = None, sha256: str | None = None,
-                 tf_order: bool = True):
+    def __init__(self, weights: PortableWeights, name: str | None = None, sha256: str | None = None):
+        if not HAVE_NUMBA:
+            raise MissingDependencyError("the numpy scorer needs numba (its fixed-order kernel): pip install numba")
+        if weights.order != ORDER:
+            raise ModelError(f"weights {weights.name!r} were made for summation order {weights.order!r}; this "
+                             f"scorer computes {ORDER!r}. Convert the model again (registry models re-derive "
+                             "themselves in the cache: `clip-nsfw-spark model fetch`).")
         self.weights = weights
-        self.tf_order = tf_order and HAVE_NUMBA
         self.name = name or weights.name
         self.sha256 = sha256
         self.dim = weights.dim
@@ -58,57 +63,42 @@ class NumpyScorer:
         # TensorFlow computes max(sqrt(var), eps) at run time in float32; doing the same keeps the
         # normalisation bit-identical (sqrt, subtraction and division are all correctly rounded).
         self._scale = np.maximum(np.sqrt(weights.variance), np.float32(weights.epsilon)).astype(np.float32)
-        self._categorical = [(c.column, c.lo, c.hi, c.interval_codes, np.float32(c.default))
-                             for c in weights.categorical]
-        self._layers = list(zip(weights.kernels, weights.biases, weights.activations, weights.block_sizes))
+        columns = weights.categorical
+        self._columns = np.array([c.column for c in columns], np.int64)
+        self._lo = np.concatenate([c.lo for c in columns] or [np.zeros(0, np.int32)]).astype(np.int32)
+        self._hi = np.concatenate([c.hi for c in columns] or [np.zeros(0, np.int32)]).astype(np.int32)
+        self._codes = np.concatenate([c.interval_codes for c in columns] or [np.zeros(0, np.float32)])
+        self._codes = self._codes.astype(np.float32)
+        self._starts = np.cumsum([0] + [len(c.lo) for c in columns]).astype(np.int64)
+        self._defaults = np.array([c.default for c in columns], np.float32)
+        self._layers = [PackedLayer(kernel, bias, activation == "relu")
+                        for kernel, bias, activation in zip(weights.kernels, weights.biases, weights.activations)]
+        if weights.activations[-1] != "sigmoid" or "sigmoid" in weights.activations[:-1]:
+            raise ModelError(f"expected hidden layers then one sigmoid output, found {weights.activations}")
 
     def __repr__(self) -> str:
         return f"NumpyScorer(name={self.name!r}, dim={self.dim})"
 
     def __call__(self, embeddings) -> np.ndarray:
         array = check_embeddings(embeddings, self.dim, self.name)
+        if array.dtype == np.float16:  # decoded in the kernel through a table of every float16's value
+            array = np.ascontiguousarray(array).view(np.uint16)
         scores = np.empty(len(array), dtype=np.float32)
-        for start in range(0, len(array), CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, len(array))
-            scores[start:stop] = self._score_chunk(array[start:stop])
+        layers = self._layers
+        score_rows(array, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
+                   self._codes, self._starts, self._defaults, tuple(layer.panels for layer in layers),
+                   tuple(layer.bias for layer in layers), np.array([layer.relu for layer in layers], np.int64),
+                   np.array([layer.width for layer in layers], np.int64), CHUNK_ROWS, scores)
         return scores
 
     def encode(self, chunk: np.ndarray) -> np.ndarray:
         """The model's input encoding: float16/32/64 (m, dim) → normalised float32 (m, dim) features."""
-        if chunk.dtype == np.float16:
-            # A 256 KiB table of every float16's float32 value: exact, and ~4x faster than numpy's cast.
-            x = _FLOAT16_TO_FLOAT32[np.ascontiguousarray(chunk).view(np.uint16)]
-        else:
-            x = np.array(chunk, dtype=np.float32, order="C", copy=True)
-        codes = [(column, self._lookup(x[:, column], lo, hi, values, default))
-                 for column, lo, hi, values, default in self._categorical]
-        np.copyto(x, np.float32(0), where=np.isnan(x))
-        for column, code in codes:
-            x[:, column] = code
-        x -= self._mean
-        x /= self._scale
+        x = np.empty(chunk.shape, np.float32)
+        if chunk.dtype == np.float16:  # decoded through a table of every float16's float32 value: exact
+            chunk = np.ascontiguousarray(chunk).view(np.uint16)
+        encode_rows(chunk, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
+                    self._codes, self._starts, self._defaults, x)
         return x
-
-    @staticmethod
-    def _lookup(values, lo, hi, codes, default) -> np.ndarray:
-        keys = sortable_int32(values)
-        slot = np.searchsorted(lo, keys, side="right") - 1
-        hit = slot >= 0
-        slot_safe = np.where(hit, slot, 0)
-        hit &= keys <= hi[slot_safe]
-        return np.where(hit, codes[slot_safe], default).astype(np.float32)
-
-    def _score_chunk(self, chunk: np.ndarray) -> np.ndarray:
-        h = self.encode(chunk)
-        for kernel, bias, activation, block in self._layers:
-            # Every layer, the 1-output one included, sums each row on its own in a fixed order, so a
-            # row's score never depends on the other rows in its batch (BLAS picks kernels by size).
-            h = dense(h, kernel, bias, block, activation == "relu", self.tf_order)
-            if activation == "sigmoid":
-                # exp(-z) overflows to inf for z < -88, giving 1/(1+inf) = 0: the right limit.
-                with np.errstate(over="ignore"):
-                    h = np.float32(1) / (np.float32(1) + np.exp(-h))
-        return h.reshape(-1)
 
 
 class TensorFlowScorer:

@@ -32,8 +32,6 @@ def split(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np
 
 def keras_to_portable(model, name: str) -> PortableWeights:
     """A Keras 3 model made of [Input] → Normalization → (Dense [+ReLU] [Dropout])* → Dense → sigmoid."""
-    from .convert import import_tensorflow, probe_block_sizes
-
     kernels, biases, activations = [], [], []
     mean = variance = None
     epsilon = 1e-7
@@ -59,10 +57,8 @@ def keras_to_portable(model, name: str) -> PortableWeights:
     dim = kernels[0].shape[0]
     if mean is None:  # no Normalization layer: the identity
         mean, variance, epsilon = np.zeros(dim, np.float32), np.ones(dim, np.float32), 0.0
-    tf = import_tensorflow()
     return PortableWeights.build(name=name, dim=dim, mean=mean, variance=variance, epsilon=epsilon,
                                  vocabularies={}, kernels=kernels, biases=biases, activations=activations,
-                                 block_sizes=probe_block_sizes(tf, kernels),
                                  metadata={"source": "clip-nsfw-spark train", "keras_layers": len(model.layers)})
 
 

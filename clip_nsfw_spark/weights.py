@@ -7,7 +7,8 @@ The model this describes (the Autokeras inference graph, in order):
    and looked up in a vocabulary (known string → its code, unknown → the default code, 0 for LAION's
    models); the code replaces the value.
 3. ``z = (x - mean) / max(sqrt(variance), epsilon)`` in float32.
-4. Dense layers ``z = act(z @ kernel + bias)``, activations ``relu`` … and ``sigmoid`` last.
+4. Dense layers ``z = act(z @ kernel + bias)``, activations ``relu`` … and ``sigmoid`` last, summed in the
+   fixed order named by ``ORDER`` (documented in kernels.py) and recorded in the file.
 
 Vocabulary lookups are precomputed as intervals: the float32 values that print as one key form one
 contiguous run in float32 order, so a lookup becomes a binary search over ``(lo, hi)`` bounds expressed
@@ -26,7 +27,14 @@ import numpy as np
 
 from .errors import ModelError
 
-FORMAT = "clip-nsfw-spark/portable-weights/v1"
+# v2: the file names the summation order its scores are defined by (v1 files carried TensorFlow block
+# sizes probed on the converting machine; they are refused, and the model cache re-derives them).
+FORMAT = "clip-nsfw-spark/portable-weights/v2"
+FORMAT_VERSION = 2
+# Each Dense output: FMA chains over k-blocks of K_BLOCK, the block sums added in order, then + bias, then the
+# activation; the sigmoid in float64 with kernels._exp64. See kernels.py. Never derived from the machine.
+K_BLOCK = 256
+ORDER = f"fma32-kblock{K_BLOCK}-sequential/v1"
 ACTIVATIONS = ("relu", "sigmoid", "linear")
 
 
@@ -145,8 +153,8 @@ class PortableWeights:
     kernels: tuple[np.ndarray, ...]
     biases: tuple[np.ndarray, ...]
     activations: tuple[str, ...]
-    # Per layer: the k-block length TensorFlow's MatMul sums in (0 = unknown: one block of all k).
-    block_sizes: tuple[int, ...] = ()
+    # The summation order the scores are defined by (see kernels.py); only ``ORDER`` is computed here.
+    order: str = ORDER
     metadata: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -161,12 +169,10 @@ class PortableWeights:
             raise ModelError(f"the last layer must have one output, found {width}")
         if any(a not in ACTIVATIONS for a in self.activations) or len(self.activations) != len(self.kernels):
             raise ModelError(f"unsupported activations {self.activations}")
-        if len(self.block_sizes) != len(self.kernels):
-            raise ModelError(f"expected one block size per layer, found {self.block_sizes}")
 
     @classmethod
     def build(cls, *, name, dim, mean, variance, epsilon, vocabularies, kernels, biases, activations,
-              block_sizes=(), metadata=None) -> "PortableWeights":
+              metadata=None) -> "PortableWeights":
         """Assemble weights, computing the vocabulary intervals.
 
         ``vocabularies`` maps column index → (keys, codes, default code).
@@ -182,7 +188,6 @@ class PortableWeights:
                    categorical=tuple(columns), kernels=tuple(np.asarray(k, np.float32) for k in kernels),
                    biases=tuple(np.asarray(b, np.float32).reshape(-1) for b in biases),
                    activations=tuple(activations),
-                   block_sizes=tuple(int(b) for b in block_sizes) or (0,) * len(kernels),
                    metadata=dict(metadata or {}))
 
     # ------------------------------------------------------------------------------------------ file
@@ -194,7 +199,7 @@ class PortableWeights:
             "header": np.array(json.dumps({
                 "name": self.name, "dim": self.dim, "epsilon": self.epsilon,
                 "activations": list(self.activations), "layers": len(self.kernels),
-                "block_sizes": list(self.block_sizes),
+                "order": self.order,
                 "categorical_columns": [c.column for c in self.categorical], "metadata": self.metadata,
             })),
             "mean": self.mean, "variance": self.variance,
@@ -231,8 +236,10 @@ class PortableWeights:
             raise ModelError(f"{source if not isinstance(source, bytes) else 'weights bytes'} is not a "
                              f"portable weights file: {err}") from err
         if str(data.get("format", "")) != FORMAT:
-            raise ModelError(f"unsupported portable weights format {str(data.get('format'))!r}; "
-                             f"expected {FORMAT!r}. Re-create it with `clip-nsfw-spark model fetch`.")
+            raise ModelError(f"unsupported portable weights format {str(data.get('format'))!r}; expected "
+                             f"{FORMAT!r} (v1 files used a machine-dependent summation order). Convert the "
+                             "model again: registry models re-derive themselves in the cache (`clip-nsfw-spark "
+                             "model fetch`); otherwise pass the SavedModel directory or zip instead of the .npz.")
         header = json.loads(str(data["header"]))
         columns = tuple(
             CategoricalColumn(
@@ -249,5 +256,5 @@ class PortableWeights:
                    kernels=tuple(data[f"kernel_{i}"] for i in layers),
                    biases=tuple(data[f"bias_{i}"] for i in layers),
                    activations=tuple(header["activations"]),
-                   block_sizes=tuple(header.get("block_sizes") or (0,) * header["layers"]),
+                   order=header.get("order", "missing"),
                    metadata=header.get("metadata", {}))
