@@ -328,7 +328,8 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
             and pa.types.is_string(plan.schema.field(config.reason_column).type):
         replaceable.add(config.reason_column)
     for name in added:
-        if name in plan.embedding_columns:  # read for scoring even when not written: never overwritten
+        if name in plan.embedding_columns and name in score_columns + (config.reason_column,):
+            # an embedding column is read for scoring even when not written: never overwritten
             raise InputError(f"{name!r} is an embedding column this run scores; name the new column differently "
                              "(--score-column, reason_column)")
         if name not in kept:

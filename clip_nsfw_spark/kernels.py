@@ -323,12 +323,13 @@ if HAVE_NUMBA:
 
     @_jit
     def score_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, panels, biases, relus,
-                   widths, chunk_rows, scores):
+                   widths, chunk_rows, sigmoid, scores):
         """The whole model on raw (n, d) → scores float32 (n,), ``chunk_rows`` rows at a time (speed only).
 
         Encoding as ``encode_rows``; layer l = ``gemm_panels`` with ``panels[l]``, ``biases[l]`` (tuples),
         ``relus[l]``, real output width ``widths[l]`` (arrays); the last layer's column 0 through the
-        sigmoid. Each row's bits depend on that row only.
+        sigmoid when ``sigmoid`` (the Keras heads), else as it is (raw-output heads such as ViT-H/14).
+        Each row's bits depend on that row only.
         """
         n, d = raw.shape
         for start in range(0, n, chunk_rows):
@@ -340,7 +341,11 @@ if HAVE_NUMBA:
                 out = np.empty((stop - start, biases[layer].shape[0]), np.float32)
                 gemm_panels(h, width, panels[layer], biases[layer], relus[layer], out)
                 h, width = out, widths[layer]
-            sigmoid_column(h, scores[start:stop])
+            if sigmoid:
+                sigmoid_column(h, scores[start:stop])
+            else:
+                for i in range(stop - start):
+                    scores[start + i] = h[i, 0]
 
     @_jit
     def dense_reference(x, kernel, bias, relu):

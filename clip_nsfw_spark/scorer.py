@@ -73,8 +73,10 @@ class NumpyScorer:
         self._defaults = np.array([c.default for c in columns], np.float32)
         self._layers = [PackedLayer(kernel, bias, activation == "relu")
                         for kernel, bias, activation in zip(weights.kernels, weights.biases, weights.activations)]
-        if weights.activations[-1] != "sigmoid" or "sigmoid" in weights.activations[:-1]:
-            raise ModelError(f"expected hidden layers then one sigmoid output, found {weights.activations}")
+        if "sigmoid" in weights.activations[:-1]:
+            raise ModelError(f"a sigmoid is supported on the output layer only; found {weights.activations}")
+        # Keras heads end in a sigmoid; raw-output heads (ViT-H/14, user state dicts) in a linear layer.
+        self._sigmoid = weights.activations[-1] == "sigmoid"
 
     def __repr__(self) -> str:
         return f"NumpyScorer(name={self.name!r}, dim={self.dim})"
@@ -88,7 +90,7 @@ class NumpyScorer:
         score_rows(array, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
                    self._codes, self._starts, self._defaults, tuple(layer.panels for layer in layers),
                    tuple(layer.bias for layer in layers), np.array([layer.relu for layer in layers], np.int64),
-                   np.array([layer.width for layer in layers], np.int64), CHUNK_ROWS, scores)
+                   np.array([layer.width for layer in layers], np.int64), CHUNK_ROWS, self._sigmoid, scores)
         return scores
 
     def encode(self, chunk: np.ndarray) -> np.ndarray:

@@ -174,7 +174,7 @@ def test_a_symlink_in_the_output_is_never_written_through(tmp_path, flag):
     ("rows_per_task: '1000'", "rows_per_task must be an integer, found the string '1000'"),
     ("threshold: true", "threshold must be a number, found the boolean True"),
     ("threshold: '0.3'", "threshold must be a number, found the string '0.3'"),
-    ("mode: [filter]", "mode must be one of annotate, filter, split; found ['filter']"),
+    ("mode: [filter]", "mode must be one of annotate, filter, split, scores; found ['filter']"),
     ("keep: true", "keep must be one of safe, unsafe; found True"),
     ("embedding_columns: [1, 2]", "embedding_columns must be a list of strings; found the integer 1 in it"),
     ("storage_options: anon", "storage_options must be a mapping of fsspec options"),
