@@ -91,6 +91,7 @@ def validate_output(config: JobConfig) -> OutputTarget:
         refuse_if_held(out_fs, out_root, url)
         entries = [p for p in out_fs.ls(out_root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME] \
             if exists else []
+    _refuse_nested(out_fs, out_root, shown)
     target = OutputTarget(out_fs, out_root, url, bool(entries))
     if not target.non_empty:
         return target
@@ -158,9 +159,39 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _refuse_nested(fs, root: str, shown: str) -> None:
+    """Refuse an output inside another output of this tool: reading the outer one would give its rows
+    and the inner ones together (and a resume of the outer one would not notice)."""
+    parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.strip("/") else ""
+    with accessing(fs, root, "output"):
+        while parent and parent != "/":
+            if written_by_this_tool(fs, parent):
+                raise OutputError(f"output {shown} is inside {unstrip(fs, parent)}, an output of clip-nsfw-spark: "
+                                  "readers of that folder would get both datasets. Choose a folder outside it.")
+            parent = parent.rsplit("/", 1)[0] if "/" in parent.strip("/") else ""
+
+
+def _mount_points(fs, root: str) -> list[str]:
+    """Folders under a local ``root`` that are mount points (relative paths): this tool never makes one,
+    and deleting through it would delete another filesystem's files (a bind mount of the input …)."""
+    if not is_local(fs) or not os.path.isdir(root):
+        return []
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        for name in dirnames:
+            if os.path.ismount(os.path.join(dirpath, name)):
+                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(found)
+
+
 def _refuse_foreign(target: OutputTarget, shown: str) -> None:
     """Refuse to overwrite a folder this tool did not write, or one holding files it does not write."""
     fs, root = target.fs, target.root
+    mounts = _mount_points(fs, root)
+    if mounts:
+        raise OutputError(f"--overwrite refused: output {shown} holds mount points ({_listing(mounts)}); this "
+                          "tool never makes one, and removing the output would delete the files of the "
+                          "filesystem mounted there. Unmount them or choose another output folder.")
     with accessing(fs, root, "output"):
         if not written_by_this_tool(fs, root):
             names = sorted(p[len(root):].lstrip("/") for p in fs.find(root))
@@ -188,13 +219,41 @@ def clear_output(target: OutputTarget) -> None:
     _refuse_foreign(target, target.url)
     log.info("overwrite: removing the previous output in %s", target.url)
     with accessing(fs, root, "output"):
+        # What says "complete" goes first: interrupted here, the folder must never look like a finished
+        # output (or hold task states whose files are gone), whatever order the store lists names in.
+        # _job.json stays: it marks the folder as this tool's, so --resume/--overwrite still accept it.
+        for name in (SUCCESS_NAME, REPORT_NAME):
+            if fs.exists(join(root, name)):
+                fs.rm(join(root, name))
+        if fs.exists(join(root, TASKS_DIR)):
+            for path in fs.ls(join(root, TASKS_DIR), detail=False):
+                if path.rstrip("/").rsplit("/", 1)[-1] != JOB_STATE:
+                    fs.rm(path, recursive=True)
         for path in fs.ls(root, detail=False):
-            if path.rstrip("/").rsplit("/", 1)[-1] == LEASE_NAME:
+            if path.rstrip("/").rsplit("/", 1)[-1] in (LEASE_NAME, TASKS_DIR):
                 continue
             if is_local(fs) and os.path.islink(path):
                 os.unlink(path)  # the link, never what it points to
             else:
                 fs.rm(path, recursive=True)
+
+
+def check_planned_inputs(plan: Plan, in_fs, target: OutputTarget) -> None:
+    """The input as the planner found it must not touch the output, through symlinks either: no file it
+    reads may resolve into the output (``--overwrite`` would delete it), and the output may not lie in a
+    folder the planner walked (it follows symlinked folders: the output would be written into the input)."""
+    if not (is_local(in_fs) and is_local(target.fs)):
+        return  # object stores have no symlinks: validate_output's canonical comparison is the whole check
+    for task in plan.tasks:
+        for path in filter(None, (task.path, task.npy_path)):
+            real = os.path.realpath(path)
+            if within(in_fs, real, target.fs, target.root):
+                raise OutputError(f"input file {path} is {real}, inside the output {target.url} (through a "
+                                  "symlink): the output would overwrite its own input. Choose another output folder.")
+    for folder in plan.folders:
+        if within(target.fs, target.root, in_fs, folder):
+            raise OutputError(f"output {target.url} is inside {folder}, a folder of the input (reached through a "
+                              "symlink): choose an output folder outside the input; the input is never modified")
 
 
 def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
@@ -401,6 +460,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
     durations["model"] = time.perf_counter() - t0
 
     out_fs, out_root = target.fs, target.root
+    check_planned_inputs(plan, in_fs, target)
     if config.overwrite and target.non_empty:
         clear_output(target)
     task_config = config.to_dict() | {
@@ -481,7 +541,9 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
             with out_fs.open(path, "r") as handle:
                 stats = json.load(handle)
             task = planned.get(stats["task_id"])
-            if task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel:
+            complete = all(out_fs.exists(join(out_root, rel)) for rel in stats.get("outputs", ()))
+            if task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel \
+                    and stats.get("outputs") and complete:
                 done[task.task_id] = stats
                 continue
             # Stale: remove the state file first (the task is then "not done"), then its outputs.
@@ -491,6 +553,8 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
                 if out_fs.exists(join(out_root, rel)):
                     out_fs.rm(join(out_root, rel))
             (actions["rerun_changed"] if task is not None else actions["removed_gone"]).append(stats["rel"])
+            if task is not None and not complete:
+                log.warning("resume: outputs of %s are missing; running it again", stats["rel"])
         actions["reused"] = len(done)
         for key in ("rerun_changed", "removed_gone"):
             if actions[key]:

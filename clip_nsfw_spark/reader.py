@@ -89,6 +89,7 @@ class Plan:
     total_rows: int
     skipped: tuple[tuple[str, str], ...] = ()
     npy_width: int | None = None
+    folders: tuple[str, ...] = ()  # local folders walked (real paths, symlinked ones included)
 
 
 def _is_glob(path: str) -> bool:
@@ -129,14 +130,17 @@ def _footer_digest(meta: pq.FileMetaData) -> str:
     return hashlib.sha1(f"{meta.num_rows}|{groups}|{meta.schema.to_arrow_schema()}".encode()).hexdigest()[:20]
 
 
-def _walk_local(root: str) -> dict[str, dict]:
-    """Files under a local folder, following symlinked folders (a loop is an error) → {path: info}."""
+def _walk_local(root: str, folders: set | None = None) -> dict[str, dict]:
+    """Files under a local folder, following symlinked folders (a loop is an error) → {path: info}.
+    The real path of every folder walked is added to ``folders``."""
     found, seen = {}, set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
             raise InputError(f"{folder} leads back to {real} (a symlink loop); remove the loop and run again")
         seen.add(real)
+        if folders is not None:
+            folders.add(real)
         dirs.sort()
         for name in files:
             path = os.path.join(folder, name)
@@ -145,9 +149,9 @@ def _walk_local(root: str) -> dict[str, dict]:
     return found
 
 
-def _find_files(fs, root: str) -> dict[str, dict]:
+def _find_files(fs, root: str, folders: set | None = None) -> dict[str, dict]:
     if is_local(fs):
-        return _walk_local(root)
+        return _walk_local(root, folders)
     return {path: info for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
 
 
@@ -162,7 +166,7 @@ def _refuse_table_formats(fs, root: str, paths) -> None:
                 "and score that.")
 
 
-def list_parquet_files(fs, root: str) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
+def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
     """Parquet files under ``root`` (a file, folder tree or glob) → ``({path: info}, base, skipped)``.
 
     ``base`` is the root the output names are relative to; ``skipped`` lists visible files that are
@@ -171,13 +175,13 @@ def list_parquet_files(fs, root: str) -> tuple[dict[str, dict], str, list[tuple[
     if fs.exists(root):
         if fs.isfile(root):
             return {root: fs.info(root)}, root.rsplit("/", 1)[0], []
-        entries, base = _find_files(fs, root), root
+        entries, base = _find_files(fs, root, folders), root
     elif _is_glob(root):
         base = _glob_base(root)
         entries = {}
         for path, info in sorted(fs.glob(root, detail=True).items()):
             if info.get("type") == "directory":
-                entries.update(_find_files(fs, path))  # a matched folder: everything under it
+                entries.update(_find_files(fs, path, folders))  # a matched folder: everything under it
             else:
                 entries[path] = info
     else:
@@ -251,7 +255,8 @@ def _plan(fs, root: str, config: JobConfig) -> Plan:
     if layout == "laion-npy":
         result = _plan_laion(fs, root, config)
     else:
-        files, base, skipped = list_parquet_files(fs, root)
+        folders: set = set()
+        files, base, skipped = list_parquet_files(fs, root, folders)
         tasks, schema, first, total = [], None, None, 0
         for path, info in files.items():
             meta = _read_footer(fs, path)
@@ -261,7 +266,7 @@ def _plan(fs, root: str, config: JobConfig) -> Plan:
             tasks.extend(_slice_row_groups(path, rel, meta, config.rows_per_task, source))
             total += meta.num_rows
         columns = choose_embedding_columns(schema, config, unstrip(fs, first))
-        result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped))
+        result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped), folders=tuple(sorted(folders)))
     _check_unique(fs, result.tasks)
     return result
 

@@ -138,11 +138,10 @@ def accessing(fs, path: str, role: str = "input"):
         if not _is_storage_error(err):
             raise  # a data or programming error must not be blamed on credentials
         error = InputError if role == "input" else OutputError
-        raise error(
-            f"cannot access {role} {unstrip(fs, path)}: {type(err).__name__}: {err}. Check the path, the "
-            "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or --storage-option) and the "
-            "endpoint (AWS_ENDPOINT_URL or --storage-option endpoint_url=…)."
-        ) from err
+        check = ("Check the path and its permissions." if is_local(fs) else
+                 "Check the path, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                 "--storage-option) and the endpoint (AWS_ENDPOINT_URL or --storage-option endpoint_url=…).")
+        raise error(f"cannot access {role} {unstrip(fs, path)}: {type(err).__name__}: {err}. {check}") from err
 
 
 def _is_storage_error(err: BaseException) -> bool:

@@ -315,7 +315,8 @@ def score_batch(table: pa.Table, npy: np.ndarray | None, targets, scorers, timin
             label = f"{column}: {col_reasons[i]}" if several else col_reasons[i]
             reasons[i] = label if reasons[i] is None else f"{reasons[i]}; {label}"
             first_problem.setdefault(int(i), col_reasons[i].split(":")[0])
-    return ScoredBatch(table, ok_all, unsafe, reasons, list(first_problem.values()), valid_scores, flagged)
+    # A row flagged by one head but rejected on another column or head is rejected, not unsafe.
+    return ScoredBatch(table, ok_all, unsafe & ok_all, reasons, list(first_problem.values()), valid_scores, flagged)
 
 
 def _write_batch(scored: ScoredBatch, config: dict, schemas: dict, writer) -> None:

@@ -361,3 +361,87 @@ def test_dimension_is_checked_on_every_npy_file_before_any_task(tmp_path):
         run(tmp_path / "l", tmp_path / "out")
     report = json.loads(json.dumps(run(tmp_path / "l", tmp_path / "out", model="vit-b-32")))
     assert report["rows"]["read"] == 100 and (tmp_path / "out" / REPORT_NAME).exists()
+
+
+# ------------------------------------------------- a second hostile run (on the merged #10/#14 code)
+
+
+@needs_models
+def test_an_interrupted_overwrite_never_leaves_an_output_that_looks_complete(tmp_path, monkeypatch):
+    import fsspec.implementations.local as local
+
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=400, files=8)
+    run(source, tmp_path / "out")
+    removed, real_rm = [], local.LocalFileSystem.rm
+
+    def rm_then_interrupt(self, path, *args, **kwargs):  # Ctrl-C after the third removal
+        removed.append(str(path))
+        if len(removed) == 12:  # markers, 8 task states, then 2 data files; once: the lease's clean-up must work
+            raise KeyboardInterrupt
+        return real_rm(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileSystem, "rm", rm_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(source, tmp_path / "out", overwrite=True)
+    monkeypatch.setattr(local.LocalFileSystem, "rm", real_rm)
+    assert not (tmp_path / "out" / SUCCESS_NAME).exists() and not (tmp_path / "out" / REPORT_NAME).exists()
+    assert not list((tmp_path / "out" / "_clip_nsfw_tasks").glob("[0-9a-f]*.json"))
+    report = run(source, tmp_path / "out", resume=True)
+    assert report["tasks_resumed"] == 0 and rows_on_disk(tmp_path / "out") == 400
+
+
+@needs_models
+def test_resume_reruns_a_task_whose_outputs_are_missing(tmp_path):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=300, files=3)
+    run(source, tmp_path / "out")
+    os.remove(tmp_path / "out" / "part-00001.parquet")  # the state file says done; the file is gone
+    report = run(source, tmp_path / "out", resume=True)
+    assert report["tasks_resumed"] == 2 and rows_on_disk(tmp_path / "out") == 300
+
+
+@needs_models
+def test_input_files_that_are_symlinks_into_the_output_are_refused(tmp_path):
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=200, files=2)
+    run(source, tmp_path / "out", mode="split", threshold=0.01)
+    (tmp_path / "curated").mkdir()
+    for path in (tmp_path / "out" / "safe").glob("*.parquet"):
+        os.symlink(path, tmp_path / "curated" / path.name)
+    with pytest.raises(OutputError, match=r"input file .*curated/part-0000\d.parquet is .*out/safe/.*inside the output"):
+        run(tmp_path / "curated", tmp_path / "out", overwrite=True, score_columns=("p2",))
+    assert rows_on_disk(tmp_path / "curated") > 0 and (tmp_path / "out" / SUCCESS_NAME).exists()
+
+
+@needs_models
+def test_an_output_inside_a_symlinked_folder_of_the_input_is_refused(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=100, files=1)
+    write_parquet_sample(str(tmp_path / "other"), rows=50, files=1)
+    os.symlink(tmp_path / "other", tmp_path / "in" / "more")
+    with pytest.raises(OutputError, match=r"output .*other/scored is inside .*other, a folder of the input"):
+        run(tmp_path / "in", tmp_path / "other" / "scored")
+    assert not (tmp_path / "other" / "scored").exists()
+
+
+@needs_models
+def test_an_output_inside_another_output_is_refused(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=100, files=1)
+    run(tmp_path / "in", tmp_path / "out")
+    with pytest.raises(OutputError, match=r"output .*out/v2 is inside .*out, an output of clip-nsfw-spark"):
+        run(tmp_path / "in", tmp_path / "out" / "v2")
+
+
+@needs_models
+def test_a_row_rejected_on_one_column_is_not_counted_unsafe_on_another(tmp_path):
+    x = embeddings(300, 768, 6, np.float32)
+    rows = [r.tolist() for r in x]
+    other = list(rows)
+    other[0] = None
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"img": pa.array(rows, pa.list_(pa.float32())),
+                             "txt": pa.array(other, pa.list_(pa.float32()))}), tmp_path / "in" / "a.parquet")
+    report = run(tmp_path / "in", tmp_path / "split", mode="split", threshold=0.0, embedding_columns=("img", "txt"))
+    assert report["rows"] | {"written": None} == report["rows"] | {
+        "read": 300, "unsafe": 299, "safe": 0, "rejected": 1, "written": None}
+    assert report["rows"]["written"] == {"safe": 0, "unsafe": 299, "rejected": 1}
