@@ -42,3 +42,7 @@ class OutputError(ClipNsfwError):
 
 class MissingDependencyError(ClipNsfwError, ImportError):
     """An optional dependency is needed for this feature; the message names the pip command."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job), raised like Ctrl-C so the run cleans up on its way out."""

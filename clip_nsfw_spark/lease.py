@@ -35,8 +35,8 @@ from .storage import accessing, is_local, join, unstrip
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_clip_nsfw_lease.json"
-HEARTBEAT_SECONDS = 30.0
-STALE_SECONDS = 600.0
+HEARTBEAT_SECONDS = 20.0
+STALE_SECONDS = 120.0  # fits a scheduler retry: Airflow's DAG here waits 5 minutes
 SETTLE_SECONDS = 1.0
 
 
