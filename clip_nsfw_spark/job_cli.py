@@ -77,6 +77,9 @@ TERMINATED = "clip-nsfw-spark: terminated (SIGTERM); the output is incomplete: r
 
 
 def _raise_terminated(signum, frame):
+    from .spark import silence_py4j_logs  # no pyspark import: safe in the local runner too
+
+    silence_py4j_logs()
     raise Terminated()
 
 

@@ -86,6 +86,19 @@ def spark_runner(spark):
     return run
 
 
+class _DropPy4jRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}py4j{os.sep}" not in record.pathname
+
+
+def silence_py4j_logs() -> None:
+    """Drop py4j's log records from now on. Called when the job is being stopped (SIGTERM reaches the JVM
+    too): every later call to the dying JVM would log a traceback that says nothing the user needs."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropPy4jRecords) for f in handler.filters):
+            handler.addFilter(_DropPy4jRecords())
+
+
 @contextlib.contextmanager
 def _cancel_on_interrupt(spark):
     """While the driver waits for Spark jobs, Ctrl-C (SIGINT) or SIGTERM cancels them and raises
@@ -117,6 +130,8 @@ def _cancel_on_interrupt(spark):
         return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     def on_signal(signum, frame):
+        if signum == signal.SIGTERM:
+            silence_py4j_logs()
         if interrupted:
             raise stop(signum)
         interrupted.append(signum)
