@@ -52,3 +52,7 @@ class TaskError(ClipNsfwError):
     """A task failed for a reason that is not a known input problem (I/O, a worker's environment …).
 
     The message names the task's input file and the cause; the run can be finished with --resume."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job), raised like Ctrl-C so the run cleans up on its way out."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 
 from .config import DEFAULT_MODEL, JobConfig
+from .errors import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +98,27 @@ def summary(report: dict) -> str:
 
 
 INTERRUPTED = "clip-nsfw-spark: interrupted; the output is incomplete: rerun with --resume"
+TERMINATED = "clip-nsfw-spark: terminated (SIGTERM); the output is incomplete: rerun with --resume"
+
+
+def _raise_terminated(signum, frame):
+    from .spark import silence_py4j_logs  # no pyspark import: safe in the local runner too
+
+    silence_py4j_logs()
+    raise Terminated()
 
 
 def run_from_args(args, default_master: str | None) -> int:
-    """Run the job from parsed options; print the summary. Ctrl-C (SIGINT) ends with one line and status 130
-    (128 + SIGINT, the shell's convention): the run's lease is released on the way out, so ``--resume``
-    can follow at once."""
+    """Run the job from parsed options; print the summary. Ctrl-C (SIGINT) ends with one line and status 130,
+    SIGTERM with one line and 143 (128 + the signal, the shell's convention): the run's lease is released
+    on the way out, so ``--resume`` can follow at once."""
     from .job import REPORT_NAME, run_job
 
     config = config_from_args(args)
+    # Python's default SIGTERM ends the process at once, skipping every ``finally``: the lease would stay
+    # until it goes stale and a scheduler's retry on another host would be refused until then.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         if args.local_runner:
             report = run_job(config, progress=True)
@@ -112,9 +127,15 @@ def run_from_args(args, default_master: str | None) -> int:
 
             with spark_session(config.master or default_master) as spark:
                 report = run_job(config, runner=spark_runner(spark), progress=True)
+    except Terminated:
+        print(TERMINATED, file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(summary(report))
     print(f"  report    {config.output.rstrip('/')}/{REPORT_NAME}")
     return 0

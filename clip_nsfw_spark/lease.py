@@ -35,8 +35,8 @@ from .storage import accessing, is_local, join, unstrip
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_clip_nsfw_lease.json"
-HEARTBEAT_SECONDS = 30.0
-STALE_SECONDS = 600.0
+HEARTBEAT_SECONDS = 20.0
+STALE_SECONDS = 120.0  # fits a scheduler retry: Airflow's DAG here waits 5 minutes
 SETTLE_SECONDS = 1.0
 
 
@@ -45,16 +45,20 @@ def new_run_id() -> str:
 
 
 def read_lease(fs, root: str) -> dict | None:
-    """The lease of the output at ``root``, or None when there is none (or it is unreadable half-written)."""
+    """The lease of the output at ``root``, or None when there is none. A lease that is not a JSON object
+    (being created by another run at this moment) reads as a live lease of run ``?``, aged by its mtime.
+    Storage errors propagate: an unreachable store is not a lost lease."""
     path = join(root, LEASE_NAME)
     try:
         with fs.open(path, "r") as handle:
             lease = json.load(handle)
     except FileNotFoundError:
         return None
-    except (ValueError, OSError):
+    except ValueError:
+        lease = None
+    if not isinstance(lease, dict):
         return {"run_id": "?", "host": "?", "pid": -1, "started": "?", "heartbeat": _mtime(fs, path)}
-    return lease if isinstance(lease, dict) else None
+    return lease
 
 
 def _mtime(fs, path: str) -> float:
@@ -112,7 +116,8 @@ def check_owner(fs, root: str, run_id: str | None) -> None:
     """Raise OutputError unless run ``run_id`` still holds the lease (tasks call this before committing)."""
     if run_id is None:
         return
-    lease = read_lease(fs, root)
+    with accessing(fs, root, "output"):  # storage down: a storage error, not a lost lease
+        lease = read_lease(fs, root)
     if lease is None or lease.get("run_id") != run_id:
         holder = "no run" if lease is None else f"run {lease.get('run_id')} (host {lease.get('host')}, " \
                                                  f"pid {lease.get('pid')})"
@@ -228,7 +233,8 @@ class RunLease:
     def check(self) -> None:
         """Raise OutputError if this run lost its lease (the driver calls it before writing the report)."""
         if self.lost is None:
-            lease = read_lease(self.fs, self.root)
+            with accessing(self.fs, self.root, "output"):
+                lease = read_lease(self.fs, self.root)
             if lease is None or lease.get("run_id") != self.run_id:
                 self.lost = "its lease is gone" if lease is None else f"run {lease.get('run_id')} holds it now"
         if self.lost:

@@ -51,8 +51,12 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
     spark = builder.getOrCreate()
     try:
         yield spark
-    finally:
-        spark.stop()
+    except BaseException:
+        # The JVM may be gone already (SIGTERM to the whole process group): its error must not hide ours.
+        with contextlib.suppress(Exception):
+            spark.stop()
+        raise
+    spark.stop()
 
 
 # In-place attempts of a task that failed with an unexpected (possibly transient) error; a crashed Python
@@ -132,9 +136,23 @@ def _spark_failure(err: Exception):
     return TaskError(f"the Spark job failed: {last[:500]}. The output is incomplete: rerun with --resume.")
 
 
+class _DropPy4jRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}py4j{os.sep}" not in record.pathname
+
+
+def silence_py4j_logs() -> None:
+    """Drop py4j's log records from now on. Called when the job is being stopped (SIGTERM reaches the JVM
+    too): every later call to the dying JVM would log a traceback that says nothing the user needs."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropPy4jRecords) for f in handler.filters):
+            handler.addFilter(_DropPy4jRecords())
+
+
 @contextlib.contextmanager
 def _cancel_on_interrupt(spark):
-    """While the driver waits for Spark jobs, Ctrl-C (SIGINT) cancels them and raises KeyboardInterrupt.
+    """While the driver waits for Spark jobs, Ctrl-C (SIGINT) or SIGTERM cancels them and raises
+    KeyboardInterrupt (``errors.Terminated`` for SIGTERM).
 
     PySpark's own handler calls the JVM from inside the signal handler; when the signal lands while the main
     thread is reading a py4j answer (as it is in ``collect``), that nested call fails and py4j logs several
@@ -144,10 +162,12 @@ def _cancel_on_interrupt(spark):
     import signal
     import threading
 
+    from .errors import Terminated
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    interrupted = threading.Event()
+    interrupted: list[int] = []  # the signal received, if any
 
     def cancel():
         try:
@@ -156,21 +176,27 @@ def _cancel_on_interrupt(spark):
             with contextlib.suppress(Exception):
                 spark.interruptAll()
 
-    def on_interrupt(signum, frame):
-        if interrupted.is_set():
-            raise KeyboardInterrupt
-        interrupted.set()
+    def stop(signum: int):
+        return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGTERM:
+            silence_py4j_logs()
+        if interrupted:
+            raise stop(signum)
+        interrupted.append(signum)
         threading.Thread(target=cancel, name="clip-nsfw-cancel", daemon=True).start()
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except Exception:
-        if interrupted.is_set():
-            raise KeyboardInterrupt from None
+        if interrupted:
+            raise stop(interrupted[0]) from None
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # --------------------------------------------------------------------------------- DataFrame / SQL API
