@@ -127,6 +127,11 @@ class JobConfig:
         if self.score_columns and len(self.choices()) > 1:
             raise ConfigError("score_columns names one column per embedding column for a single model; with "
                               "several models give each its own score_column under models:")
+        for key in ("score_columns", "id_columns", "columns", "drop_columns", "embedding_columns"):
+            if any(not name for name in getattr(self, key)):
+                raise ConfigError(f"{key} must hold column names; found an empty name in {list(getattr(self, key))}")
+        if not self.reason_column:
+            raise ConfigError("reason_column must be a column name; found an empty name")
         if self.columns and self.drop_columns:
             raise ConfigError("choose one of columns (keep only these) and drop_columns (keep all but these)")
         if self.mode == "scores" and (self.columns or self.drop_columns):

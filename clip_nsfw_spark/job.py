@@ -34,7 +34,7 @@ from .progress import ProgressWatcher
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model
 from .reader import Plan, Task, plan as plan_input
 from .lease import LEASE_NAME, RunLease, refuse_if_held
-from .storage import accessing, filesystem, is_local, join, locations, unstrip, within
+from .storage import accessing, canonical, filesystem, is_local, join, location, locations, unstrip, within
 from .worker import FAULT_ENV, TASKS_DIR, TMP_DIR, output_paths, process_task
 
 log = logging.getLogger(__name__)
@@ -370,15 +370,21 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
                           f"{list(plan.embedding_columns)}")
     kept = plan.schema.names if kept is None else kept
     added = list(score_columns) + [config.reason_column]
+    for name in added:  # Spark and pyarrow datasets turn key=value folders into columns
+        if name in plan.partition_keys:
+            raise InputError(f"the input's folders are named {name}=…, which readers of the output turn into a "
+                             f"column {name!r}: it would hide or clash with the new column of that name. Name "
+                             "the new column differently (--score-column, reason_column)")
     if plan.layout == "laion-npy" and config.write_embeddings:
         added.insert(0, "embedding")
     if row_ids:
         added[:0] = ROW_ID_COLUMNS
     repeated = sorted({name for name in added if added.count(name) > 1})
     if repeated:
+        how = ("give each head its own score_column under models: in the YAML" if len(config.choices()) > 1
+               else "give each a distinct name with --score-column / reason_column")
         raise ConfigError(f"the output would hold two columns named {', '.join(map(repr, repeated))} (score "
-                          f"columns {list(score_columns)}, reason column {config.reason_column!r}): give each "
-                          "a distinct name with --score-column / reason_column")
+                          f"columns {list(score_columns)}, reason column {config.reason_column!r}): {how}")
     # Only what this job writes may be replaced: float score columns, and the reason column when it comes
     # with one of them (an output of this job scored again) — never an id or data column by a name clash.
     scores_present = [n for n in score_columns if n in kept and pa.types.is_floating(plan.schema.field(n).type)]
@@ -470,7 +476,9 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
         "score_columns": list(score_columns), "targets": [[e, [list(o) for o in outs]] for e, outs in targets],
         "fault": os.environ.get(FAULT_ENV),  # tests only (see worker.inject_fault)
     }
+    # The input in its one canonical spelling: "in/", "./in" and "/abs/in" resume the same run.
     fingerprint = {key: task_config[key] for key in _FINGERPRINT_KEYS} | {
+        "input": location(*canonical(config.input, config.storage_options)),
         "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads]}
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(out_fs, out_root, fingerprint, config.resume, plan, config.mode)

@@ -90,6 +90,7 @@ class Plan:
     skipped: tuple[tuple[str, str], ...] = ()
     npy_width: int | None = None
     folders: tuple[str, ...] = ()  # local folders walked (real paths, symlinked ones included)
+    partition_keys: tuple[str, ...] = ()  # hive ``key=value`` folder keys: readers make them columns
 
 
 def _is_glob(path: str) -> bool:
@@ -97,7 +98,8 @@ def _is_glob(path: str) -> bool:
 
 
 def _hidden(rel: str) -> bool:
-    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+    """Spark's rule: ``.x`` and ``_x`` are hidden, but not ``_key=value`` (a hive partition folder)."""
+    return any(part.startswith(".") or (part.startswith("_") and "=" not in part) for part in rel.split("/") if part)
 
 
 def _is_parquet_name(path: str) -> bool:
@@ -155,15 +157,34 @@ def _find_files(fs, root: str, folders: set | None = None) -> dict[str, dict]:
     return {path: info for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
 
 
-def _refuse_table_formats(fs, root: str, paths) -> None:
+def _table_format(fs, folder: str) -> str | None:
+    """The table format whose metadata ``folder`` holds (Delta, Hudi, Iceberg), or None."""
     for marker, name in TABLE_FORMAT_MARKERS.items():
-        hit = fs.isdir(join(root, marker)) or any(f"/{marker}/" in p for p in paths)
-        if hit:
+        if fs.isdir(join(folder, marker)):
+            return f"a {name} table ({marker}/)"
+    metadata = join(folder, "metadata")
+    if fs.isdir(metadata) and any(p.endswith(".metadata.json") for p in fs.ls(metadata, detail=False)):
+        return "an Iceberg table (metadata/*.metadata.json)"
+    return None
+
+
+def _refuse_table_formats(fs, root: str, paths) -> None:
+    """Refuse to list a table format's files: its folders also hold files of removed versions. Checked for
+    the input folder, every folder above it (a Delta partition folder) and every folder listed."""
+    folders, folder = [], root.rstrip("/")
+    while folder and folder not in ("/", "."):
+        folders.append(folder)
+        parent = folder.rsplit("/", 1)[0] if "/" in folder.strip("/") else ""
+        folder = "/" if folder.startswith("/") and parent == "" else parent
+    hits = [(f, _table_format(fs, f)) for f in folders]
+    hits += [(p.split(f"/{marker}/")[0], f"a {name} table ({marker}/)") for p in paths
+             for marker, name in TABLE_FORMAT_MARKERS.items() if f"/{marker}/" in p]
+    for folder, what in hits:
+        if what:
             raise InputError(
-                f"{unstrip(fs, root)} is a {name} table ({marker}/): its folder also holds files of removed "
-                f"versions, so reading its files would score stale or duplicated rows. Export the current "
-                f"version to plain parquet (e.g. spark.read.format('{name.lower()}').load(…).write.parquet(…)) "
-                "and score that.")
+                f"{unstrip(fs, folder)} is {what}: its folders also hold files of removed versions, so reading "
+                f"{unstrip(fs, root)} file by file would score stale or duplicated rows. Export the current "
+                "version to plain parquet (e.g. spark.read.format(…).load(…).write.parquet(…)) and score that.")
 
 
 def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
@@ -179,7 +200,11 @@ def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[
     elif _is_glob(root):
         base = _glob_base(root)
         entries = {}
-        for path, info in sorted(fs.glob(root, detail=True).items()):
+        try:
+            matched = fs.glob(root, detail=True)
+        except ValueError as err:
+            raise InputError(f"input {unstrip(fs, root)} is not a valid glob: {err}") from err
+        for path, info in sorted(matched.items()):
             if info.get("type") == "directory":
                 entries.update(_find_files(fs, path, folders))  # a matched folder: everything under it
             else:
@@ -266,7 +291,9 @@ def _plan(fs, root: str, config: JobConfig) -> Plan:
             tasks.extend(_slice_row_groups(path, rel, meta, config.rows_per_task, source))
             total += meta.num_rows
         columns = choose_embedding_columns(schema, config, unstrip(fs, first))
-        result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped), folders=tuple(sorted(folders)))
+        keys = sorted({part.split("=", 1)[0] for task in tasks for part in task.rel.split("/")[:-1] if "=" in part})
+        result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped), folders=tuple(sorted(folders)),
+                      partition_keys=tuple(keys))
     _check_unique(fs, result.tasks)
     return result
 
@@ -284,6 +311,10 @@ def _check_unique(fs, tasks) -> None:
 def _same_schema(fs, schema, first, path, meta) -> tuple[pa.Schema, str]:
     """The dataset's schema so far (taken from the first file); raise if ``path``'s schema differs."""
     file_schema = meta.schema.to_arrow_schema()
+    repeated = sorted({n for n in file_schema.names if file_schema.names.count(n) > 1})
+    if repeated:
+        raise InputError(f"{unstrip(fs, path)} has several columns named {', '.join(map(repr, repeated))}; no "
+                         "reader can tell them apart. Rewrite the file with distinct column names.")
     if schema is None:
         return file_schema, path
     if not file_schema.remove_metadata().equals(schema.remove_metadata()):
@@ -379,6 +410,11 @@ def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
         raise InputError(f"{unstrip(fs, root)} has {config.embeddings_dir}/ but no {config.metadata_dir}/ folder; "
                          "set metadata_dir if your mirror names it differently")
     npys, skipped = _numbered(fs, emb_dir, NPY_NUMBER, ".npy")
+    for path in sorted(fs.ls(root, detail=False)):  # text_emb/, stray files … are not read: say so
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name not in (config.embeddings_dir, config.metadata_dir) and not name.startswith(("_", ".")):
+            skipped.append((path, f"not read in the LAION layout (only {config.embeddings_dir}/ and "
+                                  f"{config.metadata_dir}/ are)"))
     metas, skipped_meta = _numbered(fs, meta_dir, PARQUET_NUMBER, "parquet")
     skipped += skipped_meta
     for number in sorted(set(npys) ^ set(metas), key=lambda n: (int(n), n)):

@@ -16,7 +16,7 @@ import re
 
 import fsspec
 
-from .errors import ClipNsfwError, InputError, MissingDependencyError, OutputError
+from .errors import ClipNsfwError, ConfigError, InputError, MissingDependencyError, OutputError
 
 
 def filesystem(url: str, storage_options: dict | None = None):
@@ -30,6 +30,11 @@ def filesystem(url: str, storage_options: dict | None = None):
     except ImportError as err:
         raise MissingDependencyError(f"reading {url} needs an fsspec backend: {err}. For s3:// run "
                                      "pip install 'clip-nsfw-spark[s3]'") from err
+    except ValueError as err:  # "Protocol not known: foo"
+        raise ConfigError(f"cannot use {url}: {err}. Use a local path, file://, s3://, gs://, hdfs:// …") from err
+    except OSError as err:  # hdfs:// without libhdfs/libjvm, an unreachable NameNode …
+        raise InputError(f"cannot open the filesystem of {url}: {type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]}") from err
     return fs, path.rstrip("/") if path not in ("/",) else path
 
 
@@ -46,7 +51,7 @@ def canonical(url: str, storage_options: dict | None = None, glob_base: bool = F
     ``*``, ``?`` or ``[``: the folder every match lies under (``/d/in/*.parquet`` → ``/d/in``).
     """
     fs, path = filesystem(url, storage_options)
-    if glob_base:
+    if glob_base and not fs.exists(path):  # a path that exists is literal, even with glob characters
         path = _glob_base(path)
     if is_local(fs):
         return fs, os.path.realpath(os.path.expanduser(path))
@@ -72,7 +77,7 @@ def locations(url: str, storage_options: dict | None = None, glob_base: bool = F
     paths = [resolved]
     if is_local(fs):
         raw = filesystem(url, storage_options)[1]
-        raw = os.path.expanduser(_glob_base(raw) if glob_base else raw).rstrip("/")
+        raw = os.path.expanduser(_glob_base(raw) if glob_base and not fs.exists(raw) else raw).rstrip("/")
         head, _, tail = raw.rpartition("/")
         if tail not in ("", ".", ".."):
             link = os.path.join(os.path.realpath(head or "/"), tail)

@@ -445,3 +445,81 @@ def test_a_row_rejected_on_one_column_is_not_counted_unsafe_on_another(tmp_path)
     assert report["rows"] | {"written": None} == report["rows"] | {
         "read": 300, "unsafe": 299, "safe": 0, "rejected": 1, "written": None}
     assert report["rows"]["written"] == {"safe": 0, "unsafe": 299, "rejected": 1}
+
+
+def test_hive_folder_keys_that_clash_with_a_new_column_are_refused(tmp_path):
+    for value in (0, 1):
+        write(tmp_path / "in" / f"punsafe={value}" / "a.parquet", 10, seed=value)
+    with pytest.raises(InputError, match=r"folders are named punsafe=…, which readers of the output turn into a column"):
+        run(tmp_path / "in", tmp_path / "out")
+    assert plan(JobConfig(input=str(tmp_path / "in"), output="o")).partition_keys == ("punsafe",)
+
+
+def test_underscore_hive_keys_are_read_as_spark_reads_them(tmp_path):
+    write(tmp_path / "in" / "_shard=1" / "a.parquet", 10)
+    write(tmp_path / "in" / "_tmp" / "b.parquet", 10)  # a plain _ folder stays hidden
+    found = plan(JobConfig(input=str(tmp_path / "in"), output="o"))
+    assert [t.rel for t in found.tasks] == ["_shard=1/a.parquet"]
+
+
+def test_table_formats_above_the_input_and_iceberg_are_refused(tmp_path):
+    write(tmp_path / "delta" / "date=1" / "part-0.parquet", 10)
+    (tmp_path / "delta" / "_delta_log").mkdir()
+    with pytest.raises(InputError, match=r"delta is a Delta table \(_delta_log/\)"):
+        plan(JobConfig(input=str(tmp_path / "delta" / "date=1"), output="o"))
+    write(tmp_path / "ice" / "data" / "part-0.parquet", 10)
+    (tmp_path / "ice" / "metadata").mkdir()
+    (tmp_path / "ice" / "metadata" / "v1.metadata.json").write_text("{}")
+    for target in (tmp_path / "ice", tmp_path / "ice" / "data"):
+        with pytest.raises(InputError, match=r"ice is an Iceberg table"):
+            plan(JobConfig(input=str(target), output="o"))
+
+
+def test_files_beside_the_laion_folders_are_reported(tmp_path):
+    write_laion_sample(str(tmp_path / "l"), rows=100, files=1)
+    (tmp_path / "l" / "text_emb").mkdir()
+    write(tmp_path / "l" / "stray.parquet", 5)
+    skipped = sorted(os.path.basename(p) for p, _ in plan(JobConfig(input=str(tmp_path / "l"), output="o")).skipped)
+    assert skipped == ["stray.parquet", "text_emb"]
+
+
+@pytest.mark.parametrize("spelling,message", [
+    ("{d}/in/**.parquet", "is not a valid glob"),
+    ("foo://bucket/x", "cannot use foo://bucket/x: Protocol not known"),
+])
+def test_bad_input_urls_are_one_line(tmp_path, spelling, message):
+    write(tmp_path / "in" / "a.parquet", 10)
+    result = _cli("--input", spelling.format(d=tmp_path), "--output", str(tmp_path / "o"), "--local-runner")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr.splitlines()[-1]
+
+
+def test_input_files_with_repeated_column_names_are_refused_at_planning(tmp_path):
+    (tmp_path / "in").mkdir()
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), embedding_array(embeddings(1, 768, 0), True)],
+                                 names=["key", "key", "embedding"])
+    pq.write_table(table, tmp_path / "in" / "a.parquet")
+    with pytest.raises(InputError, match=r"a.parquet has several columns named 'key'"):
+        plan(JobConfig(input=str(tmp_path / "in"), output="o"))
+
+
+@needs_models
+def test_resume_accepts_other_spellings_of_the_same_input(tmp_path, monkeypatch):
+    write_parquet_sample(str(tmp_path / "in"), rows=200, files=2)
+    run(str(tmp_path / "in"), tmp_path / "out")
+    os.remove(tmp_path / "out" / SUCCESS_NAME)
+    monkeypatch.chdir(tmp_path)
+    for spelling in (str(tmp_path / "in") + "/", "in", "./in/"):
+        assert run(spelling, tmp_path / "out", resume=True)["tasks_resumed"] == 2
+
+
+@needs_models
+def test_an_existing_folder_with_a_glob_character_is_literal_for_the_output_check(tmp_path):
+    write_parquet_sample(str(tmp_path / "q?x" / "in"), rows=50, files=1)
+    report = run(tmp_path / "q?x" / "in", tmp_path / "q?x" / "out")
+    assert report["rows"]["read"] == 50
+
+
+def test_empty_column_names_are_refused():
+    with pytest.raises(ConfigError, match="score_columns must hold column names; found an empty name"):
+        JobConfig(input="i", output="o", score_columns=("",))
