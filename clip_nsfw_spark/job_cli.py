@@ -108,6 +108,15 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _raise_interrupted(signum, frame):
+    """Ctrl-C outside a running Spark job (starting Spark, planning, converting): one KeyboardInterrupt,
+    and no py4j tracebacks from calls to the JVM that the interruption cut short."""
+    from .spark import silence_py4j_logs
+
+    silence_py4j_logs()
+    raise KeyboardInterrupt
+
+
 def run_from_args(args, default_master: str | None) -> int:
     """Run the job from parsed options; print the summary. Ctrl-C (SIGINT) ends with one line and status 130,
     SIGTERM with one line and 143 (128 + the signal, the shell's convention): the run's lease is released
@@ -119,6 +128,7 @@ def run_from_args(args, default_master: str | None) -> int:
     # until it goes stale and a scheduler's retry on another host would be refused until then.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupted) if main_thread else None
     try:
         if args.local_runner:
             report = run_job(config, progress=True)
@@ -126,6 +136,8 @@ def run_from_args(args, default_master: str | None) -> int:
             from .spark import spark_runner, spark_session
 
             with spark_session(config.master or default_master) as spark:
+                if main_thread:  # PySpark's own handler calls the JVM from inside the signal handler
+                    signal.signal(signal.SIGINT, _raise_interrupted)
                 report = run_job(config, runner=spark_runner(spark), progress=True)
     except Terminated:
         print(TERMINATED, file=sys.stderr)
@@ -136,6 +148,7 @@ def run_from_args(args, default_master: str | None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
     print(summary(report))
     print(f"  report    {config.output.rstrip('/')}/{REPORT_NAME}")
     return 0

@@ -48,7 +48,8 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
     builder = builder.config("spark.python.worker.reuse", "true")
     for key, value in (conf or {}).items():  # e.g. spark.driver.memory, before the JVM starts
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    with _deferred_sigint():
+        spark = builder.getOrCreate()
     try:
         yield spark
     except BaseException:
@@ -57,6 +58,23 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
             spark.stop()
         raise
     spark.stop()
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Hold Ctrl-C while Spark starts: interrupted half-way, the JVM prints stack traces and py4j logs
+    "reentrant call" errors; held, the KeyboardInterrupt comes a moment later from a clean state."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # In-place attempts of a task that failed with an unexpected (possibly transient) error; a crashed Python
