@@ -51,13 +51,22 @@ def canonical(url: str, storage_options: dict | None = None, glob_base: bool = F
     ``*``, ``?`` or ``[``: the folder every match lies under (``/d/in/*.parquet`` → ``/d/in``).
     """
     fs, path = filesystem(url, storage_options)
-    if glob_base and not fs.exists(path):  # a path that exists is literal, even with glob characters
+    if glob_base and not _exists(fs, path):  # a path that exists is literal, even with glob characters
         path = _glob_base(path)
     if is_local(fs):
         return fs, os.path.realpath(os.path.expanduser(path))
     bucket, _, key = re.sub("/+", "/", path).lstrip("/").partition("/")
     key = posixpath.normpath("/" + key).lstrip("/")
     return fs, join(bucket, key) if key else bucket
+
+
+def _exists(fs, path: str) -> bool:
+    """``fs.exists`` where a storage error (denied, bad credentials) counts as "no": the callers only choose
+    between a literal path and a glob, and the real access error is reported where the path is read."""
+    try:
+        return fs.exists(path)
+    except Exception:  # noqa: BLE001 - s3fs/botocore raise many types
+        return False
 
 
 def _glob_base(path: str) -> str:
@@ -77,7 +86,7 @@ def locations(url: str, storage_options: dict | None = None, glob_base: bool = F
     paths = [resolved]
     if is_local(fs):
         raw = filesystem(url, storage_options)[1]
-        raw = os.path.expanduser(_glob_base(raw) if glob_base and not fs.exists(raw) else raw).rstrip("/")
+        raw = os.path.expanduser(_glob_base(raw) if glob_base and not _exists(fs, raw) else raw).rstrip("/")
         head, _, tail = raw.rpartition("/")
         if tail not in ("", ".", ".."):
             link = os.path.join(os.path.realpath(head or "/"), tail)
