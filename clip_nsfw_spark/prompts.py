@@ -23,13 +23,13 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ModelError
 from .kernels import dense
+from .weights import save_npz
 
 PROMPT_FORMAT = "clip-nsfw-spark/prompt-head/v1"
 LOGIT_SCALE = 100.0  # CLIP's logit scale (exp of its learned temperature, clamped at 100)
@@ -78,19 +78,10 @@ class PromptHead:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the portable ``.npz`` atomically (temporary name, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {"name": self.name, "dim": self.dim, "logit_scale": self.logit_scale, "flagged_class": 1,
                   "metadata": self.metadata}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, format=np.array(PROMPT_FORMAT), header=np.array(json.dumps(header)),
-                         prompts=self.prompts)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        save_npz(path, {"format": np.array(PROMPT_FORMAT), "header": np.array(json.dumps(header)),
+                        "prompts": self.prompts})
 
     @classmethod
     def load(cls, source: str | os.PathLike | bytes) -> "PromptHead":

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .errors import ClipNsfwError, DimensionError, MissingDependencyError, ModelError
-from .kernels import HAVE_NUMBA, PackedLayer, encode_rows, score_rows, sigmoid_column
+from .kernels import HAVE_NUMBA, PackedLayer, encode_rows, score_rows
 from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model, saved_model_dir
 from .weights import ORDER, PortableWeights
 

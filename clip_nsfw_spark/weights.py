@@ -38,6 +38,20 @@ ORDER = f"fma32-kblock{K_BLOCK}-sequential/v1"
 ACTIVATIONS = ("relu", "sigmoid", "linear")
 
 
+def save_npz(path: str | os.PathLike, arrays: dict) -> None:
+    """Write ``arrays`` as an ``.npz`` atomically (temporary name, then rename), readable by all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def sortable_int32(values: np.ndarray) -> np.ndarray:
     """Map float32 values to int32 keys whose integer order is the float order, with -0.0 < +0.0.
 
@@ -212,16 +226,7 @@ class PortableWeights:
             arrays[f"vocab_{c.column}_default"] = np.array(c.default, dtype=np.int64)
             arrays[f"vocab_{c.column}_lo"], arrays[f"vocab_{c.column}_hi"] = c.lo, c.hi
             arrays[f"vocab_{c.column}_interval_codes"] = c.interval_codes
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        save_npz(path, arrays)
 
     @classmethod
     def load(cls, source: str | os.PathLike | bytes) -> "PortableWeights":

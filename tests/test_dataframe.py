@@ -6,7 +6,7 @@ import pytest
 
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.sample import embedding_array, embeddings, metadata
+from clip_nsfw_spark.sample import embeddings, metadata
 from clip_nsfw_spark.spark import nsfw_score, register_nsfw_udf, with_nsfw_scores
 from conftest import needs_models
 

@@ -13,7 +13,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from clip_nsfw_spark import kernels
 from clip_nsfw_spark.errors import ModelError
 from clip_nsfw_spark.kernels import K_BLOCK, dense, dense_reference, sigmoid
 from clip_nsfw_spark.weights import FORMAT, ORDER, PortableWeights

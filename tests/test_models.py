@@ -4,7 +4,6 @@ import hashlib
 import http.server
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import threading

@@ -10,7 +10,6 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from clip_nsfw_spark.config import JobConfig

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,7 @@ import pytest
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.errors import InputError, ModelError
 from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
-from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
+from clip_nsfw_spark.sample import embedding_array, metadata, write_laion_sample, write_parquet_sample
 from clip_nsfw_spark.weights import PortableWeights
 from conftest import ROOT, needs_models
 
