@@ -86,7 +86,8 @@ def test_filter_and_split_flag_a_row_when_any_head_is_at_or_over_its_threshold(d
     assert report["rows"]["unsafe"] == unsafe.num_rows
 
     run_job(JobConfig(input=str(dataset), output=str(tmp_path / "filter"), mode="filter", threshold=nsfw_cut,
-                      models=(ModelChoice("vit-l-14"), ModelChoice("violence-l-14", "violent", 0.8))))
+                      models=(ModelChoice("vit-l-14"), ModelChoice("violence-l-14", "violent", 0.8))),
+            runner=spark_runner)
     assert read_dir(tmp_path / "filter").equals(safe)
 
 
