@@ -33,7 +33,7 @@ from clip_nsfw_spark.config import JobConfig  # noqa: E402
 from clip_nsfw_spark.job import run_job  # noqa: E402
 from clip_nsfw_spark.models import prepare_model  # noqa: E402
 from clip_nsfw_spark.sample import write_parquet_sample  # noqa: E402
-from clip_nsfw_spark.worker import dictionary_columns  # noqa: E402
+from clip_nsfw_spark.worker import scalar_columns  # noqa: E402
 
 FLOP_PER_ROW = {"vit-l-14": 2 * 213_248}
 
@@ -53,7 +53,7 @@ def make_data(workdir: Path, rows: int, files: int) -> tuple[Path, Path]:
             as32 = pa.FixedSizeListArray.from_arrays(pc.cast(column.flatten(), pa.float32()), column.type.list_size)
             table = table.set_column(table.schema.get_field_index("embedding"), "embedding", as32)
             pq.write_table(table, f32 / path.name, row_group_size=65536, compression="zstd",
-                           use_dictionary=dictionary_columns(table.schema))
+                           use_dictionary=scalar_columns(table.schema))
         (f32 / "_DONE").write_text("")
     return f16, f32
 

@@ -365,9 +365,6 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
     An input may already hold a score column (LAION's joined metadata has ``punsafe``; so does an output
     of this job scored again): that is an error unless ``replace_scores`` says to overwrite it.
     """
-    if config.score_columns and len(config.score_columns) != len(plan.embedding_columns):
-        raise ConfigError(f"score_columns {list(config.score_columns)} must name one column per embedding column "
-                          f"{list(plan.embedding_columns)}")
     kept = plan.schema.names if kept is None else kept
     added = list(score_columns) + [config.reason_column]
     for name in added:  # Spark and pyarrow datasets turn key=value folders into columns

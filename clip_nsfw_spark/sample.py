@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .storage import filesystem, join
-from .worker import dictionary_columns
+from .worker import scalar_columns
 
 
 def embeddings(rows: int, dim: int, seed: int, dtype=np.float16) -> np.ndarray:
@@ -55,7 +55,7 @@ def write_parquet_sample(output: str, rows: int, files: int = 4, dim: int = 768,
         path = join(root, f"part-{index:05d}.parquet")
         with fs.open(path, "wb") as handle:
             pq.write_table(table, handle, row_group_size=row_group_rows, compression="zstd",
-                           use_dictionary=dictionary_columns(table.schema))
+                           use_dictionary=scalar_columns(table.schema))
         paths.append(path)
         start += n
     return paths

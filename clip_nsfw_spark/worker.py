@@ -104,15 +104,10 @@ def _is_float_list(field: pa.Field) -> bool:
             or pa.types.is_fixed_size_list(field.type)) and pa.types.is_floating(field.type.value_type)
 
 
-def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """Columns worth dictionary-encoding: all but float lists (embeddings), where a dictionary of up
-    to 65,536 float16 values makes both writing and every later read several times slower."""
-    return [f.name for f in schema if not _is_float_list(f)]
-
-
-def statistics_columns(schema: pa.Schema) -> list[str]:
-    """Columns worth min/max statistics: all but float lists (embeddings), whose statistics nobody filters
-    on and which cost a pass over every value when writing."""
+def scalar_columns(schema: pa.Schema) -> list[str]:
+    """All columns but float lists (embeddings): the ones worth dictionary encoding and min/max statistics.
+    For embeddings a dictionary of up to 65,536 float16 values makes writing and every later read several
+    times slower, and statistics nobody filters on cost a pass over every value when writing."""
     return [f.name for f in schema if not _is_float_list(f)]
 
 
@@ -129,8 +124,8 @@ class _AtomicParquet:
         fs.makedirs(join(root, TMP_DIR), exist_ok=True)
         self._handle = fs.open(self.tmp, "wb")
         self._writer = pq.ParquetWriter(self._handle, schema, compression=compression,
-                                        use_dictionary=dictionary_columns(schema),
-                                        write_statistics=statistics_columns(schema))
+                                        use_dictionary=scalar_columns(schema),
+                                        write_statistics=scalar_columns(schema))
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
