@@ -10,7 +10,8 @@ Importing this package imports numpy only (never TensorFlow, never Spark).
 """
 
 from .errors import ClipNsfwError
-from .scorer import NumpyScorer, load_scorer
+from .api import load_scorer
+from .scorer import NumpyScorer
 
 __version__ = "0.1.0"
 __all__ = ["ClipNsfwError", "NumpyScorer", "load_scorer", "__version__"]

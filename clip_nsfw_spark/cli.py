@@ -12,11 +12,13 @@ import logging
 import sys
 
 from .errors import ClipNsfwError
-from .models import REGISTRY, canonical_name, prepare_model
+from .models import prepare_model
+from .registry import REGISTRY, canonical_name
 
 
 def _model_info(name: str) -> dict:
-    from .heads import head_defaults, portable_format
+    from .heads import head_defaults
+    from .scorer import portable_format
     from .prompts import PROMPT_FORMAT, PromptHead
     from .weights import PortableWeights
 

@@ -1,4 +1,5 @@
-"""Arrow embedding columns → numpy matrices, with a reason for every row that cannot be scored.
+"""Arrow embedding columns → numpy matrices, with a reason for every row that cannot be scored; and the
+check every scorer applies to the matrices it is given (``check_embeddings``).
 
 Pure pyarrow/numpy. Accepts list, large_list and fixed_size_list of float16/float32/float64. Rows that
 cannot be scored are never dropped silently: each gets a reason (null embedding, wrong length, a null
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+
+from .errors import DimensionError
+from .registry import fitting_model_hint
 
 FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
 REASON_NULL = "null embedding"
@@ -108,3 +112,16 @@ def row_problems(values: np.ndarray, null_values: np.ndarray | None = None) -> d
         for row in np.flatnonzero(null_values):
             problems[int(row)] = REASON_NULL_VALUE
     return problems
+
+
+def check_embeddings(embeddings, dim: int, name: str) -> np.ndarray:
+    """Validate a 2-D float array of width ``dim``; raise DimensionError/TypeError that say how to fix it."""
+    array = np.asarray(embeddings)
+    if array.ndim != 2:
+        raise DimensionError(f"{name} expects a 2-D array of shape (n, {dim}); found shape {array.shape}")
+    if array.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"{name} expects float16, float32 or float64 embeddings; found {array.dtype}")
+    if array.shape[1] != dim:
+        raise DimensionError(f"model {name} expects {dim}-d embeddings ({dim} columns), found "
+                             f"{array.shape[1]}-d{fitting_model_hint(array.shape[1])}")
+    return array

@@ -244,7 +244,7 @@ def evaluate(models: list[str], data_path: str, out: str | Path, thresholds=DEFA
     ``labelled`` gives the data in memory (``data_path`` is then only its description). ``runner`` (a
     Spark runner, see spark.py) scores parquet data with the job instead of in this process.
     """
-    from .scorer import load_scorer
+    from .api import load_scorer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ def evaluate(models: list[str], data_path: str, out: str | Path, thresholds=DEFA
     if runner is not None:  # large sets: the scoring job (Spark) scores, the driver sees labels and scores
         if compare:
             raise InputError("--compare needs the embeddings in memory; run it without --spark on a sample")
-        from .models import KIND_PROMPTS, REGISTRY, canonical_name
+        from .registry import KIND_PROMPTS, REGISTRY, canonical_name
 
         prompt_heads = [m for m in models if REGISTRY.get(canonical_name(str(m)) or "") is not None
                         and REGISTRY[canonical_name(str(m))].kind == KIND_PROMPTS]

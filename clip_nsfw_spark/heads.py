@@ -29,34 +29,18 @@ TensorFlow or Spark.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from collections.abc import Iterable
 
 import numpy as np
 
 from .errors import ConfigError, DimensionError
-from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model
-from .prompts import PROMPT_FORMAT, PromptHead, PromptScorer
-from .scorer import NumpyScorer
-from .weights import PortableWeights
+from .models import prepare_model
+from .registry import REGISTRY, canonical_name, fitting_model_hint
+from .scorer import scorer_from_portable
 
 DEFAULT_SCORE_COLUMN = "punsafe"
 DEFAULT_THRESHOLD = 0.5
-
-
-def portable_format(source: str | os.PathLike | bytes) -> str:
-    """The ``format`` string of a portable file (a path or its bytes), read without unpickling."""
-    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    with np.load(handle, allow_pickle=False) as npz:
-        return str(npz["format"])
-
-
-def scorer_from_portable(source: str | os.PathLike | bytes, name: str | None = None, sha256: str | None = None):
-    """A NumpyScorer (MLP heads) or PromptScorer (prompt heads) for a portable file's path or bytes."""
-    if portable_format(source) == PROMPT_FORMAT:
-        return PromptScorer(PromptHead.load(source), name=name, sha256=sha256)
-    return NumpyScorer(PortableWeights.load(source), name=name, sha256=sha256)
 
 
 @dataclasses.dataclass(frozen=True)

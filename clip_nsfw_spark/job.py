@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from .config import JobConfig
 from .errors import ConfigError, DimensionError, InputError, OutputError
 from .progress import ProgressWatcher
-from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model
+from .models import prepare_model
+from .registry import REGISTRY, canonical_name, fitting_model_hint
 from .reader import Plan, Task, plan as plan_input
 from .lease import LEASE_NAME, RunLease, refuse_if_held
 from .storage import accessing, canonical, filesystem, is_local, join, location, locations, unstrip, within
@@ -293,7 +294,8 @@ class RunHead:
 
 def resolve_heads(config: JobConfig) -> list[RunHead]:
     """Fetch, verify and convert every head of the run once (models.py); read their widths."""
-    from .heads import head_defaults, scorer_from_portable
+    from .heads import head_defaults
+    from .scorer import scorer_from_portable
 
     heads = []
     for choice in config.choices():

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .embeddings import check_embeddings
 from .errors import ModelError
 from .kernels import dense
 from .weights import save_npz
@@ -139,14 +140,10 @@ class PromptScorer:
 
     def similarities(self, embeddings) -> np.ndarray:
         """float32 (n, 2): the similarities the score and the argmax rule are computed from."""
-        from .scorer import check_embeddings
-
         array = check_embeddings(embeddings, self.dim, self.name)
         return similarities(self.clean(array), self.head.prompts)
 
     def __call__(self, embeddings) -> np.ndarray:
-        from .scorer import check_embeddings
-
         array = check_embeddings(embeddings, self.dim, self.name)
         scores = np.empty(len(array), dtype=np.float32)
         for start in range(0, len(array), CHUNK_ROWS):

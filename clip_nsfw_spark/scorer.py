@@ -10,32 +10,21 @@ This module imports numpy (and numba, through kernels.py) only; TensorFlow is im
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 
-from .errors import ClipNsfwError, DimensionError, MissingDependencyError, ModelError
+from .embeddings import check_embeddings
+from .errors import MissingDependencyError, ModelError
 from .kernels import HAVE_NUMBA, PackedLayer, encode_rows, score_rows
-from .models import REGISTRY, canonical_name, fitting_model_hint, prepare_model, saved_model_dir
+from .prompts import PROMPT_FORMAT, PromptHead, PromptScorer
 from .weights import ORDER, PortableWeights
 
 # Rows per chunk: a chunk's activations stay in L2 cache (240 × 768 float32 = 720 KiB at the input), and
 # 240 is a multiple of every register tile height (12, 6, 4). Speed only: a row's bits never depend on it.
 CHUNK_ROWS = 240
 _FLOAT16_TO_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-
-
-def check_embeddings(embeddings, dim: int, name: str) -> np.ndarray:
-    """Validate a 2-D float array of width ``dim``; raise DimensionError/TypeError that say how to fix it."""
-    array = np.asarray(embeddings)
-    if array.ndim != 2:
-        raise DimensionError(f"{name} expects a 2-D array of shape (n, {dim}); found shape {array.shape}")
-    if array.dtype not in (np.float16, np.float32, np.float64):
-        raise TypeError(f"{name} expects float16, float32 or float64 embeddings; found {array.dtype}")
-    if array.shape[1] != dim:
-        raise DimensionError(f"model {name} expects {dim}-d embeddings ({dim} columns), found "
-                             f"{array.shape[1]}-d{fitting_model_hint(array.shape[1])}")
-    return array
 
 
 class NumpyScorer:
@@ -103,53 +92,15 @@ class NumpyScorer:
         return x
 
 
-class TensorFlowScorer:
-    """The original SavedModel through TensorFlow's ``serving_default`` signature (float64 input)."""
-
-    backend = "tensorflow"
-    batch_rows = 65536
-
-    def __init__(self, saved_model: os.PathLike, name: str, dim: int, sha256: str | None = None):
-        from .convert import import_tensorflow
-
-        self._tf = import_tensorflow()
-        self._loaded = self._tf.saved_model.load(os.fspath(saved_model))
-        self._signature = self._loaded.signatures["serving_default"]
-        (self._input_name,) = self._signature.structured_input_signature[1].keys()
-        self.name, self.dim, self.sha256 = name, dim, sha256
-
-    def __repr__(self) -> str:
-        return f"TensorFlowScorer(name={self.name!r}, dim={self.dim})"
-
-    def __call__(self, embeddings) -> np.ndarray:
-        array = check_embeddings(embeddings, self.dim, self.name)
-        out = np.empty(len(array), dtype=np.float32)
-        for start in range(0, len(array), self.batch_rows):
-            batch = self._tf.constant(array[start:start + self.batch_rows].astype(np.float64))
-            result = self._signature(**{self._input_name: batch})
-            out[start:start + len(batch)] = next(iter(result.values())).numpy().reshape(-1)
-        return out
+def portable_format(source: str | os.PathLike | bytes) -> str:
+    """The ``format`` string of a portable file (a path or its bytes), read without unpickling."""
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with np.load(handle, allow_pickle=False) as npz:
+        return str(npz["format"])
 
 
-def load_scorer(model: str | os.PathLike = "vit-l-14", backend: str = "numpy"):
-    """Return a scorer for ``model``: a registry name (the Keras NSFW models, ``vit-h-14``, the violence
-    heads), a SavedModel dir/zip, a PyTorch ``.pth``/safetensors MLP state dict, or a portable ``.npz``.
-
-    ``backend="numpy"`` (default) needs numpy only once the portable file exists; ``"tensorflow"`` runs
-    the original graph (Keras models only). The first use of a model fetches, verifies and converts it
-    (see models.py). Heads other than the Keras ones return a NumpyScorer (vit-h-14 and state dicts: raw
-    last-layer output, not bounded to [0, 1]) or a PromptScorer (violence heads; see prompts.py).
-    """
-    from .heads import scorer_from_portable
-
-    resolved = prepare_model(model)
-    registry_name = canonical_name(os.fspath(model))
-    name = registry_name or resolved.name
-    if backend == "numpy":
-        return scorer_from_portable(resolved.portable, name=name, sha256=resolved.sha256)
-    if backend == "tensorflow":
-        if resolved.saved_model is None and (registry_name is None or REGISTRY[registry_name].kind != "keras-zip"):
-            raise ClipNsfwError(f"{name} has no TensorFlow graph (it is not a SavedModel); use backend='numpy'")
-        weights_dim = REGISTRY[registry_name].dim if registry_name else PortableWeights.load(resolved.portable).dim
-        return TensorFlowScorer(saved_model_dir(model), name=name, dim=weights_dim, sha256=resolved.sha256)
-    raise ClipNsfwError(f"unknown backend {backend!r}: choose 'numpy' or 'tensorflow'")
+def scorer_from_portable(source: str | os.PathLike | bytes, name: str | None = None, sha256: str | None = None):
+    """A NumpyScorer (MLP heads) or PromptScorer (prompt heads) for a portable file's path or bytes."""
+    if portable_format(source) == PROMPT_FORMAT:
+        return PromptScorer(PromptHead.load(source), name=name, sha256=sha256)
+    return NumpyScorer(PortableWeights.load(source), name=name, sha256=sha256)

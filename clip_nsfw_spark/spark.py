@@ -222,7 +222,8 @@ def _cancel_on_interrupt(spark):
 
 def _model_payload(model: str) -> dict:
     """Prepare the model on the driver and return what executors need (bytes of the portable weights)."""
-    from .models import canonical_name, prepare_model
+    from .models import prepare_model
+    from .registry import canonical_name
 
     resolved = prepare_model(model)
     return {"bytes": resolved.portable.read_bytes(), "sha256": resolved.sha256,

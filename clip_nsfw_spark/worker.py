@@ -50,7 +50,7 @@ class ConstantScorer:
 def scorer_for(model_bytes: bytes, sha256: str, name: str, io_only: bool = False):
     """The scorer for a head's portable bytes, built once per process (the cache holds while workers are
     reused): an MLP head (NumpyScorer) or a prompt head (PromptScorer), numpy only."""
-    from .heads import scorer_from_portable  # executors: numpy heads only, never torch or TensorFlow
+    from .scorer import scorer_from_portable  # executors: numpy heads only, never torch or TensorFlow
 
     if io_only:
         return ConstantScorer(scorer_from_portable(model_bytes).dim)

@@ -24,7 +24,8 @@ from clip_nsfw_spark import load_scorer
 from clip_nsfw_spark.cli import _model_info, main
 from clip_nsfw_spark.errors import ChecksumError, ConfigError, DimensionError, ModelError, UnsafeModelFileError
 from clip_nsfw_spark.heads import HeadSpec, MultiScorer, load_head, load_heads
-from clip_nsfw_spark.models import REGISTRY, file_digests, prepare_model
+from clip_nsfw_spark.models import file_digests, prepare_model
+from clip_nsfw_spark.registry import REGISTRY
 from clip_nsfw_spark.prompts import BELOW_HALF, PromptScorer, argmax_rule, score_from_similarities
 from clip_nsfw_spark.scorer import NumpyScorer
 from clip_nsfw_spark.torch_weights import H14_KEYS, read_state_dict
@@ -353,7 +354,7 @@ def test_executors_never_import_torch(h14, tmp_path):
     """A fresh interpreter converts a .pth (empty cache) and scores it, and scores a portable file's bytes."""
     _, path = h14
     code = ("import sys, numpy as np; from clip_nsfw_spark import load_scorer; "
-            "from clip_nsfw_spark.heads import scorer_from_portable; from clip_nsfw_spark.models import prepare_model; "
+            "from clip_nsfw_spark.scorer import scorer_from_portable; from clip_nsfw_spark.models import prepare_model; "
             f"s = load_scorer({str(path)!r}); x = np.ones((3, 1024), np.float16) / 32; a = s(x); "
             f"b = scorer_from_portable(open(prepare_model({str(path)!r}).portable, 'rb').read())(x); "
             "assert (a == b).all(); "
