@@ -33,7 +33,7 @@ from clip_nsfw_spark.config import JobConfig  # noqa: E402
 from clip_nsfw_spark.job import run_job  # noqa: E402
 from clip_nsfw_spark.models import prepare_model  # noqa: E402
 from clip_nsfw_spark.sample import write_parquet_sample  # noqa: E402
-from clip_nsfw_spark.worker import scalar_columns  # noqa: E402
+from clip_nsfw_spark.writer import scalar_columns  # noqa: E402
 
 FLOP_PER_ROW = {"vit-l-14": 2 * 213_248}
 
@@ -76,9 +76,10 @@ def worker_cold_start(model: str, workdir: Path) -> float:
     import subprocess
 
     resolved = prepare_model(model)
-    code = ("import numpy as np; from clip_nsfw_spark.worker import scorer_for; "
+    code = ("import numpy as np; from clip_nsfw_spark.config import HeadPayload; "
+            "from clip_nsfw_spark.worker import scorer_for; "
             f"data = open({str(resolved.portable)!r}, 'rb').read(); "
-            f"s = scorer_for(data, {resolved.sha256!r}, {model!r}); "
+            f"s = scorer_for(HeadPayload({model!r}, {resolved.sha256!r}, data)); "
             "s(np.random.default_rng(0).normal(size=(1024, s.dim)).astype(np.float16))")
     subprocess.run([sys.executable, "-c", code], check=True)  # fills numba's on-disk cache once
     t0 = time.perf_counter()
@@ -243,13 +244,35 @@ def _write(frame, output: Path) -> float:
     return time.perf_counter() - t0
 
 
+class ConstantScorer:
+    """Scores every row 0: the IO floor (the job with the model taken out)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def __call__(self, embeddings) -> np.ndarray:
+        return np.zeros(len(embeddings), dtype=np.float32)
+
+
+def constant_scorer(head) -> ConstantScorer:
+    from clip_nsfw_spark.scorer import scorer_from_portable
+
+    return ConstantScorer(scorer_from_portable(head.data).dim)
+
+
 def job_seconds(spark, source: Path, output: Path, model: str, io_only: bool = False) -> tuple[float, dict]:
-    """The job end to end, from the first task to the success marker (planning and model excluded)."""
+    """The job end to end, from the first task to the success marker (planning and model excluded).
+    ``io_only``: every task's worker scores with a constant instead of the model (the IO floor)."""
+    import dataclasses
+
     from clip_nsfw_spark.spark import spark_runner
 
     shutil.rmtree(output, ignore_errors=True)
-    report = run_job(JobConfig(input=str(source), output=str(output), model=model), runner=spark_runner(spark),
-                     io_only=io_only)
+    runner = spark_runner(spark)
+    if io_only:
+        spark_run = runner
+        runner = lambda tasks, worker: spark_run(tasks, dataclasses.replace(worker, make_scorer=constant_scorer))  # noqa: E731
+    report = run_job(JobConfig(input=str(source), output=str(output), model=model), runner=runner)
     d = report["durations_seconds"]
     return d["total"] - d["plan"] - d["model"], report
 

@@ -272,3 +272,67 @@ def redact(options: Any) -> Any:
     if isinstance(options, list):
         return [redact(v) for v in options]
     return options
+
+
+# ------------------------------------------------------------------------------ driver → executor (typed)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPayload:
+    """A head as executors receive it: its portable-weights bytes (numpy only to load), their sha256 (the
+    per-process scorer cache key) and its name. Built once per run on the driver (heads.head_payload)."""
+
+    name: str
+    sha256: str
+    data: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreOutput:
+    """One score column: written from head ``head`` (index into the run's heads); unsafe ⇔ score ≥ threshold."""
+
+    score_column: str
+    head: int
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreTarget:
+    """An embedding column (in the LAION npy layout: the npy rows) and the score columns made from it."""
+
+    embedding_column: str
+    outputs: tuple[ScoreOutput, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Everything a task needs, resolved on the driver and frozen: what crosses to executors.
+
+    ``output`` is the output's canonical URL; ``write_columns`` the input columns the outputs keep (None:
+    all); ``row_ids`` whether ``source_file``/``row_index`` are added (a sidecar without id columns);
+    ``run_id`` the lease a task must still hold to commit (lease.check_owner).
+    """
+
+    input: str
+    output: str
+    storage_options: dict
+    layout: Literal["parquet", "laion-npy"]
+    mode: Mode
+    keep: Keep
+    targets: tuple[ScoreTarget, ...]
+    reason_column: str
+    write_columns: tuple[str, ...] | None
+    row_ids: bool
+    write_embeddings: bool
+    compression: str
+    batch_rows: int
+    histogram_bins: int
+    run_id: str | None = None
+
+    @property
+    def score_columns(self) -> tuple[str, ...]:
+        return tuple(o.score_column for t in self.targets for o in t.outputs)
+
+    @property
+    def embedding_columns(self) -> tuple[str, ...]:
+        return tuple(t.embedding_column for t in self.targets)

@@ -12,14 +12,10 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import DimensionError
+from .outcomes import Problem, Reason
 from .registry import fitting_model_hint
 
 FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
-REASON_NULL = "null embedding"
-REASON_NON_FINITE = "NaN or Inf in embedding"
-REASON_NULL_VALUE = "null value in embedding"
-REASON_OVERFLOW = "value out of float32 range"
-REASON_SCORE = "score not finite"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -45,7 +41,7 @@ def decode(column: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np
     """Decode one embedding column.
 
     Returns ``(matrix, ok, reasons)``: ``matrix`` float16/32/64 (n_ok, dim) holding the scorable rows in
-    order, ``ok`` bool (n,) marking them, ``reasons`` a list (n,) of None or a short reason string.
+    order, ``ok`` bool (n,) marking them, ``reasons`` a list (n,) of None or a ``Problem`` (the reason text, with its ``Reason``).
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
@@ -56,7 +52,7 @@ def decode(column: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np
         nulls = column.is_null().to_numpy(zero_copy_only=False)
         ok &= ~nulls
         for i in np.flatnonzero(nulls):
-            reasons[i] = REASON_NULL
+            reasons[i] = Problem(Reason.NULL_EMBEDDING)
     if pa.types.is_fixed_size_list(column.type):
         lengths = np.full(n, column.type.list_size)
     else:
@@ -65,7 +61,7 @@ def decode(column: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np
     if wrong.any():
         ok &= ~wrong
         for i in np.flatnonzero(wrong):
-            reasons[i] = f"wrong length: expected {dim}, found {int(lengths[i])}"
+            reasons[i] = Problem(Reason.WRONG_LENGTH, f"expected {dim}, found {int(lengths[i])}")
     scorable = column if ok.all() else column.filter(pa.array(ok))
     if pa.types.is_fixed_size_list(scorable.type) and scorable.type.list_size != dim:
         values = np.empty((0, dim), dtype=scorable.type.value_type.to_pandas_dtype())
@@ -93,24 +89,24 @@ def _null_values(column, dim: int) -> np.ndarray | None:
     return flat.is_null().to_numpy(zero_copy_only=False).reshape(len(column), dim).any(axis=1)
 
 
-def row_problems(values: np.ndarray, null_values: np.ndarray | None = None) -> dict[int, str]:
+def row_problems(values: np.ndarray, null_values: np.ndarray | None = None) -> dict[int, Problem]:
     """``{row: reason}`` for the rows of a 2-D float array that the model cannot score.
 
     Null values inside a list (read as NaN) are named as nulls; NaN/Inf as such; float64 values beyond
     float32's range, which the model's float32 cast would turn into Inf, as out of range.
     """
-    problems: dict[int, str] = {}
+    problems: dict[int, Problem] = {}
     finite = finite_rows(values)
     for row in np.flatnonzero(~finite):
-        problems[int(row)] = REASON_NON_FINITE
+        problems[int(row)] = Problem(Reason.NON_FINITE)
     if values.dtype == np.float64:
         with np.errstate(invalid="ignore"):
             overflow = (np.abs(values) > _FLOAT32_MAX).any(axis=1) & finite
         for row in np.flatnonzero(overflow):
-            problems[int(row)] = REASON_OVERFLOW
+            problems[int(row)] = Problem(Reason.OVERFLOW)
     if null_values is not None:
         for row in np.flatnonzero(null_values):
-            problems[int(row)] = REASON_NULL_VALUE
+            problems[int(row)] = Problem(Reason.NULL_VALUE)
     return problems
 
 

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .config import HeadPayload
 from .errors import ConfigError, DimensionError
 from .models import prepare_model
 from .registry import REGISTRY, canonical_name, fitting_model_hint
@@ -65,6 +66,14 @@ class Head:
     @property
     def dim(self) -> int:
         return self.scorer.dim
+
+
+def head_payload(model: str | os.PathLike):
+    """Prepare a head on the driver (fetch, verify and convert it once, models.py) and return
+    ``(HeadPayload, resolved)``: what executors need (the portable bytes), and the cache's record of it."""
+    resolved = prepare_model(model)
+    name = canonical_name(os.fspath(model)) or resolved.name
+    return HeadPayload(name, resolved.sha256, resolved.portable.read_bytes()), resolved
 
 
 def head_defaults(model: str) -> tuple[str, float]:

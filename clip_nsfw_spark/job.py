@@ -20,241 +20,32 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import JobConfig
+from .config import HeadPayload, JobConfig, ScoreOutput, ScoreTarget, TaskConfig
 from .errors import ConfigError, DimensionError, InputError, OutputError
+from .lease import RunLease
+from .outcomes import MODE_STREAMS, Stream
+from .output import OutputTarget, check_planned_inputs, clear_output, validate_output
+from .planner import Plan, Task, plan as plan_input
 from .progress import ProgressWatcher
-from .models import prepare_model
 from .registry import REGISTRY, canonical_name, fitting_model_hint
-from .reader import Plan, Task, plan as plan_input
-from .lease import LEASE_NAME, RunLease, refuse_if_held
-from .storage import accessing, canonical, filesystem, is_local, join, location, locations, unstrip, within
-from .worker import FAULT_ENV, TASKS_DIR, TMP_DIR, output_paths, process_task
+from .storage import accessing, canonical, filesystem, join, location
+from .worker import Worker
+from .writer import JOB_STATE, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths
+
+# A runner runs a worker over tasks and returns their stats, in any order (spark.spark_runner; None: here,
+# one after the other).
+Runner = Callable[[list[Task], Worker], list[dict]]
 
 log = logging.getLogger(__name__)
-REPORT_NAME = "_clip_nsfw_report.json"
-SUCCESS_NAME = "_SUCCESS"
-JOB_STATE = "_job.json"
-_DATA_SUFFIXES = (".parquet", ".parq", ".pq")
-# Settings that change what is written: a resume with different values would mix two datasets.
-_FINGERPRINT_KEYS = ("input", "layout", "embedding_columns", "score_columns", "reason_column", "mode",
-                     "threshold", "keep", "rows_per_task", "write_embeddings", "compression", "replace_scores",
-                     "write_columns")
 # mode scores: the first of these present is the sidecar's id; none present → source_file + row_index.
 ID_CANDIDATES = ("key", "id", "uid", "hash", "image_path", "url")
-ROW_ID_COLUMNS = ("source_file", "row_index")
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputTarget:
-    """The output folder after validation: ``fs`` and its canonical ``root`` (``storage.canonical``), the
-    canonical ``url`` every process writes to, and whether it held anything besides a lease (``non_empty``)."""
-
-    fs: Any
-    root: str
-    url: str
-    non_empty: bool
-
-
-def validate_output(config: JobConfig) -> OutputTarget:
-    """Check the output folder before any work, deleting nothing: the first step of ``run_job``.
-
-    Refuses: an output that is the input, lies inside it or contains it (compared in canonical form, so no
-    spelling, symlink or ``file://`` aliases them); a file; a folder another live run is writing (its lease);
-    a non-empty folder without ``overwrite``/``resume``; ``resume`` on a folder this tool did not write; and
-    ``overwrite`` of a folder this tool did not write, or that holds files it does not write (see
-    ``foreign_files``).
-    """
-    out_fs, out_paths = locations(config.output, config.storage_options)
-    in_fs, in_paths = locations(config.input, config.storage_options, glob_base=True)
-    out_root, in_base = out_paths[0], in_paths[0]
-    url = unstrip(out_fs, out_root)
-    shown = url if config.output.rstrip("/") == url else f"{config.output} (that is {url})"
-    inside = any(within(out_fs, o, in_fs, i) for o in out_paths for i in in_paths)
-    contains = any(within(in_fs, i, out_fs, o) for o in out_paths for i in in_paths)
-    if inside or contains:
-        relation = "is the input" if inside and contains else "is inside the input" if inside else "contains the input"
-        raise OutputError(f"output {shown} {relation} {unstrip(in_fs, in_base)}: choose an output folder outside "
-                          "the input; the input is never modified")
-    with accessing(in_fs, in_base, "input"):  # storage errors (credentials, endpoint) name the input first
-        in_fs.exists(in_base)
-    with accessing(out_fs, out_root, "output"):
-        exists = out_fs.exists(out_root)
-        if exists and not out_fs.isdir(out_root):
-            raise OutputError(f"output {shown} is a file; it must be a folder")
-        refuse_if_held(out_fs, out_root, url)
-        entries = [p for p in out_fs.ls(out_root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME] \
-            if exists else []
-    _refuse_nested(out_fs, out_root, shown)
-    target = OutputTarget(out_fs, out_root, url, bool(entries))
-    if not target.non_empty:
-        return target
-    if not (config.overwrite or config.resume):
-        raise OutputError(f"output {shown} is not empty. Use --overwrite to replace it, "
-                          "--resume to finish an interrupted run, or choose another folder.")
-    if config.resume and not out_fs.exists(join(out_root, TASKS_DIR, JOB_STATE)):
-        raise OutputError(f"--resume refused: {shown} is not empty and was not written by "
-                          "clip-nsfw-spark (no _clip_nsfw_tasks/_job.json). Choose another output folder.")
-    links = _symlinks(out_fs, out_root)
-    if links:
-        raise OutputError(f"output {shown} holds symlinks ({_listing(links)}); this tool never writes one and "
-                          "would write through them (perhaps into the input). Remove them or choose another "
-                          "output folder.")
-    if config.overwrite:
-        _refuse_foreign(target, shown)
-    return target
-
-
-def written_by_this_tool(fs, root: str) -> bool:
-    """Whether the folder holds this tool's state (``_clip_nsfw_tasks/_job.json``) or report."""
-    return fs.exists(join(root, TASKS_DIR, JOB_STATE)) or fs.exists(join(root, REPORT_NAME))
-
-
-def foreign_files(fs, root: str) -> list[str]:
-    """Files under ``root`` (relative paths) this tool never writes.
-
-    The tool writes its ``_clip_nsfw*`` files, ``_SUCCESS`` and parquet data files, which keep the input's
-    names: a name ending in ``.parquet``/``.parq``/``.pq`` counts as data, any other file is opened and
-    counts as data only if it starts with parquet's magic bytes ``PAR1``.
-    """
-    links = _symlinks(fs, root)
-    found = [link + " (a symlink)" for link in links]
-    for path in sorted(fs.find(root)):
-        rel = path[len(root):].lstrip("/")
-        if any(rel == link or rel.startswith(link + "/") for link in links):
-            continue
-        if rel.split("/", 1)[0].startswith("_clip_nsfw") or rel == SUCCESS_NAME or rel.endswith(_DATA_SUFFIXES):
-            continue
-        try:
-            with fs.open(path, "rb") as handle:
-                if handle.read(4) == b"PAR1":
-                    continue
-        except OSError:
-            pass
-        found.append(rel)
-    return found
-
-
-def _symlinks(fs, root: str) -> list[str]:
-    """Symlinks under a local ``root`` (relative paths, not followed). This tool never writes one: a symlink
-    in an output is foreign, and a symlink into the input would make the job write inside the input."""
-    if not is_local(fs):
-        return []
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            if os.path.islink(os.path.join(dirpath, name)):
-                found.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(found)
-
-
-def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _refuse_nested(fs, root: str, shown: str) -> None:
-    """Refuse an output inside another output of this tool: reading the outer one would give its rows
-    and the inner ones together (and a resume of the outer one would not notice)."""
-    parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.strip("/") else ""
-    with accessing(fs, root, "output"):
-        while parent and parent != "/":
-            if written_by_this_tool(fs, parent):
-                raise OutputError(f"output {shown} is inside {unstrip(fs, parent)}, an output of clip-nsfw-spark: "
-                                  "readers of that folder would get both datasets. Choose a folder outside it.")
-            parent = parent.rsplit("/", 1)[0] if "/" in parent.strip("/") else ""
-
-
-def _mount_points(fs, root: str) -> list[str]:
-    """Folders under a local ``root`` that are mount points (relative paths): this tool never makes one,
-    and deleting through it would delete another filesystem's files (a bind mount of the input …)."""
-    if not is_local(fs) or not os.path.isdir(root):
-        return []
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        for name in dirnames:
-            if os.path.ismount(os.path.join(dirpath, name)):
-                found.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(found)
-
-
-def _refuse_foreign(target: OutputTarget, shown: str) -> None:
-    """Refuse to overwrite a folder this tool did not write, or one holding files it does not write."""
-    fs, root = target.fs, target.root
-    mounts = _mount_points(fs, root)
-    if mounts:
-        raise OutputError(f"--overwrite refused: output {shown} holds mount points ({_listing(mounts)}); this "
-                          "tool never makes one, and removing the output would delete the files of the "
-                          "filesystem mounted there. Unmount them or choose another output folder.")
-    with accessing(fs, root, "output"):
-        if not written_by_this_tool(fs, root):
-            names = sorted(p[len(root):].lstrip("/") for p in fs.find(root))
-            names = [n for n in names if n != LEASE_NAME]
-            raise OutputError(
-                f"--overwrite refused: output {shown} was not written by clip-nsfw-spark (it has no "
-                f"{TASKS_DIR}/{JOB_STATE} or {REPORT_NAME}); it holds {len(names)} file(s): {_listing(names)}. "
-                "Choose a new or empty output folder; if this folder is really meant to be replaced, empty it "
-                "yourself first.")
-        foreign = foreign_files(fs, root)
-    if foreign:
-        raise OutputError(
-            f"--overwrite refused: output {shown} holds {len(foreign)} file(s) clip-nsfw-spark does not write: "
-            f"{_listing(foreign)}. Move them out of the output folder (overwrite removes only this tool's "
-            "outputs) or choose another output folder.")
-
-
-def clear_output(target: OutputTarget) -> None:
-    """Remove everything in a validated output folder (``--overwrite``), keeping the folder and the lease.
-
-    Runs only after every validation passed and while this run holds the lease; it checks ownership and
-    foreign files again first, since the folder may have changed since ``validate_output``.
-    """
-    fs, root = target.fs, target.root
-    _refuse_foreign(target, target.url)
-    log.info("overwrite: removing the previous output in %s", target.url)
-    with accessing(fs, root, "output"):
-        # What says "complete" goes first: interrupted here, the folder must never look like a finished
-        # output (or hold task states whose files are gone), whatever order the store lists names in.
-        # _job.json stays: it marks the folder as this tool's, so --resume/--overwrite still accept it.
-        for name in (SUCCESS_NAME, REPORT_NAME):
-            if fs.exists(join(root, name)):
-                fs.rm(join(root, name))
-        if fs.exists(join(root, TASKS_DIR)):
-            for path in fs.ls(join(root, TASKS_DIR), detail=False):
-                if path.rstrip("/").rsplit("/", 1)[-1] != JOB_STATE:
-                    fs.rm(path, recursive=True)
-        for path in fs.ls(root, detail=False):
-            if path.rstrip("/").rsplit("/", 1)[-1] in (LEASE_NAME, TASKS_DIR):
-                continue
-            if is_local(fs) and os.path.islink(path):
-                os.unlink(path)  # the link, never what it points to
-            else:
-                fs.rm(path, recursive=True)
-
-
-def check_planned_inputs(plan: Plan, in_fs, target: OutputTarget) -> None:
-    """The input as the planner found it must not touch the output, through symlinks either: no file it
-    reads may resolve into the output (``--overwrite`` would delete it), and the output may not lie in a
-    folder the planner walked (it follows symlinked folders: the output would be written into the input)."""
-    if not (is_local(in_fs) and is_local(target.fs)):
-        return  # object stores have no symlinks: validate_output's canonical comparison is the whole check
-    for task in plan.tasks:
-        for path in filter(None, (task.path, task.npy_path)):
-            real = os.path.realpath(path)
-            if within(in_fs, real, target.fs, target.root):
-                raise OutputError(f"input file {path} is {real}, inside the output {target.url} (through a "
-                                  "symlink): the output would overwrite its own input. Choose another output folder.")
-    for folder in plan.folders:
-        if within(target.fs, target.root, in_fs, folder):
-            raise OutputError(f"output {target.url} is inside {folder}, a folder of the input (reached through a "
-                              "symlink): choose an output folder outside the input; the input is never modified")
 
 
 def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
@@ -289,31 +80,28 @@ class RunHead:
     dim: int
     score_column: str  # before any per-embedding-column suffix
     threshold: float
-    payload: dict
+    payload: HeadPayload
 
 
 def resolve_heads(config: JobConfig) -> list[RunHead]:
     """Fetch, verify and convert every head of the run once (models.py); read their widths."""
-    from .heads import head_defaults
+    from .heads import head_defaults, head_payload
     from .scorer import scorer_from_portable
 
     heads = []
     for choice in config.choices():
-        resolved = prepare_model(choice.model)
-        name = canonical_name(choice.model) or resolved.name
-        data = resolved.portable.read_bytes()
+        payload, resolved = head_payload(choice.model)
         column, _ = head_defaults(choice.model)
-        heads.append(RunHead(name, resolved.sha256, str(resolved.source), scorer_from_portable(data).dim,
+        heads.append(RunHead(payload.name, payload.sha256, str(resolved.source), scorer_from_portable(payload.data).dim,
                              choice.score_column or column,
-                             float(config.threshold if choice.threshold is None else choice.threshold),
-                             {"bytes": data, "sha256": resolved.sha256, "name": name}))
+                             float(config.threshold if choice.threshold is None else choice.threshold), payload))
     return heads
 
 
-def score_targets(config: JobConfig, plan: Plan, heads: list[RunHead]) -> list[tuple[str, list]]:
-    """``[(embedding column, [(score column, head index, threshold), …]), …]``: one column per head and
-    embedding column. One embedding column: the head's column (``punsafe``, ``pviolence`` or its own);
-    several: ``<column>_<embedding column>``; a single head may be named per column by ``score_columns``."""
+def score_targets(config: JobConfig, plan: Plan, heads: list[RunHead]) -> tuple[ScoreTarget, ...]:
+    """One score column per head and embedding column. One embedding column: the head's column
+    (``punsafe``, ``pviolence`` or its own); several: ``<column>_<embedding column>``; a single head may be
+    named per column by ``score_columns``."""
     several = len(plan.embedding_columns) > 1
     targets = []
     for position, embedding in enumerate(plan.embedding_columns):
@@ -323,9 +111,9 @@ def score_targets(config: JobConfig, plan: Plan, heads: list[RunHead]) -> list[t
                 name = config.score_columns[position]
             else:
                 name = f"{head.score_column}_{embedding}" if several else head.score_column
-            outputs.append((name, index, head.threshold))
-        targets.append((embedding, outputs))
-    return targets
+            outputs.append(ScoreOutput(name, index, head.threshold))
+        targets.append(ScoreTarget(embedding, tuple(outputs)))
+    return tuple(targets)
 
 
 def check_widths(widths: dict[str, int], heads: list[RunHead]) -> None:
@@ -415,10 +203,10 @@ def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
         s = by_id[task.task_id]
         written, read = s["rows_written"], s["rows_read"]
         rejected, unsafe = s["rows_rejected"], s["rows_unsafe"]
-        safe = read - unsafe - rejected
-        expected = {"annotate": {"annotated": read}, "scores": {"scores": read},
-                    "filter": {"kept": safe if keep == "safe" else unsafe, "rejected": rejected},
-                    "split": {"safe": safe, "unsafe": unsafe, "rejected": rejected}}[mode]
+        due = {Stream.ANNOTATED: read, Stream.SCORES: read, Stream.SAFE: read - unsafe - rejected,
+               Stream.UNSAFE: unsafe, Stream.REJECTED: rejected}
+        due[Stream.KEPT] = due[Stream.SAFE if keep == "safe" else Stream.UNSAFE]
+        expected = {str(stream): due[stream] for stream in MODE_STREAMS[mode]}
         found = {stream: written.get(stream, 0) for stream in expected}
         if read != task.rows or found != expected:
             raise OutputError(f"task {task.rel} ({task.path}) planned {task.rows} rows, read {read}, wrote "
@@ -426,25 +214,56 @@ def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
                               "the input did not change during the run, then rerun with --overwrite.")
 
 
-def run_job(config: JobConfig, runner: Callable | None = None, progress: bool = False,
-            io_only: bool = False) -> dict:
+def run_sequentially(tasks: list[Task], worker: Worker) -> list[dict]:
+    """The runner without Spark: every task here, one after the other."""
+    return [worker(task) for task in tasks]
+
+
+def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = False) -> dict:
     """Run the whole job; return the report (also written next to the output).
 
-    ``runner(tasks, task_config, model)`` runs ``process_task`` over the tasks and returns their stats;
-    ``None`` runs them here, one after the other (the Spark runner lives in spark.py). ``progress``
-    shows tasks done, rows/s and ETA while they run (see progress.py). ``io_only`` replaces the model
-    by a constant 0 (the benchmark's IO floor; never for real outputs).
+    ``runner(tasks, worker)`` runs ``worker`` (worker.Worker, a picklable ``Task → stats``) over the tasks
+    and returns their stats; ``None`` runs them here, one after the other (the Spark runner is
+    spark.spark_runner). A runner may wrap the worker (tests inject faults, the benchmark a constant
+    scorer); the job itself always uses it as made. ``progress`` shows tasks done, rows/s and ETA while
+    they run (see progress.py).
 
     The output is validated first (``validate_output``, before planning and model conversion), then the
     run holds the output's lease (lease.py) until it ends: another run cannot write the same output.
     """
     target = validate_output(config)
     with RunLease(target.fs, target.root) as lease:
-        return _run_job(config, target, lease, runner, progress, io_only)
+        return _run_job(config, target, lease, runner, progress)
 
 
-def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: Callable | None, progress: bool,
-             io_only: bool) -> dict:
+def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str, targets: tuple[ScoreTarget, ...],
+                write_columns: list[str] | None, row_ids: bool) -> TaskConfig:
+    """The frozen, typed config every task of this run receives."""
+    return TaskConfig(
+        input=config.input, output=target.url, storage_options=dict(config.storage_options), layout=plan.layout,
+        mode=config.mode, keep=config.keep, targets=targets, reason_column=config.reason_column,
+        write_columns=None if write_columns is None else tuple(write_columns), row_ids=row_ids,
+        write_embeddings=config.write_embeddings, compression=config.compression, batch_rows=config.batch_rows,
+        histogram_bins=config.histogram_bins, run_id=run_id)
+
+
+def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> dict:
+    """What the output was written for, as stored in ``_job.json`` (JSON values): a ``--resume`` with any
+    difference would mix two datasets. The input in its one canonical spelling ("in/", "./in" and
+    "/abs/in" resume the same run)."""
+    values = {
+        "input": location(*canonical(config.input, config.storage_options)), "layout": tasks.layout,
+        "embedding_columns": list(tasks.embedding_columns), "score_columns": list(tasks.score_columns),
+        "reason_column": config.reason_column, "mode": config.mode, "threshold": config.threshold,
+        "keep": config.keep, "rows_per_task": config.rows_per_task, "write_embeddings": config.write_embeddings,
+        "compression": config.compression, "replace_scores": config.replace_scores,
+        "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
+        "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads]}
+    return json.loads(json.dumps(values))
+
+
+def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: Runner | None,
+             progress: bool) -> dict:
     started = time.perf_counter()
     durations = {}
     in_fs, in_root = filesystem(config.input, config.storage_options)
@@ -458,30 +277,22 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
     heads = resolve_heads(config)
     check_widths(embedding_widths(plan, in_fs), heads)
     targets = score_targets(config, plan, heads)
-    score_columns = tuple(name for _, outputs in targets for name, _, _ in outputs)
+    score_columns = tuple(o.score_column for t in targets for o in t.outputs)
     kept, row_ids = written_columns(plan, config)
     check_output_columns(plan, config, score_columns, kept, row_ids)
-    model = {"heads": [head.payload for head in heads], "io_only": io_only}
     durations["model"] = time.perf_counter() - t0
 
     out_fs, out_root = target.fs, target.root
     check_planned_inputs(plan, in_fs, target)
     if config.overwrite and target.non_empty:
         clear_output(target)
-    task_config = config.to_dict() | {
-        "output": target.url, "run_id": lease.run_id,  # one canonical spelling; the run tasks commit for
-        "layout": plan.layout, "embedding_columns": list(plan.embedding_columns),
-        "write_columns": kept, "row_ids": row_ids,
-        "score_columns": list(score_columns), "targets": [[e, [list(o) for o in outs]] for e, outs in targets],
-        "fault": os.environ.get(FAULT_ENV),  # tests only (see worker.inject_fault)
-    }
-    # The input in its one canonical spelling: "in/", "./in" and "/abs/in" resume the same run.
-    fingerprint = {key: task_config[key] for key in _FINGERPRINT_KEYS} | {
-        "input": location(*canonical(config.input, config.storage_options)),
-        "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads]}
+    tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids)
+    worker = Worker(tasks_config, tuple(head.payload for head in heads))
     with accessing(out_fs, out_root, "output"):
-        done, resume_actions = _prepare_state(out_fs, out_root, fingerprint, config.resume, plan, config.mode)
-    pending = [task for task in plan.tasks if task.task_id not in done]
+        done, resume_actions = _prepare_state(out_fs, out_root, fingerprint(config, tasks_config, heads),
+                                              config.resume, plan, config.mode)
+    # Largest first: with uneven tasks the cores stay busy to the end instead of waiting on one big task.
+    pending = sorted((task for task in plan.tasks if task.task_id not in done), key=lambda task: -task.rows)
     log.info("%d tasks (%d rows) in %s; %d already complete; model %s", len(plan.tasks), plan.total_rows,
              config.input, len(plan.tasks) - len(pending), ", ".join(h.name for h in heads))
     for path, why in plan.skipped[:20]:
@@ -492,10 +303,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
                               rows_before=sum(s["rows_read"] for s in done.values())) if progress \
         else contextlib.nullcontext()
     with watcher:
-        if runner is None:
-            new_stats = [process_task(task, task_config, model) for task in pending]
-        else:
-            new_stats = runner(pending, task_config, model)
+        new_stats = (runner or run_sequentially)(pending, worker)
     durations["run"] = time.perf_counter() - t0
 
     stats = list(done.values()) + list(new_stats)
@@ -510,7 +318,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: C
     if out_fs.exists(join(out_root, TMP_DIR)):
         out_fs.rm(join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started
-    report = build_report(config, task_config, plan, heads, stats, durations,
+    report = build_report(config, tasks_config, plan, heads, stats, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions)
     with out_fs.open(join(out_root, REPORT_NAME), "w") as handle:
         handle.write(json.dumps(report, indent=2))
@@ -554,7 +362,7 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
                 done[task.task_id] = stats
                 continue
             # Stale: remove the state file first (the task is then "not done"), then its outputs.
-            outputs = stats.get("outputs") or list(output_paths(Task("parquet", "", stats["rel"]), mode).values())
+            outputs = stats.get("outputs") or list(output_paths(stats["rel"], mode).values())
             out_fs.rm(path)
             for rel in outputs:
                 if out_fs.exists(join(out_root, rel)):
@@ -574,7 +382,7 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     return done, actions
 
 
-def build_report(config, task_config, plan, heads: list[RunHead], stats, durations, resumed,
+def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list[RunHead], stats, durations, resumed,
                  resume_actions=None) -> dict:
     """The JSON report: config (secrets redacted), heads, row counts by stream and reason, per-head unsafe
     counts and score histograms, timing. ``model`` describes the first head (as when a run had one)."""
@@ -582,9 +390,9 @@ def build_report(config, task_config, plan, heads: list[RunHead], stats, duratio
     rejected: dict[str, int] = {}
     stages: dict[str, float] = {}
     bins = config.histogram_bins
-    histograms = {name: np.zeros(bins, dtype=np.int64) for name in task_config["score_columns"]}
-    outside = {name: [0, 0] for name in task_config["score_columns"]}
-    flagged = {name: 0 for name in task_config["score_columns"]}
+    histograms = {name: np.zeros(bins, dtype=np.int64) for name in tasks.score_columns}
+    outside = {name: [0, 0] for name in tasks.score_columns}
+    flagged = {name: 0 for name in tasks.score_columns}
     for s in stats:
         for stream, n in s["rows_written"].items():
             written[stream] = written.get(stream, 0) + n
@@ -600,7 +408,7 @@ def build_report(config, task_config, plan, heads: list[RunHead], stats, duratio
     unsafe = sum(s["rows_unsafe"] for s in stats)
     n_rejected = sum(rejected.values())
     edges = np.linspace(0, 1, bins + 1).round(6).tolist()
-    columns_of = {index: [name for _, outputs in task_config["targets"] for name, i, _ in outputs if i == index]
+    columns_of = {index: [o.score_column for t in tasks.targets for o in t.outputs if o.head == index]
                   for index in range(len(heads))}
     head_reports = []
     for index, head in enumerate(heads):
@@ -614,7 +422,8 @@ def build_report(config, task_config, plan, heads: list[RunHead], stats, duratio
     first = head_reports[0]
     return {
         "status": "succeeded",
-        "config": config.redacted() | {k: task_config[k] for k in ("layout", "embedding_columns", "score_columns")},
+        "config": config.redacted() | {"layout": tasks.layout, "embedding_columns": list(tasks.embedding_columns),
+                                       "score_columns": list(tasks.score_columns)},
         "model": {k: first[k] for k in ("name", "sha256", "dim", "source", "clip_model")},
         "heads": head_reports,
         "input": {"layout": plan.layout, "tasks": len(plan.tasks), "rows": plan.total_rows,

@@ -117,11 +117,15 @@ def _raise_interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_from_args(args, default_master: str | None) -> int:
+def run_from_args(args, default_master: str | None, wrap_worker=None) -> int:
     """Run the job from parsed options; print the summary. Ctrl-C (SIGINT) ends with one line and status 130,
     SIGTERM with one line and 143 (128 + the signal, the shell's convention): the run's lease is released
-    on the way out, so ``--resume`` can follow at once."""
-    from .job import REPORT_NAME, run_job
+    on the way out, so ``--resume`` can follow at once.
+
+    ``wrap_worker`` (worker.Worker → a callable Task → stats) wraps the worker every task runs, for tools
+    built on this command line (the tests' fault injection, tests/faults.py); the job never sets it."""
+    from .job import run_job, run_sequentially
+    from .writer import REPORT_NAME
 
     config = config_from_args(args)
     # Python's default SIGTERM ends the process at once, skipping every ``finally``: the lease would stay
@@ -131,14 +135,14 @@ def run_from_args(args, default_master: str | None) -> int:
     previous_int = signal.signal(signal.SIGINT, _raise_interrupted) if main_thread else None
     try:
         if args.local_runner:
-            report = run_job(config, progress=True)
+            report = run_job(config, runner=_wrapped(run_sequentially, wrap_worker), progress=True)
         else:
             from .spark import spark_runner, spark_session
 
             with spark_session(config.master or default_master) as spark:
                 if main_thread:  # PySpark's own handler calls the JVM from inside the signal handler
                     signal.signal(signal.SIGINT, _raise_interrupted)
-                report = run_job(config, runner=spark_runner(spark), progress=True)
+                report = run_job(config, runner=_wrapped(spark_runner(spark), wrap_worker), progress=True)
     except Terminated:
         print(TERMINATED, file=sys.stderr)
         return 143
@@ -152,6 +156,12 @@ def run_from_args(args, default_master: str | None) -> int:
     print(summary(report))
     print(f"  report    {config.output.rstrip('/')}/{REPORT_NAME}")
     return 0
+
+
+def _wrapped(runner, wrap_worker):
+    if wrap_worker is None:
+        return runner
+    return lambda tasks, worker: runner(tasks, wrap_worker(worker))
 
 
 def add_run_command(commands) -> None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .storage import filesystem, join
-from .worker import scalar_columns
+from .writer import scalar_columns
 
 
 def embeddings(rows: int, dim: int, seed: int, dtype=np.float16) -> np.ndarray:

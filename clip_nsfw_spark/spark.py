@@ -91,7 +91,8 @@ def spark_runner(spark):
     the worker's environment) after ``TASK_ATTEMPTS`` attempts in place.
     """
 
-    def run(tasks, task_config, model):
+    def run(tasks, worker):
+        """Run ``worker`` (worker.Worker: Task → stats) over ``tasks``, one Spark task each, in this order."""
         if not tasks:
             return []
         import pyarrow as pa
@@ -102,14 +103,13 @@ def spark_runner(spark):
             import time
 
             from clip_nsfw_spark.errors import ClipNsfwError, TaskError
-            from clip_nsfw_spark.reader import Task
-            from clip_nsfw_spark.worker import process_task
+            from clip_nsfw_spark.planner import Task
 
             for batch in batches:
                 for index in batch.column(0).to_pylist():
                     for attempt in range(1, TASK_ATTEMPTS + 1):
                         try:
-                            result = process_task(Task.from_dict(payload[index]), task_config, model)
+                            result = worker(Task.from_dict(payload[index]))
                             break
                         except TaskError as err:
                             result = {"error": str(err), "error_type": type(err).__name__}
@@ -220,25 +220,16 @@ def _cancel_on_interrupt(spark):
 # --------------------------------------------------------------------------------- DataFrame / SQL API
 
 
-def _model_payload(model: str) -> dict:
-    """Prepare the model on the driver and return what executors need (bytes of the portable weights)."""
-    from .models import prepare_model
-    from .registry import canonical_name
-
-    resolved = prepare_model(model)
-    return {"bytes": resolved.portable.read_bytes(), "sha256": resolved.sha256,
-            "name": canonical_name(model) or resolved.name}
-
-
-def _score_arrow(array, payload: dict):
-    """Arrow list array (n,) → float32 Arrow array (n,), null where the row cannot be scored."""
+def _score_arrow(array, head):
+    """Arrow list array (n,) → float32 Arrow array (n,), null where the row cannot be scored.
+    ``head`` is the HeadPayload made once on the driver (heads.head_payload)."""
     import numpy as np
     import pyarrow as pa
 
     from .embeddings import decode
     from .worker import scorer_for
 
-    scorer = scorer_for(payload["bytes"], payload["sha256"], payload["name"])
+    scorer = scorer_for(head)
     matrix, ok, _ = decode(array, scorer.dim)
     values = np.full(len(ok), np.nan, dtype=np.float32)
     values[ok] = scorer(matrix)
@@ -260,7 +251,9 @@ def _scoring_udf(model: str):
     """A vectorised UDF ``array<float|double> → float`` with the same scores and nulls on every Spark."""
     from pyspark.sql.types import FloatType
 
-    payload = _model_payload(model)
+    from .heads import head_payload
+
+    payload, _ = head_payload(model)
     if has_arrow_udf():
         from pyspark.sql.functions import arrow_udf
 

@@ -16,8 +16,9 @@ import pytest
 
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
-from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, _check_rows, run_job
-from clip_nsfw_spark.reader import Task, plan
+from clip_nsfw_spark.job import _check_rows, run_job
+from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
+from clip_nsfw_spark.planner import Task, plan
 from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
 from conftest import ROOT, needs_models
 
@@ -105,7 +106,7 @@ def test_two_tasks_that_would_write_one_file_are_refused(tmp_path):
 
 def test_rows_planned_must_equal_rows_written():
     task = Task("parquet", "/d/a.parquet", "a.parquet", (0,), rows=10)
-    from clip_nsfw_spark.reader import Plan
+    from clip_nsfw_spark.planner import Plan
 
     the_plan = Plan((task,), "parquet", ("embedding",), pa.schema([]), 10)
     good = {"task_id": task.task_id, "rows_read": 10, "rows_rejected": 1, "rows_unsafe": 2,

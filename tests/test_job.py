@@ -10,7 +10,8 @@ import pytest
 
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
-from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
+from clip_nsfw_spark.job import run_job
+from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
 from conftest import needs_models
 

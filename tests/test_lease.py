@@ -17,12 +17,12 @@ import pytest
 
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.errors import OutputError
-from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
+from clip_nsfw_spark.job import run_job
+from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark import lease as lease_module
 from clip_nsfw_spark.lease import LEASE_NAME, STALE_SECONDS, RunLease, read_lease, stale_reason
 from clip_nsfw_spark.storage import filesystem
 from clip_nsfw_spark.sample import write_parquet_sample
-from clip_nsfw_spark.worker import process_task
 from conftest import ROOT, needs_models
 
 INTERRUPTED = "clip-nsfw-spark: interrupted; the output is incomplete: rerun with --resume"
@@ -89,12 +89,11 @@ def test_a_live_lease_refuses_other_runs_and_a_stale_one_is_taken_over(tmp_path)
 def _stealing_runner(out, inner=None):
     """A runner that lets the first task commit, then hands the lease to another run, then runs the rest."""
 
-    def run(tasks, task_config, model):
-        first = [process_task(tasks[0], task_config, model)]
+    def run(tasks, worker):
+        first = [worker(tasks[0])]
         write_lease(out)
         rest = tasks[1:]
-        return first + (inner(rest, task_config, model) if inner else [process_task(t, task_config, model)
-                                                                        for t in rest])
+        return first + (inner(rest, worker) if inner else [worker(t) for t in rest])
 
     return run
 

@@ -12,9 +12,9 @@ import pytest
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, InputError
 from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.reader import plan
+from clip_nsfw_spark.planner import plan
 from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
-from clip_nsfw_spark.worker import _task_batches
+from clip_nsfw_spark.reader import task_batches
 from conftest import needs_models
 
 
@@ -99,7 +99,7 @@ def test_tasks_read_only_the_columns_asked_for(tmp_path):
     import fsspec
 
     task = plan(JobConfig(input=str(tmp_path / "in"), output="o")).tasks[0]
-    batches = list(_task_batches(task, fsspec.filesystem("file"), 64, Counter(), ["key", "embedding"]))
+    batches = list(task_batches(task, fsspec.filesystem("file"), 64, Counter(), ["key", "embedding"]))
     assert {tuple(b.schema.names) for b, _, _ in batches} == {("key", "embedding")}
     assert [first for _, _, first in batches] == [0, 64, 100, 164, 200, 264]
 

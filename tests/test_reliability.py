@@ -14,7 +14,8 @@ import pytest
 
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.errors import InputError, ModelError
-from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
+from clip_nsfw_spark.job import run_job
+from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.sample import embedding_array, metadata, write_laion_sample, write_parquet_sample
 from clip_nsfw_spark.weights import PortableWeights
 from conftest import ROOT, needs_models
@@ -112,21 +113,26 @@ def test_portable_weights_are_never_unpickled(tmp_path):
 # ---------------------------------------------------------------------------------------------- faults
 
 
-def _cli(args, env_extra=None, **kwargs):
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+def _cli(args, fault=None, **kwargs):
+    """The job's command line; with ``fault``, through tests/faults.py (the same command, plus --fault)."""
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    command = [sys.executable, str(ROOT / "tests" / "faults.py"), "--fault", fault] if fault else \
+        [sys.executable, "-m", "clip_nsfw_spark.cli", "run"]
+    return subprocess.Popen([*command, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
 
 
-@pytest.mark.parametrize("point", ["batch", "commit"])
+@pytest.mark.parametrize("point", ["write", "commit"])
 def test_killed_python_worker_is_retried_without_duplicates_or_partial_files(tmp_path, point):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=1200, files=3, row_group_rows=100)
     run(source, tmp_path / "clean", mode="split", threshold=0.01, batch_rows=100)
-    fault = f"point={point},match=part-00001,after=2,action=kill,once={tmp_path / 'fired'}"
+    # write: killed in the middle of the task's files (after 8 writes: well into the first batches);
+    # commit: killed after 2 of its 3 files (safe, unsafe, rejected) got their final names.
+    after = 8 if point == "write" else 2
+    fault = f"point={point},match=part-00001,after={after},action=kill,once={tmp_path / 'fired'}"
     process = _cli(["--input", str(source), "--output", str(tmp_path / "faulty"), "--mode", "split",
-                    "--threshold", "0.01", "--batch-rows", "100", "--master", "local[2,3]"],
-                   {"CLIP_NSFW_FAULT": fault})
+                    "--threshold", "0.01", "--batch-rows", "100", "--master", "local[2,3]"], fault)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
     assert (tmp_path / "fired").exists()  # the worker really was killed once
@@ -140,7 +146,7 @@ def test_job_killed_midway_then_resumed_equals_a_clean_run(tmp_path):
     write_parquet_sample(str(source), rows=2000, files=8)
     run(source, tmp_path / "clean")
     process = _cli(["--input", str(source), "--output", str(tmp_path / "out"), "--master", "local[1]",
-                    "--batch-rows", "50"], {"CLIP_NSFW_FAULT": "point=batch,after=1,action=sleep,seconds=0.05"},
+                    "--batch-rows", "50"], "point=write,after=1,action=sleep,seconds=0.01",
                    start_new_session=True)
     state = tmp_path / "out" / "_clip_nsfw_tasks"
     deadline = time.time() + 300

@@ -82,7 +82,7 @@ def test_s3_server_restarted_during_a_run(s3_server, tmp_path):
     and the output equals a clean run. No partial file is ever visible under a final name."""
     import time
 
-    from clip_nsfw_spark.job import SUCCESS_NAME
+    from clip_nsfw_spark.writer import SUCCESS_NAME
 
     fs = s3_server.filesystem()
     fs.mkdir("restart")
@@ -90,10 +90,12 @@ def test_s3_server_restarted_during_a_run(s3_server, tmp_path):
     write_parquet_sample("s3://restart/in", rows=3200, files=8, storage_options=options)
     write_parquet_sample(str(tmp_path / "in"), rows=3200, files=8)
     run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "clean")))
-    env = dict(os.environ, **s3_server.env(), CLIP_NSFW_FAULT="point=batch,after=1,action=sleep,seconds=0.15")
+    env = dict(os.environ, **s3_server.env())
     args = [sys.executable, "-m", "clip_nsfw_spark.cli", "run", "--input", "s3://restart/in",
             "--output", "s3://restart/out", "--master", "local[2]", "--batch-rows", "50"]
-    first = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    slow = [sys.executable, str(ROOT / "tests" / "faults.py"), "--fault", "point=write,after=1,action=sleep,seconds=0.02",
+            *args[4:]]  # the same run, each write slowed down: the restart comes in the middle of it
+    first = subprocess.Popen(slow, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not _completed_tasks(fs):
         time.sleep(0.2)
@@ -108,7 +110,7 @@ def test_s3_server_restarted_during_a_run(s3_server, tmp_path):
             if name.endswith(".parquet") and "/_clip_nsfw_tmp/" not in name:
                 with fs.open(name, "rb") as handle:
                     pq.read_metadata(handle)
-        resumed = subprocess.run(args[:-4] + ["--resume", "--master", "local[2]"], env=dict(env, CLIP_NSFW_FAULT=""),
+        resumed = subprocess.run(args[:-4] + ["--resume", "--master", "local[2]"], env=env,
                                  cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     files, tables = read_s3_dir(fs, "restart/out")

@@ -15,7 +15,8 @@ import pytest
 
 from clip_nsfw_spark.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, OutputError
-from clip_nsfw_spark.job import REPORT_NAME, SUCCESS_NAME, run_job
+from clip_nsfw_spark.job import run_job
+from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.sample import write_parquet_sample
 from conftest import needs_models
 
