@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from .config import DEFAULT_MODEL, JobConfig
+from .config import DEFAULT_MODEL, KEEP, LAYOUTS, MODES, JobConfig
 from .errors import Terminated
 
 log = logging.getLogger(__name__)
@@ -25,22 +25,35 @@ def _storage_option(text: str) -> tuple[str, object]:
         return key, value
 
 
+# The JobConfig fields the command line sets (every option's ``dest``); the others come from --config.
+OPTION_KEYS = ("input", "output", "layout", "embedding_columns", "score_columns", "models", "mode", "id_columns",
+               "columns", "drop_columns", "threshold", "keep", "replace_scores", "overwrite", "resume", "master",
+               "rows_per_task", "batch_rows", "storage_options")
+assert set(OPTION_KEYS) <= set(JobConfig.keys()), set(OPTION_KEYS) - set(JobConfig.keys())
+
+
+def _default(key: str):
+    return JobConfig.__dataclass_fields__[key].default
+
+
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The job's options (one per ``OPTION_KEYS`` field, named ``--field-name``; list fields repeat and are
+    named in the singular), plus ``--config`` and ``--local-runner``. Defaults are JobConfig's."""
     parser.add_argument("--config", help="YAML file with the job's keys (see conf/score_embeddings.yaml)")
     parser.add_argument("--input", help="parquet file/folder/glob, or a LAION folder with img_emb/ and metadata/")
     parser.add_argument("--output", help="output folder (local path, file://, s3://, hdfs://)")
-    parser.add_argument("--layout", choices=["auto", "parquet", "laion-npy"])
+    parser.add_argument("--layout", choices=LAYOUTS, help=f"input layout (default {_default('layout')})")
     parser.add_argument("--embedding-column", dest="embedding_columns", action="append",
                         help="embedding column to score (repeat for several); default: the one list-of-floats column")
     parser.add_argument("--score-column", dest="score_columns", action="append",
                         help="name of the score column, one per embedding column (default punsafe)")
     parser.add_argument("--model", dest="models", action="append",
-                        help="a head: vit-l-14 (default), vit-b-32, vit-h-14, violence-l-14, violence-b-32, or a path "
+                        help=f"a head: {DEFAULT_MODEL} (default), vit-b-32, vit-h-14, violence-l-14, violence-b-32, or a path "
                              "to a model; repeat to run several heads in one pass (e.g. --model vit-l-14 "
                              "--model violence-l-14)")
-    parser.add_argument("--mode", choices=["annotate", "filter", "split", "scores"],
+    parser.add_argument("--mode", choices=MODES,
                         help="annotate (add scores), filter, split (safe/ unsafe/), or scores (a sidecar: ids, "
-                             "scores and reason only)")
+                             f"scores and reason only); default {_default('mode')}")
     parser.add_argument("--id-column", dest="id_columns", action="append",
                         help="mode scores: id column to keep (repeat); default: the first of key, id, uid, hash, "
                              "image_path, url, else source_file + row_index")
@@ -48,15 +61,17 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write only these input columns (repeat; e.g. the metadata without the embeddings)")
     parser.add_argument("--drop-columns", dest="drop_columns", action="append",
                         help="write every input column but these (repeat; e.g. --drop-columns embedding)")
-    parser.add_argument("--threshold", type=float, help="unsafe ⇔ score ≥ threshold (default 0.5)")
-    parser.add_argument("--keep", choices=["safe", "unsafe"], help="filter mode: which side to keep")
+    parser.add_argument("--threshold", type=float, help=f"unsafe ⇔ score ≥ threshold (default {_default('threshold')})")
+    parser.add_argument("--keep", choices=KEEP, help=f"filter mode: which side to keep (default {_default('keep')})")
     parser.add_argument("--replace-scores", dest="replace_scores", action="store_true", default=None,
                         help="overwrite score/reason columns the input already has (e.g. LAION's punsafe)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output")
     parser.add_argument("--resume", action="store_true", default=None, help="finish an interrupted run")
     parser.add_argument("--master", help="Spark master (default: the active session, else local[*])")
-    parser.add_argument("--rows-per-task", type=int, dest="rows_per_task")
-    parser.add_argument("--batch-rows", type=int, dest="batch_rows")
+    parser.add_argument("--rows-per-task", type=int, dest="rows_per_task",
+                        help=f"cut larger files into tasks of about this many rows (default {_default('rows_per_task'):,})")
+    parser.add_argument("--batch-rows", type=int, dest="batch_rows",
+                        help=f"rows read, scored and written at a time (default {_default('batch_rows'):,})")
     parser.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
                         metavar="KEY=VALUE", help="fsspec option, e.g. endpoint_url=http://127.0.0.1:8333 or anon=true")
     parser.add_argument("--local-runner", action="store_true",
@@ -64,7 +79,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> JobConfig:
-    overrides = {key: getattr(args, key) for key in JobConfig.keys() if hasattr(args, key)}
+    overrides = {key: getattr(args, key) for key in OPTION_KEYS}
     if overrides.get("models"):  # --model on the command line replaces the file's model/models
         overrides["model"] = DEFAULT_MODEL
     if overrides.get("storage_options") is not None:

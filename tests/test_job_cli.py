@@ -1,0 +1,45 @@
+"""The job's command line: every option sets one JobConfig field, with JobConfig's choices and defaults."""
+
+import argparse
+import typing
+
+import pytest
+
+from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.job_cli import OPTION_KEYS, add_job_arguments, config_from_args
+from clip_nsfw_spark.outcomes import MODE_STREAMS
+
+
+def parser():
+    built = argparse.ArgumentParser()
+    add_job_arguments(built)
+    return built
+
+
+def test_every_option_is_a_config_field_and_every_field_listed_has_an_option():
+    dests = {action.dest for action in parser()._actions} - {"help", "config", "local_runner"}
+    assert dests == set(OPTION_KEYS)
+    assert set(OPTION_KEYS) <= set(JobConfig.keys())
+
+
+def test_choices_come_from_the_config_types():
+    actions = {action.dest: action for action in parser()._actions}
+    hints = typing.get_type_hints(JobConfig)
+    for key in ("mode", "layout", "keep"):
+        assert tuple(actions[key].choices) == typing.get_args(hints[key])
+    assert set(MODE_STREAMS) == set(typing.get_args(hints["mode"]))
+
+
+def test_options_override_the_yaml_file_and_unset_options_do_not(tmp_path):
+    conf = tmp_path / "job.yaml"
+    conf.write_text("input: in\noutput: out\nmode: filter\nthreshold: 0.2\nbatch_rows: 100\n")
+    config = config_from_args(parser().parse_args(["--config", str(conf), "--threshold", "0.3",
+                                                   "--storage-option", "anon=true"]))
+    assert (config.mode, config.threshold, config.batch_rows) == ("filter", 0.3, 100)
+    assert config.storage_options == {"anon": True}
+
+
+def test_a_bad_choice_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--mode", "delete"])
+    assert "invalid choice: 'delete'" in capsys.readouterr().err
