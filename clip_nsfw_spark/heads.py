@@ -4,7 +4,7 @@ A *head* is a registry model or a user model with a score column and a threshold
 head's score is at or over its threshold (``score >= threshold``, the job's convention; clip-retrieval
 flags the NSFW heads with ``> 0.5``, so a score of exactly 0.5 is unsafe here and safe there).
 
-Defaults per head (``REGISTRY`` in models.py):
+Defaults per head (``REGISTRY`` in registry.py):
 
 =================  ==============  =========  ================================================================
 head               score column    threshold  score
