@@ -26,7 +26,7 @@ from clip_nsfw_spark.writer import TASKS_DIR, TMP_DIR
 
 HEAD = HeadPayload("first-value", "0" * 64, b"")
 # First embedding value of each row → its score (threshold 0.5); None: a null embedding.
-FIRST = [0.05, 0.15, 0.25, 0.55, 0.65, 0.95, -0.5, 1.5, None, 0.5]
+FIRST = [0.0, 0.15, 0.25, 0.55, 0.65, 1.0, -0.5, 1.5, None, 0.5]  # 0 and 1 are inside [0, 1]
 STATE_KEYS = {"task_id", "rel", "source", "rows_planned", "outputs", "rows_read", "rows_written", "rows_unsafe",
               "rows_rejected", "rejected_by_reason", "histograms", "outside_0_1", "unsafe_by_column", "seconds",
               "stage_seconds", "worker_max_rss_mb"}
@@ -289,3 +289,33 @@ def test_the_default_worker_scores_with_the_heads_it_was_given(tmp_path):
     stats = Worker(task_config(tmp_path), (tiny_head(tmp_path, 10.0),))(task)  # make_scorer = scorer_for
     assert stats["rows_written"] == {"safe": 1, "unsafe": 2, "rejected": 1}
     assert pq.read_table(tmp_path / "out" / "unsafe" / "a.parquet").column("key").to_pylist() == ["k1", "k3"]
+
+
+def test_embeddings_not_kept_are_still_read_for_scoring(tmp_path):
+    write_input(tmp_path / "in")
+    (task,) = only_task(tmp_path)
+    config = task_config(tmp_path, mode="annotate", write_columns=("key",))
+    Worker(config, (HEAD,), make_scorer=FirstValueFactory())(task)
+    out = pq.read_table(tmp_path / "out" / "a.parquet")
+    assert out.column_names == ["key", "p", "why"]
+    assert out.column("p").to_pylist() == [None if v is None else float(np.float32(v)) for v in FIRST]
+
+
+def test_a_laion_slice_writes_its_own_npy_rows_beside_its_metadata(tmp_path):
+    (tmp_path / "in" / "img_emb").mkdir(parents=True)
+    (tmp_path / "in" / "metadata").mkdir()
+    x = np.zeros((50, 4), np.float32)
+    x[:, 0] = np.arange(50) / 64  # exact in float16; row i scores i/64
+    np.save(tmp_path / "in" / "img_emb" / "img_emb_0.npy", x)
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(50)]}), tmp_path / "in" / "metadata" / "metadata_0.parquet",
+                   row_group_size=16)
+    tasks = only_task(tmp_path, rows_per_task=20)
+    targets = (ScoreTarget("embedding", (ScoreOutput("p", 0, 0.5),)),)
+    config = task_config(tmp_path, layout="laion-npy", mode="annotate", targets=targets, write_embeddings=True)
+    stats = Worker(config, (HEAD,), make_scorer=FirstValueFactory())(tasks[1])  # rows 20..39
+    out = pq.read_table(tmp_path / "out" / tasks[1].rel)
+    assert stats["rows_read"] == 20 and out.column_names == ["key", "embedding", "p", "why"]
+    assert out.column("key").to_pylist() == [f"k{i}" for i in range(20, 40)]
+    assert np.array(out.column("embedding").to_pylist(), np.float32).tolist() == x[20:40].tolist()
+    assert out.schema.field("embedding").type == pa.list_(pa.float16(), 4)
+    assert out.column("p").to_pylist() == (np.arange(20, 40) / 64).tolist()
