@@ -319,3 +319,51 @@ def test_a_laion_slice_writes_its_own_npy_rows_beside_its_metadata(tmp_path):
     assert np.array(out.column("embedding").to_pylist(), np.float32).tolist() == x[20:40].tolist()
     assert out.schema.field("embedding").type == pa.list_(pa.float16(), 4)
     assert out.column("p").to_pylist() == (np.arange(20, 40) / 64).tolist()
+
+
+@dataclasses.dataclass
+class Recorded:
+    """``make_scorer``: FirstValue, recording the rows of every call; ``fail`` raised on call ``fail_at``."""
+
+    calls: list
+    fail: BaseException | None = None
+    fail_at: int = 0
+
+    def __call__(self, head):
+        def score(x):
+            self.calls.append(len(x))
+            if self.fail is not None and len(self.calls) == self.fail_at:
+                raise self.fail
+            return FirstValue(4)(x)
+
+        score.dim = 4
+        return score
+
+
+def test_batches_are_at_most_batch_rows(tmp_path):
+    write_input(tmp_path / "in", row_group=8)
+    (task,) = only_task(tmp_path)
+    calls = []
+    Worker(task_config(tmp_path, batch_rows=3), (HEAD,), make_scorer=Recorded(calls))(task)
+    # Row groups 0-7 and 8-9 in batches of at most 3 (3, 3, 2 | 2); row 8 has no embedding: not scored.
+    assert calls == [3, 3, 2, 1]
+
+
+def test_a_bug_in_a_task_is_a_one_line_task_error_and_leaves_nothing(tmp_path):
+    write_input(tmp_path / "in", row_group=4)
+    (task,) = only_task(tmp_path)
+    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=Recorded([], ValueError("bad\n  value"), 2))
+    with pytest.raises(TaskError, match=rf"^task a.parquet \({tmp_path}/in/a.parquet\) failed: ValueError: bad value$"):
+        worker(task)
+    assert files_under(tmp_path / "out") == []
+
+
+def test_an_interrupted_task_stops_as_interrupted_and_leaves_nothing(tmp_path):
+    from clip_nsfw_spark.errors import Terminated
+
+    write_input(tmp_path / "in", row_group=4)
+    (task,) = only_task(tmp_path)
+    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=Recorded([], Terminated(), 3))
+    with pytest.raises(Terminated):  # not wrapped: the job must see the interruption, not a task failure
+        worker(task)
+    assert files_under(tmp_path / "out") == []
