@@ -19,18 +19,17 @@ NAN = float("nan")
 
 
 class Pick:
-    """score = value ``index`` of each row (float32); ``not_finite`` maps that value to NaN (a broken head).
-    Records the shape of every matrix it is given."""
+    """score = value ``index`` of each row (float32), except that the values in ``broken`` score as given there
+    (a head returning NaN or Inf). Records the shape of every matrix it is given."""
 
-    def __init__(self, dim: int, index: int = 0, not_finite: float | None = None):
-        self.dim, self.index, self.not_finite, self.calls = dim, index, not_finite, []
+    def __init__(self, dim: int, index: int = 0, broken: dict[float, float] | None = None):
+        self.dim, self.index, self.broken, self.calls = dim, index, broken or {}, []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.calls.append(x.shape)
         values = np.asarray(x[:, self.index], dtype=np.float32)
-        if self.not_finite is not None:
-            values = np.where(values == np.float32(self.not_finite), np.float32(np.inf if self.not_finite > 1
-                                                                                 else np.nan), values)
+        for value, score in self.broken.items():
+            values = np.where(values == np.float32(value), np.float32(score), values)
         return values
 
 
@@ -71,13 +70,13 @@ def test_threshold_equality_is_unsafe_and_just_below_is_not():
 
 def test_a_head_that_returns_nan_or_inf_rejects_the_row():
     table = pa.table({"emb": column([[0.3, 0.0], [0.7, 0.0], [0.9, 0.0]])})
-    for bad in (0.7, 0.9):  # 0.7 → NaN, 0.9 → Inf (see Pick)
-        out = score_batch(table, None, one_head(), [Pick(2, not_finite=bad)], Counter())
+    for bad, score in ((0.7, NAN), (0.9, float("inf")), (0.3, -float("inf"))):
+        out = score_batch(table, None, one_head(), [Pick(2, broken={bad: score})], Counter())
         row = [0.3, 0.7, 0.9].index(bad)
         assert out.ok.tolist() == [i != row for i in range(3)]
         assert out.reasons[row] == "score not finite" and out.problems == [Reason.SCORE_NOT_FINITE]
         assert out.table.column("p").to_pylist()[row] is None  # never a NaN/Inf in the output: a null + reason
-        assert not out.unsafe[row] and out.flagged == {"p": 1}  # the other of 0.7 and 0.9: a NaN/Inf is never over
+        assert not out.unsafe[row] and out.flagged == {"p": 2 - (bad > 0.5)}  # Inf is not "over": it is rejected
 
 
 def test_two_heads_with_their_own_thresholds():
@@ -96,7 +95,7 @@ def test_two_heads_with_their_own_thresholds():
 def test_a_row_one_head_cannot_score_is_rejected_even_if_another_head_flags_it():
     table = pa.table({"emb": column([[0.9, 0.3], [0.9, 0.2]])})
     targets = (ScoreTarget("emb", (ScoreOutput("p0", 0, 0.5), ScoreOutput("p1", 1, 0.5))),)
-    out = score_batch(table, None, targets, [Pick(2, 0), Pick(2, 1, not_finite=0.3)], Counter())
+    out = score_batch(table, None, targets, [Pick(2, 0), Pick(2, 1, broken={0.3: NAN})], Counter())
     assert out.ok.tolist() == [False, True] and out.unsafe.tolist() == [False, True]
     assert out.reasons == ["score not finite", None] and out.problems == [Reason.SCORE_NOT_FINITE]
 
