@@ -367,3 +367,39 @@ def test_an_interrupted_task_stops_as_interrupted_and_leaves_nothing(tmp_path):
     with pytest.raises(Terminated):  # not wrapped: the job must see the interruption, not a task failure
         worker(task)
     assert files_under(tmp_path / "out") == []
+
+
+@dataclasses.dataclass
+class SecondWriteOpenFails:
+    """``open_filesystem`` seam: the local filesystem, but its second open for writing fails (a full disk)."""
+
+    def __call__(self, url, storage_options=None):
+        fs, root = filesystem(url, storage_options)
+        return WriteOpenFails(fs), root
+
+
+class WriteOpenFails:
+    def __init__(self, fs):
+        self._fs, self.opens = fs, 0
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            self.opens += 1
+            if self.opens == 2:
+                raise OSError(f"injected: no space left to open {path}")
+        return self._fs.open(path, mode, **kwargs)
+
+
+@pytest.mark.xfail(strict=True, reason="OutputFiles opens every main stream's temp file in its constructor, which "
+                   "process_task calls before its try/abort: when the second open fails (split: unsafe), the first "
+                   "temp file is left in _clip_nsfw_tmp/ (the driver removes that folder only after a successful run)")
+def test_a_task_that_cannot_open_its_outputs_leaves_no_temp_file(tmp_path):
+    write_input(tmp_path / "in")
+    (task,) = only_task(tmp_path)
+    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory(), open_filesystem=SecondWriteOpenFails())
+    with pytest.raises(TaskError, match="injected: no space left"):
+        worker(task)
+    assert files_under(tmp_path / "out") == []  # found: one _clip_nsfw_tmp/<hex>.parquet
