@@ -33,8 +33,8 @@ class Pick:
         return values
 
 
-def column(rows, dtype=pa.float32()):
-    return pa.array(rows, pa.list_(dtype))
+def column(rows):
+    return pa.array(rows, pa.list_(pa.float32()))
 
 
 def one_head(name="p", threshold=0.5, embedding="emb"):

@@ -10,7 +10,7 @@ from clip_nsfw_spark.outcomes import MODE_STREAMS, Problem, Reason, Stream
 
 def test_members_format_compare_and_serialise_as_their_value():
     for member in list(Stream) + list(Reason):
-        assert str(member) == f"{member}" == "%s" % member == member.value
+        assert str(member) == f"{member}" == "{}".format(member) == member.value
         assert member == member.value and hash(member) == hash(member.value)  # dict keys interchange with strings
         assert json.dumps(member) == json.dumps(member.value)
     assert f"[{Stream.SAFE:>6}]" == "[  safe]"  # format specs apply to the value, not to "Stream.SAFE"

@@ -78,7 +78,7 @@ def test_task_ids_are_unique_stable_and_name_safe(tmp_path):
         write_groups(tmp_path / "in" / name, [2])
     first, again = plan_of(tmp_path / "in"), plan_of(tmp_path / "in")
     ids = [t.task_id for t in first.tasks]
-    assert len(set(ids)) == len(set(t.rel for t in first.tasks)) == 4
+    assert len(set(ids)) == len({t.rel for t in first.tasks}) == 4
     assert ids == [t.task_id for t in again.tasks]  # a resume finds its state files by these ids
     assert all(re.fullmatch(r"[0-9a-f]{20}", i) for i in ids)
     shutil.copytree(tmp_path / "in", tmp_path / "moved")  # ids name outputs, not where the input lies
@@ -173,5 +173,6 @@ def test_hidden_files_are_neither_read_nor_reported(tmp_path):
 def test_an_unreadable_footer_is_an_input_error_naming_the_file(tmp_path):
     write_groups(tmp_path / "in" / "a.parquet", [2])
     (tmp_path / "in" / "b.parquet").write_bytes(b"PAR1 but not really")
-    with pytest.raises(InputError, match=rf"cannot read parquet file {tmp_path}/in/b.parquet: .*truncated or not parquet"):
+    with pytest.raises(InputError, match=rf"cannot read parquet file {tmp_path}/in/b.parquet: .*truncated or not "
+                                         "parquet"):
         plan_of(tmp_path / "in")

@@ -16,13 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import HeadPayload, JobConfig, ScoreOutput, ScoreTarget, TaskConfig
+from clip_nsfw_spark.config import (
+    HeadPayload,
+    JobConfig,
+    ScoreOutput,
+    ScoreTarget,
+    TaskConfig,
+)
 from clip_nsfw_spark.errors import InputError, OutputError, TaskError
 from clip_nsfw_spark.planner import plan
 from clip_nsfw_spark.storage import filesystem
 from clip_nsfw_spark.weights import PortableWeights
 from clip_nsfw_spark.worker import Worker, process_task, scorer_for
-from clip_nsfw_spark.writer import TASKS_DIR, TMP_DIR
+from clip_nsfw_spark.writer import TASKS_DIR
 
 HEAD = HeadPayload("first-value", "0" * 64, b"")
 # First embedding value of each row → its score (threshold 0.5); None: a null embedding.
@@ -399,7 +405,8 @@ class WriteOpenFails:
 def test_a_task_that_cannot_open_its_outputs_leaves_no_temp_file(tmp_path):
     write_input(tmp_path / "in")
     (task,) = only_task(tmp_path)
-    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory(), open_filesystem=SecondWriteOpenFails())
+    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory(),
+                    open_filesystem=SecondWriteOpenFails())
     with pytest.raises(TaskError, match="injected: no space left"):
         worker(task)
     assert files_under(tmp_path / "out") == []  # found: one _clip_nsfw_tmp/<hex>.parquet

@@ -12,7 +12,15 @@ import pytest
 from clip_nsfw_spark.config import ScoreOutput, ScoreTarget, TaskConfig
 from clip_nsfw_spark.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.writer import (
-    ROW_ID_COLUMNS, TMP_DIR, AtomicParquet, OutputFiles, output_paths, output_schemas, route, scalar_columns)
+    ROW_ID_COLUMNS,
+    TMP_DIR,
+    AtomicParquet,
+    OutputFiles,
+    output_paths,
+    output_schemas,
+    route,
+    scalar_columns,
+)
 
 LOCAL = fsspec.filesystem("file")
 INPUT = pa.schema([("key", pa.string()), ("caption", pa.string()), ("emb", pa.list_(pa.float16(), 4))],
@@ -43,7 +51,8 @@ def test_output_paths_per_mode():
     assert output_paths(rel, "annotate") == {Stream.ANNOTATED: rel}
     assert output_paths(rel, "scores") == {Stream.SCORES: rel}
     assert output_paths(rel, "filter") == {Stream.KEPT: rel, Stream.REJECTED: "_rejected/k=1/part-0.parquet"}
-    assert output_paths(rel, "split") == {Stream.SAFE: "safe/k=1/part-0.parquet", Stream.UNSAFE: "unsafe/k=1/part-0.parquet",
+    assert output_paths(rel, "split") == {Stream.SAFE: "safe/k=1/part-0.parquet",
+                                          Stream.UNSAFE: "unsafe/k=1/part-0.parquet",
                                           Stream.REJECTED: "_rejected/k=1/part-0.parquet"}
     for mode, streams in MODE_STREAMS.items():
         paths = output_paths(rel, mode)
@@ -98,7 +107,8 @@ def test_existing_score_and_reason_columns_are_replaced_in_place():
 def test_scalar_columns_leave_out_float_lists_only():
     schema = pa.schema([("s", pa.string()), ("i", pa.int64()), ("f", pa.float32()),
                         ("l16", pa.list_(pa.float16())), ("ll32", pa.large_list(pa.float32())),
-                        ("fs64", pa.list_(pa.float64(), 3)), ("li", pa.list_(pa.int32())), ("ls", pa.list_(pa.string()))])
+                        ("fs64", pa.list_(pa.float64(), 3)), ("li", pa.list_(pa.int32())),
+                        ("ls", pa.list_(pa.string()))])
     assert scalar_columns(schema) == ["s", "i", "f", "li", "ls"]
 
 
@@ -149,7 +159,8 @@ def test_output_files_main_streams_always_rejected_only_when_used(tmp_path):
     config = task_config(mode="split")
     schemas = output_schemas(small_table().schema, config, dim=4)
     files = OutputFiles(LOCAL, str(tmp_path), "a.parquet", config, schemas)
-    assert len(files_under(tmp_path / TMP_DIR)) == 2 and final_files(tmp_path) == []  # safe and unsafe, not yet rejected
+    # Temp files for safe and unsafe at once; rejected only once a row is rejected; no final file yet.
+    assert len(files_under(tmp_path / TMP_DIR)) == 2 and final_files(tmp_path) == []
     table = small_table(3).append_column("p", pa.array([0.1, 0.2, 0.3], pa.float32()))
     route(table, np.ones(3, bool), np.zeros(3, bool), [None] * 3, config, files)
     assert final_files(tmp_path) == []
