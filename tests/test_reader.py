@@ -1,0 +1,124 @@
+"""reader.py: a task → exactly its rows, in order, in bounded batches, with the npy rows that belong to them."""
+
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_nsfw_spark.errors import InputError
+from clip_nsfw_spark.planner import Task
+from clip_nsfw_spark.reader import input_schema, read_npy_rows, task_batches
+
+LOCAL = fsspec.filesystem("file")
+
+
+def numbered_parquet(path, rows: int, row_group: int, dim: int = 3) -> pa.Table:
+    """Row i has key i and embedding [i, i, i] (float16 holds the integers up to 2048 exactly)."""
+    values = np.repeat(np.arange(rows, dtype=np.float16), dim)
+    table = pa.table({"key": pa.array(np.arange(rows), pa.int64()), "caption": [f"c{i}" for i in range(rows)],
+                      "emb": pa.FixedSizeListArray.from_arrays(pa.array(values), dim)},
+                     metadata={"origin": "reader-test"})
+    pq.write_table(table, path, row_group_size=row_group)
+    return table
+
+
+def read(task, batch_rows, columns=None, timings=None):
+    return list(task_batches(task, LOCAL, batch_rows, Counter() if timings is None else timings, columns))
+
+
+def test_a_parquet_task_yields_exactly_its_row_groups_in_order(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    table = numbered_parquet(path, 50, row_group=7)  # 7 groups of 7 rows and one of 1
+    task = Task("parquet", path, "a.parquet", (2, 3), rows=14)
+    batches = read(task, batch_rows=5)
+    # A batch never spans two row groups (one reader per group bounds the memory).
+    assert [(first, b.num_rows) for b, _, first in batches] == [(14, 5), (19, 2), (21, 5), (26, 2)]
+    assert all(npy is None for _, npy, _ in batches)
+    got = pa.Table.from_batches([b for b, _, _ in batches])
+    assert got.equals(table.slice(14, 14).replace_schema_metadata(got.schema.metadata))
+    for batch, _, first in batches:  # first_row is the batch's first row's index in its file
+        assert batch.column("key").to_pylist() == list(range(first, first + batch.num_rows))
+
+
+def test_tasks_over_all_row_groups_read_every_row_once(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    numbered_parquet(path, 50, row_group=7)
+    tasks = [Task("parquet", path, "x", groups) for groups in ((0,), (1, 2, 3), (4, 5), (6, 7))]
+    keys = [k for task in tasks for b, _, _ in read(task, 4) for k in b.column("key").to_pylist()]
+    assert keys == list(range(50))
+
+
+def test_only_the_columns_asked_for_are_read(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    numbered_parquet(path, 20, row_group=8)
+    task = Task("parquet", path, "a.parquet", (0, 1, 2), rows=20)
+    assert {tuple(b.schema.names) for b, _, _ in read(task, 6, ["caption"])} == {("caption",)}
+    assert {tuple(b.schema.names) for b, _, _ in read(task, 6)} == {("key", "caption", "emb")}
+    # Nothing to keep (a sidecar of row ids): one column is read, to count the rows.
+    counted = read(task, 6, [])
+    assert {b.num_columns for b, _, _ in counted} == {1} and sum(b.num_rows for b, _, _ in counted) == 20
+
+
+def test_read_seconds_are_counted(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    numbered_parquet(path, 20, row_group=8)
+    timings = Counter()
+    read(Task("parquet", path, "a.parquet", (0, 1, 2)), 6, timings=timings)
+    assert timings["read"] > 0 and set(timings) == {"read"}
+
+
+def test_input_schema_is_the_files_arrow_schema(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    table = numbered_parquet(path, 5, row_group=5)
+    schema = input_schema(Task("parquet", path, "a.parquet", (0,)), LOCAL)
+    assert schema.remove_metadata().equals(table.schema.remove_metadata())
+    assert schema.metadata[b"origin"] == b"reader-test"  # carried into the outputs (writer.output_schemas)
+
+
+# ------------------------------------------------------------------------------------------ LAION layout
+
+
+@pytest.fixture
+def laion(tmp_path):
+    """metadata with 100 rows in row groups of 30 (30, 30, 30, 10) and the npy whose row i is [i, -i]."""
+    meta = str(tmp_path / "metadata_0.parquet")
+    pq.write_table(pa.table({"key": pa.array(np.arange(100), pa.int64())}), meta, row_group_size=30)
+    npy = str(tmp_path / "img_emb_0.npy")
+    np.save(npy, np.stack([np.arange(100), -np.arange(100)], axis=1).astype(np.float32))
+    return meta, npy
+
+
+@pytest.mark.parametrize("start,stop", [(0, 100), (25, 65), (30, 60), (59, 61), (90, 100), (99, 100)])
+@pytest.mark.parametrize("batch_rows", [7, 30, 1000])
+def test_npy_rows_line_up_with_metadata_rows_across_row_groups(laion, start, stop, batch_rows):
+    meta, npy = laion
+    task = Task("laion-npy", meta, "metadata_0.parquet", (), start, stop, npy, stop - start)
+    batches = read(task, batch_rows)
+    keys = [k for b, _, _ in batches for k in b.column("key").to_pylist()]
+    assert keys == list(range(start, stop))
+    for batch, rows, first in batches:
+        assert 0 < batch.num_rows <= batch_rows and rows.shape == (batch.num_rows, 2)
+        assert rows[:, 0].tolist() == batch.column("key").to_pylist() == list(range(first, first + batch.num_rows))
+        assert rows[:, 1].tolist() == [-k for k in range(first, first + batch.num_rows)]
+
+
+def test_read_npy_rows_reads_a_slice_in_native_byte_order(tmp_path):
+    x = (np.arange(40, dtype=np.float64).reshape(10, 4) / 8) - 2
+    for dtype in ("<f2", ">f2", "<f4", ">f4", ">f8"):
+        path = str(tmp_path / f"x{dtype[1:]}{'be' if dtype[0] == '>' else 'le'}.npy")
+        np.save(path, x.astype(dtype))
+        rows = read_npy_rows(LOCAL, path, 3, 7)
+        assert rows.dtype.isnative and rows.dtype.itemsize == int(dtype[2]) and rows.shape == (4, 4)
+        assert rows.tolist() == x[3:7].tolist()  # these values are exact in float16
+
+
+def test_a_truncated_npy_is_an_input_error_naming_the_file(tmp_path):
+    path = tmp_path / "img_emb_0.npy"
+    np.save(path, np.ones((10, 4), np.float32))
+    path.write_bytes(path.read_bytes()[:-2 * 16])  # the last two rows are gone
+    assert read_npy_rows(LOCAL, str(path), 0, 8).shape == (8, 4)  # the rows that are there can be read
+    with pytest.raises(InputError, match=rf"{path} is truncated: expected 10 rows of 4 float32"):
+        read_npy_rows(LOCAL, str(path), 5, 10)
