@@ -28,7 +28,7 @@ class ScoredBatch:
     with any score at or over its head's threshold; ``reasons`` (n,) None or the reason-column text of a
     row that was not scored; ``problems`` the ``Reason`` of each unscored row (its first problem);
     ``scores`` the valid scores of each score column (for the histograms); ``flagged`` per score column,
-    how many rows are at or over its threshold.
+    how many unsafe rows are at or over its threshold (a row rejected on another column or head is not).
     """
 
     table: pa.Table
@@ -78,12 +78,14 @@ def score_batch(table: pa.Table, npy: np.ndarray | None, targets: tuple[ScoreTar
             unsafe |= over
             column_ok &= scored
             valid_scores[output.score_column] = values[scored]
-            flagged[output.score_column] = int(over.sum())
+            flagged[output.score_column] = over
         ok_all &= column_ok
         for i in np.flatnonzero(~column_ok):
             problem = col_reasons[i]
             label = f"{column}: {problem}" if several else str(problem)
             reasons[i] = label if reasons[i] is None else f"{reasons[i]}; {label}"
             first_problem.setdefault(int(i), problem.reason)
-    # A row flagged by one head but rejected on another column or head is rejected, not unsafe.
+    # A row flagged by one head but rejected on another column or head is rejected, not unsafe: it is in no
+    # unsafe count either.
+    flagged = {name: int((over & ok_all).sum()) for name, over in flagged.items()}
     return ScoredBatch(table, ok_all, unsafe & ok_all, reasons, list(first_problem.values()), valid_scores, flagged)

@@ -42,6 +42,10 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter,
         if columns is not None and not columns:  # nothing to keep (npy sidecar with row ids): count rows
             columns = parquet.schema_arrow.names[:1]
         if task.kind == "parquet":
+            if task.row_groups and max(task.row_groups) >= meta.num_row_groups:
+                raise InputError(f"cannot read {unstrip(fs, task.path)}: it now has {meta.num_row_groups} row group(s), "
+                                 f"the plan reads row group {max(task.row_groups)}: the file changed during the run. "
+                                 "Rerun with --resume (tasks whose input changed run again)")
             for group in task.row_groups:
                 position = int(offsets[group])
                 for batch in _timed(_row_group_batches(parquet, [group], batch_rows, columns), timings, "read"):

@@ -125,9 +125,13 @@ class OutputFiles:
         self.fs, self.root, self.config, self.schemas = fs, root, config, schemas
         self.paths = output_paths(rel, config.mode)
         self._files: dict[Stream, AtomicParquet] = {}
-        for stream in schemas:
-            if stream != Stream.REJECTED:
-                self._file(stream)
+        try:
+            for stream in schemas:
+                if stream != Stream.REJECTED:
+                    self._file(stream)
+        except BaseException:
+            self.abort()  # the files opened before the one that failed
+            raise
 
     def _file(self, stream: Stream) -> AtomicParquet:
         if stream not in self._files:
@@ -148,8 +152,20 @@ class OutputFiles:
         return sorted(self.paths[stream] for stream in self._files)
 
     def commit(self) -> None:
-        for stream in sorted(self._files):
-            self._files[stream].commit()
+        """Move every file to its final name; if one move fails, remove the files already moved (the task
+        is then not complete, and its outputs are not there to be mistaken for a complete set)."""
+        moved = []
+        try:
+            for stream in sorted(self._files):
+                self._files[stream].commit()
+                moved.append(self._files[stream].final)
+        except BaseException:
+            for final in moved:
+                try:
+                    self.fs.rm(final)
+                except Exception:  # noqa: BLE001 - the error that stopped the commit matters more
+                    pass
+            raise
 
     def abort(self) -> None:
         for file in self._files.values():

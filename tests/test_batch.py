@@ -119,15 +119,13 @@ def test_two_embedding_columns_name_the_column_in_each_reason():
     assert out.table.column("p_txt").to_pylist() == [f32[0], None, f32[1], None, None]
 
 
-@pytest.mark.xfail(strict=True, reason="flagged (the report's per-head 'unsafe' count) counts rows that are rejected "
-                   "on another column or head; README's bad-input table says such a row is 'never counted unsafe'")
 def test_flagged_counts_only_rows_that_are_unsafe():
     img = column([[0.9, 0], [0.9, 0], [0.1, 0]])
     txt = column([None, [0.9, 0], [0.1, 0]])
     targets = (ScoreTarget("img", (ScoreOutput("p_img", 0, 0.5),)), ScoreTarget("txt", (ScoreOutput("p_txt", 0, 0.5),)))
     out = score_batch(pa.table({"img": img, "txt": txt}), None, targets, [Pick(2)], Counter())
     assert out.unsafe.tolist() == [False, True, False]
-    assert out.flagged == {"p_img": 1, "p_txt": 1}  # found: p_img 2 (row 0 is rejected, in no unsafe count)
+    assert out.flagged == {"p_img": 1, "p_txt": 1}  # row 0 is rejected: in no unsafe count
 
 def test_npy_rows_are_checked_and_scored_in_the_laion_layout():
     npy = np.array([[0.1, 0], [NAN, 0], [0.8, 0], [1e39, 0]], dtype=np.float64)

@@ -269,8 +269,5 @@ def test_a_commit_whose_first_move_fails_leaves_nothing(tmp_path):
     assert committed_or_aborted(tmp_path, fail_at=1) == []
 
 
-@pytest.mark.xfail(strict=True, reason="OutputFiles says 'committed together or not at all', but a commit that "
-                   "fails after its first move leaves that file under its final name (abort only removes temp "
-                   "files); the task's missing state file is then the only sign it is incomplete")
 def test_a_commit_that_fails_half_way_leaves_no_final_file(tmp_path):
-    assert committed_or_aborted(tmp_path, fail_at=2) == []  # found: ['safe/a.parquet']
+    assert committed_or_aborted(tmp_path, fail_at=2) == []
