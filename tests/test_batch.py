@@ -9,7 +9,6 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from clip_nsfw_spark.batch import score_batch
 from clip_nsfw_spark.config import ScoreOutput, ScoreTarget

@@ -5,7 +5,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clip_nsfw_spark"
 # Modules that never import pyspark (the pure core and the executor's data path): Spark glue is spark.py.
-NO_SPARK = {"scorer", "kernels", "weights", "registry", "embeddings", "batch", "planner", "reader", "writer",
+NO_SPARK = {"scorer", "kernels", "weights", "registry", "embeddings", "batch", "planner", "reader", "writer", "report",
             "worker", "outcomes", "config", "prompts", "heads", "pages", "job", "output"}
 
 
