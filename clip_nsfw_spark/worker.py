@@ -27,7 +27,7 @@ from .config import HeadPayload, TaskConfig
 from .errors import ClipNsfwError, InputError, TaskError
 from .lease import check_owner
 from .planner import Task
-from .reader import input_schema, task_batches
+from .reader import open_parquet, task_batches
 from .storage import filesystem, join, unstrip
 from .writer import ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
 
@@ -101,31 +101,27 @@ def _process_task(task: Task, worker: Worker) -> dict:
     in_fs, _ = worker.open_filesystem(config.input, config.storage_options)
     out_fs, out_root = worker.open_filesystem(config.output, config.storage_options)
     stats = TaskStats(config)
-    schema = input_schema(task, in_fs)
-    files = OutputFiles(out_fs, out_root, task.rel, config, output_schemas(schema, config, scorers[0].dim))
-    source_file = unstrip(in_fs, task.path)
-    try:
-        for batch, npy, first_row in task_batches(task, in_fs, config.batch_rows, timings,
-                                                  _read_columns(task, config, schema.names)):
-            table = pa.Table.from_batches([batch])
-            if config.row_ids:  # the sidecar's join key when the input has no id column
-                table = table.append_column(ROW_ID_COLUMNS[0], pa.array([source_file] * batch.num_rows, pa.string()))
-                table = table.append_column(ROW_ID_COLUMNS[1], pa.array(np.arange(first_row, first_row + batch.num_rows)))
-            if npy is not None and config.write_embeddings:
-                table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
-                    pa.array(npy.astype(np.float16).reshape(-1)), npy.shape[1]))
-            scored = score_batch(table, npy, config.targets, scorers, timings)
-            stats.add(scored)
+    with open_parquet(task, in_fs) as parquet:  # one open and one footer read, for the schema and the rows
+        schema = parquet.schema_arrow
+        files = OutputFiles(out_fs, out_root, task.rel, config, output_schemas(schema, config, scorers[0].dim))
+        try:
+            batches = task_batches(task, in_fs, config.batch_rows, timings, _read_columns(task, config, schema.names),
+                                   parquet)
+            source_file = unstrip(in_fs, task.path)
+            for batch, npy, first_row in batches:
+                table = _with_added_columns(pa.Table.from_batches([batch]), npy, first_row, source_file, config)
+                scored = score_batch(table, npy, config.targets, scorers, timings)
+                stats.add(scored)
+                t0 = time.perf_counter()
+                route(scored.table, scored.ok, scored.unsafe, scored.reasons, config, files)
+                timings["write"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            route(scored.table, scored.ok, scored.unsafe, scored.reasons, config, files)
+            check_owner(out_fs, out_root, config.run_id)  # a run that lost its lease must not commit
+            files.commit()
             timings["write"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        check_owner(out_fs, out_root, config.run_id)  # a run that lost its lease must not commit
-        files.commit()
-        timings["write"] += time.perf_counter() - t0
-    except BaseException:
-        files.abort()
-        raise
+        except BaseException:
+            files.abort()
+            raise
     result = {"task_id": task.task_id, "rel": task.rel, "source": task.source, "rows_planned": task.rows,
               "outputs": files.written, "rows_read": stats.rows_read,
               "rows_written": {str(stream): rows for stream, rows in files.rows.items()}} | stats.summary() | {
@@ -135,6 +131,19 @@ def _process_task(task: Task, worker: Worker) -> dict:
     with out_fs.open(join(out_root, TASKS_DIR, task.task_id + ".json"), "w") as handle:
         handle.write(json.dumps(result))  # the last write: its presence means "this task is complete"
     return result
+
+
+def _with_added_columns(table: pa.Table, npy: np.ndarray | None, first_row: int, source_file: str,
+                        config: TaskConfig) -> pa.Table:
+    """The batch plus the columns the task adds before scoring: row ids (a sidecar without id columns:
+    the join key) and, in the LAION layout with ``write_embeddings``, the npy rows as float16."""
+    if config.row_ids:
+        table = table.append_column(ROW_ID_COLUMNS[0], pa.array([source_file] * table.num_rows, pa.string()))
+        table = table.append_column(ROW_ID_COLUMNS[1], pa.array(np.arange(first_row, first_row + table.num_rows)))
+    if npy is not None and config.write_embeddings:
+        table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
+            pa.array(npy.astype(np.float16).reshape(-1)), npy.shape[1]))
+    return table
 
 
 class TaskStats:
