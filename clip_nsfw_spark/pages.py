@@ -1,0 +1,590 @@
+"""Page-level parquet decoder for one float-list column of one row group: pyarrow's answer, faster.
+
+``read_float_list_column(source, metadata, row_group, column)`` reads the column chunk's bytes in one read,
+walks its pages (Thrift compact page headers parsed here), decompresses them with ``pyarrow.decompress`` and
+decodes the values with numba kernels straight into one preallocated ``(n_rows * d,)`` array, then wraps it
+zero-copy as the Arrow list type the file's Arrow schema names. It returns either an array equal to
+
+    pq.ParquetFile(source).read_row_group(row_group, columns=[column]).column(column).combine_chunks()
+
+(same type: ``list`` / ``large_list`` / ``fixed_size_list`` of ``halffloat`` / ``float`` / ``double``, same
+item field) or ``None`` when the chunk is outside what it decodes; the caller then uses pyarrow. It never
+returns a different answer: everything it relies on is checked, not assumed.
+
+Why: pyarrow's default writer dictionary-encodes float16 lists (≤ 65,536 distinct values, so the
+dictionary never overflows) and pyarrow reads those ~3x slower than PLAIN float32; ``read_dictionary=``
+does not apply to non-BYTE_ARRAY columns. Decoding the indices with one gather is memory-bound.
+
+What is decoded (anything else → ``None``):
+
+* physical types FLOAT, DOUBLE, FIXED_LEN_BYTE_ARRAY(2) with the Float16 logical type, under a top-level
+  list field with one repetition level (3-level ``list.element``, Spark's legacy 2-level lists, or a bare
+  repeated field);
+* every row a non-null list of the same length ``d``, no null items — verified from the repetition and
+  definition levels of every page (RLE/bit-packed hybrid), never assumed;
+* data pages v1 and v2; a dictionary page (PLAIN) with RLE_DICTIONARY / PLAIN_DICTIONARY indices, PLAIN and
+  BYTE_STREAM_SPLIT data pages, mixed in one chunk (pyarrow's and parquet-mr's fallback from dictionary to
+  PLAIN once the dictionary is full);
+* codecs UNCOMPRESSED, SNAPPY, GZIP, BROTLI, ZSTD and LZ4_RAW (pyarrow's metadata calls it ``LZ4``; the
+  deprecated Hadoop-framed LZ4 shows as ``UNKNOWN`` there and is refused, and a page that looks
+  Hadoop-framed is refused too).
+
+Memory: the chunk's compressed bytes plus the decoded values (4 bytes per float32 value) are held at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+try:  # numba is a core dependency; without it every call returns None (pyarrow then reads)
+    import numba
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    HAVE_NUMBA = False
+
+__all__ = ["read_float_list_column"]
+
+# parquet.thrift enum values used here
+_DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
+_PLAIN, _PLAIN_DICTIONARY, _RLE, _RLE_DICTIONARY, _BYTE_STREAM_SPLIT = 0, 2, 3, 8, 9
+
+# pyarrow's names of the codecs (ColumnChunkMetaData.compression) → pyarrow.decompress codec; None: stored.
+# "LZ4" is LZ4_RAW: Arrow maps the deprecated Hadoop-framed LZ4 (thrift codec 5) to LZ4_HADOOP, which
+# pyarrow prints as "UNKNOWN" (refused below, like LZO).
+_CODECS = {"UNCOMPRESSED": None, "SNAPPY": "snappy", "GZIP": "gzip", "BROTLI": "brotli", "ZSTD": "zstd",
+           "LZ4": "lz4_raw", "LZ4_RAW": "lz4_raw"}
+
+
+class _Unsupported(Exception):
+    """Internal: the chunk is outside what this module decodes; the public function returns None."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Thrift compact protocol: just enough to read a PageHeader (and skip whatever else a writer put in it).
+# --------------------------------------------------------------------------------------------------------
+_T_TRUE, _T_FALSE, _T_BYTE, _T_I16, _T_I32, _T_I64, _T_DOUBLE, _T_BINARY = 1, 2, 3, 4, 5, 6, 7, 8
+_T_LIST, _T_SET, _T_MAP, _T_STRUCT = 9, 10, 11, 12
+_MAX_DEPTH = 16  # page headers nest 3 deep (PageHeader > DataPageHeader > Statistics); refuse anything wild
+
+
+class _Compact:
+    """Reads Thrift compact-protocol values from a bytes-like ``buf`` starting at ``pos``.
+
+    Structs come back as ``{field_id: value}``: integers as int, bools as bool, binary as bytes, lists/sets
+    as lists, maps as dicts, structs as dicts. Unknown fields are decoded the same way, i.e. skipped
+    correctly whatever their type. Reading past the end raises ``_Unsupported``.
+    """
+
+    def __init__(self, buf, pos: int = 0):
+        self.buf, self.pos = buf, pos
+
+    def byte(self) -> int:
+        if self.pos >= len(self.buf):
+            raise _Unsupported("page header runs past the column chunk")
+        b = self.buf[self.pos]
+        self.pos += 1
+        return b
+
+    def varint(self) -> int:
+        shift = result = 0
+        while True:
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return result
+            shift += 7
+            if shift > 63:
+                raise _Unsupported("varint longer than 64 bits in a page header")
+
+    def zigzag(self) -> int:
+        n = self.varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise _Unsupported("page header runs past the column chunk")
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return out
+
+    def value(self, ttype: int, depth: int):
+        if depth > _MAX_DEPTH:
+            raise _Unsupported("page header nested too deep")
+        if ttype == _T_TRUE:
+            return True
+        if ttype == _T_FALSE:
+            return False
+        if ttype == _T_BYTE:
+            return self.byte()
+        if ttype in (_T_I16, _T_I32, _T_I64):
+            return self.zigzag()
+        if ttype == _T_DOUBLE:
+            return self.take(8)
+        if ttype == _T_BINARY:
+            return self.take(self.varint())
+        if ttype in (_T_LIST, _T_SET):
+            head = self.byte()
+            size, etype = head >> 4, head & 0x0F
+            if size == 15:
+                size = self.varint()
+            if etype in (_T_TRUE, _T_FALSE):  # in a list a bool is one byte of its own
+                return [self.byte() == 1 for _ in range(size)]
+            return [self.value(etype, depth + 1) for _ in range(size)]
+        if ttype == _T_MAP:
+            size = self.varint()
+            if size == 0:
+                return {}
+            kv = self.byte()
+            return {self._elem(kv >> 4, depth): self._elem(kv & 0x0F, depth) for _ in range(size)}
+        if ttype == _T_STRUCT:
+            return self.struct(depth + 1)
+        raise _Unsupported(f"unknown Thrift compact type {ttype} in a page header")
+
+    def _elem(self, ttype: int, depth: int):
+        if ttype in (_T_TRUE, _T_FALSE):
+            return self.byte() == 1
+        return self.value(ttype, depth + 1)
+
+    def struct(self, depth: int = 0) -> dict:
+        fields, last = {}, 0
+        while True:
+            head = self.byte()
+            if head == 0:  # STOP
+                return fields
+            delta, ttype = head >> 4, head & 0x0F
+            fid = last + delta if delta else self.zigzag()
+            fields[fid] = self.value(ttype, depth)
+            last = fid
+
+
+def _page_header(buf, pos: int) -> tuple[dict, int]:
+    """Decode one PageHeader at ``buf[pos:]``; returns (fields by thrift id, position after the header)."""
+    reader = _Compact(buf, pos)
+    return reader.struct(), reader.pos
+
+
+# --------------------------------------------------------------------------------------------------------
+# numba kernels: RLE/bit-packed hybrid runs (levels and dictionary indices), no per-value Python.
+# A hybrid stream is a sequence of runs, each starting with a ULEB128 header h: h & 1 == 0 → an RLE run of
+# h >> 1 copies of one value stored in ceil(bw / 8) little-endian bytes; h & 1 == 1 → (h >> 1) groups of 8
+# bit-packed values, LSB first, bw bytes per group. The last bit-packed group may be padded past ``n``.
+# --------------------------------------------------------------------------------------------------------
+if HAVE_NUMBA:
+    _jit = numba.njit(cache=True, boundscheck=False, nogil=True)
+
+    @_jit
+    def _run_header(buf, p, end):
+        """(header, position after it), or (-1, p) when the ULEB128 runs past ``end`` or over 32 bits."""
+        h = 0
+        shift = 0
+        while p < end:
+            b = np.int64(buf[p])
+            p += 1
+            h |= (b & 0x7F) << shift
+            if b < 0x80:
+                return h, p
+            shift += 7
+            if shift > 28:
+                return -1, p
+        return -1, p
+
+    @_jit
+    def _rle_value(buf, p, nbytes):
+        v = np.int64(0)
+        for k in range(nbytes):
+            v |= np.int64(buf[p + k]) << (8 * k)
+        return v
+
+    @_jit
+    def _check_def_levels(buf, bw, n, want):
+        """True when the hybrid stream ``buf`` (bit width ``bw``) holds ``n`` levels all equal to ``want``."""
+        end = buf.shape[0]
+        p = 0
+        i = 0
+        nbytes = (bw + 7) // 8
+        mask = (np.int64(1) << bw) - 1
+        while i < n:
+            h, p = _run_header(buf, p, end)
+            if h < 0:
+                return False
+            if h & 1:
+                stop = p + (h >> 1) * bw
+                if stop > end:
+                    return False
+                count = min((h >> 1) * 8, n - i)
+                acc = np.int64(0)
+                have = 0
+                q = p
+                for _ in range(count):
+                    while have < bw:
+                        acc |= np.int64(buf[q]) << have
+                        q += 1
+                        have += 8
+                    if (acc & mask) != want:
+                        return False
+                    acc >>= bw
+                    have -= bw
+                i += count
+                p = stop
+            else:
+                if p + nbytes > end or (h >> 1) == 0:
+                    return False
+                if _rle_value(buf, p, nbytes) != want:
+                    return False
+                p += nbytes
+                i += min(h >> 1, n - i)
+        return True
+
+    @_jit
+    def _check_rep_levels(buf, bw, n, start, d):
+        """True when the ``n`` repetition levels in ``buf`` are 0 exactly at global level positions that are
+        multiples of ``d`` and 1 elsewhere (every row one list of ``d`` entries); ``start`` is the global
+        position of the page's first level."""
+        end = buf.shape[0]
+        p = 0
+        i = 0
+        r = start % d  # position inside the current row; a row starts where r == 0
+        nbytes = (bw + 7) // 8
+        mask = (np.int64(1) << bw) - 1
+        while i < n:
+            h, p = _run_header(buf, p, end)
+            if h < 0:
+                return False
+            if h & 1:
+                stop = p + (h >> 1) * bw
+                if stop > end:
+                    return False
+                count = min((h >> 1) * 8, n - i)
+                acc = np.int64(0)
+                have = 0
+                q = p
+                for _ in range(count):
+                    while have < bw:
+                        acc |= np.int64(buf[q]) << have
+                        q += 1
+                        have += 8
+                    v = acc & mask
+                    if v != (0 if r == 0 else 1):
+                        return False
+                    acc >>= bw
+                    have -= bw
+                    r += 1
+                    if r == d:
+                        r = 0
+                i += count
+                p = stop
+            else:
+                c = h >> 1
+                if p + nbytes > end or c == 0:
+                    return False
+                v = _rle_value(buf, p, nbytes)
+                p += nbytes
+                c = min(c, n - i)
+                if v == 0:
+                    if not (r == 0 and (c == 1 or d == 1)):
+                        return False
+                elif v == 1:
+                    if r == 0 or r + c > d:
+                        return False
+                else:
+                    return False
+                r = (r + c) % d
+                i += c
+        return True
+
+    @_jit
+    def _gather_dictionary(buf, bw, n, dictionary, out):
+        """out[:n] = dictionary[indices], the indices a hybrid stream of bit width ``bw`` in ``buf``.
+
+        dictionary and out share one unsigned dtype (the values' bits); returns n, or -1 when the stream
+        is short or an index is outside the dictionary (the caller then refuses the chunk).
+        """
+        end = buf.shape[0]
+        size = dictionary.shape[0]
+        p = 0
+        i = 0
+        nbytes = (bw + 7) // 8
+        mask = (np.int64(1) << bw) - 1
+        while i < n:
+            h, p = _run_header(buf, p, end)
+            if h < 0:
+                return -1
+            if h & 1:
+                stop = p + (h >> 1) * bw
+                if stop > end:
+                    return -1
+                count = min((h >> 1) * 8, n - i)
+                if bw == 16:  # float16 dictionaries: whole little-endian byte pairs, no bit shuffling
+                    for k in range(count):
+                        j = np.int64(buf[p + 2 * k]) | (np.int64(buf[p + 2 * k + 1]) << 8)
+                        if j >= size:
+                            return -1
+                        out[i + k] = dictionary[j]
+                elif bw == 8:
+                    for k in range(count):
+                        j = np.int64(buf[p + k])
+                        if j >= size:
+                            return -1
+                        out[i + k] = dictionary[j]
+                else:
+                    acc = np.int64(0)
+                    have = 0
+                    q = p
+                    for k in range(count):
+                        while have < bw:
+                            acc |= np.int64(buf[q]) << have
+                            q += 1
+                            have += 8
+                        j = acc & mask
+                        acc >>= bw
+                        have -= bw
+                        if j >= size:
+                            return -1
+                        out[i + k] = dictionary[j]
+                i += count
+                p = stop
+            else:
+                c = h >> 1
+                if p + nbytes > end or c == 0:
+                    return -1
+                j = _rle_value(buf, p, nbytes)
+                p += nbytes
+                if j >= size:
+                    return -1
+                c = min(c, n - i)
+                v = dictionary[j]
+                for k in range(c):
+                    out[i + k] = v
+                i += c
+        return n
+
+
+# --------------------------------------------------------------------------------------------------------
+# The column chunk
+# --------------------------------------------------------------------------------------------------------
+def _bit_width(max_level: int) -> int:
+    return int(max_level).bit_length()
+
+
+def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict:
+    """What the chunk must be, from the footer: arrow type, leaf index, levels, d, value dtype, codec."""
+    schema = metadata.schema.to_arrow_schema()  # applies the stored ARROW:schema (large/fixed-size lists)
+    if schema.get_field_index(column) < 0:  # missing, or the name is duplicated
+        raise _Unsupported(f"no single top-level column {column!r}")
+    arrow_type = schema.field(column).type
+    if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+            or pa.types.is_fixed_size_list(arrow_type)):
+        raise _Unsupported(f"{column!r} is {arrow_type}, not a list")
+    value_type = arrow_type.value_type
+    leaves = [i for i in range(metadata.num_columns)
+              if metadata.schema.column(i).path.split(".")[0] == column]
+    if len(leaves) != 1 or "." in column:
+        raise _Unsupported(f"{column!r} is not one leaf column")
+    leaf = leaves[0]
+    desc = metadata.schema.column(leaf)
+    if desc.max_repetition_level != 1 or desc.max_definition_level < 1:
+        raise _Unsupported("not a single-level list")
+    physical = desc.physical_type
+    if physical == "FLOAT" and value_type == pa.float32():
+        storage = np.dtype("<u4")
+    elif physical == "DOUBLE" and value_type == pa.float64():
+        storage = np.dtype("<u8")
+    elif (physical == "FIXED_LEN_BYTE_ARRAY" and desc.length == 2 and desc.logical_type.type == "FLOAT16"
+          and value_type == pa.float16()):
+        storage = np.dtype("<u2")
+    else:
+        raise _Unsupported(f"{physical} stored as {value_type}")
+    chunk = metadata.row_group(row_group).column(leaf)
+    codec = chunk.compression
+    if codec not in _CODECS:
+        raise _Unsupported(f"codec {codec}")
+    n_rows = metadata.row_group(row_group).num_rows
+    n_levels = chunk.num_values
+    if n_rows <= 0 or n_levels % n_rows:
+        raise _Unsupported("rows of different lengths")
+    d = n_levels // n_rows
+    if pa.types.is_fixed_size_list(arrow_type) and arrow_type.list_size != d:
+        raise _Unsupported("fixed-size list of another size")
+    if pa.types.is_list(arrow_type) and n_levels >= 2**31:
+        raise _Unsupported("more values than int32 offsets hold")
+    start = chunk.data_page_offset
+    if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
+        start = min(start, chunk.dictionary_page_offset)
+    return dict(arrow_type=arrow_type, value_type=value_type, storage=storage, codec=_CODECS[codec],
+                n_rows=n_rows, d=d, n_levels=n_levels, max_def=desc.max_definition_level,
+                start=start, size=chunk.total_compressed_size)
+
+
+def _read_exact(source, start: int, size: int) -> np.ndarray:
+    """``size`` bytes of ``source`` from ``start`` as a uint8 array, read in one call where possible."""
+    source.seek(start)
+    readinto = getattr(source, "readinto", None)
+    if readinto is None:
+        data = np.frombuffer(source.read(size), np.uint8)
+    else:
+        data = np.empty(size, np.uint8)
+        view, got = memoryview(data), 0
+        while got < size:
+            k = readinto(view[got:])
+            if not k:
+                break
+            got += k
+        data = data[:got]
+    if data.shape[0] != size:
+        raise _Unsupported("the file ends inside the column chunk")
+    return data
+
+
+def _decompress(body: np.ndarray, size: int, codec: str | None) -> np.ndarray:
+    if codec is None:
+        if body.shape[0] != size:
+            raise _Unsupported("stored page of the wrong size")
+        return body
+    if codec == "lz4_raw" and body.shape[0] >= 8:
+        # Hadoop framing: big-endian uncompressed and compressed block lengths first. A raw LZ4 page whose
+        # first bytes happen to say exactly that is refused too (pyarrow then reads it): never guess.
+        head = body[:8].tobytes()
+        if int.from_bytes(head[:4], "big") == size and int.from_bytes(head[4:], "big") == body.shape[0] - 8:
+            raise _Unsupported("Hadoop-framed LZ4")
+    try:
+        out = pa.decompress(body, decompressed_size=size, codec=codec, asbytes=False)
+    except (pa.ArrowException, ValueError) as err:
+        raise _Unsupported(f"{codec} page does not decompress: {err}") from err
+    if out.size != size:
+        raise _Unsupported("decompressed page of the wrong size")
+    return np.frombuffer(out, np.uint8)
+
+
+def _levels_v1(page: np.ndarray, p: int, encoding) -> tuple[np.ndarray, int]:
+    """A v1 page's level stream (RLE with a 4-byte length prefix) at ``page[p:]`` and the position after."""
+    if encoding != _RLE:
+        raise _Unsupported(f"level encoding {encoding}")
+    if p + 4 > page.shape[0]:
+        raise _Unsupported("truncated levels")
+    length = int.from_bytes(page[p:p + 4].tobytes(), "little")
+    if p + 4 + length > page.shape[0]:
+        raise _Unsupported("truncated levels")
+    return page[p + 4:p + 4 + length], p + 4 + length
+
+
+def _decode_values(values: np.ndarray, encoding, n: int, dictionary, out: np.ndarray) -> None:
+    """Decode ``n`` non-null values of a data page into ``out[:n]`` (unsigned storage dtype)."""
+    item = out.dtype.itemsize
+    if encoding in (_RLE_DICTIONARY, _PLAIN_DICTIONARY):
+        if dictionary is None or values.shape[0] < 1:
+            raise _Unsupported("dictionary indices without a dictionary")
+        bw = int(values[0])
+        if bw > 32 or (bw == 0 and dictionary.shape[0] == 0):
+            raise _Unsupported(f"index bit width {bw}")
+        if bw == 0:  # a one-entry dictionary: every index is 0, no index bytes follow
+            out[:n] = dictionary[0]
+            return
+        if _gather_dictionary(values[1:], bw, n, dictionary, out) != n:
+            raise _Unsupported("dictionary indices out of range or truncated")
+    elif encoding == _PLAIN:
+        if values.shape[0] < n * item:
+            raise _Unsupported("truncated PLAIN page")
+        out[:n] = values[:n * item].view(out.dtype)
+    elif encoding == _BYTE_STREAM_SPLIT:
+        # byte k of every value is in stream k: streams (item, n) → values (n, item)
+        if values.shape[0] < n * item:
+            raise _Unsupported("truncated BYTE_STREAM_SPLIT page")
+        out[:n].view(np.uint8).reshape(n, item)[:] = values[:n * item].reshape(item, n).T
+    else:
+        raise _Unsupported(f"value encoding {encoding}")
+
+
+def _decode_chunk(raw: np.ndarray, plan: dict) -> np.ndarray:
+    """All values of the chunk as the unsigned storage dtype, shape (n_rows * d,), levels verified."""
+    n_total, d, max_def, codec = plan["n_levels"], plan["d"], plan["max_def"], plan["codec"]
+    rep_bw, def_bw = _bit_width(1), _bit_width(max_def)
+    out = np.empty(n_total, plan["storage"])
+    mv = memoryview(raw)  # page headers are parsed from a memoryview: int indexing, no numpy scalars
+    dictionary = None
+    pos = filled = 0
+    while filled < n_total:
+        header, pos = _page_header(mv, pos)
+        ptype, usize, csize = header.get(1), header.get(2), header.get(3)
+        if not isinstance(usize, int) or not isinstance(csize, int) or usize < 0 or csize < 0:
+            raise _Unsupported("page header without sizes")
+        if pos + csize > raw.shape[0]:
+            raise _Unsupported("page runs past the column chunk")
+        body = raw[pos:pos + csize]
+        pos += csize
+        if ptype == _DICTIONARY_PAGE:
+            dph = header.get(7) or {}
+            count = dph.get(1, -1)
+            if dph.get(2) not in (_PLAIN, _PLAIN_DICTIONARY) or count < 0:
+                raise _Unsupported("dictionary page not PLAIN")
+            page = _decompress(body, usize, codec)
+            if page.shape[0] < count * out.dtype.itemsize:
+                raise _Unsupported("truncated dictionary page")
+            dictionary = page[:count * out.dtype.itemsize].view(out.dtype)
+            continue
+        if ptype == _INDEX_PAGE:
+            continue
+        if ptype == _DATA_PAGE:
+            dph = header.get(5) or {}
+            n, encoding = dph.get(1, -1), dph.get(2)
+            page = _decompress(body, usize, codec)
+            rep, p = _levels_v1(page, 0, dph.get(4))
+            defs, p = _levels_v1(page, p, dph.get(3))
+            values = page[p:]
+        elif ptype == _DATA_PAGE_V2:
+            dph = header.get(8) or {}
+            n, encoding = dph.get(1, -1), dph.get(4)
+            rlen, dlen = dph.get(6, -1), dph.get(5, -1)
+            if dph.get(2, -1) != 0 or rlen < 0 or dlen < 0 or rlen + dlen > csize:
+                raise _Unsupported("v2 page with nulls or bad level lengths")
+            rep, defs = body[:rlen], body[rlen:rlen + dlen]
+            values = body[rlen + dlen:]
+            if dph.get(7, True) and codec is not None:  # levels are never compressed in v2
+                values = _decompress(values, usize - rlen - dlen, codec)
+        else:
+            raise _Unsupported(f"page type {ptype}")
+        if n < 0 or filled + n > n_total:
+            raise _Unsupported("more values than the chunk metadata says")
+        if not _check_rep_levels(rep, rep_bw, n, filled, d):
+            raise _Unsupported("rows are not all lists of the same length")
+        if not _check_def_levels(defs, def_bw, n, max_def):
+            raise _Unsupported("null rows, empty lists or null items")
+        _decode_values(values, encoding, n, dictionary, out[filled:filled + n])
+        filled += n
+    return out
+
+
+def _to_arrow(values: np.ndarray, plan: dict) -> pa.Array:
+    """Wrap the decoded values zero-copy as the column's Arrow list type."""
+    arrow_type, n_rows, d = plan["arrow_type"], plan["n_rows"], plan["d"]
+    items = pa.Array.from_buffers(plan["value_type"], values.shape[0], [None, pa.py_buffer(values)])
+    if pa.types.is_fixed_size_list(arrow_type):
+        return pa.Array.from_buffers(arrow_type, n_rows, [None], children=[items])
+    offsets = np.arange(n_rows + 1, dtype=np.int64 if pa.types.is_large_list(arrow_type) else np.int32) * d
+    return pa.Array.from_buffers(arrow_type, n_rows, [None, pa.py_buffer(offsets)], children=[items])
+
+
+def read_float_list_column(source, metadata: pq.FileMetaData, row_group: int, column: str) -> pa.Array | None:
+    """One float-list column of one row group, decoded here; ``None`` when not decodable here.
+
+    source: a seekable binary file object (``open(path, "rb")``, an fsspec file, a pyarrow NativeFile);
+    metadata: that file's footer (``pq.read_metadata`` / ``ParquetFile.metadata``); row_group: its index;
+    column: a top-level column name whose Arrow type is ``list`` / ``large_list`` / ``fixed_size_list`` of
+    ``halffloat`` / ``float`` / ``double``.
+
+    Returns an Arrow array of ``num_rows`` lists of ``d`` values (one (num_rows * d,) values buffer, no
+    validity bitmap), of exactly the type pyarrow reads (``metadata.schema.to_arrow_schema()``), equal to
+    ``ParquetFile(source).read_row_group(row_group, columns=[column]).column(column).combine_chunks()``;
+    ``None`` when the chunk has nulls, empty or ragged lists, another encoding / codec / type, or anything
+    else unexpected (see the module docstring). IO errors propagate. The source's position is moved.
+    """
+    if not HAVE_NUMBA:
+        return None
+    try:
+        plan = _column_plan(metadata, row_group, column)
+        raw = _read_exact(source, plan["start"], plan["size"])
+        return _to_arrow(_decode_chunk(raw, plan), plan)
+    except _Unsupported:
+        return None
