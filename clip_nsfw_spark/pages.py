@@ -45,7 +45,7 @@ try:  # numba is a core dependency; without it every call returns None (pyarrow 
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
-__all__ = ["read_float_list_column"]
+__all__ = ["read_float_list_column", "page_summary"]
 
 # parquet.thrift enum values used here
 _DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
@@ -588,3 +588,28 @@ def read_float_list_column(source, metadata: pq.FileMetaData, row_group: int, co
         return _to_arrow(_decode_chunk(raw, plan), plan)
     except _Unsupported:
         return None
+
+
+def page_summary(source, metadata: pq.FileMetaData, row_group: int, column: str) -> list[tuple[str, str, int]]:
+    """(page type, value encoding, value count) of every page of the chunk, in file order, from the page
+    headers only (nothing decompressed). For tests and debugging: e.g. shows where a writer fell back from
+    dictionary indices to PLAIN pages. Raises ValueError when ``column`` is outside what this module reads.
+    """
+    names = {_DATA_PAGE: "DATA_PAGE", _INDEX_PAGE: "INDEX_PAGE", _DICTIONARY_PAGE: "DICTIONARY_PAGE",
+             _DATA_PAGE_V2: "DATA_PAGE_V2"}
+    encodings = {_PLAIN: "PLAIN", _PLAIN_DICTIONARY: "PLAIN_DICTIONARY", _RLE: "RLE",
+                 _RLE_DICTIONARY: "RLE_DICTIONARY", _BYTE_STREAM_SPLIT: "BYTE_STREAM_SPLIT"}
+    try:
+        plan = _column_plan(metadata, row_group, column)
+        raw = _read_exact(source, plan["start"], plan["size"])
+        mv, pos, pages = memoryview(raw), 0, []
+        while pos < raw.shape[0]:
+            header, pos = _page_header(mv, pos)
+            pos += header.get(3, 0)
+            ptype = header.get(1)
+            sub = header.get({_DATA_PAGE: 5, _DICTIONARY_PAGE: 7, _DATA_PAGE_V2: 8}.get(ptype, -1)) or {}
+            encoding = sub.get(4 if ptype == _DATA_PAGE_V2 else 2)
+            pages.append((names.get(ptype, str(ptype)), encodings.get(encoding, str(encoding)), sub.get(1, 0)))
+    except _Unsupported as err:
+        raise ValueError(f"{column!r} in row group {row_group}: {err}") from err
+    return pages
