@@ -252,6 +252,16 @@ def test_nulls_empty_and_ragged_lists_are_refused(tmp_path, case, dtype):
     assert refused(path).to_pylist()[17] == arr.to_pylist()[17]
 
 
+@pytest.mark.parametrize("hole", [None, []])
+def test_null_or_empty_rows_among_one_value_lists_are_refused(tmp_path, hole):
+    # with d = 1 a null or empty row has one level like every other row: only the definition levels tell
+    arr = pa.array([[1.0], [2.0], hole, [4.0]], pa.list_(pa.float32()))
+    path = str(tmp_path / "x.parquet")
+    pq.write_table(pa.table({COL: arr}), path)
+    assert pq.read_metadata(path).row_group(0).column(0).num_values == 4
+    assert refused(path).equals(arr)
+
+
 def test_ragged_lists_with_an_even_average_are_refused(tmp_path):
     # 2 rows of 3 and 5 values: num_values / num_rows is a whole 4, only the levels tell
     arr = pa.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0]], pa.list_(pa.float32()))
