@@ -296,18 +296,79 @@ if HAVE_NUMBA:
         return True
 
     @_jit
-    def _gather_dictionary(buf, bw, n, dictionary, out):
-        """out[:n] = dictionary[indices], the indices a hybrid stream of bit width ``bw`` in ``buf``.
+    def _unsplit(streams, n, item, out_bytes):
+        """BYTE_STREAM_SPLIT: byte k of value i is streams[k * n + i]; out_bytes is (n * item,) uint8."""
+        for i in range(n):
+            for k in range(item):
+                out_bytes[i * item + k] = streams[k * n + i]
 
-        dictionary and out share one unsigned dtype (the values' bits); returns n, or -1 when the stream
-        is short or an index is outside the dictionary (the caller then refuses the chunk).
+    @_jit
+    def _gather_run(buf, p, bw, count, dictionary, out, i):
+        """out[i:i + count] = dictionary[the ``count`` bw-bit indices bit-packed from buf[p]]; returns the
+        largest index seen (the caller refuses the chunk if it is outside the dictionary).
+
+        Indices are clamped to the dictionary while gathering and the range is checked once afterwards: no
+        early exit in the loop, which keeps it branch-free. Where a 4-byte window at the index's first byte
+        lies inside ``buf`` (all but the last few indices of a page), one little-endian 32-bit read and a
+        shift give the index (bw ≤ 25); the tail, and wider indices, go through a byte-wise bit reader.
+        """
+        last = dictionary.shape[0] - 1
+        mask = (np.int64(1) << bw) - 1
+        mx = np.int64(0)
+        fast = 0
+        if bw <= 25:
+            # the window of index k starts at byte p + (k * bw >> 3); it must end inside buf
+            fast = min(count, max(0, ((buf.shape[0] - 4 - p) * 8) // bw + 1))
+        if bw == 16:  # float16 dictionaries over 32,768 entries: whole little-endian byte pairs
+            for k in range(fast):
+                j = np.int64(buf[p + 2 * k]) | (np.int64(buf[p + 2 * k + 1]) << 8)
+                mx = max(mx, j)
+                out[i + k] = dictionary[min(j, last)]
+        else:
+            for k in range(fast):
+                bit = k * bw
+                q = p + (bit >> 3)
+                w = (np.int64(buf[q]) | (np.int64(buf[q + 1]) << 8) | (np.int64(buf[q + 2]) << 16)
+                     | (np.int64(buf[q + 3]) << 24))
+                j = (w >> (bit & 7)) & mask
+                mx = max(mx, j)
+                out[i + k] = dictionary[min(j, last)]
+        if fast < count:
+            bit = fast * bw
+            q = p + (bit >> 3)
+            have = 0
+            acc = np.int64(0)
+            skip = bit & 7
+            for k in range(fast, count):
+                while have < bw + skip:
+                    acc |= np.int64(buf[q]) << have
+                    q += 1
+                    have += 8
+                acc >>= skip
+                have -= skip
+                skip = 0
+                j = acc & mask
+                acc >>= bw
+                have -= bw
+                mx = max(mx, j)
+                out[i + k] = dictionary[min(j, last)]
+        return mx
+
+    @_jit
+    def _gather_dictionary(buf, bw, n, dictionary, out):
+        """out[:n] = dictionary[indices], the indices a hybrid stream of bit width ``bw`` (1..32) in ``buf``.
+
+        dictionary (non-empty) and out share one unsigned dtype (the values' bits); returns n, or -1 when
+        the stream is short or an index is outside the dictionary (the caller then refuses the chunk).
         """
         end = buf.shape[0]
         size = dictionary.shape[0]
+        if size == 0:  # no index is valid (and the clamped gather below needs one entry)
+            return -1 if n > 0 else 0
         p = 0
         i = 0
         nbytes = (bw + 7) // 8
-        mask = (np.int64(1) << bw) - 1
+        mx = np.int64(0)
         while i < n:
             h, p = _run_header(buf, p, end)
             if h < 0:
@@ -317,33 +378,7 @@ if HAVE_NUMBA:
                 if stop > end:
                     return -1
                 count = min((h >> 1) * 8, n - i)
-                if bw == 16:  # float16 dictionaries: whole little-endian byte pairs, no bit shuffling
-                    for k in range(count):
-                        j = np.int64(buf[p + 2 * k]) | (np.int64(buf[p + 2 * k + 1]) << 8)
-                        if j >= size:
-                            return -1
-                        out[i + k] = dictionary[j]
-                elif bw == 8:
-                    for k in range(count):
-                        j = np.int64(buf[p + k])
-                        if j >= size:
-                            return -1
-                        out[i + k] = dictionary[j]
-                else:
-                    acc = np.int64(0)
-                    have = 0
-                    q = p
-                    for k in range(count):
-                        while have < bw:
-                            acc |= np.int64(buf[q]) << have
-                            q += 1
-                            have += 8
-                        j = acc & mask
-                        acc >>= bw
-                        have -= bw
-                        if j >= size:
-                            return -1
-                        out[i + k] = dictionary[j]
+                mx = max(mx, _gather_run(buf, p, bw, count, dictionary, out, i))
                 i += count
                 p = stop
             else:
@@ -359,7 +394,7 @@ if HAVE_NUMBA:
                 for k in range(c):
                     out[i + k] = v
                 i += c
-        return n
+        return n if mx < size else -1
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -492,7 +527,7 @@ def _decode_values(values: np.ndarray, encoding, n: int, dictionary, out: np.nda
         # byte k of every value is in stream k: streams (item, n) → values (n, item)
         if values.shape[0] < n * item:
             raise _Unsupported("truncated BYTE_STREAM_SPLIT page")
-        out[:n].view(np.uint8).reshape(n, item)[:] = values[:n * item].reshape(item, n).T
+        _unsplit(values, n, item, out[:n].view(np.uint8))
     else:
         raise _Unsupported(f"value encoding {encoding}")
 

@@ -299,3 +299,54 @@ def test_hadoop_lz4_is_refused(tmp_path):
     assert pq.read_metadata(patched).row_group(0).column(1).compression != "LZ4"
     assert decode(path, 0) is not None  # the unpatched file decodes: the refusal is the codec's
     refused(patched)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The index kernel on hand-made hybrid streams: every bit width, RLE and bit-packed runs, ragged tails
+# ---------------------------------------------------------------------------------------------------------
+def uleb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def hybrid(indices: list[int], bw: int, rle_every: int = 3) -> bytes:
+    """Encode ``indices`` as RLE/bit-packed hybrid runs (independently of the decoder under test)."""
+    out, i, run = bytearray(), 0, 0
+    while i < len(indices):
+        run += 1
+        if run % rle_every == 0:  # an RLE run of the current value, as long as it repeats (at least 1)
+            c = 1
+            while i + c < len(indices) and indices[i + c] == indices[i]:
+                c += 1
+            out += uleb128(c << 1) + indices[i].to_bytes((bw + 7) // 8, "little")
+            i += c
+        else:  # 1..3 groups of 8, the last group padded with zeros past the end
+            groups = min(1 + run % 3, -(-(len(indices) - i) // 8))
+            chunk = indices[i:i + 8 * groups] + [0] * (8 * groups - len(indices[i:i + 8 * groups]))
+            packed = sum(v << (k * bw) for k, v in enumerate(chunk))
+            out += uleb128(groups << 1 | 1) + packed.to_bytes(groups * bw, "little")
+            i += 8 * groups
+    return bytes(out)
+
+
+@pytest.mark.parametrize("bw", list(range(1, 33)))
+def test_dictionary_index_kernel_every_bit_width(bw):
+    from clip_nsfw_spark.pages import _gather_dictionary
+
+    rng = np.random.default_rng(bw)
+    size = min(2**bw, 5000)
+    dictionary = rng.integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
+    for n in (1, 7, 8, 9, 203, 1000):
+        indices = rng.integers(0, size, n)
+        indices[n // 3:n // 3 + n // 4] = indices[n // 3]  # a repeat, so some RLE runs are long
+        stream = np.frombuffer(hybrid([int(v) for v in indices], bw), np.uint8)
+        out = np.zeros(n, np.uint32)
+        assert _gather_dictionary(stream, bw, n, dictionary, out) == n
+        np.testing.assert_array_equal(out, dictionary[indices])
+        # an index past the dictionary's end, or a stream cut short, is refused (-1), never clamped
+        assert _gather_dictionary(stream, bw, n, dictionary[:int(indices.max())], out) == -1
+        assert _gather_dictionary(stream[:len(stream) // 2], bw, n, dictionary, out) == -1
