@@ -537,6 +537,9 @@ def _decode_chunk(raw: np.ndarray, plan: dict) -> np.ndarray:
     n_total, d, max_def, codec = plan["n_levels"], plan["d"], plan["max_def"], plan["codec"]
     rep_bw, def_bw = _bit_width(1), _bit_width(max_def)
     out = np.empty(n_total, plan["storage"])
+    # every byte buffer the kernels see is then read-only like pyarrow.decompress's output: one numba
+    # specialization per kernel and value width, not one per buffer origin
+    raw.flags.writeable = False
     mv = memoryview(raw)  # page headers are parsed from a memoryview: int indexing, no numpy scalars
     dictionary = None
     pos = filled = 0
@@ -557,7 +560,7 @@ def _decode_chunk(raw: np.ndarray, plan: dict) -> np.ndarray:
             page = _decompress(body, usize, codec)
             if page.shape[0] < count * out.dtype.itemsize:
                 raise _Unsupported("truncated dictionary page")
-            dictionary = page[:count * out.dtype.itemsize].view(out.dtype)
+            dictionary = page[:count * out.dtype.itemsize].view(out.dtype).copy()  # aligned, ≤ a few MiB
             continue
         if ptype == _INDEX_PAGE:
             continue
