@@ -3,7 +3,8 @@
 ``read_float_list_column(source, metadata, row_group, column)`` reads the column chunk's bytes in one read,
 walks its pages (Thrift compact page headers parsed here), decompresses them with ``pyarrow.decompress`` and
 decodes the values with numba kernels straight into one preallocated ``(n_rows * d,)`` array, then wraps it
-zero-copy as the Arrow list type the file's Arrow schema names. It returns either an array equal to
+zero-copy as the Arrow list type the file's Arrow schema names (rows with nulls or other lengths: a
+general path, below). It returns either an array equal to
 
     pq.ParquetFile(source).read_row_group(row_group, columns=[column]).column(column).combine_chunks()
 
@@ -20,8 +21,13 @@ What is decoded (anything else → ``None``):
 * physical types FLOAT, DOUBLE, FIXED_LEN_BYTE_ARRAY(2) with the Float16 logical type, under a top-level
   list field with one repetition level (3-level ``list.element``, Spark's legacy 2-level lists, or a bare
   repeated field);
-* every row a non-null list of the same length ``d``, no null items — verified from the repetition and
-  definition levels of every page (RLE/bit-packed hybrid), never assumed;
+* the fast path: every row a non-null list of the same length ``d``, no null items — verified from the
+  repetition and definition levels of every page (RLE/bit-packed hybrid, checked run by run without
+  materialising them), never assumed; the result is then one values buffer with computed offsets;
+* otherwise (null rows, empty lists, rows of different lengths, null items) a general path for ``list`` /
+  ``large_list``: levels materialised, offsets and validity bitmaps built from them (definition level
+  thresholds from the Arrow schema's nullability, cross-checked with the column's maximum definition
+  level); ``fixed_size_list`` columns with such rows are refused;
 * data pages v1 and v2; a dictionary page (PLAIN) with RLE_DICTIONARY / PLAIN_DICTIONARY indices, PLAIN and
   BYTE_STREAM_SPLIT data pages, mixed in one chunk (pyarrow's and parquet-mr's fallback from dictionary to
   PLAIN once the dictionary is full);
@@ -438,9 +444,9 @@ def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict
         raise _Unsupported(f"codec {codec}")
     n_rows = metadata.row_group(row_group).num_rows
     n_levels = chunk.num_values
-    if n_rows <= 0 or n_levels % n_rows:
-        raise _Unsupported("rows of different lengths")
-    d = n_levels // n_rows
+    if n_rows <= 0 or n_levels <= 0:
+        raise _Unsupported("an empty row group")
+    d = None if n_levels % n_rows else n_levels // n_rows  # None: not all rows can have one length
     if pa.types.is_fixed_size_list(arrow_type) and arrow_type.list_size != d:
         raise _Unsupported("fixed-size list of another size")
     if pa.types.is_list(arrow_type) and n_levels >= 2**31:
@@ -449,6 +455,7 @@ def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict
     if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
         start = min(start, chunk.dictionary_page_offset)
     return dict(arrow_type=arrow_type, value_type=value_type, storage=storage, codec=_CODECS[codec],
+                list_nullable=schema.field(column).nullable, item_nullable=arrow_type.value_field.nullable,
                 n_rows=n_rows, d=d, n_levels=n_levels, max_def=desc.max_definition_level,
                 start=start, size=chunk.total_compressed_size)
 
@@ -532,11 +539,17 @@ def _decode_values(values: np.ndarray, encoding, n: int, dictionary, out: np.nda
         raise _Unsupported(f"value encoding {encoding}")
 
 
-def _decode_chunk(raw: np.ndarray, plan: dict) -> np.ndarray:
-    """All values of the chunk as the unsigned storage dtype, shape (n_rows * d,), levels verified."""
-    n_total, d, max_def, codec = plan["n_levels"], plan["d"], plan["max_def"], plan["codec"]
-    rep_bw, def_bw = _bit_width(1), _bit_width(max_def)
-    out = np.empty(n_total, plan["storage"])
+class _NotUniform(_Unsupported):
+    """Internal: the levels show nulls, empty lists or rows of different lengths (the general path)."""
+
+
+def _data_pages(raw: np.ndarray, plan: dict):
+    """Walk the chunk's pages; yield, per data page, ``(n, nulls, rep, defs, encoding, values, dictionary)``:
+    n levels (nulls of them null, or -1 when a v1 header does not say), the level streams (hybrid, no
+    length prefix), the value encoding, the decompressed value bytes and the dictionary read so far
+    (unsigned storage dtype) or None. Stops after ``plan["n_levels"]`` levels.
+    """
+    n_total, codec, storage = plan["n_levels"], plan["codec"], plan["storage"]
     # every byte buffer the kernels see is then read-only like pyarrow.decompress's output: one numba
     # specialization per kernel and value width, not one per buffer origin
     raw.flags.writeable = False
@@ -558,25 +571,25 @@ def _decode_chunk(raw: np.ndarray, plan: dict) -> np.ndarray:
             if dph.get(2) not in (_PLAIN, _PLAIN_DICTIONARY) or count < 0:
                 raise _Unsupported("dictionary page not PLAIN")
             page = _decompress(body, usize, codec)
-            if page.shape[0] < count * out.dtype.itemsize:
+            if page.shape[0] < count * storage.itemsize:
                 raise _Unsupported("truncated dictionary page")
-            dictionary = page[:count * out.dtype.itemsize].view(out.dtype).copy()  # aligned, ≤ a few MiB
+            dictionary = page[:count * storage.itemsize].view(storage).copy()  # aligned, ≤ a few MiB
             continue
         if ptype == _INDEX_PAGE:
             continue
         if ptype == _DATA_PAGE:
             dph = header.get(5) or {}
-            n, encoding = dph.get(1, -1), dph.get(2)
+            n, nulls, encoding = dph.get(1, -1), -1, dph.get(2)
             page = _decompress(body, usize, codec)
             rep, p = _levels_v1(page, 0, dph.get(4))
             defs, p = _levels_v1(page, p, dph.get(3))
             values = page[p:]
         elif ptype == _DATA_PAGE_V2:
             dph = header.get(8) or {}
-            n, encoding = dph.get(1, -1), dph.get(4)
+            n, nulls, encoding = dph.get(1, -1), dph.get(2, -1), dph.get(4)
             rlen, dlen = dph.get(6, -1), dph.get(5, -1)
-            if dph.get(2, -1) != 0 or rlen < 0 or dlen < 0 or rlen + dlen > csize:
-                raise _Unsupported("v2 page with nulls or bad level lengths")
+            if nulls < 0 or rlen < 0 or dlen < 0 or rlen + dlen > csize:
+                raise _Unsupported("v2 page with bad level lengths")
             rep, defs = body[:rlen], body[rlen:rlen + dlen]
             values = body[rlen + dlen:]
             if dph.get(7, True) and codec is not None:  # levels are never compressed in v2
@@ -585,17 +598,157 @@ def _decode_chunk(raw: np.ndarray, plan: dict) -> np.ndarray:
             raise _Unsupported(f"page type {ptype}")
         if n < 0 or filled + n > n_total:
             raise _Unsupported("more values than the chunk metadata says")
-        if not _check_rep_levels(rep, rep_bw, n, filled, d):
-            raise _Unsupported("rows are not all lists of the same length")
-        if not _check_def_levels(defs, def_bw, n, max_def):
-            raise _Unsupported("null rows, empty lists or null items")
+        yield n, nulls, rep, defs, encoding, values, dictionary
+        filled += n
+
+
+def _decode_uniform(raw: np.ndarray, plan: dict) -> np.ndarray:
+    """All values of the chunk as the unsigned storage dtype, shape (n_rows * d,), when every row is a
+    non-null list of d non-null values (checked on every page's levels; ``_NotUniform`` otherwise)."""
+    n_total, d, max_def = plan["n_levels"], plan["d"], plan["max_def"]
+    if d is None:
+        raise _NotUniform("rows of different lengths")
+    out = np.empty(n_total, plan["storage"])
+    filled = 0
+    for n, nulls, rep, defs, encoding, values, dictionary in _data_pages(raw, plan):
+        if nulls > 0:
+            raise _NotUniform("a v2 page with nulls")
+        if not _check_rep_levels(rep, 1, n, filled, d):
+            raise _NotUniform("rows are not all lists of the same length")
+        if not _check_def_levels(defs, _bit_width(max_def), n, max_def):
+            raise _NotUniform("null rows, empty lists or null items")
         _decode_values(values, encoding, n, dictionary, out[filled:filled + n])
         filled += n
     return out
 
 
+def _decode_general(raw: np.ndarray, plan: dict) -> pa.Array:
+    """The chunk as pyarrow reads it when rows may be null, empty, of any length, with null items:
+    levels materialised (one byte per level), then offsets, validity and item slots built in one pass."""
+    arrow_type, n_rows, n_total, max_def = plan["arrow_type"], plan["n_rows"], plan["n_levels"], plan["max_def"]
+    if pa.types.is_fixed_size_list(arrow_type):
+        raise _Unsupported("null or short rows in a fixed-size list")
+    list_def = int(plan["list_nullable"])  # def below this: a null row; equal: an empty list
+    if max_def != list_def + 1 + int(plan["item_nullable"]):
+        raise _Unsupported("definition levels do not match the Arrow schema's nullability")
+    reps = np.empty(n_total, np.uint8)
+    defs = np.empty(n_total, np.uint8)
+    values = np.empty(n_total, plan["storage"])
+    filled = n_values = 0
+    for n, nulls, rep, dfs, encoding, page_values, dictionary in _data_pages(raw, plan):
+        if not (_decode_levels(rep, 1, n, reps[filled:filled + n])
+                and _decode_levels(dfs, _bit_width(max_def), n, defs[filled:filled + n])):
+            raise _Unsupported("bad level stream")
+        present = int(np.count_nonzero(defs[filled:filled + n] == max_def))
+        if nulls >= 0 and present != n - nulls:
+            raise _Unsupported("v2 page null count disagrees with its levels")
+        _decode_values(page_values, encoding, present, dictionary, values[n_values:n_values + present])
+        filled += n
+        n_values += present
+    large = pa.types.is_large_list(arrow_type)
+    offsets = np.empty(n_rows + 1, np.int64 if large else np.int32)
+    row_valid = np.empty(n_rows, np.uint8)
+    items = np.empty(n_total, plan["storage"])
+    item_valid = np.empty(n_total, np.uint8)
+    n_items = _assemble(reps, defs, list_def, max_def, values[:n_values], offsets, row_valid, items, item_valid)
+    if n_items < 0:
+        raise _Unsupported("levels do not describe num_rows lists")
+    item_bitmap = None if item_valid[:n_items].all() else _bitmap(item_valid[:n_items])
+    row_bitmap = None if row_valid.all() else _bitmap(row_valid)
+    child = pa.Array.from_buffers(plan["value_type"], n_items, [item_bitmap, pa.py_buffer(items[:n_items])])
+    return pa.Array.from_buffers(arrow_type, n_rows, [row_bitmap, pa.py_buffer(offsets)], children=[child])
+
+
+def _bitmap(valid: np.ndarray) -> pa.Buffer:
+    return pa.py_buffer(np.packbits(valid.view(bool), bitorder="little"))
+
+
+if HAVE_NUMBA:
+
+    @_jit
+    def _decode_levels(buf, bw, n, out):
+        """out[:n] = the levels of the hybrid stream ``buf`` (bit width bw ≤ 8); False if it is short."""
+        end = buf.shape[0]
+        p = 0
+        i = 0
+        nbytes = (bw + 7) // 8
+        mask = (np.int64(1) << bw) - 1
+        while i < n:
+            h, p = _run_header(buf, p, end)
+            if h < 0:
+                return False
+            if h & 1:
+                stop = p + (h >> 1) * bw
+                if stop > end:
+                    return False
+                count = min((h >> 1) * 8, n - i)
+                acc = np.int64(0)
+                have = 0
+                q = p
+                for k in range(count):
+                    while have < bw:
+                        acc |= np.int64(buf[q]) << have
+                        q += 1
+                        have += 8
+                    out[i + k] = acc & mask
+                    acc >>= bw
+                    have -= bw
+                i += count
+                p = stop
+            else:
+                c = h >> 1
+                if p + nbytes > end or c == 0:
+                    return False
+                v = _rle_value(buf, p, nbytes)
+                p += nbytes
+                c = min(c, n - i)
+                for k in range(c):
+                    out[i + k] = v
+                i += c
+        return True
+
+    @_jit
+    def _assemble(reps, defs, list_def, max_def, values, offsets, row_valid, items, item_valid):
+        """Rows from levels: a repetition level 0 starts a row; definition < list_def: the row is null;
+        == list_def: empty; > list_def: an item slot, null unless == max_def (then the next value).
+        Fills offsets (n_rows + 1), row_valid (n_rows), items/item_valid (item slots); returns the number
+        of item slots, or -1 when the levels do not make exactly n_rows rows using every value."""
+        n_rows = row_valid.shape[0]
+        row = -1
+        n_items = 0
+        v = 0
+        for i in range(reps.shape[0]):
+            r = reps[i]
+            dv = defs[i]
+            if dv > max_def:
+                return -1
+            if r == 0:
+                row += 1
+                if row >= n_rows:
+                    return -1
+                offsets[row] = n_items
+                row_valid[row] = 1 if dv >= list_def else 0
+            elif r != 1 or row < 0 or dv <= list_def:  # a continuation must be another item
+                return -1
+            if dv > list_def:
+                if dv == max_def:
+                    if v >= values.shape[0]:
+                        return -1
+                    items[n_items] = values[v]
+                    item_valid[n_items] = 1
+                    v += 1
+                else:
+                    items[n_items] = 0
+                    item_valid[n_items] = 0
+                n_items += 1
+        if row != n_rows - 1 or v != values.shape[0]:
+            return -1
+        offsets[n_rows] = n_items
+        return n_items
+
+
 def _to_arrow(values: np.ndarray, plan: dict) -> pa.Array:
-    """Wrap the decoded values zero-copy as the column's Arrow list type."""
+    """Wrap the decoded values (n_rows * d,) zero-copy as the column's Arrow list type, no validity."""
     arrow_type, n_rows, d = plan["arrow_type"], plan["n_rows"], plan["d"]
     items = pa.Array.from_buffers(plan["value_type"], values.shape[0], [None, pa.py_buffer(values)])
     if pa.types.is_fixed_size_list(arrow_type):
@@ -612,18 +765,24 @@ def read_float_list_column(source, metadata: pq.FileMetaData, row_group: int, co
     column: a top-level column name whose Arrow type is ``list`` / ``large_list`` / ``fixed_size_list`` of
     ``halffloat`` / ``float`` / ``double``.
 
-    Returns an Arrow array of ``num_rows`` lists of ``d`` values (one (num_rows * d,) values buffer, no
-    validity bitmap), of exactly the type pyarrow reads (``metadata.schema.to_arrow_schema()``), equal to
-    ``ParquetFile(source).read_row_group(row_group, columns=[column]).column(column).combine_chunks()``;
-    ``None`` when the chunk has nulls, empty or ragged lists, another encoding / codec / type, or anything
-    else unexpected (see the module docstring). IO errors propagate. The source's position is moved.
+    Returns an Arrow array of ``num_rows`` lists, of exactly the type pyarrow reads
+    (``metadata.schema.to_arrow_schema()``), equal to
+    ``ParquetFile(source).read_row_group(row_group, columns=[column]).column(column).combine_chunks()``.
+    When every row holds ``d`` non-null values (the usual embedding column) it is one (num_rows * d,)
+    values buffer wrapped zero-copy, no validity bitmaps; null rows, empty or ragged lists and null items
+    are decoded exactly too (slower, for ``list`` / ``large_list``). ``None`` for another encoding / codec /
+    type, a fixed-size list with null rows, or anything else unexpected (see the module docstring): the
+    caller then reads with pyarrow. IO errors propagate. The source's position is moved.
     """
     if not HAVE_NUMBA:
         return None
     try:
         plan = _column_plan(metadata, row_group, column)
         raw = _read_exact(source, plan["start"], plan["size"])
-        return _to_arrow(_decode_chunk(raw, plan), plan)
+        try:
+            return _to_arrow(_decode_uniform(raw, plan), plan)
+        except _NotUniform:
+            return _decode_general(raw, plan)
     except _Unsupported:
         return None
 

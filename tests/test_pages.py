@@ -234,37 +234,66 @@ def refused(path: str, column: str = COL) -> pa.Array:
     return expected(path, 0, column)  # pyarrow reads it
 
 
-@pytest.mark.parametrize("case", ["null_row", "null_item", "empty_list", "ragged"])
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_nulls_empty_and_ragged_lists_are_refused(tmp_path, case, dtype):
-    rows = [list(r) for r in unit_rows(40, 8, dtype).astype(np.float64)]
-    if case == "null_row":
-        rows[17] = None
-    elif case == "null_item":
-        rows[17][3] = None
-    elif case == "empty_list":
-        rows[17] = []
-    else:
-        rows[17] = rows[17][:7]
-    arr = pa.array(rows, pa.list_(pa.from_numpy_dtype(dtype)))
+# ---------------------------------------------------------------------------------------------------------
+# Null rows, null items, empty and ragged lists: the general path, still equal to pyarrow
+# ---------------------------------------------------------------------------------------------------------
+def assert_same_with_nulls(got, want: pa.Array) -> None:
+    assert got is not None, "the decoder refused a chunk it should decode"
+    assert got.type == want.type, f"type {got.type}, pyarrow {want.type}"
+    assert got.null_count == want.null_count and got.to_pylist() == want.to_pylist()
+    assert got.equals(want)
+    np.testing.assert_array_equal(got.offsets.to_numpy(), want.offsets.to_numpy())
+
+
+HOLES = ["null_row", "null_item", "empty_list", "ragged", "all"]
+
+
+def holed_rows(case: str, dtype, rows: int = 40, dim: int = 8) -> list:
+    data = [list(r) for r in unit_rows(rows, dim, dtype).astype(np.float64)]
+    if case in ("null_row", "all"):
+        data[17] = None
+    if case in ("null_item", "all"):
+        data[3][3] = None
+        data[rows - 1][dim - 1] = None
+    if case in ("empty_list", "all"):
+        data[0] = []
+        data[20] = []
+    if case in ("ragged", "all"):
+        data[5] = data[5][:7]
+        data[6] = data[6] + data[7]
+    return data
+
+
+@pytest.mark.parametrize("case", HOLES)
+@pytest.mark.parametrize("kind", ["list", "large"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_nulls_empty_and_ragged_lists(tmp_path, case, kind, dtype, version):
+    value = pa.from_numpy_dtype(dtype)
+    arr = pa.array(holed_rows(case, dtype), pa.large_list(value) if kind == "large" else pa.list_(value))
     path = str(tmp_path / "x.parquet")
-    pq.write_table(pa.table({COL: arr}), path)
-    assert refused(path).to_pylist()[17] == arr.to_pylist()[17]
+    pq.write_table(pa.table({COL: arr}), path, data_page_version=version, data_page_size=256)
+    want = expected(path, 0)
+    assert want.equals(arr)
+    assert_same_with_nulls(decode(path, 0), want)
 
 
-@pytest.mark.parametrize("hole", [None, []])
-def test_null_or_empty_rows_among_one_value_lists_are_refused(tmp_path, hole):
-    # with d = 1 a null or empty row has one level like every other row: only the definition levels tell
-    arr = pa.array([[1.0], [2.0], hole, [4.0]], pa.list_(pa.float32()))
+@pytest.mark.parametrize("case", HOLES)
+def test_spark_style_non_nullable_lists_with_holes(tmp_path, case):
+    # a required list field: definition level 0 is an empty list, not a null row
+    rows = holed_rows(case if case != "null_row" else "empty_list", np.float32)
+    field = pa.field(COL, pa.list_(pa.field("element", pa.float32(), nullable=case in ("null_item", "all"))),
+                     nullable=False)
+    if not field.type.value_field.nullable:
+        rows = [[v for v in r if v is not None] for r in rows]
+    table = pa.Table.from_pylist([{COL: r} for r in rows], pa.schema([field]))
     path = str(tmp_path / "x.parquet")
-    pq.write_table(pa.table({COL: arr}), path)
-    assert pq.read_metadata(path).row_group(0).column(0).num_values == 4
-    assert refused(path).equals(arr)
+    pq.write_table(table, path)
+    assert_same_with_nulls(decode(path, 0), expected(path, 0))
 
 
-def test_ragged_lists_with_an_even_average_are_refused(tmp_path):
-    # 2 rows of 3 and 5 values: num_values / num_rows is a whole 4, only the levels tell
-    arr = pa.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0]], pa.list_(pa.float32()))
+def test_null_rows_in_a_fixed_size_list_are_refused(tmp_path):
+    arr = pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float32(), 2))
     path = str(tmp_path / "x.parquet")
     pq.write_table(pa.table({COL: arr}), path)
     assert refused(path).equals(arr)
