@@ -452,7 +452,7 @@ def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict
     if pa.types.is_list(arrow_type) and n_levels >= 2**31:
         raise _Unsupported("more values than int32 offsets hold")
     start = chunk.data_page_offset
-    if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
+    if chunk.has_dictionary_page and chunk.dictionary_page_offset:  # 0: unset by some old writers
         start = min(start, chunk.dictionary_page_offset)
     return dict(arrow_type=arrow_type, value_type=value_type, storage=storage, codec=_CODECS[codec],
                 list_nullable=schema.field(column).nullable, item_nullable=arrow_type.value_field.nullable,

@@ -133,6 +133,15 @@ def test_list_kinds_and_value_types(tmp_path, kind, dtype):
     assert_same(decode(path, 0), want)
 
 
+@pytest.mark.parametrize("kind", ["list", "large", "fixed"])
+def test_item_field_named_item(tmp_path, kind):
+    # use_compliant_nested_type=False: parquet leaf "list.item", Arrow item field "item" (older writers)
+    path = write(tmp_path / "x.parquet", unit_rows(100, 12, np.float32), kind, use_compliant_nested_type=False)
+    want = expected(path, 0)
+    assert want.type.value_field.name == "item", want.type
+    assert_same(decode(path, 0), want)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("encoding", ["PLAIN", "BYTE_STREAM_SPLIT"])
 def test_without_dictionary(tmp_path, dtype, encoding):
