@@ -302,11 +302,19 @@ if HAVE_NUMBA:
         return True
 
     @_jit
-    def _unsplit(streams, n, item, out_bytes):
-        """BYTE_STREAM_SPLIT: byte k of value i is streams[k * n + i]; out_bytes is (n * item,) uint8."""
+    def _unsplit(streams, n, out):
+        """BYTE_STREAM_SPLIT: byte k of value i is streams[k * n + i]; out (n,) uint16/32/64 gets the values.
+
+        One pass per byte stream over the page's values (a page is ~1 MiB, so ``out`` stays in cache):
+        contiguous loads and stores the compiler vectorizes, rather than byte-by-byte scattering."""
+        item = out.itemsize
         for i in range(n):
-            for k in range(item):
-                out_bytes[i * item + k] = streams[k * n + i]
+            out[i] = streams[i]
+        for k in range(1, item):
+            base = k * n
+            shift = out.dtype.type(8 * k)  # same unsigned type: no widening to int64 in the loop
+            for i in range(n):
+                out[i] |= out.dtype.type(streams[base + i]) << shift
 
     @_jit
     def _gather_run(buf, p, bw, count, dictionary, out, i):
@@ -534,7 +542,7 @@ def _decode_values(values: np.ndarray, encoding, n: int, dictionary, out: np.nda
         # byte k of every value is in stream k: streams (item, n) → values (n, item)
         if values.shape[0] < n * item:
             raise _Unsupported("truncated BYTE_STREAM_SPLIT page")
-        _unsplit(values, n, item, out[:n].view(np.uint8))
+        _unsplit(values, n, out[:n])
     else:
         raise _Unsupported(f"value encoding {encoding}")
 
