@@ -50,7 +50,7 @@ def unit_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def list_table(x: np.ndarray) -> pa.Table:
-    rows, dim = x.shape
+    dim = x.shape[1]
     offsets = pa.array(np.arange(0, x.size + 1, dim, dtype=np.int32))
     return pa.table({COLUMN: pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1)))})
 
@@ -58,7 +58,7 @@ def list_table(x: np.ndarray) -> pa.Table:
 def cases(rows: int, dim: int) -> list[tuple[str, pa.Table, dict]]:
     x32 = unit_rows(rows, dim)
     x16 = x32.astype(np.float16)
-    rg = dict(row_group_size=rows)
+    rg = {"row_group_size": rows}
     return [
         ("f16 default", list_table(x16), rg),
         ("f32 from f16, default", list_table(x16.astype(np.float32)), rg),

@@ -51,7 +51,7 @@ try:  # numba is a core dependency; without it every call returns None (pyarrow 
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
-__all__ = ["read_float_list_column", "page_summary"]
+__all__ = ["page_summary", "read_float_list_column"]
 
 # parquet.thrift enum values used here
 _DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
@@ -462,10 +462,10 @@ def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict
     start = chunk.data_page_offset
     if chunk.has_dictionary_page and chunk.dictionary_page_offset:  # 0: unset by some old writers
         start = min(start, chunk.dictionary_page_offset)
-    return dict(arrow_type=arrow_type, value_type=value_type, storage=storage, codec=_CODECS[codec],
-                list_nullable=schema.field(column).nullable, item_nullable=arrow_type.value_field.nullable,
-                n_rows=n_rows, d=d, n_levels=n_levels, max_def=desc.max_definition_level,
-                start=start, size=chunk.total_compressed_size)
+    return {"arrow_type": arrow_type, "value_type": value_type, "storage": storage, "codec": _CODECS[codec],
+            "list_nullable": schema.field(column).nullable, "item_nullable": arrow_type.value_field.nullable,
+            "n_rows": n_rows, "d": d, "n_levels": n_levels, "max_def": desc.max_definition_level,
+            "start": start, "size": chunk.total_compressed_size}
 
 
 def _read_exact(source, start: int, size: int) -> np.ndarray:

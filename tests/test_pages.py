@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -188,7 +189,7 @@ def test_sources(tmp_path):
 
     path = write(tmp_path / "x.parquet", unit_rows(100, 16, np.float16))
     meta, want = pq.read_metadata(path), expected(path, 0)
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     with fsspec.open(f"file://{path}", "rb") as f:
         assert_same(read_float_list_column(f, meta, 0, COL), want)
     assert_same(read_float_list_column(io.BytesIO(data), meta, 0, COL), want)
@@ -324,7 +325,7 @@ def test_hadoop_lz4_is_refused(tmp_path):
     # Write LZ4_RAW (thrift codec 7), then patch the chunk's codec to the deprecated Hadoop LZ4 (codec 5):
     # in the footer, path_in_schema's last name is followed by field 4 (codec, i32): 0x15, zigzag(7)=0x0e.
     path = write(tmp_path / "x.parquet", unit_rows(50, 8, np.float32), compression="lz4")
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     footer_len = int.from_bytes(data[-8:-4], "little")
     start = len(data) - 8 - footer_len
     footer = bytes(data[start:-8])
@@ -333,7 +334,7 @@ def test_hadoop_lz4_is_refused(tmp_path):
     at = start + footer.index(marker) + len(b"element\x15")
     data[at] = 0x0A  # zigzag(5)
     patched = str(tmp_path / "hadoop.parquet")
-    open(patched, "wb").write(bytes(data))
+    Path(patched).write_bytes(bytes(data))
     assert pq.read_metadata(patched).row_group(0).column(1).compression != "LZ4"
     assert decode(path, 0) is not None  # the unpatched file decodes: the refusal is the codec's
     refused(patched)
