@@ -271,6 +271,8 @@ def holed_rows(case: str, dtype, rows: int = 40, dim: int = 8) -> list:
     if case in ("ragged", "all"):
         data[5] = data[5][:7]
         data[6] = data[6] + data[7]
+    if dtype == np.float16:  # pyarrow < 21 builds halffloat only from np.float16 scalars
+        data = [None if r is None else [None if v is None else np.float16(v) for v in r] for r in data]
     return data
 
 
@@ -305,7 +307,10 @@ def test_spark_style_non_nullable_lists_with_holes(tmp_path, case):
 def test_null_rows_in_a_fixed_size_list_are_refused(tmp_path):
     arr = pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float32(), 2))
     path = str(tmp_path / "x.parquet")
-    pq.write_table(pa.table({COL: arr}), path)
+    try:
+        pq.write_table(pa.table({COL: arr}), path)
+    except pa.ArrowNotImplementedError as err:  # pyarrow < 21 cannot write this
+        pytest.skip(f"pyarrow {pa.__version__} does not write null fixed-size lists: {err}")
     assert refused(path).equals(arr)
 
 
