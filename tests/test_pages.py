@@ -394,3 +394,27 @@ def test_dictionary_index_kernel_every_bit_width(bw):
         # an index past the dictionary's end, or a stream cut short, is refused (-1), never clamped
         assert _gather_dictionary(stream, bw, n, dictionary[:int(indices.max())], out) == -1
         assert _gather_dictionary(stream[:len(stream) // 2], bw, n, dictionary, out) == -1
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 8, 9, 768])
+def test_level_kernels_on_pages_split_mid_row(d):
+    from clip_nsfw_spark.pages import _check_def_levels, _check_rep_levels, _decode_levels
+
+    rng = np.random.default_rng(d)
+    rows = 37
+    reps = [0 if i % d == 0 else 1 for i in range(rows * d)]
+    cuts = sorted({0, rows * d, *rng.integers(1, rows * d, 5).tolist()})  # pages end anywhere in a row
+    for a, b in zip(cuts, cuts[1:]):
+        for rle_every in (2, 3, 1000):
+            stream = np.frombuffer(hybrid(reps[a:b], 1, rle_every), np.uint8)
+            assert _check_rep_levels(stream, 1, b - a, a, d)
+            levels = np.empty(b - a, np.uint8)
+            assert _decode_levels(stream, 1, b - a, levels)
+            np.testing.assert_array_equal(levels, reps[a:b])
+            if d > 1 and 0 in reps[a:b]:  # read as if it started one level later: a row start misplaced
+                assert not _check_rep_levels(stream, 1, b - a, a + 1, d)
+    for want in (1, 2, 3):
+        defs = [want] * (rows * d)
+        assert _check_def_levels(np.frombuffer(hybrid(defs, 2), np.uint8), 2, len(defs), want)
+        defs[len(defs) // 2] = want - 1
+        assert not _check_def_levels(np.frombuffer(hybrid(defs, 2), np.uint8), 2, len(defs), want)
