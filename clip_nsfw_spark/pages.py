@@ -447,6 +447,8 @@ def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict
     else:
         raise _Unsupported(f"{physical} stored as {value_type}")
     chunk = metadata.row_group(row_group).column(leaf)
+    if chunk.file_path:  # the chunk lives in another file (external column chunk), not in ``source``
+        raise _Unsupported(f"column chunk in {chunk.file_path!r}")
     codec = chunk.compression
     if codec not in _CODECS:
         raise _Unsupported(f"codec {codec}")
