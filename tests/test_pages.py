@@ -418,3 +418,15 @@ def test_level_kernels_on_pages_split_mid_row(d):
         assert _check_def_levels(np.frombuffer(hybrid(defs, 2), np.uint8), 2, len(defs), want)
         defs[len(defs) // 2] = want - 1
         assert not _check_def_levels(np.frombuffer(hybrid(defs, 2), np.uint8), 2, len(defs), want)
+
+
+def test_external_column_chunks_are_refused(tmp_path):
+    # a _metadata-style footer whose chunks name another file: the source given is not where they are
+    path = write(tmp_path / "x.parquet", unit_rows(20, 4, np.float32))
+    meta = pq.read_metadata(path)
+    with open(path, "rb") as f:
+        assert read_float_list_column(f, meta, 0, COL) is not None
+    meta.set_file_path("x.parquet")
+    assert meta.row_group(0).column(1).file_path == "x.parquet"
+    with open(path, "rb") as f:
+        assert read_float_list_column(f, meta, 0, COL) is None
