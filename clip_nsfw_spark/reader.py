@@ -1,12 +1,15 @@
 """The executor's reader: one task → batches of rows (parquet row groups, or LAION metadata + npy slices).
 
 Reads only what the task's outputs need (``columns``), one row group at a time, so memory stays at about
-one row group whatever the file size. The driver's counterpart, which makes the tasks, is planner.py.
+one row group whatever the file size. Float-list (embedding) columns are decoded by pages.py when it can
+(the same arrays as pyarrow's, several times faster on the dictionary-encoded float16 that pyarrow's
+default writer makes), by pyarrow otherwise. The driver's counterpart, which makes the tasks, is planner.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,43 +18,63 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .embeddings import is_embedding_type
 from .errors import InputError
+from .pages import read_float_list_column
 from .planner import Task, npy_header
 from .storage import unstrip
 
 
+# Row groups whose float-list column chunk decodes to more than this are read by pyarrow, batch by batch:
+# pages.py decodes a whole column chunk at once, and the worker's memory must stay bounded (a 1M-row
+# group of 768-d float16 is 1.5 GB).
+DECODE_CHUNK_MAX_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenParquet:
+    """A task's parquet file, open: pyarrow's reader (``file``, footer read once) and the handle it reads."""
+
+    file: pq.ParquetFile
+    handle: object
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.file.schema_arrow
+
+
 @contextlib.contextmanager
-def open_parquet(task: Task, fs) -> Iterator[pq.ParquetFile]:
-    """The task's parquet file (data, or LAION metadata), open for ``task_batches``; its footer is read once."""
+def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
+    """The task's parquet file (data, or LAION metadata), open for ``task_batches``."""
     with fs.open(task.path, "rb") as handle:
         # Buffered reads, no pre-buffering: memory stays at about one row group whatever the file size.
-        yield pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
+        yield OpenParquet(pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20), handle)
 
 
 def input_schema(task: Task, fs) -> pa.Schema:
     """The Arrow schema of the task's parquet file (data, or LAION metadata)."""
-    with open_parquet(task, fs) as parquet:
-        return parquet.schema_arrow
+    with open_parquet(task, fs) as source:
+        return source.schema
 
 
 def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: list[str] | None = None,
-                 parquet: pq.ParquetFile | None = None) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None, int]]:
+                 source: OpenParquet | None = None) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None, int]]:
     """Yield ``(batch, npy_rows_or_None, first_row)`` for the task's rows, at most ``batch_rows`` at a time.
 
     ``columns`` are the parquet columns to read (None: all): an output that does not keep the embeddings
     reads them only for scoring, and a sidecar reads only its ids. ``npy_rows`` (laion-npy) is the
     (batch rows, width) float array of the same rows; ``first_row`` the index, in its file, of the batch's
-    first row. Seconds spent reading are added to ``timings["read"]``. ``parquet``: the file already open
+    first row. Seconds spent reading are added to ``timings["read"]``. ``source``: the file already open
     (``open_parquet``), else it is opened here.
     """
-    if parquet is None:
+    if source is None:
         with open_parquet(task, fs) as opened:
             yield from task_batches(task, fs, batch_rows, timings, columns, opened)
         return
-    meta = parquet.metadata
+    meta = source.file.metadata
     offsets = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
     if columns is not None and not columns:  # nothing to keep (npy sidecar with row ids): count rows
-        columns = parquet.schema_arrow.names[:1]
+        columns = source.schema.names[:1]
     if task.kind == "parquet":
         if task.row_groups and max(task.row_groups) >= meta.num_row_groups:
             raise InputError(f"cannot read {unstrip(fs, task.path)}: it now has {meta.num_row_groups} row group(s), "
@@ -59,7 +82,7 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
                              "Rerun with --resume (tasks whose input changed run again)")
         for group in task.row_groups:
             position = int(offsets[group])
-            for batch in _timed(_row_group_batches(parquet, [group], batch_rows, columns), timings, "read"):
+            for batch in _timed(_row_group_batches(source, [group], batch_rows, columns), timings, "read"):
                 yield batch, None, position
                 position += batch.num_rows
         return
@@ -67,7 +90,7 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
     groups = [i for i in range(meta.num_row_groups)
               if offsets[i] < task.row_stop and offsets[i + 1] > task.row_start]
     position = int(offsets[groups[0]]) if groups else 0
-    for batch in _timed(_row_group_batches(parquet, groups, batch_rows, columns), timings, "read"):
+    for batch in _timed(_row_group_batches(source, groups, batch_rows, columns), timings, "read"):
         first, position = position, position + batch.num_rows
         lo, hi = max(task.row_start, first), min(task.row_stop, position)
         if hi > lo:
@@ -77,14 +100,49 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
             yield batch.slice(lo - first, hi - lo), rows, lo
 
 
-def _row_group_batches(parquet: pq.ParquetFile, groups, batch_rows: int, columns: list[str] | None = None):
-    """Batches of the given row groups, one reader per row group.
+def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: list[str] | None = None):
+    """Batches of the given row groups, one reader per row group, with the columns in ``columns``' order.
 
     One ``iter_batches`` call over many row groups kept every buffer it had read until it finished
     (measured: 1.6 GB of RSS after 800k rows of a 2M-row file); one reader per group peaks at ~0.5 GB.
+    Float-list columns pages.py can decode come from it (whole row group, then sliced); the other
+    columns from pyarrow, whose batch sizes the slices follow.
     """
+    names = source.schema.names if columns is None else columns
     for group in groups:
-        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
+        decoded = _decoded_float_lists(source, group, names)
+        if not decoded:
+            yield from source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
+            continue
+        rest = [name for name in names if name not in decoded]
+        others = source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=rest) if rest else None
+        rows, start = source.file.metadata.row_group(group).num_rows, 0
+        while start < rows:
+            other = next(others) if others is not None else None
+            n = other.num_rows if other is not None else min(batch_rows, rows - start)
+            fields = [source.schema.field(name) if name in decoded else other.schema.field(name) for name in names]
+            arrays = [decoded[name].slice(start, n) if name in decoded else other.column(name) for name in names]
+            yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+            start += n
+
+
+def _decoded_float_lists(source: OpenParquet, group: int, names: list[str]) -> dict[str, pa.Array]:
+    """``{column: the row group's whole column}`` for the float-list columns among ``names`` that pages.py
+    decodes (and whose chunk is at most ``DECODE_CHUNK_MAX_BYTES`` decoded); the others are pyarrow's."""
+    meta = source.file.metadata.row_group(group)
+    sizes: dict[str, int] = {}
+    for i in range(meta.num_columns):
+        chunk = meta.column(i)
+        top = chunk.path_in_schema.split(".", 1)[0]
+        sizes[top] = sizes.get(top, 0) + chunk.total_uncompressed_size
+    decoded = {}
+    for name in names:
+        if not is_embedding_type(source.schema.field(name).type) or sizes.get(name, 0) > DECODE_CHUNK_MAX_BYTES:
+            continue
+        array = read_float_list_column(source.handle, source.file.metadata, group, name)
+        if array is not None:
+            decoded[name] = array
+    return decoded
 
 
 def _timed(iterator, timings: Counter, key: str):

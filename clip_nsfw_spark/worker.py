@@ -101,12 +101,12 @@ def _process_task(task: Task, worker: Worker) -> dict:
     in_fs, _ = worker.open_filesystem(config.input, config.storage_options)
     out_fs, out_root = worker.open_filesystem(config.output, config.storage_options)
     stats = TaskStats(config)
-    with open_parquet(task, in_fs) as parquet:  # one open and one footer read, for the schema and the rows
-        schema = parquet.schema_arrow
+    with open_parquet(task, in_fs) as source:  # one open and one footer read, for the schema and the rows
+        schema = source.schema
         files = OutputFiles(out_fs, out_root, task.rel, config, output_schemas(schema, config, scorers[0].dim))
         try:
             batches = task_batches(task, in_fs, config.batch_rows, timings, _read_columns(task, config, schema.names),
-                                   parquet)
+                                   source)
             source_file = unstrip(in_fs, task.path)
             for batch, npy, first_row in batches:
                 table = _with_added_columns(pa.Table.from_batches([batch]), npy, first_row, source_file, config)
