@@ -19,8 +19,6 @@ from clip_nsfw_spark.sample import embedding_array, metadata, write_laion_sample
 from clip_nsfw_spark.weights import PortableWeights
 from conftest import ROOT, needs_models
 
-pytestmark = needs_models
-
 
 def run(source, output, **options):
     return run_job(JobConfig(input=str(source), output=str(output), **options))
@@ -73,6 +71,7 @@ def test_corrupt_parquet_names_the_file(tmp_path, damage):
     assert not (tmp_path / "out").exists()
 
 
+@needs_models
 def test_zero_row_dataset_gives_empty_outputs_and_a_report(tmp_path):
     (tmp_path / "in").mkdir()
     empty = pa.table(metadata(0, 0) | {"embedding": embedding_array(np.zeros((0, 768), np.float16), True)})
@@ -118,6 +117,7 @@ def _cli(args, env_extra=None, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@needs_models
 @pytest.mark.parametrize("point", ["batch", "commit"])
 def test_killed_python_worker_is_retried_without_duplicates_or_partial_files(tmp_path, point):
     source = tmp_path / "in"
@@ -135,6 +135,7 @@ def test_killed_python_worker_is_retried_without_duplicates_or_partial_files(tmp
     assert report["rows"]["read"] == 1200
 
 
+@needs_models
 def test_job_killed_midway_then_resumed_equals_a_clean_run(tmp_path):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=2000, files=8)
