@@ -163,6 +163,8 @@ class JobConfig:
             raise ConfigError(f"unknown key(s) in {where}: {', '.join(hints)}. Valid keys: {', '.join(sorted(known))}")
         # A key given without a value (YAML ``key:`` or ``null``) means its default.
         values = {key: value for key, value in values.items() if value is not None or key in ("input", "output")}
+        for key in ("input", "output"):  # absent: the same clear error as empty (see __post_init__)
+            values.setdefault(key, None)
         for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns"):
             if isinstance(values.get(key), str):
                 values[key] = (values[key],)

@@ -15,6 +15,7 @@ or use the Docker image.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,12 +74,16 @@ def build_environment_archive(output: str | Path, extras: str = "s3", python: st
         requirement = f"{wheel}[{extras}]" if extras else str(wheel)
         # PySpark's mapInArrow checks that pandas is importable, though no pandas code runs.
         _run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", requirement, *SPARK_LINES[line]])
+        _run([str(env / "bin" / "python"), "-c", "import clip_nsfw_spark.worker, pyarrow, numba"])
         venv_pack.pack(prefix=str(env), output=str(output), force=True)
     log.info("wrote %s (%.0f MB)", output, output.stat().st_size / 2**20)
     return output
 
 
 def _run(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
+    # Without PYTHONPATH: pointing at a checkout, it made pip in the new venv find the package "already
+    # satisfied" there, and the archive shipped without it.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise ClipNsfwError(f"{' '.join(command[:4])} … failed:\n{result.stderr[-2000:]}")

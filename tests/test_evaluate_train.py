@@ -1,6 +1,7 @@
 """evaluate: hand-computable metrics, reports and plots; train: a tiny run whose model the job uses."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,23 +38,51 @@ def write_class_folders(root: Path, rows: int, dim: int = 768, seed: int = 0) ->
     write_labelled_sample(str(root), rows, dim, seed)
 
 
+# The second head of the two-model test: LAION's violence prompts, 768-d like vit-l-14 but another model.
+VIOLENCE_FILE = Path(os.environ.get("CLIP_NSFW_CACHE", "")) / "violence_detection_vit_l_14.npy"
+needs_violence = pytest.mark.skipif(
+    not VIOLENCE_FILE.is_file(),
+    reason="!!! LAION's violence_detection_vit_l_14.npy is missing from ../shared/models; CI must run this !!!")
+
+
 @needs_models
+@needs_violence
 def test_evaluate_class_folders_with_compare_and_two_models(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from clip_nsfw_spark import load_scorer
+
     write_class_folders(tmp_path / "data", 400)
-    report = evaluate(["vit-l-14", "vit-l-14"], str(tmp_path / "data"), tmp_path / "out", thresholds=(0.1, 0.5),
+    models = ["vit-l-14", "violence-l-14"]
+    report = evaluate(models, str(tmp_path / "data"), tmp_path / "out", thresholds=(0.1, 0.5),
                       compare=True, recall=0.9)
     assert report["rows"] == 400 and report["positives"] == 200
-    assert set(report["models"]) == {"vit-l-14", "vit-l-14 (float16-quantised input)", "vit-l-14 (as-is input)"}
-    result = report["models"]["vit-l-14"]
-    assert set(result["per_class"]) == {"porn", "sexy", "neutral", "drawings"}
-    assert result["per_class"]["porn"]["label"] == 1 and result["per_class"]["drawings"]["rows"] == 100
-    assert len(result["sweep"]) == 19 and "for_recall" in result
-    for name in report["plots"].values():
-        data = (tmp_path / "out" / name).read_bytes()
-        assert data.startswith(PNG) and len(data) > 5000
+    assert list(report["models"]) == [f"{m}{suffix}" for m in models
+                                      for suffix in ("", " (float16-quantised input)", " (as-is input)")]
+    data = load_labelled(tmp_path / "data")
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())["models"]
     md = (tmp_path / "out" / "report.md").read_text()
+    for model in models:  # each result is that model's own scores, under its own name
+        expected = load_scorer(model)(data.embeddings)
+        result = report["models"][model]
+        assert set(result["per_class"]) == {"porn", "sexy", "neutral", "drawings"}
+        assert result["per_class"]["porn"]["label"] == 1 and result["per_class"]["drawings"]["rows"] == 100
+        for name, info in result["per_class"].items():
+            assert info["mean_score"] == float(expected[data.classes == name].mean()), (model, name)
+            assert info["flagged"]["0.5"] == float((expected[data.classes == name] >= 0.5).mean()), (model, name)
+        assert result["roc_auc"] == float(roc_auc_score(data.labels, expected))
+        assert len(result["sweep"]) == 19 and "for_recall" in result
+        # The data is float16 already: quantising it again changes nothing.
+        assert report["models"][f"{model} (float16-quantised input)"]["roc_auc"] == result["roc_auc"]
+        assert saved[model]["roc_auc"] == result["roc_auc"]
+        assert f"## {model}\n" in md
+    nsfw, violence = report["models"]["vit-l-14"], report["models"]["violence-l-14"]
+    assert nsfw["per_class"]["porn"]["mean_score"] != violence["per_class"]["porn"]["mean_score"]
+    assert nsfw["roc_auc"] != violence["roc_auc"]
+    for name in report["plots"].values():
+        data_bytes = (tmp_path / "out" / name).read_bytes()
+        assert data_bytes.startswith(PNG) and len(data_bytes) > 5000
     assert "![roc](roc.png)" in md and "| porn | 1 | 100 |" in md
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["models"]["vit-l-14"]["roc_auc"] == result["roc_auc"]
 
 
 def test_parquet_labels_as_strings_and_unknown_classes(tmp_path):

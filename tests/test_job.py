@@ -1,5 +1,7 @@
 """The scoring job end to end: real local Spark, real models, real parquet files on disk."""
 
+import dataclasses
+import hashlib
 import json
 import os
 
@@ -13,9 +15,8 @@ from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, Outp
 from clip_nsfw_spark.job import run_job
 from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
+from clip_nsfw_spark.weights import PortableWeights
 from conftest import needs_models
-
-pytestmark = needs_models
 
 
 @pytest.fixture
@@ -33,6 +34,7 @@ def read_dir(path):
     return pq.read_table(str(path), partitioning=None)
 
 
+@needs_models
 def test_annotate_parquet_spark_equals_local_and_scorer(tmp_path, spark_runner, scorers):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=3000, files=3, row_group_rows=400)
@@ -57,6 +59,7 @@ def test_annotate_parquet_spark_equals_local_and_scorer(tmp_path, spark_runner, 
     assert files[:2] == ["_SUCCESS", "_clip_nsfw_report.json"] and "_clip_nsfw_tmp" not in files
 
 
+@needs_models
 def test_list_float32_several_columns_and_metadata_preserved(tmp_path, scorers):
     n = 500
     l14, b32 = embeddings(n, 768, 1, np.float32), embeddings(n, 512, 2, np.float32)
@@ -83,6 +86,7 @@ def _bad_rows_table():
     return pa.table(metadata(6, 0) | {"embedding": pa.array(rows, pa.list_(pa.float32()))}), good
 
 
+@needs_models
 def test_rows_that_cannot_be_scored_are_never_dropped(tmp_path, spark_runner):
     table, _ = _bad_rows_table()
     (tmp_path / "in").mkdir()
@@ -102,6 +106,7 @@ def test_rows_that_cannot_be_scored_are_never_dropped(tmp_path, spark_runner):
     assert rejected.column("key").to_pylist() == ["000000001", "000000002", "000000003"]
 
 
+@needs_models
 def test_filter_and_split_agree_with_annotate(tmp_path, spark_runner):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=4000, files=2)
@@ -122,6 +127,7 @@ def test_filter_and_split_agree_with_annotate(tmp_path, spark_runner):
     assert "nsfw_reject_reason" not in safe.column_names
 
 
+@needs_models
 def test_hive_partitions_keep_their_folders(tmp_path, spark_runner):
     source = tmp_path / "in"
     for year in (2021, 2022):
@@ -134,6 +140,7 @@ def test_hive_partitions_keep_their_folders(tmp_path, spark_runner):
     assert pq.read_table(str(tmp_path / "out")).column("year").to_pylist().count(2021) == 300
 
 
+@needs_models
 def test_laion_npy_layout(tmp_path, spark_runner, scorers):
     source = tmp_path / "laion"
     write_laion_sample(str(source), rows=2500, files=2)
@@ -151,6 +158,7 @@ def test_laion_npy_layout(tmp_path, spark_runner, scorers):
         run(source, tmp_path / "out2")
 
 
+@needs_models
 def test_reruns_refuse_overwrite_and_resume_equals_clean_run(tmp_path, spark_runner):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=2000, files=4)
@@ -193,6 +201,7 @@ def test_config_errors_are_clear(tmp_path):
     assert "S3CR3T" not in json.dumps(secret.redacted()) and "AKIA" not in json.dumps(secret.redacted())
 
 
+@needs_models
 def test_cli_run_and_spark_submit_entry_point(tmp_path):
     import subprocess
     import sys
@@ -228,10 +237,14 @@ def test_schema_that_differs_between_files_is_named(tmp_path):
         run(source, tmp_path / "out")
 
 
-def test_executors_never_import_tensorflow(tmp_path, spark, spark_runner):
-    source = tmp_path / "in"
-    write_parquet_sample(str(source), rows=400, files=2)
-    run(source, tmp_path / "out", spark_runner)
+@needs_models
+def test_executors_never_import_tensorflow(tmp_path, spark, spark_runner, prepared_models):
+    # A model no other test uses: vit-l-14's weights saved with this test's own metadata. Its sha256 (the key
+    # of the executors' scorer cache) is new, so a cached scorer can only come from the run below.
+    weights = PortableWeights.load(prepared_models["vit-l-14"].portable)
+    own = tmp_path / "own.nsfw.npz"
+    dataclasses.replace(weights, metadata=weights.metadata | {"test": str(tmp_path)}).save(own)
+    sha256 = hashlib.sha256(own.read_bytes()).hexdigest()
 
     def modules(batches):
         import sys
@@ -242,13 +255,21 @@ def test_executors_never_import_tensorflow(tmp_path, spark, spark_runner):
 
         for _ in batches:
             heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
-            yield pa.RecordBatch.from_pydict({"heavy": [",".join(heavy)], "scorers": [len(worker._SCORERS)]})
+            yield pa.RecordBatch.from_pydict({"heavy": [",".join(heavy)], "scorers": [",".join(worker._SCORERS)]})
 
-    rows = spark.range(0, 2, 1, numPartitions=2).mapInArrow(modules, "heavy string, scorers long").collect()
+    def probe():
+        return spark.range(0, 2, 1, numPartitions=2).mapInArrow(modules, "heavy string, scorers string").collect()
+
+    assert not any(sha256 in r.scorers.split(",") for r in probe())
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=400, files=2)
+    run(source, tmp_path / "out", spark_runner, model=str(own))
+    rows = probe()
     assert [r.heavy for r in rows] == ["", ""]
-    assert any(r.scorers >= 1 for r in rows)  # the workers that ran tasks kept their scorer
+    assert any(sha256 in r.scorers.split(",") for r in rows)  # the workers that ran tasks kept this scorer
 
 
+@needs_models
 def test_glob_input_and_large_list_float64(tmp_path, scorers):
     x = embeddings(300, 768, 8, np.float64)
     offsets = pa.array(np.arange(0, x.size + 1, 768, dtype=np.int64))
@@ -267,6 +288,7 @@ def test_glob_input_and_large_list_float64(tmp_path, scorers):
     assert np.max(np.abs(out.column("punsafe").to_numpy() - scorers["vit-l-14"](x))) <= 1e-6
 
 
+@needs_models
 def test_laion_embeddings_are_written_only_if_asked(tmp_path):
     write_laion_sample(str(tmp_path / "l"), rows=200, files=1)
     run(tmp_path / "l", tmp_path / "plain")

@@ -14,8 +14,6 @@ from clip_nsfw_spark.job import run_job
 from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_parquet_sample
 from conftest import needs_models
 
-pytestmark = needs_models
-
 
 def read_dir(path):
     return pq.read_table(str(path), partitioning=None)
@@ -41,6 +39,7 @@ def dataset(tmp_path):
     return source
 
 
+@needs_models
 def test_nsfw_and_violence_in_one_pass_on_spark(dataset, tmp_path, spark_runner):
     report = run_job(JobConfig(input=str(dataset), output=str(tmp_path / "ann"),
                                models=("vit-l-14", "violence-l-14")), runner=spark_runner)
@@ -61,6 +60,7 @@ def test_nsfw_and_violence_in_one_pass_on_spark(dataset, tmp_path, spark_runner)
     assert report["model"]["name"] == "vit-l-14"
 
 
+@needs_models
 def test_filter_and_split_flag_a_row_when_any_head_is_at_or_over_its_threshold(dataset, tmp_path, spark_runner):
     run_job(JobConfig(input=str(dataset), output=str(tmp_path / "ann"), models=("vit-l-14", "violence-l-14")))
     annotated = read_dir(tmp_path / "ann")
@@ -91,6 +91,7 @@ def test_filter_and_split_flag_a_row_when_any_head_is_at_or_over_its_threshold(d
     assert read_dir(tmp_path / "filter").equals(safe)
 
 
+@needs_models
 def test_heads_must_fit_the_width_and_not_share_a_column(dataset, tmp_path):
     with pytest.raises(DimensionError, match=r"'embedding' holds 768-d embeddings but model 'violence-b-32' "
                                              r"expects 512-d.*--model vit-l-14"):
@@ -105,6 +106,7 @@ def test_heads_must_fit_the_width_and_not_share_a_column(dataset, tmp_path):
         JobConfig.from_mapping({"input": "i", "output": "o", "models": [{"model": "violence-l-14", "threshold": "hi"}]})
 
 
+@needs_models
 def test_cli_repeats_model(dataset, tmp_path):
     import subprocess
     import sys
@@ -146,6 +148,7 @@ def test_a_raw_output_head_in_the_job(tmp_path):
     assert sum(column["histogram"]) + column["above_1"] + column["below_0"] >= 300 - int((scores == 1).sum())
 
 
+@needs_models
 def test_dataframe_api_runs_the_violence_head(spark, tmp_path):
     from clip_nsfw_spark.spark import nsfw_score
 

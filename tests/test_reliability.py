@@ -20,8 +20,6 @@ from clip_nsfw_spark.sample import embedding_array, metadata, write_laion_sample
 from clip_nsfw_spark.weights import PortableWeights
 from conftest import ROOT, needs_models
 
-pytestmark = needs_models
-
 
 def run(source, output, **options):
     return run_job(JobConfig(input=str(source), output=str(output), **options))
@@ -74,6 +72,7 @@ def test_corrupt_parquet_names_the_file(tmp_path, damage):
     assert not (tmp_path / "out").exists()
 
 
+@needs_models
 def test_zero_row_dataset_gives_empty_outputs_and_a_report(tmp_path):
     (tmp_path / "in").mkdir()
     empty = pa.table(metadata(0, 0) | {"embedding": embedding_array(np.zeros((0, 768), np.float16), True)})
@@ -122,6 +121,7 @@ def _cli(args, fault=None, **kwargs):
                             text=True, **kwargs)
 
 
+@needs_models
 @pytest.mark.parametrize("point", ["write", "commit"])
 def test_killed_python_worker_is_retried_without_duplicates_or_partial_files(tmp_path, point):
     source = tmp_path / "in"
@@ -141,6 +141,7 @@ def test_killed_python_worker_is_retried_without_duplicates_or_partial_files(tmp
     assert report["rows"]["read"] == 1200
 
 
+@needs_models
 def test_job_killed_midway_then_resumed_equals_a_clean_run(tmp_path):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=2000, files=8)

@@ -14,8 +14,6 @@ from clip_nsfw_spark.spark import spark_runner
 from conftest import ROOT, needs_models
 from s3server import SECRET_KEY
 
-pytestmark = needs_models
-
 
 def read_s3_dir(fs, path):
     files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_" not in p[len(path):])
@@ -26,6 +24,7 @@ def read_s3_dir(fs, path):
     return files, tables
 
 
+@needs_models
 def test_job_on_s3_equals_local_and_never_shows_the_secret(s3_server, spark, tmp_path, capfd):
     fs = s3_server.filesystem()
     fs.mkdir("data")
@@ -49,6 +48,7 @@ def test_job_on_s3_equals_local_and_never_shows_the_secret(s3_server, spark, tmp
     assert json.loads(stored)["config"]["storage_options"]["secret"] == "***"
 
 
+@needs_models
 def test_cli_reads_credentials_and_endpoint_from_the_aws_environment(s3_server, tmp_path):
     fs = s3_server.filesystem()
     fs.mkdir("envtest")
@@ -77,6 +77,7 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_server, tmp_
     assert not fs.exists("creds/out")
 
 
+@needs_models
 def test_s3_server_restarted_during_a_run(s3_server, tmp_path):
     """Either the run survives the restart (client retries) or it fails clearly; --resume then finishes it,
     and the output equals a clean run. No partial file is ever visible under a final name."""
