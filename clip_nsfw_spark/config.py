@@ -92,6 +92,7 @@ class JobConfig:
     write_embeddings: bool = False
     replace_scores: bool = False
     compression: str = "zstd"
+    embedding_compression: str = "none"
     histogram_bins: int = 20
 
     def __post_init__(self):
@@ -140,8 +141,9 @@ class JobConfig:
         if self.id_columns and self.mode != "scores":
             raise ConfigError("id_columns is for mode scores (a sidecar of ids and scores); with "
                               f"mode {self.mode} use columns or drop_columns")
-        if self.compression.lower() not in COMPRESSIONS:
-            raise ConfigError(f"compression must be one of {', '.join(COMPRESSIONS)}; found {self.compression!r}")
+        for key in ("compression", "embedding_compression"):
+            if getattr(self, key).lower() not in COMPRESSIONS:
+                raise ConfigError(f"{key} must be one of {', '.join(COMPRESSIONS)}; found {getattr(self, key)!r}")
 
     def choices(self) -> tuple[ModelChoice, ...]:
         """The heads of this run, in order: ``models`` if given, else the one ``model``."""
@@ -330,6 +332,7 @@ class TaskConfig:
     batch_rows: int
     histogram_bins: int
     run_id: str | None = None
+    embedding_compression: str = "none"
 
     @property
     def score_columns(self) -> tuple[str, ...]:

@@ -244,7 +244,8 @@ def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str
         input=config.input, output=target.url, storage_options=dict(config.storage_options), layout=plan.layout,
         mode=config.mode, keep=config.keep, targets=targets, reason_column=config.reason_column,
         write_columns=None if write_columns is None else tuple(write_columns), row_ids=row_ids,
-        write_embeddings=config.write_embeddings, compression=config.compression, batch_rows=config.batch_rows,
+        write_embeddings=config.write_embeddings, compression=config.compression,
+        embedding_compression=config.embedding_compression, batch_rows=config.batch_rows,
         histogram_bins=config.histogram_bins, run_id=run_id)
 
 
@@ -257,7 +258,8 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> d
         "embedding_columns": list(tasks.embedding_columns), "score_columns": list(tasks.score_columns),
         "reason_column": config.reason_column, "mode": config.mode, "threshold": config.threshold,
         "keep": config.keep, "rows_per_task": config.rows_per_task, "write_embeddings": config.write_embeddings,
-        "compression": config.compression, "replace_scores": config.replace_scores,
+        "compression": config.compression, "embedding_compression": config.embedding_compression,
+        "replace_scores": config.replace_scores,
         "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
         "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads]}
     return json.loads(json.dumps(values))

@@ -46,6 +46,26 @@ def scalar_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if not _is_float_list(f)]
 
 
+def column_compression(schema: pa.Schema, compression: str, embedding_compression: str) -> dict[str, str]:
+    """The codec of every column: ``embedding_compression`` for float lists, ``compression`` for the rest.
+
+    Embeddings are near-random floats: zstd saves 8-9 % of their size and halves write and read speed
+    (bench/writer_policy.py, docs/performance.md), so they are written uncompressed by default. Their
+    encoding stays PLAIN: BYTE_STREAM_SPLIT would be faster still, but Spark 3.5/4.0's vectorized reader
+    cannot read it for float32, nor DuckDB 2.0 for float16 (bench/writer_compat.py).
+    """
+    # pyarrow takes per-column codecs keyed by the parquet leaf path ("emb.list.element"), silently ignores a
+    # top-level name for a list, and leaves a leaf missing from the mapping uncompressed: so every leaf is
+    # named, as the writer itself names it (the paths of an empty file's schema).
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    leaves = pq.read_metadata(pa.BufferReader(sink.getvalue())).schema
+    floats = {f.name for f in schema if _is_float_list(f)}
+    paths = [leaves.column(i).path for i in range(len(leaves))]
+    return {path: embedding_compression if any(path.startswith(name + ".") for name in floats) else compression
+            for path in paths}
+
+
 def _with_column(schema: pa.Schema, field: pa.Field) -> pa.Schema:
     """``schema`` plus ``field``; a column of the same name is replaced in place (``replace_scores``:
     the driver refuses such a clash otherwise)."""
@@ -83,7 +103,7 @@ class AtomicParquet:
     relative path would pass the filesystem's 255-byte limit on one name ("File name too long").
     """
 
-    def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str):
+    def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str | dict[str, str]):
         self.fs, self.final = fs, join(root, rel)
         self.tmp = join(root, TMP_DIR, uuid.uuid4().hex + ".parquet")
         fs.makedirs(join(root, TMP_DIR), exist_ok=True)
@@ -135,8 +155,9 @@ class OutputFiles:
 
     def _file(self, stream: Stream) -> AtomicParquet:
         if stream not in self._files:
-            self._files[stream] = AtomicParquet(self.fs, self.root, self.paths[stream], self.schemas[stream],
-                                                self.config.compression)
+            schema = self.schemas[stream]
+            codecs = column_compression(schema, self.config.compression, self.config.embedding_compression)
+            self._files[stream] = AtomicParquet(self.fs, self.root, self.paths[stream], schema, codecs)
         return self._files[stream]
 
     def write(self, stream: Stream, table: pa.Table) -> None:

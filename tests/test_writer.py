@@ -271,3 +271,20 @@ def test_a_commit_whose_first_move_fails_leaves_nothing(tmp_path):
 
 def test_a_commit_that_fails_half_way_leaves_no_final_file(tmp_path):
     assert committed_or_aborted(tmp_path, fail_at=2) == []
+
+
+@pytest.mark.parametrize("embedding_compression, expected", [("none", "UNCOMPRESSED"), ("zstd", "ZSTD"),
+                                                             ("lz4", "LZ4")])
+def test_embedding_columns_get_their_own_codec_and_the_rest_the_output_codec(tmp_path, embedding_compression,
+                                                                             expected):
+    config = task_config(embedding_compression=embedding_compression, compression="snappy")
+    schemas = output_schemas(INPUT, config, 4)
+    files = OutputFiles(LOCAL, str(tmp_path), "part.parquet", config, schemas)
+    table = small_table().append_column("caption", pa.array(["c"] * 5))
+    files.write(Stream.ANNOTATED, table.append_column("p", pa.array(np.zeros(5, np.float32)))
+                .append_column("why", pa.array([None] * 5, pa.string())))
+    files.commit()
+    meta = pq.read_metadata(tmp_path / "part.parquet")
+    codecs = {meta.schema.column(i).path: meta.row_group(0).column(i).compression for i in range(meta.num_columns)}
+    assert codecs == {"key": "SNAPPY", "caption": "SNAPPY", "emb.list.element": expected, "p": "SNAPPY",
+                      "why": "SNAPPY"}
