@@ -907,7 +907,7 @@ class FloatListStream:
                 got += self._next_page(out[got:])
         except _Unsupported as err:
             self._failed = True
-            raise Unsupported(f"row group's column stopped at row {self.rows_read} of {self.num_rows}: {err}; "
+            raise Unsupported(f"stream stopped before row {self.rows_read} of {self.num_rows}: {err}; "
                               "read the rest with pyarrow") from err
         self.rows_read += rows
         return _to_arrow(out, dict(self._plan, n_rows=rows))
