@@ -36,6 +36,18 @@ What is decoded (anything else → ``None``):
   Hadoop-framed is refused too).
 
 Memory: the chunk's compressed bytes plus the decoded values (4 bytes per float32 value) are held at once.
+
+Streaming, for chunks too large for that (a 1M-row group of 768-d float16 is 1.5 GB decoded):
+``open_float_list_stream(source, metadata, row_group, column)`` returns a ``FloatListStream`` whose
+``read(n)`` gives the next ``n`` rows (``iter_float_list_column(..., batch_rows)`` wraps it as an iterator
+of ``batch_rows``-row arrays), or ``None`` up front when the chunk does not stream. Pages are read one at a
+time through a read-ahead block of a few MiB, so memory is one batch + one page + the dictionary whatever
+the chunk size. Only the fast path streams (every row a non-null list of ``d`` values); ``None`` when the
+footer, the encodings the chunk lists or its first data page say otherwise. A later page that breaks
+that (nulls or other lengths after uniform pages, an encoding or page the first pages did not show)
+raises the public ``Unsupported``: the rows returned until then are right, and the caller reads the rest
+of that row group's column with pyarrow (reader.py does). A row spanning two pages is handled (the levels
+are checked at global positions; pyarrow's writer never splits rows across pages).
 """
 
 from __future__ import annotations
@@ -823,6 +835,7 @@ class Unsupported(Exception):
 _STREAM_ENCODINGS = {"PLAIN", "RLE", "RLE_DICTIONARY", "PLAIN_DICTIONARY", "BYTE_STREAM_SPLIT", "BIT_PACKED"}
 _READ_AHEAD = 4 << 20  # bytes read from the source at a time (more when a page is larger)
 _HEADER_PEEK = 1 << 10  # bytes a page header is first looked for in (statistics can make it longer)
+_HEADER_MAX = 16 << 20  # a page header longer than this is refused (float statistics are a few bytes)
 
 
 class _ChunkReader:
@@ -862,7 +875,8 @@ class _ChunkReader:
                     header, end = _page_header(memoryview(self.block), self.pos)
                     break
                 except _Unsupported:
-                    if self._have() < peek:  # the whole rest of the chunk was there: really malformed
+                    # the whole rest of the chunk was there, or a header no writer makes: malformed
+                    if self._have() < peek or peek >= _HEADER_MAX:
                         raise
                     peek *= 4  # a long header (e.g. large statistics): look further
             size = _page_body_size(header)
