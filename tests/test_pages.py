@@ -236,6 +236,10 @@ def test_spark_default_writer(tmp_path, spark):
         decoded = np.concatenate([decode(path, rg, column).flatten().to_numpy()
                                   for rg in range(meta.num_row_groups)])
         np.testing.assert_array_equal(decoded, x.reshape(-1))  # and it is what Spark was given
+        for rg in range(meta.num_row_groups):  # parquet-mr's pages stream too
+            batches = iter_float_list_column(open(path, "rb"), meta, rg, column, 333)
+            assert batches is not None, (column, meta.row_group(rg).column(1).encodings)
+            assert_same(pa.concat_arrays(list(batches)), expected(path, rg, column))
 
 
 # ---------------------------------------------------------------------------------------------------------
