@@ -25,7 +25,6 @@ from .pages import Unsupported, open_float_list_stream, read_float_list_column
 from .planner import Task, npy_header
 from .storage import unstrip
 
-
 _log = logging.getLogger(__name__)
 
 # Float-list column chunks that decode to more than this are streamed (pages.py, batch by batch) rather

@@ -7,7 +7,6 @@ exact Arrow type); every refusal test checks the decoder returns None *and* that
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from pathlib import Path
@@ -17,8 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.pages import (Unsupported, iter_float_list_column, open_float_list_stream, page_summary,
-                                   read_float_list_column)
+from clip_nsfw_spark.pages import (
+    Unsupported,
+    iter_float_list_column,
+    open_float_list_stream,
+    page_summary,
+    read_float_list_column,
+)
 
 COL = "embedding"
 UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -237,9 +241,9 @@ def test_spark_default_writer(tmp_path, spark):
                                   for rg in range(meta.num_row_groups)])
         np.testing.assert_array_equal(decoded, x.reshape(-1))  # and it is what Spark was given
         for rg in range(meta.num_row_groups):  # parquet-mr's pages stream too
-            batches = iter_float_list_column(open(path, "rb"), meta, rg, column, 333)
+            batches = stream_batches(path, 333, rg, column)
             assert batches is not None, (column, meta.row_group(rg).column(1).encodings)
-            assert_same(pa.concat_arrays(list(batches)), expected(path, rg, column))
+            assert_same(pa.concat_arrays(batches), expected(path, rg, column))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -441,9 +445,9 @@ def test_external_column_chunks_are_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Streaming: open_float_list_stream / iter_float_list_column, rows read a batch at a time
 # ---------------------------------------------------------------------------------------------------------
-def stream_batches(path: str, batch_rows: int, row_group: int = 0, source=None) -> list | None:
-    with (open(path, "rb") if source is None else contextlib.nullcontext(source)) as f:
-        batches = iter_float_list_column(f, pq.read_metadata(path), row_group, COL, batch_rows)
+def stream_batches(path: str, batch_rows: int, row_group: int = 0, column: str = COL) -> list | None:
+    with open(path, "rb") as f:
+        batches = iter_float_list_column(f, pq.read_metadata(path), row_group, column, batch_rows)
         return None if batches is None else list(batches)
 
 
@@ -516,7 +520,7 @@ class CountingFile(io.RawIOBase):
     after every read (as pyarrow does when the reader shares the handle with it)."""
 
     def __init__(self, path: str):
-        self.f, self.reads = open(path, "rb"), []
+        self.f, self.reads = open(path, "rb"), []  # noqa: SIM115 - closed by close()
 
     def readable(self):
         return True
@@ -558,6 +562,7 @@ def test_stream_reads_the_chunk_incrementally_with_bounded_reads(tmp_path, monke
     got = [first] + [stream.read(1000) for _ in range(39)]
     assert sum(source.reads) == chunk.total_compressed_size  # each byte read once
     assert max(source.reads) <= _READ_AHEAD + (2 << 20)
+    source.close()
     assert_same(pa.concat_arrays(got), expected(path, 0))
 
 
@@ -616,8 +621,7 @@ def test_stream_raises_unsupported_on_a_page_it_cannot_decode(tmp_path, monkeypa
         batches = iter_float_list_column(f, pq.read_metadata(path), 0, COL, 10)
         got = []
         with pytest.raises(Unsupported, match="value encoding 6"):
-            for batch in batches:
-                got.append(batch)
+            got.extend(batches)
     per_page = calls[0] // 32
     assert sum(map(len, got)) == 4 * per_page // 10 * 10  # full batches before the fifth page
     assert pa.concat_arrays(got).equals(expected(path, 0).slice(0, sum(map(len, got))))
