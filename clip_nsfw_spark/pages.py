@@ -503,6 +503,24 @@ def _read_exact(source, start: int, size: int) -> np.ndarray:
     return data
 
 
+def _read_into(source, start: int, out: np.ndarray) -> int:
+    """Read ``source`` from ``start`` into the uint8 array ``out`` (no intermediate copy where the source
+    has ``readinto``); returns the number of bytes read, fewer only where the file ends."""
+    source.seek(start)
+    readinto = getattr(source, "readinto", None)
+    if readinto is None:
+        data = source.read(out.shape[0])
+        out[:len(data)] = np.frombuffer(data, np.uint8)
+        return len(data)
+    view, got = memoryview(out), 0
+    while got < out.shape[0]:
+        k = readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return got
+
+
 def _decompress(body: np.ndarray, size: int, codec: str | None) -> np.ndarray:
     if codec is None:
         if body.shape[0] != size:
@@ -858,8 +876,8 @@ class _ChunkReader:
         more = min(self.left, max(need - have, _READ_AHEAD))
         block = np.empty(have + more, np.uint8)
         block[:have] = self.block[self.pos:]
-        got = _read_exact(self.source, self.next, more)
-        block[have:] = got
+        if _read_into(self.source, self.next, block[have:]) != more:
+            raise _Unsupported("the file ends inside the column chunk")
         block.flags.writeable = False  # like pyarrow.decompress's output: one numba specialization
         self.block, self.pos = block, 0
         self.next += more

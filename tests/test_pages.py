@@ -566,6 +566,33 @@ def test_stream_reads_the_chunk_incrementally_with_bounded_reads(tmp_path, monke
     assert_same(pa.concat_arrays(got), expected(path, 0))
 
 
+def test_stream_memory_is_a_batch_and_a_page_not_the_chunk(tmp_path, monkeypatch):
+    # PLAIN float32, uncompressed: every buffer the stream holds is a numpy array, which tracemalloc sees
+    import tracemalloc
+
+    from clip_nsfw_spark import pages
+
+    mib = 1 << 20
+    monkeypatch.setattr(pages, "_READ_AHEAD", mib)
+    path = write(tmp_path / "x.parquet", unit_rows(80_000, 64, np.float32), use_dictionary=False,
+                 compression="none")  # a 20 MB chunk, 1 MiB pages
+    meta = pq.read_metadata(path)
+    batch_rows, rows = 1000, 0  # 256 kB a batch
+    with open(path, "rb") as f:
+        next(iter_float_list_column(f, meta, 0, COL, 1))  # kernels compiled / loaded outside the count
+        tracemalloc.start()
+        for batch in iter_float_list_column(f, meta, 0, COL, batch_rows):
+            rows += len(batch)
+            del batch
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert rows == 80_000
+    # while a block is refilled, the old and the new one (each at most the read-ahead + a page), a page
+    # decoded aside when it straddles two batches, the batch being filled and the one just returned
+    bound = 2 * (mib + mib) + mib + 2 * batch_rows * 64 * 4
+    assert peak < bound < meta.row_group(0).column(1).total_compressed_size / 3, (peak, bound)
+
+
 def test_stream_refuses_up_front_what_it_does_not_stream(tmp_path):
     # null rows on the first page: None (whole-chunk decoding or pyarrow reads it), while pyarrow reads it
     value = pa.float32()
