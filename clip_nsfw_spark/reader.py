@@ -3,7 +3,8 @@
 Reads only what the task's outputs need (``columns``), one row group at a time, so memory stays at about
 one row group whatever the file size. Float-list (embedding) columns are decoded by pages.py when it can
 (the same arrays as pyarrow's, several times faster on the dictionary-encoded float16 that pyarrow's
-default writer makes; a large row group's column streamed batch by batch), by pyarrow otherwise. The driver's counterpart, which makes the tasks, is planner.py.
+default writer makes; a large row group's column streamed batch by batch), by pyarrow otherwise. The
+driver's counterpart, which makes the tasks, is planner.py.
 """
 
 from __future__ import annotations
