@@ -30,7 +30,8 @@ _log = logging.getLogger(__name__)
 
 # Float-list column chunks that decode to more than this are streamed (pages.py, batch by batch) rather
 # than decoded whole: the worker's memory must stay bounded (a 1M-row group of 768-d float16 is 1.5 GB).
-# Whole-chunk decoding is the faster of the two, so smaller chunks keep it.
+# Smaller chunks are decoded whole: that path also decodes null rows and ragged lists, which the stream
+# leaves to pyarrow (bench/pages_bench.py --stream: on uniform rows the two are about as fast).
 DECODE_CHUNK_MAX_BYTES = 256 << 20
 
 
