@@ -127,14 +127,14 @@ def test_a_truncated_npy_is_an_input_error_naming_the_file(tmp_path):
 # ------------------------------------------------------------------------ float-list columns over budget
 
 
-def embedding_parquet(path, rows: int, dim: int, row_group: int, holes: bool = False) -> pa.Table:
+def embedding_parquet(path, rows: int, dim: int, row_group: int, hole: int | None = None) -> pa.Table:
     """key i, caption, and a dictionary-encoded float16 list column (pyarrow's default writer), small pages.
-    ``holes``: row rows-100 null and the row after it longer, so the value count is still rows × dim."""
+    ``hole``: that row null and the row after it longer, so the value count is still rows × dim."""
     x = np.random.default_rng(rows).normal(size=(rows, dim)).astype(np.float16)
     emb = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * dim), pa.array(x.reshape(-1)))
-    if holes:
+    if hole is not None:
         data = emb.to_pylist()
-        data[rows - 100], data[rows - 99] = None, data[rows - 99] + data[rows - 98][:dim - 1]
+        data[hole], data[hole + 1] = None, data[hole + 1] + data[hole + 2][:dim - 1]
         emb = pa.array([None if r is None else [np.float16(v) for v in r] for r in data], pa.list_(pa.float16()))
     table = pa.table({"key": pa.array(np.arange(rows), pa.int64()), "caption": [f"c{i}" for i in range(rows)],
                       "emb": emb})
@@ -202,10 +202,19 @@ def test_a_page_the_stream_cannot_decode_mid_row_group_falls_back_to_pyarrow_for
 def test_rows_that_stop_being_uniform_mid_row_group_fall_back_to_pyarrow(tmp_path, streamed):
     # A real file: a null row and a longer row near the end of the row group, after uniform pages.
     path = str(tmp_path / "a.parquet")
-    table = embedding_parquet(path, 2000, 16, row_group=2000, holes=True)
+    table = embedding_parquet(path, 2000, 16, row_group=2000, hole=1900)
     assert table.column("emb").null_count == 1
     for batch_rows in (64, 1000, 1900, 4096):
         batches = read(Task("parquet", path, "a.parquet", (0,), rows=2000), batch_rows)
         got = pa.Table.from_batches([b for b, _, _ in batches])
         assert got.equals(table.replace_schema_metadata(got.schema.metadata))
     assert [s.rows_read for s in streamed[:3]] == [1856, 1000, 0]  # where each stream gave up
+
+
+def test_a_large_chunk_the_stream_refuses_up_front_is_read_by_pyarrow(tmp_path, streamed):
+    path = str(tmp_path / "a.parquet")
+    table = embedding_parquet(path, 2000, 16, row_group=2000, hole=3)  # a null row on the first page
+    batches = read(Task("parquet", path, "a.parquet", (0,), rows=2000), 300)
+    assert streamed == [None]
+    got = pa.Table.from_batches([b for b, _, _ in batches])
+    assert got.equals(table.replace_schema_metadata(got.schema.metadata))
