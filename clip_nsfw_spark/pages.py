@@ -36,6 +36,18 @@ What is decoded (anything else → ``None``):
   Hadoop-framed is refused too).
 
 Memory: the chunk's compressed bytes plus the decoded values (4 bytes per float32 value) are held at once.
+
+Streaming, for chunks too large for that (a 1M-row group of 768-d float16 is 1.5 GB decoded):
+``open_float_list_stream(source, metadata, row_group, column)`` returns a ``FloatListStream`` whose
+``read(n)`` gives the next ``n`` rows (``iter_float_list_column(..., batch_rows)`` wraps it as an iterator
+of ``batch_rows``-row arrays), or ``None`` up front when the chunk does not stream. Pages are read one at a
+time through a read-ahead block of a few MiB, so memory is one batch + one page + the dictionary whatever
+the chunk size. Only the fast path streams (every row a non-null list of ``d`` values); ``None`` when the
+footer, the encodings the chunk lists or its first data page say otherwise. A later page that breaks
+that (nulls or other lengths after uniform pages, an encoding or page the first pages did not show)
+raises the public ``Unsupported``: the rows returned until then are right, and the caller reads the rest
+of that row group's column with pyarrow (reader.py does). A row spanning two pages is handled (the levels
+are checked at global positions; pyarrow's writer never splits rows across pages).
 """
 
 from __future__ import annotations
@@ -51,7 +63,8 @@ try:  # numba is a core dependency; without it every call returns None (pyarrow 
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
-__all__ = ["page_summary", "read_float_list_column"]
+__all__ = ["FloatListStream", "Unsupported", "iter_float_list_column", "open_float_list_stream",
+           "page_summary", "read_float_list_column"]
 
 # parquet.thrift enum values used here
 _DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
@@ -467,7 +480,7 @@ def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict
     return {"arrow_type": arrow_type, "value_type": value_type, "storage": storage, "codec": _CODECS[codec],
             "list_nullable": schema.field(column).nullable, "item_nullable": arrow_type.value_field.nullable,
             "n_rows": n_rows, "d": d, "n_levels": n_levels, "max_def": desc.max_definition_level,
-            "start": start, "size": chunk.total_compressed_size}
+            "start": start, "size": chunk.total_compressed_size, "leaf": leaf}
 
 
 def _read_exact(source, start: int, size: int) -> np.ndarray:
@@ -488,6 +501,24 @@ def _read_exact(source, start: int, size: int) -> np.ndarray:
     if data.shape[0] != size:
         raise _Unsupported("the file ends inside the column chunk")
     return data
+
+
+def _read_into(source, start: int, out: np.ndarray) -> int:
+    """Read ``source`` from ``start`` into the uint8 array ``out`` (no intermediate copy where the source
+    has ``readinto``); returns the number of bytes read, fewer only where the file ends."""
+    source.seek(start)
+    readinto = getattr(source, "readinto", None)
+    if readinto is None:
+        data = source.read(out.shape[0])
+        out[:len(data)] = np.frombuffer(data, np.uint8)
+        return len(data)
+    view, got = memoryview(out), 0
+    while got < out.shape[0]:
+        k = readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return got
 
 
 def _decompress(body: np.ndarray, size: int, codec: str | None) -> np.ndarray:
@@ -553,28 +584,43 @@ class _NotUniform(_Unsupported):
     """Internal: the levels show nulls, empty lists or rows of different lengths (the general path)."""
 
 
-def _data_pages(raw: np.ndarray, plan: dict):
-    """Walk the chunk's pages; yield, per data page, ``(n, nulls, rep, defs, encoding, values, dictionary)``:
-    n levels (nulls of them null, or -1 when a v1 header does not say), the level streams (hybrid, no
-    length prefix), the value encoding, the decompressed value bytes and the dictionary read so far
-    (unsigned storage dtype) or None. Stops after ``plan["n_levels"]`` levels.
-    """
-    n_total, codec, storage = plan["n_levels"], plan["codec"], plan["storage"]
+def _page_body_size(header: dict) -> int:
+    """The compressed size of the page whose header is ``header``, checked."""
+    usize, csize = header.get(2), header.get(3)
+    if not isinstance(usize, int) or not isinstance(csize, int) or usize < 0 or csize < 0:
+        raise _Unsupported("page header without sizes")
+    return csize
+
+
+def _chunk_pages(raw: np.ndarray):
+    """Yield ``(header, body)`` for the pages of a column chunk held whole in ``raw``."""
     # every byte buffer the kernels see is then read-only like pyarrow.decompress's output: one numba
     # specialization per kernel and value width, not one per buffer origin
     raw.flags.writeable = False
     mv = memoryview(raw)  # page headers are parsed from a memoryview: int indexing, no numpy scalars
-    dictionary = None
-    pos = filled = 0
-    while filled < n_total:
+    pos = 0
+    while True:
         header, pos = _page_header(mv, pos)
-        ptype, usize, csize = header.get(1), header.get(2), header.get(3)
-        if not isinstance(usize, int) or not isinstance(csize, int) or usize < 0 or csize < 0:
-            raise _Unsupported("page header without sizes")
+        csize = _page_body_size(header)
         if pos + csize > raw.shape[0]:
             raise _Unsupported("page runs past the column chunk")
-        body = raw[pos:pos + csize]
+        yield header, raw[pos:pos + csize]
         pos += csize
+
+
+def _data_pages(pages, plan: dict):
+    """Walk the chunk's pages (``(header, body)`` pairs from ``pages``); yield, per data page,
+    ``(n, nulls, rep, defs, encoding, values, dictionary)``: n levels (nulls of them null, or -1 when a v1
+    header does not say), the level streams (hybrid, no length prefix), the value encoding, the
+    decompressed value bytes and the dictionary read so far (unsigned storage dtype) or None. Stops after
+    ``plan["n_levels"]`` levels.
+    """
+    n_total, codec, storage = plan["n_levels"], plan["codec"], plan["storage"]
+    dictionary = None
+    filled = 0
+    while filled < n_total:
+        header, body = next(pages)
+        ptype, usize, csize = header.get(1), header.get(2), body.shape[0]
         if ptype == _DICTIONARY_PAGE:
             dph = header.get(7) or {}
             count = dph.get(1, -1)
@@ -615,18 +661,13 @@ def _data_pages(raw: np.ndarray, plan: dict):
 def _decode_uniform(raw: np.ndarray, plan: dict) -> np.ndarray:
     """All values of the chunk as the unsigned storage dtype, shape (n_rows * d,), when every row is a
     non-null list of d non-null values (checked on every page's levels; ``_NotUniform`` otherwise)."""
-    n_total, d, max_def = plan["n_levels"], plan["d"], plan["max_def"]
+    n_total, d = plan["n_levels"], plan["d"]
     if d is None:
         raise _NotUniform("rows of different lengths")
     out = np.empty(n_total, plan["storage"])
     filled = 0
-    for n, nulls, rep, defs, encoding, values, dictionary in _data_pages(raw, plan):
-        if nulls > 0:
-            raise _NotUniform("a v2 page with nulls")
-        if not _check_rep_levels(rep, 1, n, filled, d):
-            raise _NotUniform("rows are not all lists of the same length")
-        if not _check_def_levels(defs, _bit_width(max_def), n, max_def):
-            raise _NotUniform("null rows, empty lists or null items")
+    for n, nulls, rep, defs, encoding, values, dictionary in _data_pages(_chunk_pages(raw), plan):
+        _check_uniform_page(plan, filled, n, nulls, rep, defs)
         _decode_values(values, encoding, n, dictionary, out[filled:filled + n])
         filled += n
     return out
@@ -645,7 +686,7 @@ def _decode_general(raw: np.ndarray, plan: dict) -> pa.Array:
     defs = np.empty(n_total, np.uint8)
     values = np.empty(n_total, plan["storage"])
     filled = n_values = 0
-    for n, nulls, rep, dfs, encoding, page_values, dictionary in _data_pages(raw, plan):
+    for n, nulls, rep, dfs, encoding, page_values, dictionary in _data_pages(_chunk_pages(raw), plan):
         if not (_decode_levels(rep, 1, n, reps[filled:filled + n])
                 and _decode_levels(dfs, _bit_width(max_def), n, defs[filled:filled + n])):
             raise _Unsupported("bad level stream")
@@ -795,6 +836,190 @@ def read_float_list_column(source, metadata: pq.FileMetaData, row_group: int, co
             return _decode_general(raw, plan)
     except _Unsupported:
         return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Streaming: the same decoding, a bounded number of rows at a time
+# --------------------------------------------------------------------------------------------------------
+class Unsupported(Exception):
+    """Raised by ``FloatListStream.read`` when a page met mid-stream is outside what this module decodes
+    (an encoding or codec the chunk's first pages did not show, rows that stop being lists of ``d``
+    values, a damaged page). The rows already returned are right; the stream is finished and the caller
+    reads the rest of the row group's column (from ``stream.rows_read`` on) with pyarrow."""
+
+
+# Encodings a decodable chunk may list in its metadata (values, and levels: BIT_PACKED is listed by some
+# parquet-mr versions without its pages using it; a page that does use it stops the stream).
+_STREAM_ENCODINGS = {"PLAIN", "RLE", "RLE_DICTIONARY", "PLAIN_DICTIONARY", "BYTE_STREAM_SPLIT", "BIT_PACKED"}
+_READ_AHEAD = 4 << 20  # bytes read from the source at a time (more when a page is larger)
+_HEADER_PEEK = 1 << 10  # bytes a page header is first looked for in (statistics can make it longer)
+_HEADER_MAX = 16 << 20  # a page header longer than this is refused (float statistics are a few bytes)
+
+
+class _ChunkReader:
+    """The pages of a column chunk read from ``source`` incrementally: a page header, then that page's
+    bytes, through a read-ahead block of ``_READ_AHEAD`` bytes. Seeks before every read: the caller may
+    share the file object with pyarrow, which moves its position between our reads."""
+
+    def __init__(self, source, start: int, size: int):
+        self.source, self.next, self.left = source, start, size  # file offset and bytes not yet read
+        self.block, self.pos = np.empty(0, np.uint8), 0
+
+    def _have(self) -> int:
+        return self.block.shape[0] - self.pos
+
+    def _fill(self, need: int) -> None:
+        """Make at least ``need`` unread bytes available (fewer only where the chunk ends)."""
+        have = self._have()
+        if have >= need or not self.left:
+            return
+        more = min(self.left, max(need - have, _READ_AHEAD))
+        block = np.empty(have + more, np.uint8)
+        block[:have] = self.block[self.pos:]
+        if _read_into(self.source, self.next, block[have:]) != more:
+            raise _Unsupported("the file ends inside the column chunk")
+        block.flags.writeable = False  # like pyarrow.decompress's output: one numba specialization
+        self.block, self.pos = block, 0
+        self.next += more
+        self.left -= more
+
+    def pages(self):
+        """Yield ``(header, body)`` per page, as ``_chunk_pages`` does for a chunk held whole."""
+        while True:
+            peek = _HEADER_PEEK
+            while True:
+                self._fill(peek)
+                try:
+                    header, end = _page_header(memoryview(self.block), self.pos)
+                    break
+                except _Unsupported:
+                    # the whole rest of the chunk was there, or a header no writer makes: malformed
+                    if self._have() < peek or peek >= _HEADER_MAX:
+                        raise
+                    peek *= 4  # a long header (e.g. large statistics): look further
+            size = _page_body_size(header)
+            self.pos = end
+            self._fill(size)
+            if self._have() < size:
+                raise _Unsupported("page runs past the column chunk")
+            yield header, self.block[self.pos:self.pos + size]
+            self.pos += size
+
+
+class FloatListStream:
+    """One float-list column of one row group, decoded ``read(n)`` rows at a time (``open_float_list_stream``).
+
+    Only uniform chunks stream (every row a non-null list of ``d`` non-null values, as embeddings are);
+    each ``read`` returns a fresh array that owns its values (zero-copy wrap, no validity bitmaps), of the
+    column's Arrow type. Memory: the rows asked for + one decompressed page (+ its decoded values when
+    the page straddles two reads) + the dictionary + a read-ahead block of a few MiB, whatever the chunk
+    size. A page that turns out not decodable raises ``Unsupported``; the stream is then finished.
+    """
+
+    def __init__(self, plan: dict, pages, first):
+        self._plan, self._pages = plan, pages
+        self._carry = first  # decoded values (storage dtype) of a page, not yet returned
+        self._filled = first.shape[0]  # levels (= values) decoded so far
+        self._failed = False
+        self.rows_read = 0
+        self.num_rows = plan["n_rows"]
+
+    def read(self, rows: int) -> pa.Array:
+        """The next ``rows`` rows (fewer only at the end of the row group; 0 once it is all read)."""
+        if self._failed:
+            raise Unsupported("the stream stopped at an earlier error: read the rest with pyarrow")
+        rows = max(0, min(rows, self.num_rows - self.rows_read))
+        d = self._plan["d"]
+        out = np.empty(rows * d, self._plan["storage"])
+        got = min(self._carry.shape[0], out.shape[0])
+        out[:got] = self._carry[:got]
+        self._carry = self._carry[got:]
+        try:
+            while got < out.shape[0]:
+                got += self._next_page(out[got:])
+        except _Unsupported as err:
+            self._failed = True
+            raise Unsupported(f"stream stopped before row {self.rows_read} of {self.num_rows}: {err}; "
+                              "read the rest with pyarrow") from err
+        self.rows_read += rows
+        return _to_arrow(out, dict(self._plan, n_rows=rows))
+
+    def _next_page(self, out: np.ndarray) -> int:
+        """Decode the next data page into ``out``: all of it, or its head when it is longer (the rest is
+        carried over to the next read). Returns the number of values placed in ``out``."""
+        n, nulls, rep, defs, encoding, values, dictionary = _next_data_page(self._pages)
+        _check_uniform_page(self._plan, self._filled, n, nulls, rep, defs)
+        self._filled += n
+        if n <= out.shape[0]:  # the usual case: the page lands where it belongs, no copy
+            _decode_values(values, encoding, n, dictionary, out[:n])
+            return n
+        page = np.empty(n, out.dtype)  # it straddles this read and the next: decoded aside
+        _decode_values(values, encoding, n, dictionary, page)
+        out[:] = page[:out.shape[0]]
+        self._carry = page[out.shape[0]:]
+        return out.shape[0]
+
+
+def _next_data_page(pages):
+    page = next(pages, None)
+    if page is None:  # _data_pages stops at the chunk's value count, which is rows × d: never reached
+        raise _Unsupported("the chunk ends before its last row")
+    return page
+
+
+def _check_uniform_page(plan: dict, filled: int, n: int, nulls: int, rep, defs) -> None:
+    """``_NotUniform`` unless the page's ``n`` levels, starting at level ``filled``, are ``d``-value rows."""
+    if nulls > 0:
+        raise _NotUniform("a v2 page with nulls")
+    if not _check_rep_levels(rep, 1, n, filled, plan["d"]):
+        raise _NotUniform("rows are not all lists of the same length")
+    if not _check_def_levels(defs, _bit_width(plan["max_def"]), n, plan["max_def"]):
+        raise _NotUniform("null rows, empty lists or null items")
+
+
+def open_float_list_stream(source, metadata: pq.FileMetaData, row_group: int, column: str) -> FloatListStream | None:
+    """A ``FloatListStream`` over one float-list column of one row group, or ``None`` when this module
+    does not stream it (then use ``read_float_list_column`` or pyarrow).
+
+    Same arguments as ``read_float_list_column``. Decided before any row is returned, from the footer
+    (type, codec, the encodings the chunk lists, row count × ``d`` = value count) and from the chunk's
+    first pages (the dictionary page, and the first data page: decoded, and its levels checked uniform).
+    Later pages are checked as they are read (``Unsupported``). The rows read one after another, to the
+    end, equal ``read_float_list_column``'s array and pyarrow's read of the row group's column. The
+    source's position is moved at every read; it may be used by others in between.
+    """
+    if not HAVE_NUMBA:
+        return None
+    try:
+        plan = _column_plan(metadata, row_group, column)
+        listed = set(metadata.row_group(row_group).column(plan["leaf"]).encodings)
+        if plan["d"] is None or not listed <= _STREAM_ENCODINGS:
+            return None
+        pages = _data_pages(_ChunkReader(source, plan["start"], plan["size"]).pages(), plan)
+        n, nulls, rep, defs, encoding, values, dictionary = _next_data_page(pages)
+        _check_uniform_page(plan, 0, n, nulls, rep, defs)
+        first = np.empty(n, plan["storage"])
+        _decode_values(values, encoding, n, dictionary, first)
+        return FloatListStream(plan, pages, first)
+    except _Unsupported:
+        return None
+
+
+def iter_float_list_column(source, metadata: pq.FileMetaData, row_group: int, column: str, batch_rows: int):
+    """Consecutive arrays of ``batch_rows`` rows (the last one shorter) of one float-list column of one row
+    group, or ``None`` when it does not stream (``open_float_list_stream``). Their concatenation equals
+    ``read_float_list_column(...)``; ``Unsupported`` mid-stream as ``FloatListStream.read``."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    stream = open_float_list_stream(source, metadata, row_group, column)
+    if stream is None:
+        return None
+
+    def batches():
+        while stream.rows_read < stream.num_rows:
+            yield stream.read(batch_rows)
+
+    return batches()
 
 
 def page_summary(source, metadata: pq.FileMetaData, row_group: int, column: str) -> list[tuple[str, str, int]]:

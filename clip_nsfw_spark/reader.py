@@ -3,13 +3,15 @@
 Reads only what the task's outputs need (``columns``), one row group at a time, so memory stays at about
 one row group whatever the file size. Float-list (embedding) columns are decoded by pages.py when it can
 (the same arrays as pyarrow's, several times faster on the dictionary-encoded float16 that pyarrow's
-default writer makes), by pyarrow otherwise. The driver's counterpart, which makes the tasks, is planner.py.
+default writer makes; a large row group's column streamed batch by batch), by pyarrow otherwise. The
+driver's counterpart, which makes the tasks, is planner.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,14 +22,16 @@ import pyarrow.parquet as pq
 
 from .embeddings import is_embedding_type
 from .errors import InputError
-from .pages import read_float_list_column
+from .pages import Unsupported, open_float_list_stream, read_float_list_column
 from .planner import Task, npy_header
 from .storage import unstrip
 
+_log = logging.getLogger(__name__)
 
-# Row groups whose float-list column chunk decodes to more than this are read by pyarrow, batch by batch:
-# pages.py decodes a whole column chunk at once, and the worker's memory must stay bounded (a 1M-row
-# group of 768-d float16 is 1.5 GB).
+# Float-list column chunks that decode to more than this are streamed (pages.py, batch by batch) rather
+# than decoded whole: the worker's memory must stay bounded (a 1M-row group of 768-d float16 is 1.5 GB).
+# Smaller chunks are decoded whole: that path also decodes null rows and ragged lists, which the stream
+# leaves to pyarrow (bench/pages_bench.py --stream: on uniform rows the two are about as fast).
 DECODE_CHUNK_MAX_BYTES = 256 << 20
 
 
@@ -105,12 +109,12 @@ def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: li
 
     One ``iter_batches`` call over many row groups kept every buffer it had read until it finished
     (measured: 1.6 GB of RSS after 800k rows of a 2M-row file); one reader per group peaks at ~0.5 GB.
-    Float-list columns pages.py can decode come from it (whole row group, then sliced); the other
-    columns from pyarrow, whose batch sizes the slices follow.
+    Float-list columns pages.py can decode come from it (whole row group then sliced, or streamed when
+    the chunk is large); the other columns from pyarrow, whose batch sizes the float-list columns follow.
     """
     names = source.schema.names if columns is None else columns
     for group in groups:
-        decoded = _decoded_float_lists(source, group, names)
+        decoded = _decoded_float_lists(source, group, names, batch_rows)
         if not decoded:
             yield from source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
             continue
@@ -126,9 +130,10 @@ def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: li
             start += n
 
 
-def _decoded_float_lists(source: OpenParquet, group: int, names: list[str]) -> dict[str, pa.Array]:
-    """``{column: the row group's whole column}`` for the float-list columns among ``names`` that pages.py
-    decodes (and whose chunk is at most ``DECODE_CHUNK_MAX_BYTES`` decoded); the others are pyarrow's."""
+def _decoded_float_lists(source: OpenParquet, group: int, names: list[str], batch_rows: int) -> dict:
+    """``{column: its rows}`` for the float-list columns among ``names`` that pages.py decodes: the row
+    group's whole column (a ``pa.Array``) when it decodes to at most ``DECODE_CHUNK_MAX_BYTES``, else a
+    ``_StreamedColumn``; both are read with ``.slice(start, n)``. The other columns are pyarrow's."""
     meta = source.file.metadata.row_group(group)
     sizes: dict[str, int] = {}
     for i in range(meta.num_columns):
@@ -137,12 +142,67 @@ def _decoded_float_lists(source: OpenParquet, group: int, names: list[str]) -> d
         sizes[top] = sizes.get(top, 0) + chunk.total_uncompressed_size
     decoded = {}
     for name in names:
-        if not is_embedding_type(source.schema.field(name).type) or sizes.get(name, 0) > DECODE_CHUNK_MAX_BYTES:
+        arrow_type = source.schema.field(name).type
+        if not is_embedding_type(arrow_type):
+            continue
+        # dictionary indices can be narrower than the values they stand for: count the decoded values too
+        values = sum(meta.column(i).num_values for i in range(meta.num_columns)
+                     if meta.column(i).path_in_schema.split(".", 1)[0] == name)
+        if max(sizes.get(name, 0), values * arrow_type.value_type.bit_width // 8) > DECODE_CHUNK_MAX_BYTES:
+            stream = open_float_list_stream(source.handle, source.file.metadata, group, name)
+            if stream is not None:
+                decoded[name] = _StreamedColumn(source, group, name, stream, batch_rows)
             continue
         array = read_float_list_column(source.handle, source.file.metadata, group, name)
         if array is not None:
             decoded[name] = array
     return decoded
+
+
+class _StreamedColumn:
+    """A float-list column of one row group read in order, ``slice(start, n)`` after ``slice(…, start)``:
+    from pages.py's stream, or — once the stream meets a page it cannot decode (``pages.Unsupported``) —
+    from pyarrow for the rest of the row group (rows before ``start`` read again and dropped: slower,
+    memory still one batch)."""
+
+    def __init__(self, source: OpenParquet, group: int, name: str, stream, batch_rows: int):
+        self.source, self.group, self.name, self.batch_rows = source, group, name, batch_rows
+        self.stream, self.fallback, self.pending = stream, None, None
+
+    def slice(self, start: int, n: int) -> pa.Array:
+        if self.fallback is None:
+            if start != self.stream.rows_read:
+                raise RuntimeError(f"{self.name!r} row group {self.group}: rows asked from {start}, "
+                                   f"the stream is at {self.stream.rows_read}")
+            try:
+                array = self.stream.read(n)
+            except Unsupported as err:
+                _log.warning("%r, row group %d: %s", self.name, self.group, err)
+                self.fallback = (batch.column(0) for batch in self.source.file.iter_batches(
+                    batch_size=self.batch_rows, row_groups=[self.group], columns=[self.name]))
+                self._pyarrow_rows(start, keep=False)  # the rows the stream already returned
+            else:
+                if len(array) != n:
+                    raise RuntimeError(f"{self.name!r} row group {self.group}: the stream gave {len(array)} "
+                                       f"rows from row {start}, the other columns {n}")
+                return array
+        return self._pyarrow_rows(n)
+
+    def _pyarrow_rows(self, n: int, keep: bool = True) -> pa.Array | None:
+        """The next ``n`` rows of pyarrow's batches of the column (batch remainders carried over); with
+        ``keep=False`` they are dropped."""
+        pieces = []
+        while n > 0:
+            if self.pending is None or len(self.pending) == 0:
+                self.pending = next(self.fallback)
+            piece = self.pending.slice(0, n)
+            self.pending = self.pending.slice(len(piece))
+            if keep:
+                pieces.append(piece)
+            n -= len(piece)
+        if not keep:
+            return None
+        return pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
 
 
 def _timed(iterator, timings: Counter, key: str):

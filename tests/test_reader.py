@@ -122,3 +122,99 @@ def test_a_truncated_npy_is_an_input_error_naming_the_file(tmp_path):
     assert read_npy_rows(LOCAL, str(path), 0, 8).shape == (8, 4)  # the rows that are there can be read
     with pytest.raises(InputError, match=rf"{path} is truncated: expected 10 rows of 4 float32"):
         read_npy_rows(LOCAL, str(path), 5, 10)
+
+
+# ------------------------------------------------------------------------ float-list columns over budget
+
+
+def embedding_parquet(path, rows: int, dim: int, row_group: int, hole: int | None = None) -> pa.Table:
+    """key i, caption, and a dictionary-encoded float16 list column (pyarrow's default writer), small pages.
+    ``hole``: that row null and the row after it longer, so the value count is still rows × dim."""
+    x = np.random.default_rng(rows).normal(size=(rows, dim)).astype(np.float16)
+    emb = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * dim), pa.array(x.reshape(-1)))
+    if hole is not None:
+        data = emb.to_pylist()
+        data[hole], data[hole + 1] = None, data[hole + 1] + data[hole + 2][:dim - 1]
+        emb = pa.array([None if r is None else [np.float16(v) for v in r] for r in data], pa.list_(pa.float16()))
+    table = pa.table({"key": pa.array(np.arange(rows), pa.int64()), "caption": [f"c{i}" for i in range(rows)],
+                      "emb": emb})
+    pq.write_table(table, path, row_group_size=row_group, data_page_size=2048)
+    return table
+
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """A float-list chunk over 10 kB is streamed; the list of streams opened (None: refused)."""
+    from clip_nsfw_spark import reader
+
+    opened = []
+    real = reader.open_float_list_stream
+
+    def spy(*args):
+        opened.append(real(*args))
+        return opened[-1]
+
+    monkeypatch.setattr(reader, "DECODE_CHUNK_MAX_BYTES", 10_000)
+    monkeypatch.setattr(reader, "open_float_list_stream", spy)
+    return opened
+
+
+@pytest.mark.parametrize("batch_rows", [7, 256, 2000, 5000])
+@pytest.mark.parametrize("columns", [None, ["emb"], ["emb", "key"]])
+def test_float_list_chunks_over_the_budget_are_streamed_in_the_other_columns_batches(tmp_path, streamed,
+                                                                                     batch_rows, columns):
+    path = str(tmp_path / "a.parquet")
+    table = embedding_parquet(path, 3000, 32, row_group=2000)  # 2000 × 32 float16 = 128 kB decoded
+    batches = read(Task("parquet", path, "a.parquet", (0, 1), rows=3000), batch_rows, columns)
+    assert len(streamed) == 2 and all(s is not None for s in streamed)  # both row groups streamed
+    assert all(s.rows_read == s.num_rows for s in streamed)
+    want = table.select(columns or table.column_names)
+    got = pa.Table.from_batches([b for b, _, _ in batches])
+    assert got.schema.remove_metadata() == want.schema and got.equals(want.replace_schema_metadata(got.schema.metadata))
+    sizes = [b.num_rows for b, _, _ in batches]
+    assert sizes == [min(batch_rows, 2000 - s) for s in range(0, 2000, batch_rows)] + \
+        [min(batch_rows, 1000 - s) for s in range(0, 1000, batch_rows)]
+
+
+def test_a_page_the_stream_cannot_decode_mid_row_group_falls_back_to_pyarrow_for_the_rest(tmp_path, streamed,
+                                                                                          monkeypatch, caplog):
+    from clip_nsfw_spark import pages
+
+    path = str(tmp_path / "a.parquet")
+    table = embedding_parquet(path, 3000, 32, row_group=2000)
+    real, calls = pages._decode_values, []
+
+    def seventh_page_fails(values, encoding, n, dictionary, out):
+        calls.append(n)
+        if len(calls) == 7:
+            raise pages._Unsupported("a page this test made undecodable")
+        return real(values, encoding, n, dictionary, out)
+
+    monkeypatch.setattr(pages, "_decode_values", seventh_page_fails)
+    batches = read(Task("parquet", path, "a.parquet", (0, 1), rows=3000), 100)
+    got = pa.Table.from_batches([b for b, _, _ in batches])
+    assert got.equals(table.replace_schema_metadata(got.schema.metadata))
+    assert 0 < streamed[0].rows_read < 2000  # row group 0 switched to pyarrow part way
+    assert streamed[1].rows_read == 1000  # row group 1 streamed again from its start
+    assert "stream stopped before row" in caplog.text and "a page this test made undecodable" in caplog.text
+
+
+def test_rows_that_stop_being_uniform_mid_row_group_fall_back_to_pyarrow(tmp_path, streamed):
+    # A real file: a null row and a longer row near the end of the row group, after uniform pages.
+    path = str(tmp_path / "a.parquet")
+    table = embedding_parquet(path, 2000, 16, row_group=2000, hole=1900)
+    assert table.column("emb").null_count == 1
+    for batch_rows in (64, 1000, 1900, 4096):
+        batches = read(Task("parquet", path, "a.parquet", (0,), rows=2000), batch_rows)
+        got = pa.Table.from_batches([b for b, _, _ in batches])
+        assert got.equals(table.replace_schema_metadata(got.schema.metadata))
+    assert [s.rows_read for s in streamed[:3]] == [1856, 1000, 0]  # where each stream gave up
+
+
+def test_a_large_chunk_the_stream_refuses_up_front_is_read_by_pyarrow(tmp_path, streamed):
+    path = str(tmp_path / "a.parquet")
+    table = embedding_parquet(path, 2000, 16, row_group=2000, hole=3)  # a null row on the first page
+    batches = read(Task("parquet", path, "a.parquet", (0,), rows=2000), 300)
+    assert streamed == [None]
+    got = pa.Table.from_batches([b for b, _, _ in batches])
+    assert got.equals(table.replace_schema_metadata(got.schema.metadata))
