@@ -135,20 +135,20 @@ def _decoded_float_lists(source: OpenParquet, group: int, names: list[str], batc
     group's whole column (a ``pa.Array``) when it decodes to at most ``DECODE_CHUNK_MAX_BYTES``, else a
     ``_StreamedColumn``; both are read with ``.slice(start, n)``. The other columns are pyarrow's."""
     meta = source.file.metadata.row_group(group)
-    sizes: dict[str, int] = {}
+    stored: Counter = Counter()  # per top-level column: uncompressed bytes, and values (leaf entries)
+    values: Counter = Counter()
     for i in range(meta.num_columns):
         chunk = meta.column(i)
         top = chunk.path_in_schema.split(".", 1)[0]
-        sizes[top] = sizes.get(top, 0) + chunk.total_uncompressed_size
+        stored[top] += chunk.total_uncompressed_size
+        values[top] += chunk.num_values
     decoded = {}
     for name in names:
         arrow_type = source.schema.field(name).type
         if not is_embedding_type(arrow_type):
             continue
         # dictionary indices can be narrower than the values they stand for: count the decoded values too
-        values = sum(meta.column(i).num_values for i in range(meta.num_columns)
-                     if meta.column(i).path_in_schema.split(".", 1)[0] == name)
-        if max(sizes.get(name, 0), values * arrow_type.value_type.bit_width // 8) > DECODE_CHUNK_MAX_BYTES:
+        if max(stored[name], values[name] * arrow_type.value_type.bit_width // 8) > DECODE_CHUNK_MAX_BYTES:
             stream = open_float_list_stream(source.handle, source.file.metadata, group, name)
             if stream is not None:
                 decoded[name] = _StreamedColumn(source, group, name, stream, batch_rows)
