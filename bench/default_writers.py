@@ -1,6 +1,6 @@
 """The benchmark's inputs as users have them: the same LAION-like rows written by each library's default writer.
 
-    python bench/datasets.py --workdir bench/data --rows 20000 [--files 4] [--cores 2]   # make them all
+    python bench/default_writers.py --workdir bench/data --rows 20000 [--files 4] [--cores 2]   # make them all
 
 Every dataset holds the same rows (``clip_nsfw_spark.sample``: key, url, caption + 768-d unit-norm
 embeddings, file ``i`` from seed ``i``) in ``--files`` files, written by:
