@@ -485,7 +485,6 @@ def split_dataset(source: Path, parts: int, target: Path) -> list[Path]:
     """``parts`` folders of hard links to ``source``'s data files, file k in folder k mod parts (LAION's
     img_emb_k.npy and metadata_k.parquet stay together): disjoint inputs of equal size."""
     folders = [target / f"{source.name}-{parts}-{i}" for i in range(parts)]
-    shutil.rmtree(target / source.name, ignore_errors=True)
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
     files = sorted(p for p in source.rglob("*") if p.suffix in (".parquet", ".npy"))
@@ -716,6 +715,7 @@ def main() -> int:
                 args.model, f16, args.cores, min(args.rows // args.files, 200_000), workdir)
             print(f"context: sgemm {flops / 1e9:.1f} GFLOP/s per core → {limit:,.0f} rows/s on {args.cores} cores; "
                   f"numpy scorer in memory {results['kernel_rows_per_s']:,.0f} rows/s")
+            saved_model_dir(args.model)  # extracted and converted once here, not inside the first timed case
             print(f"cases on {args.rows:,} and {2 * args.rows:,} rows, {args.files} files each:")
             results["cases"] = compare_cases(cases, args, workdir)
             results["targets"] = judge(results["cases"])
