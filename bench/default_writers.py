@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip_nsfw_spark.sample import embeddings, metadata, write_laion_sample  # noqa: E402
+from clip_nsfw_spark.sample import embeddings, metadata, write_laion_sample
 
 DIM = 768
 ROW_GROUP_ROWS = 16384  # issue #13's user files

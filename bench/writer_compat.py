@@ -194,8 +194,8 @@ def main() -> int:
             rows.append({"reader": kind, "venv": where, "version": None, "error": "not available"})
             continue
         result = run_reader(kind, python, list(files.values()))
-        variants = [("files", kind)] + ([("files_row_reader", "spark (spark.sql.parquet.enableVectorizedReader="
-                                          "false)")] if kind == "spark" else [])
+        row_reader = "spark (spark.sql.parquet.enableVectorizedReader=false)"
+        variants = [("files", kind)] + ([("files_row_reader", row_reader)] if kind == "spark" else [])
         for variant, label in variants:
             row = {"reader": label, "venv": where, "version": result.get("version"), "error": result.get("error")}
             for (dtype, encoding), path in files.items():
@@ -215,7 +215,7 @@ def main() -> int:
     for row in rows:
         marks = [("ok" if row.get(c) == "ok" else "FAIL" if row.get(c) else "-") for c in columns]
         reader = "spark+" if row["reader"].startswith("spark (") else row["reader"]
-        print(f"{reader:8s} {row['venv']:38s} {str(row['version']):9s} " + " ".join(f"{m:>14s}" for m in marks))
+        print(f"{reader:8s} {row['venv']:38s} {row['version']!s:9s} " + " ".join(f"{m:>14s}" for m in marks))
         for c in columns:
             if row.get(c) not in (None, "ok"):
                 print(f"    {c}: {row[c][:200]}")
