@@ -81,7 +81,7 @@ import sys
 from pyspark.sql import SparkSession
 source, target, files, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 spark = (SparkSession.builder.master(f"local[{cores}]").config("spark.driver.memory", "4g")
-         .config("spark.ui.enabled", "false").getOrCreate())
+         .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").getOrCreate())
 try:
     spark.read.parquet(source).coalesce(files).write.parquet(target)
 finally:
@@ -93,8 +93,11 @@ def _write_spark(target: Path, source: Path, files: int, cores: int) -> None:
     """Spark's default writer in a child process: its JVM ends with it."""
     shutil.rmtree(target)  # Spark's default save mode refuses an existing folder
     env = os.environ | {"PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable)}
-    subprocess.run([sys.executable, "-c", _SPARK_WRITE, str(source), str(target), str(files), str(cores)],
-                   check=True, env=env)
+    done = subprocess.run([sys.executable, "-c", _SPARK_WRITE, str(source), str(target), str(files), str(cores)],
+                          env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"Spark could not write {target} from {source} (exit {done.returncode}):\n{tail}")
 
 
 def dataset(name: str, workdir: Path, rows: int, files: int, cores: int = 2) -> Path:
