@@ -247,7 +247,7 @@ def compare_cases(cases: list[str], args, workdir: Path) -> dict:
     for case in cases:
         name = CASES[case][0]
         runs: dict[int, dict] = {}
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             for rows in (n, 2 * n):
                 source = dataset(name, workdir, rows, args.files, args.cores)
                 run = run_case(case, source, workdir / f"out-{case}-{rows}", args)
