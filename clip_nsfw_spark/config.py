@@ -131,6 +131,10 @@ class JobConfig:
         for key in ("score_columns", "id_columns", "columns", "drop_columns", "embedding_columns"):
             if any(not name for name in getattr(self, key)):
                 raise ConfigError(f"{key} must hold column names; found an empty name in {list(getattr(self, key))}")
+            repeated = sorted({name for name in getattr(self, key) if getattr(self, key).count(name) > 1})
+            if repeated:
+                raise ConfigError(f"{key} names {', '.join(map(repr, repeated))} more than once; name each column once "
+                                  "(the output would hold two columns of one name, which readers refuse)")
         if not self.reason_column:
             raise ConfigError("reason_column must be a column name; found an empty name")
         if self.columns and self.drop_columns:
@@ -142,8 +146,11 @@ class JobConfig:
             raise ConfigError("id_columns is for mode scores (a sidecar of ids and scores); with "
                               f"mode {self.mode} use columns or drop_columns")
         for key in ("compression", "embedding_compression"):
-            if getattr(self, key).lower() not in COMPRESSIONS:
+            codec = getattr(self, key).lower()
+            codec = "none" if codec == "uncompressed" else codec  # parquet's and Spark's name for it
+            if codec not in COMPRESSIONS:
                 raise ConfigError(f"{key} must be one of {', '.join(COMPRESSIONS)}; found {getattr(self, key)!r}")
+            object.__setattr__(self, key, codec)  # one spelling: resume compares them
 
     def choices(self) -> tuple[ModelChoice, ...]:
         """The heads of this run, in order: ``models`` if given, else the one ``model``."""

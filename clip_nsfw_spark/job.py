@@ -51,7 +51,8 @@ ID_CANDIDATES = ("key", "id", "uid", "hash", "image_path", "url")
 
 def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
     """The embedding width of each column to score: the npy width (every file checked by the planner), or
-    the commonest list length in the first rows of the first parquet file (fixed-size lists: the type's)."""
+    the commonest non-zero list length in the first non-empty rows of the first parquet file (fixed-size
+    lists: the type's). Empty and null rows are rejected per row later, never taken for the width."""
     first = plan.tasks[0] if plan.tasks else None
     if first is None:
         return {}
@@ -59,12 +60,14 @@ def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
         return {"embedding": plan.npy_width}
     widths = {}
     with in_fs.open(first.path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+        # Buffered, no pre-buffering: the driver reads a few pages, not the whole first column chunk.
+        parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
         for column in plan.embedding_columns:
-            for batch in parquet.iter_batches(batch_size=64, columns=[column]):
+            for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
                 values = batch.column(0)
                 lengths = np.array([values.type.list_size]) if pa.types.is_fixed_size_list(values.type) \
                     else values.value_lengths().drop_null().to_numpy(zero_copy_only=False)
+                lengths = lengths[lengths > 0]
                 if len(lengths):
                     widths[column] = int(np.bincount(lengths).argmax())
                     break
@@ -330,6 +333,11 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     return report
 
 
+# Fingerprint keys newer than some outputs, and what their absence meant: before embedding_compression,
+# embedding columns were written with the output's compression.
+_ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compression")}
+
+
 def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str) -> tuple[dict, dict]:
     """Create the state folder; on resume, check it is the same job and sort the completed tasks.
 
@@ -346,6 +354,9 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     if resume and out_fs.exists(job_file):
         with out_fs.open(job_file, "r") as handle:
             previous = json.load(handle)
+        for key, meaning in _ABSENT_MEANS.items():  # written by an older version, before the key existed
+            if key not in previous:
+                previous[key] = meaning(previous)
         changed = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
         if changed:
             raise OutputError("--resume refused: the output was written with other settings "

@@ -25,6 +25,9 @@ REPORT_NAME = "_clip_nsfw_report.json"
 SUCCESS_NAME = "_SUCCESS"
 REJECTED_DIR = "_rejected"
 ROW_ID_COLUMNS = ("source_file", "row_index")
+# Schema metadata a writer stored about the input's columns, which the outputs' columns no longer match:
+# Spark reads its own stored schema instead of the file's, and would not see the score columns at all.
+FOREIGN_SCHEMA_KEYS = (b"org.apache.spark.sql.parquet.row.metadata",)
 
 
 def output_paths(rel: str, mode: str) -> dict[Stream, str]:
@@ -80,8 +83,9 @@ def output_schemas(input_schema: pa.Schema, config: TaskConfig, dim: int) -> dic
     input already had one (a re-scored output: it is then rewritten, null for every scored row).
     """
     kept = config.write_columns
-    schema = input_schema if kept is None else pa.schema([input_schema.field(c) for c in kept],
-                                                         metadata=input_schema.metadata)
+    metadata = {k: v for k, v in (input_schema.metadata or {}).items() if k not in FOREIGN_SCHEMA_KEYS} or None
+    schema = pa.schema([input_schema.field(c) for c in (input_schema.names if kept is None else kept)],
+                       metadata=metadata)
     if config.row_ids:
         schema = pa.schema([pa.field(ROW_ID_COLUMNS[0], pa.string()), pa.field(ROW_ID_COLUMNS[1], pa.int64())]
                            + list(schema), metadata=schema.metadata)

@@ -106,7 +106,8 @@ def test_conflicting_or_out_of_range_options_are_refused(options, message):
 def test_the_edges_of_the_ranges_are_accepted():
     assert JobConfig(input="i", output="o", threshold=0).threshold == 0
     assert JobConfig(input="i", output="o", threshold=1.0, batch_rows=1, rows_per_task=1, histogram_bins=1)
-    assert JobConfig(input="i", output="o", compression="ZSTD").compression == "ZSTD"  # codecs in any case
+    assert JobConfig(input="i", output="o", compression="ZSTD").compression == "zstd"  # any case, one spelling
+    assert JobConfig(input="i", output="o", embedding_compression="UNCOMPRESSED").embedding_compression == "none"
     assert JobConfig(input="i", output="o", mode="scores", id_columns=("key",)).id_columns == ("key",)
 
 
@@ -171,3 +172,10 @@ def test_redacted_hides_secret_looking_options_at_any_depth():
         "client_kwargs": {"aws_session_token": "***", "region_name": "eu-west-1"}, "profile": None}
     assert config.storage_options["secret"] == "S3CR3T"  # the config itself keeps what it was given
     assert shown["embedding_columns"] == [] and shown["input"] == "s3://b/in"
+
+
+@pytest.mark.parametrize("key", ["columns", "drop_columns", "id_columns", "embedding_columns"])
+def test_a_column_named_twice_is_refused(key):
+    options = {"mode": "scores"} if key == "id_columns" else {}
+    with pytest.raises(ConfigError, match=re.escape(f"{key} names 'key' more than once")):
+        JobConfig(input="i", output="o", **options, **{key: ("key", "url", "key")})

@@ -128,3 +128,37 @@ def test_every_mode_is_readable_by_spark(spark, tmp_path):
     assert counts["filter"] == read_dir(tmp_path / "filter").num_rows
     row = spark.read.parquet(str(tmp_path / "annotate")).select("punsafe").first()
     assert isinstance(row.punsafe, float)
+
+
+def test_the_width_check_skips_empty_rows_and_reads_no_more_than_it_needs(tmp_path):
+    from clip_nsfw_spark.job import embedding_widths
+    from clip_nsfw_spark.storage import filesystem
+
+    rows = [[] if i < 2000 else [0.01] * 768 for i in range(2100)]  # a file that starts with empty lists
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"key": [str(i) for i in range(2100)], "emb": pa.array(rows, pa.list_(pa.float32()))}),
+                   tmp_path / "in" / "a.parquet")
+    config = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    assert embedding_widths(plan(config), filesystem(config.input)[0]) == {"emb": 768}
+
+
+@needs_models
+def test_an_output_started_before_embedding_compression_existed_resumes(tmp_path):
+    import json
+
+    write_parquet_sample(str(tmp_path / "in"), rows=300, files=3)
+    run(tmp_path / "in", tmp_path / "clean")
+    run(tmp_path / "in", tmp_path / "out")
+    state = tmp_path / "out" / "_clip_nsfw_tasks"
+    job = json.loads((state / "_job.json").read_text())
+    del job["embedding_compression"]  # as the previous version wrote it
+    (state / "_job.json").write_text(json.dumps(job))
+    (tmp_path / "out" / "_SUCCESS").unlink()
+    (tmp_path / "out" / "part-00001.parquet").unlink()
+    # Then, embeddings were written with the output's compression (zstd): the same run is that setting.
+    with pytest.raises(Exception, match="embedding_compression: 'zstd' then, 'none' now"):
+        run(tmp_path / "in", tmp_path / "out", resume=True)
+    report = run(tmp_path / "in", tmp_path / "out", resume=True, embedding_compression="zstd")
+    assert report["rows"]["read"] == 300 and report["tasks_resumed"] == 2
+    assert read_dir(tmp_path / "out").drop(["punsafe"]).equals(read_dir(tmp_path / "clean").drop(["punsafe"]))
+    assert read_dir(tmp_path / "out").column("punsafe").equals(read_dir(tmp_path / "clean").column("punsafe"))

@@ -288,3 +288,12 @@ def test_embedding_columns_get_their_own_codec_and_the_rest_the_output_codec(tmp
     codecs = {meta.schema.column(i).path: meta.row_group(0).column(i).compression for i in range(meta.num_columns)}
     assert codecs == {"key": "SNAPPY", "caption": "SNAPPY", "emb.list.element": expected, "p": "SNAPPY",
                       "why": "SNAPPY"}
+
+
+def test_spark_s_stored_schema_does_not_travel_to_outputs_with_other_columns():
+    # Spark reads its stored schema instead of the file's: copied, it would hide the score columns.
+    spark_schema = INPUT.with_metadata({b"org.apache.spark.sql.parquet.row.metadata": b"{...}",
+                                        b"org.apache.spark.version": b"4.0.0"})
+    for schema in output_schemas(spark_schema, task_config(mode="split"), 4).values():
+        assert schema.metadata == {b"org.apache.spark.version": b"4.0.0"}
+    assert output_schemas(INPUT, task_config(), 4)[Stream.ANNOTATED].metadata == {b"origin": b"test"}
