@@ -302,8 +302,8 @@ def main() -> int:
                   f"{case['pyarrow_rows_per_s']:15,.0f} {case['pages_rows_per_s']:13,.0f} {case['speedup']:5.1f}"
                   f" {case['speedup_cpu']:12.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
     results["load_average_after"] = list(os.getloadavg())
+    Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{results['cpu']}, {results['date']}, pyarrow {pa.__version__}, load average "
           f"{results['load_average_before'][0]:.1f} → {results['load_average_after'][0]:.1f}; written {args.out}")
     return 0
