@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from .config import TaskConfig
 from .outcomes import MODE_STREAMS, Stream
+from .splice import SplicedParquetWriter
 from .storage import join
 
 TMP_DIR = "_clip_nsfw_tmp"
@@ -40,6 +41,11 @@ def output_paths(rel: str, mode: str) -> dict[Stream, str]:
 def _is_float_list(field: pa.Field) -> bool:
     return (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
             or pa.types.is_fixed_size_list(field.type)) and pa.types.is_floating(field.type.value_type)
+
+
+def float_list_columns(schema: pa.Schema) -> list[str]:
+    """The float-list columns (embeddings)."""
+    return [f.name for f in schema if _is_float_list(f)]
 
 
 def scalar_columns(schema: pa.Schema) -> list[str]:
@@ -112,9 +118,11 @@ class AtomicParquet:
         self.tmp = join(root, TMP_DIR, uuid.uuid4().hex + ".parquet")
         fs.makedirs(join(root, TMP_DIR), exist_ok=True)
         self._handle = fs.open(self.tmp, "wb")
-        self._writer = pq.ParquetWriter(self._handle, schema, compression=compression,
-                                        use_dictionary=scalar_columns(schema),
-                                        write_statistics=scalar_columns(schema))
+        options = {"compression": compression, "use_dictionary": scalar_columns(schema),
+                   "write_statistics": scalar_columns(schema)}
+        # uncompressed embedding columns are encoded by splice.py (several times faster than pyarrow)
+        spliced = SplicedParquetWriter(self._handle, schema, columns=float_list_columns(schema), **options)
+        self._writer = spliced if spliced.encoded else pq.ParquetWriter(self._handle, schema, **options)
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
