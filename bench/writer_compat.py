@@ -1,4 +1,4 @@
-"""Which readers read an embedding column written with BYTE_STREAM_SPLIT (the candidate writer policy)?
+"""Which readers read an embedding column written with BYTE_STREAM_SPLIT, or spliced by splice.py?
 
     python bench/writer_compat.py [--out bench/results/writer_compat.json] [--workdir /tmp/writer-compat]
 
@@ -7,6 +7,9 @@ Writes small parquet files with pyarrow (this interpreter): 300 rows, a ``key`` 
 BYTE_STREAM_SPLIT (the column encoding keyed by the leaf path ``embedding.list.element``: pyarrow
 silently ignores the top-level name for a list), zstd, no dictionary and no statistics on the embedding
 column, one null row, two row groups. Each file's encodings are checked in its footer before any reader.
+``SPLICED``: the same rows written by the job's writer (``clip_nsfw_spark.splice.SplicedParquetWriter``,
+embeddings uncompressed): the first row group, which holds the null row, has its embedding chunk encoded
+by pyarrow, the second by splice.py (checked: it wrote pages).
 
 Then every reader reads every file in its own interpreter and reports a sha256 of the values as float32
 (nulls marked), compared with the values written: "ok" only when every value is identical.
@@ -35,6 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from clip_nsfw_spark.splice import SplicedParquetWriter  # noqa: E402
+
 ROWS, DIM, NULL_ROW = 300, 768, 5
 LEAF = "embedding.list.element"
 
@@ -129,6 +136,16 @@ def write_files(folder: Path) -> dict[tuple[str, str], Path]:
             if encoding not in used:
                 raise RuntimeError(f"pyarrow did not write {encoding} for {LEAF} in {path}: encodings {used}")
             files[(dtype, encoding)] = path
+        path = folder / f"{dtype}-spliced.parquet"
+        with open(path, "wb") as sink:
+            writer = SplicedParquetWriter(sink, table.schema, compression={"key": "zstd", LEAF: "none"},
+                                          use_dictionary=["key"], write_statistics=["key"], columns=["embedding"])
+            writer.write_table(table.slice(0, ROWS // 2))
+            writer.write_table(table.slice(ROWS // 2))
+            writer.close()
+        if writer.pages_written == 0:
+            raise RuntimeError(f"splice.py wrote no page of {path}")
+        files[(dtype, "SPLICED")] = path
     return files
 
 
@@ -209,13 +226,13 @@ def main() -> int:
                "readers": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    columns = ["float16 PLAIN", "float16 BSS", "float32 PLAIN", "float32 BSS"]
-    print(f"{'reader':8s} {'venv':38s} {'version':9s} " + " ".join(f"{c:>14s}" for c in columns))
+    columns = [f"{dtype} {encoding}" for dtype in ("float16", "float32") for encoding in ("PLAIN", "BSS", "SPLICED")]
+    print(f"{'reader':8s} {'venv':38s} {'version':9s} " + " ".join(f"{c:>16s}" for c in columns))
     print("(spark+: spark.sql.parquet.enableVectorizedReader=false)")
     for row in rows:
         marks = [("ok" if row.get(c) == "ok" else "FAIL" if row.get(c) else "-") for c in columns]
         reader = "spark+" if row["reader"].startswith("spark (") else row["reader"]
-        print(f"{reader:8s} {row['venv']:38s} {row['version']!s:9s} " + " ".join(f"{m:>14s}" for m in marks))
+        print(f"{reader:8s} {row['venv']:38s} {row['version']!s:9s} " + " ".join(f"{m:>16s}" for m in marks))
         for c in columns:
             if row.get(c) not in (None, "ok"):
                 print(f"    {c}: {row[c][:200]}")
