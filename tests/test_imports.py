@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "clip_nsfw_spark"
 # Modules that never import pyspark (the pure core and the executor's data path): Spark glue is spark.py.
 NO_SPARK = {"scorer", "kernels", "weights", "registry", "embeddings", "batch", "planner", "reader", "writer", "report",
-            "worker", "outcomes", "config", "prompts", "heads", "pages", "job", "output"}
+            "worker", "outcomes", "config", "prompts", "heads", "pages", "splice", "thrift", "job", "output"}
 
 
 def imports_of(path: Path) -> tuple[set[str], set[str]]:
@@ -71,7 +71,7 @@ def test_spark_is_imported_by_the_spark_glue_only():
 
 def test_the_executor_path_never_imports_tensorflow_or_torch():
     executor = {"scorer", "kernels", "weights", "embeddings", "batch", "reader", "writer", "worker", "prompts",
-                "pages", "outcomes", "storage", "lease", "registry", "errors", "config", "planner"}
+                "pages", "splice", "thrift", "outcomes", "storage", "lease", "registry", "errors", "config", "planner"}
     seen, todo = set(), ["worker"]
     edges = graph()
     while todo:
