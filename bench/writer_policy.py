@@ -5,7 +5,9 @@
 One parquet file per case: LAION-like unit-norm embeddings as a ``list<halffloat>`` or ``list<float>``
 column, one thread, no statistics on the embedding column (the job's policy), PLAIN or BYTE_STREAM_SPLIT,
 no compression / snappy / lz4 / zstd. Best of 3 writes and reads per case; file size in MB. Only this
-column is written, so the figures are the embedding column's own cost.
+column is written, so the figures are the embedding column's own cost. The case ``SPLICED`` + none is
+the job's writer since 2026-11-26 (``clip_nsfw_spark.splice``: the same PLAIN pages, encoded without pyarrow;
+the file it writes must read back equal, or the script stops).
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from clip_nsfw_spark.sample import embedding_array, embeddings  # noqa: E402
+from clip_nsfw_spark.splice import SplicedParquetWriter  # noqa: E402
+
+
+def write_spliced(table: pa.Table, sink) -> None:
+    """The job's writer: one row group per 16,384 rows, as ``write_table(row_group_size=16384)`` makes."""
+    writer = SplicedParquetWriter(sink, table.schema, compression="none", use_dictionary=False,
+                                  write_statistics=False, columns=["embedding"])
+    for batch in table.to_batches(max_chunksize=16384):
+        writer.write_table(pa.Table.from_batches([batch]))
+    writer.close()
+    assert writer.pages_written, "splice.py wrote no page"
 
 
 def measure(table: pa.Table, encoding: str, compression: str, rounds: int = 3) -> dict:
@@ -35,14 +48,18 @@ def measure(table: pa.Table, encoding: str, compression: str, rounds: int = 3) -
     for _ in range(rounds):
         sink = io.BytesIO()
         t0 = time.perf_counter()
-        pq.write_table(table, sink, row_group_size=16384, **options)
+        if encoding == "SPLICED":
+            write_spliced(table, sink)
+        else:
+            pq.write_table(table, sink, row_group_size=16384, **options)
         best_write = min(best_write, time.perf_counter() - t0)
         data = sink.getvalue()
         used = pq.read_metadata(io.BytesIO(data)).row_group(0).column(0).encodings
-        assert encoding in used, f"{encoding} was not applied: {used}"  # pyarrow ignores unknown paths
+        assert (encoding if encoding != "SPLICED" else "PLAIN") in used, f"{encoding} was not applied: {used}"
         t0 = time.perf_counter()
-        pq.read_table(io.BytesIO(data), use_threads=False)
+        back = pq.read_table(io.BytesIO(data), use_threads=False)
         best_read = min(best_read, time.perf_counter() - t0)
+    assert back.equals(table), f"{encoding} + {compression} did not read back equal"
     return {"write_rows_per_s": table.num_rows / best_write, "read_rows_per_s": table.num_rows / best_read,
             "mb": len(data) / 1e6}
 
@@ -60,8 +77,8 @@ def main() -> int:
     print(f"{'dtype':8s} {'encoding':18s} {'codec':7s} {'write rows/s':>13s} {'read rows/s':>12s} {'MB':>8s}")
     for dtype in (np.float16, np.float32):
         table = pa.table({"embedding": embedding_array(embeddings(args.rows, args.dim, 0, dtype), False)})
-        for encoding in ("PLAIN", "BYTE_STREAM_SPLIT"):
-            for codec in ("none", "snappy", "lz4", "zstd"):
+        for encoding in ("PLAIN", "BYTE_STREAM_SPLIT", "SPLICED"):  # the first case also warms up
+            for codec in (("none",) if encoding == "SPLICED" else ("none", "snappy", "lz4", "zstd")):
                 case = {"dtype": np.dtype(dtype).name, "encoding": encoding, "codec": codec}
                 case |= measure(table, encoding, codec)
                 results["cases"].append(case)
