@@ -406,6 +406,65 @@ def test_dictionary_index_kernel_every_bit_width(bw):
         assert _gather_dictionary(stream[:len(stream) // 2], bw, n, dictionary, out) == -1
 
 
+def bit_packed(indices: list[int], bw: int, groups_per_run: int = 63) -> bytes:
+    """Only bit-packed runs of ``groups_per_run`` groups (pyarrow's writer: 63), the last group zero-padded."""
+    out = bytearray()
+    for s in range(0, len(indices), 8 * groups_per_run):
+        chunk = indices[s:s + 8 * groups_per_run]
+        groups = -(-len(chunk) // 8)
+        packed = sum(v << (k * bw) for k, v in enumerate(chunk))
+        out += uleb128(groups << 1 | 1) + packed.to_bytes(groups * bw, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("bw", list(range(1, 33)))
+def test_dictionary_index_kernel_long_runs_and_one_bad_index_anywhere(bw):
+    """Pages of pyarrow-like 504-index runs: most indices read through the word-window fast path, the last
+    few of the page (whose window would pass the page's end) through the tail reader. An index just past
+    the dictionary's end is refused wherever it sits: first, inside the fast path, the page's last index."""
+    from clip_nsfw_spark.pages import _gather_dictionary
+
+    rng = np.random.default_rng(100 + bw)
+    size = min(2**bw, 3000)
+    dictionary = rng.integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
+    n = 2 * 504 + 13
+    indices = rng.integers(0, size, n)
+    indices[-1] = size - 1  # the largest valid index, last in the page: read by the tail
+    stream = np.frombuffer(bit_packed([int(v) for v in indices], bw), np.uint8)
+    for dtype in (np.uint16, np.uint32, np.uint64):  # float16 / float32 / float64 bits
+        out = np.zeros(n, dtype)
+        assert _gather_dictionary(stream, bw, n, dictionary.astype(dtype), out) == n
+        np.testing.assert_array_equal(out, dictionary[indices].astype(dtype))
+    if size == 2**bw:  # every bw-bit index is valid: no out-of-range index can be written
+        return
+    for at in (0, 300, 504 + 7, n - 2, n - 1):
+        bad = indices.copy()
+        bad[at] = size
+        stream = np.frombuffer(bit_packed([int(v) for v in bad], bw), np.uint8)
+        assert _gather_dictionary(stream, bw, n, dictionary, np.zeros(n, np.uint32)) == -1, at
+    # a page that ends exactly where its last index ends (no padding group): the tail reads to the last byte
+    m = 8 * 3
+    stream = np.frombuffer(bit_packed([int(v) for v in indices[:m]], bw), np.uint8)
+    out = np.zeros(m, np.uint32)
+    assert _gather_dictionary(stream, bw, m, dictionary, out) == m
+    np.testing.assert_array_equal(out, dictionary[indices[:m]])
+
+
+def test_dictionary_index_kernels_stay_inside_the_page(tmp_path):
+    """The kernels are compiled without bounds checks and the fast path reads a 4-byte window per index: a
+    window past the page's end would read stray bytes and still give the right index (they land above
+    it), so only bounds checking shows it. Rerun the kernel tests in a subprocess with numba's bounds
+    checks forced on (its own cache: the usual one holds the unchecked builds)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "dictionary_index_kernel_every or dictionary_index_kernel_long"],
+                         env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("d", [1, 2, 7, 8, 9, 768])
 def test_level_kernels_on_pages_split_mid_row(d):
     from clip_nsfw_spark.pages import _check_def_levels, _check_rep_levels, _decode_levels
