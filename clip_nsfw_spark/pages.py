@@ -56,6 +56,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .thrift import STRUCT, ThriftError, decode_struct
+
 try:  # numba is a core dependency; without it every call returns None (pyarrow then reads)
     import numba
 
@@ -81,108 +83,20 @@ class _Unsupported(Exception):
     """Internal: the chunk is outside what this module decodes; the public function returns None."""
 
 
-# --------------------------------------------------------------------------------------------------------
-# Thrift compact protocol: just enough to read a PageHeader (and skip whatever else a writer put in it).
-# --------------------------------------------------------------------------------------------------------
-_T_TRUE, _T_FALSE, _T_BYTE, _T_I16, _T_I32, _T_I64, _T_DOUBLE, _T_BINARY = 1, 2, 3, 4, 5, 6, 7, 8
-_T_LIST, _T_SET, _T_MAP, _T_STRUCT = 9, 10, 11, 12
-_MAX_DEPTH = 16  # page headers nest 3 deep (PageHeader > DataPageHeader > Statistics); refuse anything wild
-
-
-class _Compact:
-    """Reads Thrift compact-protocol values from a bytes-like ``buf`` starting at ``pos``.
-
-    Structs come back as ``{field_id: value}``: integers as int, bools as bool, binary as bytes, lists/sets
-    as lists, maps as dicts, structs as dicts. Unknown fields are decoded the same way, i.e. skipped
-    correctly whatever their type. Reading past the end raises ``_Unsupported``.
-    """
-
-    def __init__(self, buf, pos: int = 0):
-        self.buf, self.pos = buf, pos
-
-    def byte(self) -> int:
-        if self.pos >= len(self.buf):
-            raise _Unsupported("page header runs past the column chunk")
-        b = self.buf[self.pos]
-        self.pos += 1
-        return b
-
-    def varint(self) -> int:
-        shift = result = 0
-        while True:
-            b = self.byte()
-            result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result
-            shift += 7
-            if shift > 63:
-                raise _Unsupported("varint longer than 64 bits in a page header")
-
-    def zigzag(self) -> int:
-        n = self.varint()
-        return (n >> 1) ^ -(n & 1)
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise _Unsupported("page header runs past the column chunk")
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return out
-
-    def value(self, ttype: int, depth: int):
-        if depth > _MAX_DEPTH:
-            raise _Unsupported("page header nested too deep")
-        if ttype == _T_TRUE:
-            return True
-        if ttype == _T_FALSE:
-            return False
-        if ttype == _T_BYTE:
-            return self.byte()
-        if ttype in (_T_I16, _T_I32, _T_I64):
-            return self.zigzag()
-        if ttype == _T_DOUBLE:
-            return self.take(8)
-        if ttype == _T_BINARY:
-            return self.take(self.varint())
-        if ttype in (_T_LIST, _T_SET):
-            head = self.byte()
-            size, etype = head >> 4, head & 0x0F
-            if size == 15:
-                size = self.varint()
-            if etype in (_T_TRUE, _T_FALSE):  # in a list a bool is one byte of its own
-                return [self.byte() == 1 for _ in range(size)]
-            return [self.value(etype, depth + 1) for _ in range(size)]
-        if ttype == _T_MAP:
-            size = self.varint()
-            if size == 0:
-                return {}
-            kv = self.byte()
-            return {self._elem(kv >> 4, depth): self._elem(kv & 0x0F, depth) for _ in range(size)}
-        if ttype == _T_STRUCT:
-            return self.struct(depth + 1)
-        raise _Unsupported(f"unknown Thrift compact type {ttype} in a page header")
-
-    def _elem(self, ttype: int, depth: int):
-        if ttype in (_T_TRUE, _T_FALSE):
-            return self.byte() == 1
-        return self.value(ttype, depth + 1)
-
-    def struct(self, depth: int = 0) -> dict:
-        fields, last = {}, 0
-        while True:
-            head = self.byte()
-            if head == 0:  # STOP
-                return fields
-            delta, ttype = head >> 4, head & 0x0F
-            fid = last + delta if delta else self.zigzag()
-            fields[fid] = self.value(ttype, depth)
-            last = fid
+def _as_dict(fields: list) -> dict:
+    """A decoded Thrift struct as ``{field id: value}``, nested structs too (lists stay thrift.ThriftList)."""
+    return {f.id: _as_dict(f.value) if f.type == STRUCT else f.value for f in fields}
 
 
 def _page_header(buf, pos: int) -> tuple[dict, int]:
-    """Decode one PageHeader at ``buf[pos:]``; returns (fields by thrift id, position after the header)."""
-    reader = _Compact(buf, pos)
-    return reader.struct(), reader.pos
+    """Decode one PageHeader at ``buf[pos:]``; returns (fields by thrift id, position after the header).
+    Unknown fields are decoded too, i.e. skipped correctly whatever their type; ``_Unsupported`` when the
+    bytes run out or are not a Thrift struct (a truncated or damaged header)."""
+    try:
+        fields, end = decode_struct(buf, pos)
+    except ThriftError as err:
+        raise _Unsupported(f"page header: {err}") from err
+    return _as_dict(fields), end
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .thrift import I32, I64, LIST, STRUCT, Field, ThriftList, decode_struct, en
 
 MAGIC = b"PAR1"
 PAGE_BYTES = 1 << 20  # values per data page, as pyarrow's default data page size: readers hold a page at once
+MAX_ROW_GROUP_ROWS = 1 << 20  # a longer batch is cut into row groups of this many rows, as pyarrow's writer cuts it
 _DATA_PAGE, _PLAIN, _RLE = 0, 0, 3  # parquet.thrift enum values
 # parquet physical type of a float-list leaf → numpy dtype of the values' bits, by Arrow value type
 _PHYSICAL = {pa.float16(): (7, np.dtype("<u2")), pa.float32(): (4, np.dtype("<u4")), pa.float64(): (5, np.dtype("<u8"))}
@@ -46,6 +47,16 @@ def _write_parquet(table: pa.Table, options: dict) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=max(table.num_rows, 1), **options)
     return sink.getvalue().to_pybytes()
+
+
+def leaf_paths(schema: pa.Schema) -> list[list[str]]:
+    """The parquet leaf paths (``"emb.list.element"``) of each top-level field, as pyarrow's writer names
+    them: taken from the footer it writes for an empty table, by position (never by splitting names)."""
+    template = _footer(_write_parquet(schema.empty_table(), {}))
+    chunks = get(get(template, 4).items[0], 1).items
+    ends = np.cumsum(_leaf_counts(get(template, 2).items))
+    return [[".".join(_path(chunk)) for chunk in chunks[end - n:end]]
+            for n, end in zip(_leaf_counts(get(template, 2).items), ends)]
 
 
 def _leaf_counts(schema_elements: list) -> list[int]:
@@ -100,12 +111,28 @@ def _uleb(n: int) -> bytes:
     return bytes(out)
 
 
+def _repetition_levels(rows: int, d: int) -> bytes:
+    """Hybrid-encoded repetition levels (bit width 1) of ``rows`` rows of ``d`` values: per row a 0 (a new
+    row) then d − 1 ones. The smallest of: one RLE run of zeros (d = 1); one bit-packed run, d / 8 bytes a
+    row (narrow rows); two RLE runs a row (header ``count << 1``, then the value's byte), ~5 bytes a row
+    whatever d (embeddings)."""
+    if d == 1:
+        return _uleb(rows << 1) + b"\x00"
+    row = b"\x02\x00" + _uleb((d - 1) << 1) + b"\x01"
+    if len(row) * 8 <= d:
+        return row * rows
+    levels = np.ones(rows * d, np.uint8)
+    levels[::d] = 0
+    packed = np.packbits(levels, bitorder="little")  # 8 levels a byte, first level in the lowest bit
+    return _uleb((packed.shape[0] << 1) | 1) + packed.tobytes()  # a run of len(packed) groups of 8
+
+
 def _levels(rows: int, d: int, max_def: int) -> bytes:
-    """The repetition and definition level streams of a v1 data page of ``rows`` full rows of ``d`` values:
-    each a 4-byte little-endian length, then RLE runs (header ``count << 1``, then the value's byte).
-    Repetition: per row, one 0 (a new row) and d − 1 ones; definition: one run of ``max_def``."""
-    row = b"\x02\x00" + (_uleb((d - 1) << 1) + b"\x01" if d > 1 else b"")
-    rep = row * rows
+    """The level streams of a v1 data page of ``rows`` full rows of ``d`` values, each a 4-byte
+    little-endian length then the hybrid encoding: repetition levels, then definition levels (one RLE run
+    of ``max_def``: every value present). Bit-packed groups are padded past the page's levels with zeros,
+    which readers ignore (they read as many levels as the page header says)."""
+    rep = _repetition_levels(rows, d)
     definition = _uleb((rows * d) << 1) + bytes([max_def])
     return (len(rep).to_bytes(4, "little") + rep + len(definition).to_bytes(4, "little") + definition)
 
@@ -120,15 +147,16 @@ class _EmbeddingLeaf:
 class SplicedParquetWriter:
     """A ``pq.ParquetWriter`` look-alike (``write_table``, ``close``) for ``schema`` into ``sink``.
 
-    sink: a binary file object (only ``write`` is used; it is not closed here). compression: one codec, or
-    a codec per parquet leaf path (writer.column_compression); use_dictionary / write_statistics: column names, as
-    for pyarrow. ``columns``: the float-list columns to encode here (list / large_list / fixed_size_list
-    of halffloat / float / double, one leaf); the caller passes the uncompressed ones. ``encoded`` says
-    which of them the footer allowed (the others are pyarrow's); ``pages_written`` counts this module's pages.
+    sink: a binary file object (only ``write`` is used; it is not closed here). compression: one codec (None:
+    none), or a codec per parquet leaf path (writer.column_compression); use_dictionary / write_statistics:
+    a bool or column names / leaf paths, as for pyarrow. ``columns``: the float-list columns to encode here
+    (list / large_list / fixed_size_list of halffloat / float / double, one leaf). A column is encoded here
+    only where pyarrow would write it the same way: uncompressed, without dictionary, without statistics;
+    ``encoded`` names those, the others are pyarrow's. ``pages_written`` counts this module's pages.
     """
 
-    def __init__(self, sink, schema: pa.Schema, *, compression: str | dict[str, str], use_dictionary: list[str],
-                 write_statistics: list[str], columns: list[str]):
+    def __init__(self, sink, schema: pa.Schema, *, compression: str | dict[str, str] | None,
+                 use_dictionary: bool | list[str], write_statistics: bool | list[str], columns: list[str]):
         self.sink, self.schema = sink, schema
         self._options = {"compression": compression, "use_dictionary": use_dictionary,
                          "write_statistics": write_statistics}
@@ -145,9 +173,13 @@ class SplicedParquetWriter:
                 continue
             field, leaf = schema.field(index), int(starts[index])
             value_type = getattr(field.type, "value_type", None)
-            codec = compression if isinstance(compression, str) else compression.get(".".join(_path(chunks[leaf])))
+            path = ".".join(_path(chunks[leaf]))
+            codec = compression.get(path) if isinstance(compression, dict) else compression
             if value_type not in _PHYSICAL or str(codec).lower() not in ("none", "uncompressed"):
                 continue  # a leaf missing from a codec mapping is one pyarrow leaves uncompressed
+            if any(option is True or (not isinstance(option, bool) and {name, path} & set(option or ()))
+                   for option in (use_dictionary, write_statistics)):
+                continue  # pyarrow would give it a dictionary or statistics
             physical, dtype = _PHYSICAL[value_type]
             column = parquet_schema.column(leaf)
             if column.max_repetition_level != 1 or get(get(chunks[leaf], 3), 1) != physical:
@@ -159,6 +191,7 @@ class SplicedParquetWriter:
         self._rows = 0
         self.pages_written = 0
         self._pos = 0  # bytes written; the magic goes first, at the first write_table or close
+        self._closed = False
 
     def _start(self) -> None:
         if self._pos == 0:
@@ -182,12 +215,17 @@ class SplicedParquetWriter:
         return self._subset_options[skipped]
 
     def write_table(self, table: pa.Table) -> None:
-        """Write ``table`` (the writer's schema) as one row group; nothing for an empty table."""
-        if not table.num_rows:
-            return
-        self._start()
+        """Write ``table`` (the writer's schema) as one row group, or as several of ``MAX_ROW_GROUP_ROWS``
+        rows when longer; an empty table makes an empty row group (as pyarrow's writer does)."""
+        if self._closed:
+            raise ValueError("write_table after close")
         if not table.schema.equals(self.schema, check_metadata=False):
             raise ValueError(f"table schema {table.schema} is not the writer's {self.schema}")
+        self._start()
+        for first in range(0, max(table.num_rows, 1), MAX_ROW_GROUP_ROWS):
+            self._write_row_group(table.slice(first, MAX_ROW_GROUP_ROWS))
+
+    def _write_row_group(self, table: pa.Table) -> None:
         uniform = {}
         for index, leaf in self._leaves.items():
             found = _uniform_values(table.column(index), leaf.dtype)
@@ -221,7 +259,8 @@ class SplicedParquetWriter:
     def _copy_chunk(self, mini: bytes, chunk: list[Field]) -> list[Field]:
         """Copy one of pyarrow's column chunks from the in-memory file; its metadata with offsets moved."""
         meta = get(chunk, 3)
-        begin = min(o for o in (get(meta, 9), get(meta, 10), get(meta, 11)) if o)
+        offsets = [o for o in (get(meta, 9), get(meta, 10), get(meta, 11)) if o]  # 0: no such page
+        begin = min(offsets) if offsets else self._pos  # no page at all: an empty chunk of an empty row group
         size = get(meta, 7)
         shift = self._pos - begin
         self._write(mini[begin:begin + size])
@@ -258,7 +297,10 @@ class SplicedParquetWriter:
         return [Field(2, I64, 0), Field(3, STRUCT, meta)]
 
     def close(self) -> None:
-        """Write the footer (the sink stays open)."""
+        """Write the footer (the sink stays open); a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._start()
         footer = encode_struct(with_fields(self._template, {
             3: (I64, self._rows), 4: (LIST, ThriftList(STRUCT, self._row_groups))}))

@@ -35,6 +35,8 @@ class Field(NamedTuple):
 
 def decode_struct(buf: bytes, pos: int = 0) -> tuple[list[Field], int]:
     """The struct at ``buf[pos:]`` as a field list, and the position after it."""
+    if not 0 <= pos < len(buf):
+        raise ThriftError(f"no Thrift struct at {pos} in {len(buf)} bytes")
     reader = _Reader(buf, pos)
     return reader.struct(0), reader.pos
 

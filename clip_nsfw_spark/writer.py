@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from .config import TaskConfig
 from .outcomes import MODE_STREAMS, Stream
-from .splice import SplicedParquetWriter
+from .splice import SplicedParquetWriter, leaf_paths
 from .storage import join
 
 TMP_DIR = "_clip_nsfw_tmp"
@@ -65,14 +65,10 @@ def column_compression(schema: pa.Schema, compression: str, embedding_compressio
     """
     # pyarrow takes per-column codecs keyed by the parquet leaf path ("emb.list.element"), silently ignores a
     # top-level name for a list, and leaves a leaf missing from the mapping uncompressed: so every leaf is
-    # named, as the writer itself names it (the paths of an empty file's schema).
-    sink = pa.BufferOutputStream()
-    pq.write_table(schema.empty_table(), sink)
-    leaves = pq.read_metadata(pa.BufferReader(sink.getvalue())).schema
-    floats = {f.name for f in schema if _is_float_list(f)}
-    paths = [leaves.column(i).path for i in range(len(leaves))]
-    return {path: embedding_compression if any(path.startswith(name + ".") for name in floats) else compression
-            for path in paths}
+    # named, as the writer itself names it, and matched to its column by position (a scalar column named
+    # "emb.model" is not a leaf of "emb").
+    return {path: embedding_compression if _is_float_list(field) else compression
+            for field, paths in zip(schema, leaf_paths(schema)) for path in paths}
 
 
 def _with_column(schema: pa.Schema, field: pa.Field) -> pa.Schema:

@@ -142,7 +142,7 @@ def test_uniform_embeddings_are_written_here_and_read_back_bit_for_bit(tmp_path,
         assert_same_bits(pa.table({"e": got}), pa.table({"e": emb.slice(a, b - a)}))
 
 
-@pytest.mark.parametrize("d", [1, 2, 768])
+@pytest.mark.parametrize("d", [1, 2, 3, 39, 40, 768])  # repetition levels: one run, bit-packed, two runs a row
 def test_row_widths_from_one_value_to_clip_size(tmp_path, d):
     x = values(300, d, pa.float16())
     emb = list_array(x, d, "list", pa.float16())
@@ -254,13 +254,14 @@ def test_a_table_of_another_schema_is_refused(tmp_path):
 
 
 def test_spark_reads_the_embedding_values(spark, tmp_path):
-    """Spark's own parquet reader (parquet-mr, vectorized) on a spliced file: every float back, every row."""
-    d = 16
-    x = values(2000, d, pa.float32(), seed=3)
+    """Spark's own parquet reader (parquet-mr, vectorized) on a spliced file: every float back, every row;
+    16 values a row (bit-packed repetition levels) and 48 (two runs a row)."""
+    x = values(2000, 16, pa.float32(), seed=3)
     x[np.isnan(x)] = 1.0  # Spark compares NaN as equal anyway; keep the check simple
-    emb = list_array(x, d, "list", pa.float32())
-    doubles = list_array(x.astype(np.float64), d, "large_list", pa.float64())
-    table = pa.table({"id": np.arange(2000), "embedding": emb, "e64": doubles})
+    wide = values(2000, 48, pa.float64(), seed=4)
+    wide[np.isnan(wide)] = 1.0
+    table = pa.table({"id": np.arange(2000), "embedding": list_array(x, 16, "list", pa.float32()),
+                      "e64": list_array(wide, 48, "large_list", pa.float64())})
     folder = tmp_path / "out"
     folder.mkdir()
     _, ours, writer = write_both(tmp_path, table.schema, [table.slice(0, 1500), table.slice(1500)])
@@ -269,8 +270,8 @@ def test_spark_reads_the_embedding_values(spark, tmp_path):
     rows = spark.read.parquet(str(folder)).orderBy("id").collect()
     assert [r.id for r in rows] == list(range(2000))
     got = np.array([r.embedding for r in rows], np.float32)
-    assert np.array_equal(got.view(np.uint32), x.reshape(-1, d).view(np.uint32))
-    assert np.array_equal(np.array([r.e64 for r in rows]), x.astype(np.float64).reshape(-1, d))
+    assert np.array_equal(got.view(np.uint32), x.reshape(-1, 16).view(np.uint32))
+    assert np.array_equal(np.array([r.e64 for r in rows]).view(np.uint64), wide.reshape(-1, 48).view(np.uint64))
 
 
 def test_thrift_round_trip_is_byte_exact_on_pyarrow_footers(tmp_path):
@@ -296,3 +297,80 @@ def test_with_fields_sets_adds_and_removes_in_id_order():
     assert decode_struct(encode_struct(out)) == (out, len(encode_struct(out)))
     assert decode_struct(encode_struct([Field(40, 1, True), Field(2, 1, False)]))[0] == [
         Field(40, 1, True), Field(2, 1, False)]  # long and negative id deltas, bools in the field header
+
+
+# --- from a hostile review: where the writer differed from pq.ParquetWriter (all fixed) ---------------------------
+
+
+def test_an_empty_batch_makes_a_row_group_as_pyarrow_does(tmp_path):
+    emb = list_array(values(10, 4, pa.float32()), 4, "list", pa.float32())
+    table = pa.table({"embedding": emb, "id": np.arange(10)})
+    theirs, ours, writer = write_both(tmp_path, table.schema, [table.slice(0, 5), table.slice(5, 0), table.slice(5)])
+    assert writer.encoded == ["embedding"]
+    assert_same_bits(pq.read_table(ours), pq.read_table(theirs))
+    assert pq.read_metadata(ours).num_row_groups == pq.read_metadata(theirs).num_row_groups == 3
+
+
+def test_a_batch_longer_than_a_row_group_is_cut_as_pyarrow_cuts_it(tmp_path):
+    n = 1024 * 1024 + 5  # one byte and one float16 a row: ~3 MB
+    emb = list_array(np.zeros(n, np.float16), 1, "fixed_size_list", pa.float16())
+    table = pa.table({"k": np.zeros(n, np.int8), "embedding": emb})
+    theirs, ours, writer = write_both(tmp_path, table.schema, [table])
+    assert writer.pages_written >= 1
+    assert [pq.read_metadata(ours).row_group(i).num_rows for i in range(pq.read_metadata(ours).num_row_groups)] == [
+        pq.read_metadata(theirs).row_group(i).num_rows for i in range(pq.read_metadata(theirs).num_row_groups)]
+
+
+def test_compression_none_is_accepted_as_by_pyarrow(tmp_path):
+    emb = list_array(values(10, 4, pa.float32()), 4, "list", pa.float32())
+    table = pa.table({"embedding": emb, "id": np.arange(10)})
+    options = dict(compression=None, use_dictionary=[], write_statistics=[])
+    with open(tmp_path / "f.parquet", "wb") as sink:
+        writer = SplicedParquetWriter(sink, table.schema, columns=["embedding"], **options)
+        writer.write_table(table)
+        writer.close()
+    assert writer.encoded == ["embedding"]
+    assert_same_bits(pq.read_table(tmp_path / "f.parquet"), table)
+
+
+def test_statistics_of_an_embedding_when_asked_for_all_columns(tmp_path):
+    emb = list_array(values(10, 4, pa.float32()), 4, "list", pa.float32())
+    table = pa.table({"embedding": emb, "id": np.arange(10)})
+    options = dict(compression="none", use_dictionary=False, write_statistics=True)
+    with pq.ParquetWriter(tmp_path / "pyarrow.parquet", table.schema, **options) as theirs:
+        theirs.write_table(table)
+    with open(tmp_path / "spliced.parquet", "wb") as sink:
+        ours = SplicedParquetWriter(sink, table.schema, columns=["embedding"], **options)
+        ours.write_table(table)
+        ours.close()
+    a = pq.read_metadata(tmp_path / "pyarrow.parquet").row_group(0).column(0)
+    b = pq.read_metadata(tmp_path / "spliced.parquet").row_group(0).column(0)
+    assert a.is_stats_set == b.is_stats_set
+    assert ours.encoded == [] and ours.pages_written == 0  # the embedding was pyarrow's: asked for statistics
+
+
+def test_close_twice_leaves_the_file_as_it_was(tmp_path):
+    emb = list_array(values(10, 4, pa.float32()), 4, "list", pa.float32())
+    table = pa.table({"embedding": emb})
+    with open(tmp_path / "f.parquet", "wb") as sink:
+        writer = SplicedParquetWriter(sink, table.schema, columns=["embedding"], compression="none",
+                                      use_dictionary=[], write_statistics=[])
+        writer.write_table(table)
+        writer.close()
+        size = sink.tell()
+        writer.close()
+        assert sink.tell() == size
+        with pytest.raises(Exception):
+            writer.write_table(table)
+
+
+def test_a_column_named_after_the_embedding_keeps_the_scalar_codec():
+    schema = pa.schema([("embedding", pa.list_(pa.float32())), ("embedding.model", pa.string())])
+    assert column_compression(schema, "zstd", "none") == {"embedding.list.element": "none", "embedding.model": "zstd"}
+
+
+def test_narrow_rows_are_not_much_larger_than_pyarrows(tmp_path):
+    table = pa.table({"embedding": list_array(values(20000, 1, pa.float16()), 1, "list", pa.float16())})
+    theirs, ours, writer = write_both(tmp_path, table.schema, [table])
+    assert writer.pages_written == 1
+    assert ours.stat().st_size < 1.1 * theirs.stat().st_size
