@@ -266,8 +266,9 @@ class SplicedParquetWriter:
         self._write(mini[begin:begin + size])
         moved = {k: (I64, get(meta, k) + shift) for k in (9, 10, 11) if get(meta, k)}
         moved |= {14: None, 15: None}  # bloom filters are not copied (pyarrow writes none by default)
-        file_offset = get(chunk, 2)
-        return with_fields(chunk, {2: (I64, file_offset + shift if file_offset else 0), 3: (STRUCT, with_fields(meta, moved)),
+        file_offset = get(chunk, 2)  # deprecated; pyarrow writes 0
+        return with_fields(chunk, {2: (I64, file_offset + shift if file_offset else 0),
+                                   3: (STRUCT, with_fields(meta, moved)),
                                    4: None, 5: None, 6: None, 7: None})  # page indexes are not copied
 
     def _write_embedding_chunk(self, leaf: _EmbeddingLeaf, values: np.ndarray, d: int) -> list[Field]:
