@@ -57,8 +57,8 @@ def get(fields: list[Field], field_id: int, default=None):
 
 
 def with_fields(fields: list[Field], changes: dict[int, tuple[int, object] | None]) -> list[Field]:
-    """``fields`` with ``changes`` applied: ``{id: (type, value)}`` sets a field (kept in place, or added
-    in id order), ``{id: None}`` removes it."""
+    """``fields`` with ``changes`` applied, in ascending id order (as Thrift writers emit them):
+    ``{id: (type, value)}`` sets a field (replaced, or added), ``{id: None}`` removes it."""
     out = [f if f.id not in changes else Field(f.id, *changes[f.id]) for f in fields
            if not (f.id in changes and changes[f.id] is None)]
     present = {f.id for f in out}
