@@ -3,7 +3,7 @@
 Why: an embedding column is most of an output's bytes, and pyarrow's writer spends ~8 ns per float on it
 (repetition and definition levels built and run-length encoded level by level; a float16 also goes
 through a per-value fixed-length-byte-array path): ~0.6 s per 100k rows of 768 float32, ~0.7 s of
-float16, more than reading and scoring them (docs/performance.md). Yet a uniform embedding column (every
+float16, as much as reading them and more than twice the rest of writing (docs/performance.md). Yet a uniform embedding column (every
 row a non-null list of ``d`` non-null floats: what the job writes) is trivial to encode: per page, the
 repetition levels are the same few bytes for every row, the definition levels one run, and the values
 their bytes as they are in memory (PLAIN, uncompressed: the writer policy's choice for embeddings).
