@@ -21,6 +21,8 @@ tests/test_splice.py, bench/writer_compat.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,9 +56,8 @@ def leaf_paths(schema: pa.Schema) -> list[list[str]]:
     them: taken from the footer it writes for an empty table, by position (never by splitting names)."""
     template = _footer(_write_parquet(schema.empty_table(), {}))
     chunks = get(get(template, 4).items[0], 1).items
-    ends = np.cumsum(_leaf_counts(get(template, 2).items))
-    return [[".".join(_path(chunk)) for chunk in chunks[end - n:end]]
-            for n, end in zip(_leaf_counts(get(template, 2).items), ends)]
+    counts = _leaf_counts(get(template, 2).items)
+    return [[".".join(_path(chunk)) for chunk in chunks[end - n:end]] for n, end in zip(counts, np.cumsum(counts))]
 
 
 def _leaf_counts(schema_elements: list) -> list[int]:
@@ -137,11 +138,12 @@ def _levels(rows: int, d: int, max_def: int) -> bytes:
     return (len(rep).to_bytes(4, "little") + rep + len(definition).to_bytes(4, "little") + definition)
 
 
-class _EmbeddingLeaf:
-    """What the footer says of a float-list column's one leaf: where it is and how to encode it."""
+class _EmbeddingLeaf(NamedTuple):
+    """What the template footer says of a float-list column's one leaf: how to encode and describe it."""
 
-    def __init__(self, leaf: int, meta: list[Field], max_def: int, dtype: np.dtype):
-        self.leaf, self.meta, self.max_def, self.dtype = leaf, meta, max_def, dtype
+    meta: list[Field]  # its ColumnMetaData in the empty file (physical type, path in schema)
+    max_def: int
+    dtype: np.dtype  # the values' bits
 
 
 class SplicedParquetWriter:
@@ -184,7 +186,7 @@ class SplicedParquetWriter:
             column = parquet_schema.column(leaf)
             if column.max_repetition_level != 1 or get(get(chunks[leaf], 3), 1) != physical:
                 continue
-            self._leaves[index] = _EmbeddingLeaf(leaf, get(chunks[leaf], 3), column.max_definition_level, dtype)
+            self._leaves[index] = _EmbeddingLeaf(get(chunks[leaf], 3), column.max_definition_level, dtype)
         self.encoded = [schema.field(i).name for i in sorted(self._leaves)]
         self._subset_options: dict[frozenset, dict] = {}
         self._row_groups: list[list[Field]] = []
@@ -208,8 +210,7 @@ class SplicedParquetWriter:
             kept = pa.schema([f for i, f in enumerate(self.schema) if i not in skipped], metadata=self.schema.metadata)
             options = dict(self._options)
             if isinstance(options["compression"], dict) and len(kept):
-                chunks = get(get(_footer(_write_parquet(kept.empty_table(), {})), 4).items[0], 1).items
-                paths = {".".join(_path(chunk)) for chunk in chunks}
+                paths = {path for paths in leaf_paths(kept) for path in paths}
                 options["compression"] = {k: v for k, v in options["compression"].items() if k in paths}
             self._subset_options[skipped] = options
         return self._subset_options[skipped]
