@@ -61,14 +61,14 @@ FLOP_PER_ROW = {"vit-l-14": 2 * 213_248}
 
 def job_config(source: Path, output: Path, model: str, **options):
     """The job's configuration for ``source`` → ``output`` (options: mode, drop_columns …)."""
-    from clip_nsfw_spark.config import JobConfig
+    from clip_nsfw_spark.driver.config import JobConfig
 
     return JobConfig(input=str(source), output=str(output), model=model, **options)
 
 
 def spark_job(spark, source: Path, output: Path, model: str, runner=None, **options) -> dict:
     """The job on Spark (``runner`` wraps the Spark runner when given); returns the job's report."""
-    from clip_nsfw_spark.job import run_job
+    from clip_nsfw_spark.driver.job import run_job
 
     shutil.rmtree(output, ignore_errors=True)
     return run_job(job_config(source, output, model, **options), runner=runner or spark_runner(spark))
@@ -86,7 +86,7 @@ class ConstantScorer:
 
 def constant_scorer(head) -> ConstantScorer:
     """A worker's ``make_scorer`` (HeadPayload → scorer) for the IO floor."""
-    from clip_nsfw_spark.scorer import scorer_from_portable
+    from clip_nsfw_spark.scoring.scorer import scorer_from_portable
 
     return ConstantScorer(scorer_from_portable(head.data).dim)
 
@@ -96,7 +96,7 @@ def io_floor_job(spark, source: Path, output: Path, model: str) -> dict:
     runs the job's worker with its ``make_scorer`` seam replaced (worker.Worker)."""
     import dataclasses
 
-    from clip_nsfw_spark.job import run_job
+    from clip_nsfw_spark.driver.job import run_job
 
     shutil.rmtree(output, ignore_errors=True)
     run = spark_runner(spark)
@@ -106,34 +106,34 @@ def io_floor_job(spark, source: Path, output: Path, model: str) -> dict:
 
 def local_job(source: Path, output: Path, model: str) -> dict:
     """The job without Spark, its tasks one after the other in this process; returns the report."""
-    from clip_nsfw_spark.job import run_job
+    from clip_nsfw_spark.driver.job import run_job
 
     shutil.rmtree(output, ignore_errors=True)
     return run_job(job_config(source, output, model), runner=None)
 
 
 def spark_runner(spark):
-    from clip_nsfw_spark.spark import spark_runner as runner
+    from clip_nsfw_spark.spark.runner import spark_runner as runner
 
     return runner(spark)
 
 
 def start_spark(cores: int):
     """A local[cores] session context manager (the package's, which stops the session it creates)."""
-    from clip_nsfw_spark.spark import spark_session
+    from clip_nsfw_spark.spark.runner import spark_session
 
     # Spark's own reader/writer (baseline, DataFrame path) needs more than local mode's 1 GiB default heap.
     return spark_session(f"local[{cores}]", conf={"spark.driver.memory": "6g", "spark.ui.enabled": "false"})
 
 
 def nsfw_score_column(column: str, model: str):
-    from clip_nsfw_spark.spark import nsfw_score
+    from clip_nsfw_spark.spark.dataframe import nsfw_score
 
     return nsfw_score(column, model)
 
 
 def saved_model_dir(model: str) -> str:
-    from clip_nsfw_spark.models import prepare_model
+    from clip_nsfw_spark.models.cache import prepare_model
 
     return str(prepare_model(model).saved_model)
 
@@ -147,11 +147,11 @@ def load_scorer(model: str):
 def cold_start_code(model: str) -> str:
     """Python source doing what a new Spark Python worker does before its first batch: import, build the
     scorer from the portable-weights bytes, score 1,024 float16 rows."""
-    from clip_nsfw_spark.models import prepare_model
+    from clip_nsfw_spark.models.cache import prepare_model
 
     resolved = prepare_model(model)
-    return ("import numpy as np; from clip_nsfw_spark.config import HeadPayload; "
-            "from clip_nsfw_spark.worker import scorer_for; "
+    return ("import numpy as np; from clip_nsfw_spark.driver.config import HeadPayload; "
+            "from clip_nsfw_spark.executor.worker import scorer_for; "
             f"data = open({str(resolved.portable)!r}, 'rb').read(); "
             f"s = scorer_for(HeadPayload({model!r}, {resolved.sha256!r}, data)); "
             "s(np.random.default_rng(0).normal(size=(1024, s.dim)).astype(np.float16))")
@@ -622,7 +622,7 @@ def overhead_report(args, workdir: Path) -> dict:
     table: dict = {}
     interpreter = [sys.executable, "-c"]
     t0 = time.perf_counter()
-    subprocess.run(interpreter + ["import clip_nsfw_spark.worker, pyarrow.parquet, numpy"], check=True)
+    subprocess.run(interpreter + ["import clip_nsfw_spark.executor.worker, pyarrow.parquet, numpy"], check=True)
     table["fresh interpreter + package imports, s"] = time.perf_counter() - t0
     code = cold_start_code(args.model)
     subprocess.run(interpreter + [code], check=True)  # numba's on-disk cache filled once

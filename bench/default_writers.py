@@ -2,7 +2,7 @@
 
     python bench/default_writers.py --workdir bench/data --rows 20000 [--files 4] [--cores 2]   # make them all
 
-Every dataset holds the same rows (``clip_nsfw_spark.sample``: key, url, caption + 768-d unit-norm
+Every dataset holds the same rows (``clip_nsfw_spark.tools.sample``: key, url, caption + 768-d unit-norm
 embeddings, file ``i`` from seed ``i``) in ``--files`` files, written by:
 
 * ``pyarrow-f32`` / ``pyarrow-f16``: ``pq.write_table(table, path, row_group_size=16384)`` — pyarrow's
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip_nsfw_spark.sample import embeddings, metadata, write_laion_sample
+from clip_nsfw_spark.tools.sample import embeddings, metadata, write_laion_sample
 
 DIM = 768
 ROW_GROUP_ROWS = 16384  # issue #13's user files

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip_nsfw_spark.sample import write_parquet_sample  # noqa: E402
+from clip_nsfw_spark.tools.sample import write_parquet_sample  # noqa: E402
 
 
 def process_tree(root_pid: int) -> dict[int, tuple[str, int, int]]:

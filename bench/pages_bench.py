@@ -1,4 +1,4 @@
-"""pyarrow vs ``clip_nsfw_spark.pages`` reading one embedding column of one row group, per writer setting.
+"""pyarrow vs ``clip_nsfw_spark.parquet.pages`` reading one embedding column of one row group, per writer setting.
 
     python bench/pages_bench.py [--rows 100000] [--dim 768] [--out bench/results/pages_bench.json]
     python bench/pages_bench.py --stream [--rows 1000000] [--batch-rows 16384] [--file F.parquet]
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip_nsfw_spark.pages import read_float_list_column  # noqa: E402
+from clip_nsfw_spark.parquet.pages import read_float_list_column  # noqa: E402
 
 COLUMN = "embedding"
 
@@ -131,9 +131,9 @@ def stream_child(reader: str, path: str, batch_rows: int) -> dict:
 
     import fsspec
 
-    from clip_nsfw_spark.pages import iter_float_list_column
-    from clip_nsfw_spark.planner import Task
-    from clip_nsfw_spark.reader import task_batches
+    from clip_nsfw_spark.parquet.pages import iter_float_list_column
+    from clip_nsfw_spark.contract import Task
+    from clip_nsfw_spark.executor.reader import task_batches
 
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -186,7 +186,7 @@ def stream_write(path: str, rows: int, dim: int) -> None:
 
 def stream_check(path: str, batch_rows: int) -> int:
     """The stream's batches equal pyarrow's, batch by batch (memory: two batches). Returns the batch count."""
-    from clip_nsfw_spark.pages import iter_float_list_column
+    from clip_nsfw_spark.parquet.pages import iter_float_list_column
 
     meta = pq.read_metadata(path)
     with open(path, "rb") as f, open(path, "rb") as g:

@@ -7,7 +7,7 @@ Writes small parquet files with pyarrow (this interpreter): 300 rows, a ``key`` 
 BYTE_STREAM_SPLIT (the column encoding keyed by the leaf path ``embedding.list.element``: pyarrow
 silently ignores the top-level name for a list), zstd, no dictionary and no statistics on the embedding
 column, one null row, two row groups. Each file's encodings are checked in its footer before any reader.
-``SPLICED``: the same rows written by the job's writer (``clip_nsfw_spark.splice.SplicedParquetWriter``,
+``SPLICED``: the same rows written by the job's writer (``clip_nsfw_spark.parquet.splice.SplicedParquetWriter``,
 embeddings uncompressed): the first row group, which holds the null row, has its embedding chunk encoded
 by pyarrow, the second by splice.py (checked: it wrote pages).
 
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip_nsfw_spark.splice import SplicedParquetWriter  # noqa: E402
+from clip_nsfw_spark.parquet.splice import SplicedParquetWriter  # noqa: E402
 
 ROWS, DIM, NULL_ROW = 300, 768, 5
 LEAF = "embedding.list.element"

@@ -6,7 +6,7 @@ One parquet file per case: LAION-like unit-norm embeddings as a ``list<halffloat
 column, one thread, no statistics on the embedding column (the job's policy), PLAIN or BYTE_STREAM_SPLIT,
 no compression / snappy / lz4 / zstd. Best of 3 writes and reads per case; file size in MB. Only this
 column is written, so the figures are the embedding column's own cost. The case ``SPLICED`` + none is
-the job's writer since 2026-11-26 (``clip_nsfw_spark.splice``: the same PLAIN pages, encoded without pyarrow;
+the job's writer since 2026-11-26 (``clip_nsfw_spark.parquet.splice``: the same PLAIN pages, encoded without pyarrow;
 the file it writes must read back equal, or the script stops).
 """
 
@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip_nsfw_spark.sample import embedding_array, embeddings  # noqa: E402
-from clip_nsfw_spark.splice import SplicedParquetWriter  # noqa: E402
+from clip_nsfw_spark.tools.sample import embedding_array, embeddings  # noqa: E402
+from clip_nsfw_spark.parquet.splice import SplicedParquetWriter  # noqa: E402
 
 
 def write_spliced(table: pa.Table, sink) -> None:

@@ -9,9 +9,9 @@ Public API::
 Importing this package imports numpy only (never TensorFlow, never Spark).
 """
 
-from .errors import ClipNsfwError
-from .api import load_scorer
-from .scorer import NumpyScorer
+from clip_nsfw_spark.errors import ClipNsfwError
+from clip_nsfw_spark.api import load_scorer
+from clip_nsfw_spark.scoring.scorer import NumpyScorer
 
 __version__ = "0.1.0"
 __all__ = ["ClipNsfwError", "NumpyScorer", "load_scorer", "__version__"]

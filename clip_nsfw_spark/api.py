@@ -10,12 +10,12 @@ import os
 
 import numpy as np
 
-from .embeddings import check_embeddings
-from .errors import ClipNsfwError
-from .models import prepare_model, saved_model_dir
-from .registry import REGISTRY, canonical_name
-from .scorer import scorer_from_portable
-from .weights import PortableWeights
+from clip_nsfw_spark.scoring.embeddings import check_embeddings
+from clip_nsfw_spark.errors import ClipNsfwError
+from clip_nsfw_spark.models.cache import prepare_model, saved_model_dir
+from clip_nsfw_spark.models.registry import REGISTRY, canonical_name
+from clip_nsfw_spark.scoring.scorer import scorer_from_portable
+from clip_nsfw_spark.scoring.weights import PortableWeights
 
 
 class TensorFlowScorer:
@@ -25,7 +25,7 @@ class TensorFlowScorer:
     batch_rows = 65536
 
     def __init__(self, saved_model: os.PathLike, name: str, dim: int, sha256: str | None = None):
-        from .convert import import_tensorflow
+        from clip_nsfw_spark.models.convert import import_tensorflow
 
         self._tf = import_tensorflow()
         self._loaded = self._tf.saved_model.load(os.fspath(saved_model))

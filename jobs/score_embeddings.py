@@ -8,7 +8,7 @@ import logging
 import sys
 
 from clip_nsfw_spark.errors import ClipNsfwError
-from clip_nsfw_spark.job_cli import add_job_arguments, run_from_args
+from clip_nsfw_spark.cli.run import add_job_arguments, run_from_args
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def prepared_models():
     """Both registry models fetched, verified and converted once per test run."""
     if not models_available():
         pytest.skip("real models unavailable (see needs_models)")
-    from clip_nsfw_spark.models import prepare_model
+    from clip_nsfw_spark.models.cache import prepare_model
 
     return {name: prepare_model(name) for name in ZIPS}
 
@@ -76,7 +76,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spark():
     """One local[2] Spark session for the whole run (stopped at the end)."""
-    from clip_nsfw_spark.spark import spark_session
+    from clip_nsfw_spark.spark.runner import spark_session
 
     with spark_session("local[2]") as session:
         yield session

@@ -134,7 +134,7 @@ class CountingFile:
 
 def main(argv=None) -> int:
     from clip_nsfw_spark.errors import ClipNsfwError
-    from clip_nsfw_spark.job_cli import add_job_arguments, run_from_args
+    from clip_nsfw_spark.cli.run import add_job_arguments, run_from_args
 
     parser = argparse.ArgumentParser(prog="faults.py")
     parser.add_argument("--fault", required=True, help="point=write|commit,match=…,after=N,action=kill|raise|sleep")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.sample import write_parquet_sample
+from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import ROOT, needs_models
 
 AIRFLOW_VENV = Path(os.environ.get("CLIP_NSFW_AIRFLOW_VENV", ROOT / ".venv-airflow"))

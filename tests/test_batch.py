@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from clip_nsfw_spark.batch import score_batch
-from clip_nsfw_spark.config import ScoreOutput, ScoreTarget
-from clip_nsfw_spark.outcomes import Reason
+from clip_nsfw_spark.scoring.batch import score_batch
+from clip_nsfw_spark.contract import ScoreOutput, ScoreTarget
+from clip_nsfw_spark.scoring.outcomes import Reason
 
 NAN = float("nan")
 

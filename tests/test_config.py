@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from clip_nsfw_spark.config import JobConfig, ModelChoice
+from clip_nsfw_spark.driver.config import JobConfig, ModelChoice
 from clip_nsfw_spark.errors import ClipNsfwError, ConfigError
 
 

@@ -8,7 +8,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.sample import write_parquet_sample
+from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import ROOT, needs_models
 
 import pyspark
@@ -29,9 +29,10 @@ spark = (SparkSession.builder.remote("local[2]")
          .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
          .getOrCreate())
 assert type(spark).__module__.startswith("pyspark.sql.connect"), type(spark)
-from clip_nsfw_spark.config import JobConfig
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.spark import nsfw_score, spark_runner
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.spark.dataframe import nsfw_score
+from clip_nsfw_spark.spark.runner import spark_runner
 report = run_job(JobConfig(input=sys.argv[1], output=sys.argv[2], rows_per_task=500), runner=spark_runner(spark))
 frame = spark.createDataFrame([(i, [float(v) for v in row]) for i, row in enumerate(np.load(sys.argv[3]))],
                               "id long, embedding array<float>")

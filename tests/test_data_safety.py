@@ -14,12 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
-from clip_nsfw_spark.job import _check_rows, run_job
-from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
-from clip_nsfw_spark.planner import Task, plan
-from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
+from clip_nsfw_spark.driver.job import _check_rows, run_job
+from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
+from clip_nsfw_spark.contract import Task
+from clip_nsfw_spark.driver.planner import plan
+from clip_nsfw_spark.tools.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
 from conftest import ROOT, needs_models
 
 
@@ -106,7 +107,7 @@ def test_two_tasks_that_would_write_one_file_are_refused(tmp_path):
 
 def test_rows_planned_must_equal_rows_written():
     task = Task("parquet", "/d/a.parquet", "a.parquet", (0,), rows=10)
-    from clip_nsfw_spark.planner import Plan
+    from clip_nsfw_spark.driver.planner import Plan
 
     the_plan = Plan((task,), "parquet", ("embedding",), pa.schema([]), 10)
     good = {"task_id": task.task_id, "rows_read": 10, "rows_rejected": 1, "rows_unsafe": 2,

@@ -4,10 +4,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.sample import embeddings, metadata
-from clip_nsfw_spark.spark import nsfw_score, register_nsfw_udf, with_nsfw_scores
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.tools.sample import embeddings, metadata
+from clip_nsfw_spark.spark.dataframe import nsfw_score, register_nsfw_udf, with_nsfw_scores
 from conftest import needs_models
 
 pytestmark = needs_models

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clip_nsfw_spark.embeddings import decode, finite_rows, is_embedding_type, row_problems
+from clip_nsfw_spark.scoring.embeddings import decode, finite_rows, is_embedding_type, row_problems
 
 DIM = 4
 F32_MAX = float(np.finfo(np.float32).max)

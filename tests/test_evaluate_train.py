@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.evaluate import Labelled, evaluate, load_labelled, metrics_at, summarize, threshold_for
-from clip_nsfw_spark.sample import separable, write_labelled_sample
+from clip_nsfw_spark.tools.evaluate import Labelled, evaluate, load_labelled, metrics_at, summarize, threshold_for
+from clip_nsfw_spark.tools.sample import separable, write_labelled_sample
 from conftest import needs_models
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -102,10 +102,10 @@ def test_parquet_labels_as_strings_and_unknown_classes(tmp_path):
 @pytest.mark.parametrize("method", ["mlp", "autokeras"])
 def test_train_exports_a_model_the_job_and_evaluate_use(tmp_path, method):
     from clip_nsfw_spark import load_scorer
-    from clip_nsfw_spark.config import JobConfig
-    from clip_nsfw_spark.job import run_job
-    from clip_nsfw_spark.sample import embedding_array, metadata
-    from clip_nsfw_spark.train import train
+    from clip_nsfw_spark.driver.config import JobConfig
+    from clip_nsfw_spark.driver.job import run_job
+    from clip_nsfw_spark.tools.sample import embedding_array, metadata
+    from clip_nsfw_spark.tools.train import train
 
     write_class_folders(tmp_path / "data", 1200, dim=64, seed=3)
     summary = train(str(tmp_path / "data"), tmp_path / "model", method=method, max_trials=1, epochs=8, seed=7)
@@ -131,8 +131,8 @@ def test_train_exports_a_model_the_job_and_evaluate_use(tmp_path, method):
 
 @needs_models
 def test_large_sets_are_scored_by_the_spark_job(tmp_path, spark):
-    from clip_nsfw_spark.sample import embedding_array
-    from clip_nsfw_spark.spark import spark_runner
+    from clip_nsfw_spark.tools.sample import embedding_array
+    from clip_nsfw_spark.spark.runner import spark_runner
 
     x, labels = separable(600, 768, 4)
     (tmp_path / "data").mkdir()

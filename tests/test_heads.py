@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 
 from clip_nsfw_spark import load_scorer
-from clip_nsfw_spark.cli import _model_info, main
+from clip_nsfw_spark.cli.main import _model_info, main
 from clip_nsfw_spark.errors import ChecksumError, ConfigError, DimensionError, ModelError, UnsafeModelFileError
-from clip_nsfw_spark.heads import HeadSpec, MultiScorer, load_head, load_heads
-from clip_nsfw_spark.models import file_digests, prepare_model
-from clip_nsfw_spark.registry import REGISTRY
-from clip_nsfw_spark.prompts import BELOW_HALF, PromptScorer, argmax_rule, score_from_similarities
-from clip_nsfw_spark.scorer import NumpyScorer
-from clip_nsfw_spark.torch_weights import H14_KEYS, read_state_dict
+from clip_nsfw_spark.models.heads import HeadSpec, MultiScorer, load_head, load_heads
+from clip_nsfw_spark.models.cache import file_digests, prepare_model
+from clip_nsfw_spark.models.registry import REGISTRY
+from clip_nsfw_spark.scoring.prompts import BELOW_HALF, PromptScorer, argmax_rule, score_from_similarities
+from clip_nsfw_spark.scoring.scorer import NumpyScorer
+from clip_nsfw_spark.models.torch_weights import H14_KEYS, read_state_dict
 from conftest import ROOT, SHARED_MODELS, needs_models
 
 torch = pytest.importorskip("torch", reason="!!! torch (the 'test' extra) is needed as the reference here !!!")
@@ -354,7 +354,7 @@ def test_executors_never_import_torch(h14, tmp_path):
     """A fresh interpreter converts a .pth (empty cache) and scores it, and scores a portable file's bytes."""
     _, path = h14
     code = ("import sys, numpy as np; from clip_nsfw_spark import load_scorer; "
-            "from clip_nsfw_spark.scorer import scorer_from_portable; from clip_nsfw_spark.models import prepare_model; "
+            "from clip_nsfw_spark.scoring.scorer import scorer_from_portable; from clip_nsfw_spark.models.cache import prepare_model; "
             f"s = load_scorer({str(path)!r}); x = np.ones((3, 1024), np.float16) / 32; a = s(x); "
             f"b = scorer_from_portable(open(prepare_model({str(path)!r}).portable, 'rb').read())(x); "
             "assert (a == b).all(); "
@@ -515,8 +515,8 @@ def test_model_info_and_cli_for_each_head(h14_cache, capsys):
 @needs_models
 @needs_prompts
 def test_evaluate_violence_next_to_vit_l_14(tmp_path, violence):
-    from clip_nsfw_spark.evaluate import evaluate, load_labelled
-    from clip_nsfw_spark.sample import write_labelled_sample
+    from clip_nsfw_spark.tools.evaluate import evaluate, load_labelled
+    from clip_nsfw_spark.tools.sample import write_labelled_sample
 
     write_labelled_sample(str(tmp_path / "data"), 200, 768, 0)
     report = evaluate(["vit-l-14", "violence-l-14"], str(tmp_path / "data"), tmp_path / "out", thresholds=(0.5,))

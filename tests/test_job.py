@@ -10,18 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
-from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
-from clip_nsfw_spark.weights import PortableWeights
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
+from clip_nsfw_spark.tools.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
+from clip_nsfw_spark.scoring.weights import PortableWeights
 from conftest import needs_models
 
 
 @pytest.fixture
 def spark_runner(spark):
-    from clip_nsfw_spark.spark import spark_runner as make
+    from clip_nsfw_spark.spark.runner import spark_runner as make
 
     return make(spark)
 
@@ -251,7 +251,7 @@ def test_executors_never_import_tensorflow(tmp_path, spark, spark_runner, prepar
 
         import pyarrow as pa
 
-        from clip_nsfw_spark import worker
+        from clip_nsfw_spark.executor import worker
 
         for _ in batches:
             heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))

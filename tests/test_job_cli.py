@@ -5,9 +5,9 @@ import typing
 
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
-from clip_nsfw_spark.job_cli import OPTION_KEYS, add_job_arguments, config_from_args
-from clip_nsfw_spark.outcomes import MODE_STREAMS
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.cli.run import OPTION_KEYS, add_job_arguments, config_from_args
+from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS
 
 
 def parser():

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from clip_nsfw_spark.errors import ModelError
-from clip_nsfw_spark.kernels import K_BLOCK, dense, dense_reference, sigmoid
-from clip_nsfw_spark.weights import FORMAT, ORDER, PortableWeights
+from clip_nsfw_spark.scoring.kernels import K_BLOCK, dense, dense_reference, sigmoid
+from clip_nsfw_spark.scoring.weights import FORMAT, ORDER, PortableWeights
 from conftest import ROOT, needs_models
 
 
@@ -114,7 +114,7 @@ def test_weights_name_their_order_and_older_formats_are_refused(tmp_path):
     np.savez(old, **arrays)
     with pytest.raises(ModelError, match="v1 files used a machine-dependent summation order"):
         PortableWeights.load(old)
-    from clip_nsfw_spark.scorer import NumpyScorer
+    from clip_nsfw_spark.scoring.scorer import NumpyScorer
 
     assert NumpyScorer(weights)(np.ones((3, 2), np.float16)).tolist() == [sigmoid(np.full((1, 1), 2.0))[0]] * 3
     with pytest.raises(ModelError, match="made for summation order 'another'"):
@@ -122,8 +122,8 @@ def test_weights_name_their_order_and_older_formats_are_refused(tmp_path):
 
 
 def test_the_model_cache_key_names_the_weights_format():
-    from clip_nsfw_spark import models
-    from clip_nsfw_spark.weights import FORMAT_VERSION
+    from clip_nsfw_spark.models import cache as models
+    from clip_nsfw_spark.scoring.weights import FORMAT_VERSION
 
     name = models.derived_dir("ab" * 32).name
     assert name.startswith(f"{'ab' * 8}-w{FORMAT_VERSION}-")
@@ -158,7 +158,8 @@ def test_same_bits_for_any_batch_size_and_thread(model, scorers):
 _CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from clip_nsfw_spark import kernels, load_scorer
+    from clip_nsfw_spark import load_scorer
+    from clip_nsfw_spark.scoring import kernels
     out, rows = sys.argv[1], int(sys.argv[2])
     scores = {}
     for name, path in json.loads(sys.argv[3]).items():

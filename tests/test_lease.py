@@ -15,14 +15,14 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import OutputError
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
-from clip_nsfw_spark import lease as lease_module
-from clip_nsfw_spark.lease import LEASE_NAME, STALE_SECONDS, RunLease, read_lease, stale_reason
-from clip_nsfw_spark.storage import filesystem
-from clip_nsfw_spark.sample import write_parquet_sample
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
+from clip_nsfw_spark.storage import lease as lease_module
+from clip_nsfw_spark.storage.lease import LEASE_NAME, STALE_SECONDS, RunLease, read_lease, stale_reason
+from clip_nsfw_spark.storage.filesystem import filesystem
+from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import ROOT, needs_models
 
 INTERRUPTED = "clip-nsfw-spark: interrupted; the output is incomplete: rerun with --resume"
@@ -114,7 +114,7 @@ def test_a_task_whose_run_lost_the_lease_does_not_commit(tmp_path):
 
 @needs_models
 def test_executors_check_the_lease_at_commit(tmp_path, spark):
-    from clip_nsfw_spark.spark import spark_runner
+    from clip_nsfw_spark.spark.runner import spark_runner
 
     write_parquet_sample(str(tmp_path / "in"), rows=60, files=3)
     out = tmp_path / "out"

@@ -15,8 +15,8 @@ import pytest
 
 from clip_nsfw_spark import load_scorer
 from clip_nsfw_spark.errors import ChecksumError, DimensionError, UnknownModelError, UnsafeArchiveError
-from clip_nsfw_spark.models import prepare_model, safe_extract
-from clip_nsfw_spark.registry import REGISTRY, canonical_name
+from clip_nsfw_spark.models.cache import prepare_model, safe_extract
+from clip_nsfw_spark.models.registry import REGISTRY, canonical_name
 from conftest import ROOT, SHARED_MODELS, ZIPS, needs_models
 
 

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from clip_nsfw_spark import load_scorer
-from clip_nsfw_spark.config import JobConfig, ModelChoice
+from clip_nsfw_spark.driver.config import JobConfig, ModelChoice
 from clip_nsfw_spark.errors import ConfigError, DimensionError
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_parquet_sample
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.tools.sample import embedding_array, embeddings, metadata, write_parquet_sample
 from conftest import needs_models
 
 
@@ -21,7 +21,7 @@ def read_dir(path):
 
 @pytest.fixture
 def spark_runner(spark):
-    from clip_nsfw_spark.spark import spark_runner as make
+    from clip_nsfw_spark.spark.runner import spark_runner as make
 
     return make(spark)
 
@@ -150,7 +150,7 @@ def test_a_raw_output_head_in_the_job(tmp_path):
 
 @needs_models
 def test_dataframe_api_runs_the_violence_head(spark, tmp_path):
-    from clip_nsfw_spark.spark import nsfw_score
+    from clip_nsfw_spark.spark.dataframe import nsfw_score
 
     x = embeddings(50, 768, 9, np.float32)
     frame = spark.createDataFrame([(i, [float(v) for v in row]) for i, row in enumerate(x)],

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from clip_nsfw_spark.config import JobConfig
-from clip_nsfw_spark.sample import write_parquet_sample
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import ROOT, needs_models
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -100,8 +100,8 @@ def test_score_embeddings_yaml_lists_every_key_with_its_default():
     for key in ("layout", "mode", "keep"):
         offered = re.findall(r"([\w-]+)(?: \([^)]*\))?\s*(?:\||$)", comments[key].split(":")[-1])
         assert offered == list(typing.get_args(hints[key])), key
-    from clip_nsfw_spark.config import COMPRESSIONS
-    from clip_nsfw_spark.registry import REGISTRY
+    from clip_nsfw_spark.driver.config import COMPRESSIONS
+    from clip_nsfw_spark.models.registry import REGISTRY
 
     assert set(REGISTRY) <= set(re.findall(r"[\w-]+", comments["model"]))
     assert set(COMPRESSIONS) <= set(re.findall(r"\w+", comments["compression"]))
@@ -126,7 +126,7 @@ import json
 import sys
 
 import clip_nsfw_spark
-from clip_nsfw_spark.spark import spark_session
+from clip_nsfw_spark.spark.runner import spark_session
 from score_embeddings import main
 
 
@@ -150,7 +150,7 @@ def test_job_runs_from_the_packed_environment_with_a_clean_spark_submit(tmp_path
     archive = tmp_path / "env.tar.gz"
     import pyspark
 
-    from clip_nsfw_spark.package import spark_line
+    from clip_nsfw_spark.tools.package import spark_line
 
     line = spark_line(pyspark.__version__)  # the archive for the Spark this test runs (3.5, 4.0 or 4.1+)
     result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "package", "--out", str(archive),

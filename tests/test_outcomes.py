@@ -4,8 +4,8 @@ import json
 
 import pyarrow as pa
 
-from clip_nsfw_spark.config import MODES
-from clip_nsfw_spark.outcomes import MODE_STREAMS, Problem, Reason, Stream
+from clip_nsfw_spark.driver.config import MODES
+from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Problem, Reason, Stream
 
 
 def test_members_format_compare_and_serialise_as_their_value():

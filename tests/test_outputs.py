@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, InputError
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.planner import plan
-from clip_nsfw_spark.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
-from clip_nsfw_spark.reader import task_batches
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.driver.planner import plan
+from clip_nsfw_spark.tools.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
+from clip_nsfw_spark.executor.reader import task_batches
 from conftest import needs_models
 
 
@@ -131,8 +131,8 @@ def test_every_mode_is_readable_by_spark(spark, tmp_path):
 
 
 def test_the_width_check_skips_empty_rows_and_reads_no_more_than_it_needs(tmp_path):
-    from clip_nsfw_spark.job import embedding_widths
-    from clip_nsfw_spark.storage import filesystem
+    from clip_nsfw_spark.driver.job import embedding_widths
+    from clip_nsfw_spark.storage.filesystem import filesystem
 
     rows = [[] if i < 2000 else [0.01] * 768 for i in range(2100)]  # a file that starts with empty lists
     (tmp_path / "in").mkdir()

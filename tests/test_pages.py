@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.pages import (
+from clip_nsfw_spark.parquet.pages import (
     Unsupported,
     iter_float_list_column,
     open_float_list_stream,
@@ -389,7 +389,7 @@ def hybrid(indices: list[int], bw: int, rle_every: int = 3) -> bytes:
 
 @pytest.mark.parametrize("bw", list(range(1, 33)))
 def test_dictionary_index_kernel_every_bit_width(bw):
-    from clip_nsfw_spark.pages import _gather_dictionary
+    from clip_nsfw_spark.parquet.pages import _gather_dictionary
 
     rng = np.random.default_rng(bw)
     size = min(2**bw, 5000)
@@ -422,7 +422,7 @@ def test_dictionary_index_kernel_long_runs_and_one_bad_index_anywhere(bw):
     """Pages of pyarrow-like 504-index runs: most indices read through the word-window fast path, the last
     few of the page (whose window would pass the page's end) through the tail reader. An index just past
     the dictionary's end is refused wherever it sits: first, inside the fast path, the page's last index."""
-    from clip_nsfw_spark.pages import _gather_dictionary
+    from clip_nsfw_spark.parquet.pages import _gather_dictionary
 
     rng = np.random.default_rng(100 + bw)
     size = min(2**bw, 3000)
@@ -467,7 +467,7 @@ def test_dictionary_index_kernels_stay_inside_the_page(tmp_path):
 
 @pytest.mark.parametrize("d", [1, 2, 7, 8, 9, 768])
 def test_level_kernels_on_pages_split_mid_row(d):
-    from clip_nsfw_spark.pages import _check_def_levels, _check_rep_levels, _decode_levels
+    from clip_nsfw_spark.parquet.pages import _check_def_levels, _check_rep_levels, _decode_levels
 
     rng = np.random.default_rng(d)
     rows = 37
@@ -605,7 +605,7 @@ class CountingFile(io.RawIOBase):
 
 
 def test_stream_reads_the_chunk_incrementally_with_bounded_reads(tmp_path, monkeypatch):
-    from clip_nsfw_spark import pages
+    from clip_nsfw_spark.parquet import pages
 
     _READ_AHEAD = 1 << 20
     monkeypatch.setattr(pages, "_READ_AHEAD", _READ_AHEAD)  # a 10 MB chunk is then 10 read-ahead blocks
@@ -629,7 +629,7 @@ def test_stream_memory_is_a_batch_and_a_page_not_the_chunk(tmp_path, monkeypatch
     # PLAIN float32, uncompressed: every buffer the stream holds is a numpy array, which tracemalloc sees
     import tracemalloc
 
-    from clip_nsfw_spark import pages
+    from clip_nsfw_spark.parquet import pages
 
     mib = 1 << 20
     monkeypatch.setattr(pages, "_READ_AHEAD", mib)
@@ -693,7 +693,7 @@ def test_stream_raises_unsupported_when_rows_stop_being_uniform_later(tmp_path):
 
 def test_stream_raises_unsupported_on_a_page_it_cannot_decode(tmp_path, monkeypatch):
     # A later page's value encoding is not one this module knows (patched in: pyarrow writes none such)
-    from clip_nsfw_spark import pages
+    from clip_nsfw_spark.parquet import pages
 
     path = write(tmp_path / "x.parquet", unit_rows(600, 32, np.float16), data_page_size=1024)
     real, calls = pages._decode_values, []

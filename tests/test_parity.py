@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_nsfw_spark.convert import AGREEMENT_FLOOR, agreement_bound, tf_spread
+from clip_nsfw_spark.models.convert import AGREEMENT_FLOOR, agreement_bound, tf_spread
 from conftest import ROOT, needs_models
 
 SHARED_GOLDEN = ROOT.parent / "shared" / "golden"

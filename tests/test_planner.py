@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import InputError
-from clip_nsfw_spark.planner import Task, file_identity, plan
-from clip_nsfw_spark.sample import write_laion_sample
+from clip_nsfw_spark.contract import Task
+from clip_nsfw_spark.driver.planner import file_identity, plan
+from clip_nsfw_spark.tools.sample import write_laion_sample
 
 GROUPS = [5, 12, 3, 30, 1, 9]  # uneven row groups, one larger than the rows_per_task tried below
 

@@ -2,8 +2,8 @@
 
 import json
 
-from clip_nsfw_spark.progress import ProgressWatcher
-from clip_nsfw_spark.storage import filesystem
+from clip_nsfw_spark.driver.progress import ProgressWatcher
+from clip_nsfw_spark.storage.filesystem import filesystem
 
 
 def test_watcher_counts_completed_tasks_and_rows(tmp_path):

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_nsfw_spark.errors import InputError
-from clip_nsfw_spark.planner import Task
-from clip_nsfw_spark.reader import input_schema, read_npy_rows, task_batches
+from clip_nsfw_spark.contract import Task
+from clip_nsfw_spark.executor.reader import input_schema, read_npy_rows, task_batches
 
 LOCAL = fsspec.filesystem("file")
 
@@ -145,7 +145,7 @@ def embedding_parquet(path, rows: int, dim: int, row_group: int, hole: int | Non
 @pytest.fixture
 def streamed(monkeypatch):
     """A float-list chunk over 10 kB is streamed; the list of streams opened (None: refused)."""
-    from clip_nsfw_spark import reader
+    from clip_nsfw_spark.executor import reader
 
     opened = []
     real = reader.open_float_list_stream
@@ -178,7 +178,7 @@ def test_float_list_chunks_over_the_budget_are_streamed_in_the_other_columns_bat
 
 def test_a_page_the_stream_cannot_decode_mid_row_group_falls_back_to_pyarrow_for_the_rest(tmp_path, streamed,
                                                                                           monkeypatch, caplog):
-    from clip_nsfw_spark import pages
+    from clip_nsfw_spark.parquet import pages
 
     path = str(tmp_path / "a.parquet")
     table = embedding_parquet(path, 3000, 32, row_group=2000)

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import InputError, ModelError
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
-from clip_nsfw_spark.sample import embedding_array, metadata, write_laion_sample, write_parquet_sample
-from clip_nsfw_spark.weights import PortableWeights
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
+from clip_nsfw_spark.tools.sample import embedding_array, metadata, write_laion_sample, write_parquet_sample
+from clip_nsfw_spark.scoring.weights import PortableWeights
 from conftest import ROOT, needs_models
 
 

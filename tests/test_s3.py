@@ -7,10 +7,10 @@ import sys
 
 import pyarrow.parquet as pq
 
-from clip_nsfw_spark.config import JobConfig
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.sample import write_parquet_sample
-from clip_nsfw_spark.spark import spark_runner
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.tools.sample import write_parquet_sample
+from clip_nsfw_spark.spark.runner import spark_runner
 from conftest import ROOT, needs_models
 from s3server import SECRET_KEY
 
@@ -83,7 +83,7 @@ def test_s3_server_restarted_during_a_run(s3_server, tmp_path):
     and the output equals a clean run. No partial file is ever visible under a final name."""
     import time
 
-    from clip_nsfw_spark.writer import SUCCESS_NAME
+    from clip_nsfw_spark.executor.writer import SUCCESS_NAME
 
     fs = s3_server.filesystem()
     fs.mkdir("restart")

@@ -13,11 +13,11 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import JobConfig
+from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, OutputError
-from clip_nsfw_spark.job import run_job
-from clip_nsfw_spark.writer import REPORT_NAME, SUCCESS_NAME
-from clip_nsfw_spark.sample import write_parquet_sample
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
+from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import needs_models
 
 REFUSED_AS_INPUT = r"(is the input|is inside the input|contains the input) "
@@ -106,7 +106,7 @@ def test_a_bind_mount_of_the_input_is_the_input(tree):
     if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
         pytest.skip("needs unshare (a private mount namespace) to bind-mount without touching the system")
     (tree / "mnt").mkdir()
-    check = ("import sys; from clip_nsfw_spark.config import JobConfig; from clip_nsfw_spark.job import run_job\n"
+    check = ("import sys; from clip_nsfw_spark.driver.config import JobConfig; from clip_nsfw_spark.driver.job import run_job\n"
              "try:\n    run_job(JobConfig(input=sys.argv[1], output=sys.argv[2], overwrite=True))\n"
              "except Exception as err:\n    print(err)")
     script = f'mount --bind "$1" "$2" && exec "{sys.executable}" -c "$3" "$1" "$2/scored"'

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark import splice
-from clip_nsfw_spark.pages import page_summary, read_float_list_column
-from clip_nsfw_spark.splice import SplicedParquetWriter
-from clip_nsfw_spark.thrift import Field, ThriftList, decode_struct, encode_struct, get, with_fields
-from clip_nsfw_spark.writer import column_compression, float_list_columns, scalar_columns
+from clip_nsfw_spark.parquet import splice
+from clip_nsfw_spark.parquet.pages import page_summary, read_float_list_column
+from clip_nsfw_spark.parquet.splice import SplicedParquetWriter
+from clip_nsfw_spark.parquet.thrift import Field, ThriftList, decode_struct, encode_struct, get, with_fields
+from clip_nsfw_spark.executor.writer import column_compression, float_list_columns, scalar_columns
 
 BITS = {pa.float16(): np.uint16, pa.float32(): np.uint32, pa.float64(): np.uint64}
 NUMPY = {pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64}

@@ -11,7 +11,7 @@ import fsspec
 import pytest
 
 from clip_nsfw_spark.errors import ConfigError
-from clip_nsfw_spark.storage import canonical, is_local, join, location, locations, unstrip, within
+from clip_nsfw_spark.storage.filesystem import canonical, is_local, join, location, locations, unstrip, within
 
 
 @pytest.fixture

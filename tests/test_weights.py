@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clip_nsfw_spark.errors import ModelError
-from clip_nsfw_spark.weights import (
+from clip_nsfw_spark.scoring.weights import (
     FORMAT,
     ORDER,
     PortableWeights,

@@ -16,19 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import (
-    HeadPayload,
-    JobConfig,
-    ScoreOutput,
-    ScoreTarget,
-    TaskConfig,
-)
+from clip_nsfw_spark.contract import HeadPayload, ScoreOutput, ScoreTarget, TaskConfig
+from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import InputError, OutputError, TaskError
-from clip_nsfw_spark.planner import plan
-from clip_nsfw_spark.storage import filesystem
-from clip_nsfw_spark.weights import PortableWeights
-from clip_nsfw_spark.worker import Worker, process_task, scorer_for
-from clip_nsfw_spark.writer import TASKS_DIR
+from clip_nsfw_spark.driver.planner import plan
+from clip_nsfw_spark.storage.filesystem import filesystem
+from clip_nsfw_spark.scoring.weights import PortableWeights
+from clip_nsfw_spark.executor.worker import Worker, process_task, scorer_for
+from clip_nsfw_spark.executor.writer import TASKS_DIR
 
 HEAD = HeadPayload("first-value", "0" * 64, b"")
 # First embedding value of each row → its score (threshold 0.5); None: a null embedding.

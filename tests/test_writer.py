@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.config import ScoreOutput, ScoreTarget, TaskConfig
-from clip_nsfw_spark.outcomes import MODE_STREAMS, Stream
-from clip_nsfw_spark.writer import (
+from clip_nsfw_spark.contract import ScoreOutput, ScoreTarget, TaskConfig
+from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
+from clip_nsfw_spark.executor.writer import (
     ROW_ID_COLUMNS,
     TMP_DIR,
     AtomicParquet,

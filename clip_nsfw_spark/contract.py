@@ -1,0 +1,110 @@
+"""What the driver hands executors: one task, the run's frozen task config, the heads' payloads.
+
+Everything here is plain frozen data (strings, numbers, bytes, tuples) that pickles as it is: the driver
+builds it once (driver/), Spark or the local runner ships it, executors (executor/) only read it. Nothing
+here imports IO, Spark or the rest of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Literal
+
+Mode = Literal["annotate", "filter", "split", "scores"]
+Layout = Literal["auto", "parquet", "laion-npy"]
+Keep = Literal["safe", "unsafe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One unit of work. ``rel`` is the output name relative to the output root (unique in a plan).
+
+    ``rows`` is how many rows the task must read (checked against what it read); ``source`` identifies
+    the bytes it reads (see ``file_identity``), so that ``--resume`` re-runs a task whose input changed.
+    """
+
+    kind: str  # "parquet" | "laion-npy"
+    path: str  # the parquet file (data or metadata) in the input filesystem's terms
+    rel: str
+    row_groups: tuple[int, ...] = ()  # parquet: the row groups of this slice
+    row_start: int = 0  # laion-npy: rows [row_start, row_stop) of both files
+    row_stop: int = 0
+    npy_path: str = ""
+    rows: int = 0
+    source: str = ""
+
+    @property
+    def task_id(self) -> str:
+        return hashlib.sha1(self.rel.encode()).hexdigest()[:20]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Task":
+        data = dict(data)
+        data["row_groups"] = tuple(data.get("row_groups") or ())
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPayload:
+    """A head as executors receive it: its portable-weights bytes (numpy only to load), their sha256 (the
+    per-process scorer cache key) and its name. Built once per run on the driver (heads.head_payload)."""
+
+    name: str
+    sha256: str
+    data: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreOutput:
+    """One score column: written from head ``head`` (index into the run's heads); unsafe ⇔ score ≥ threshold."""
+
+    score_column: str
+    head: int
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreTarget:
+    """An embedding column (in the LAION npy layout: the npy rows) and the score columns made from it."""
+
+    embedding_column: str
+    outputs: tuple[ScoreOutput, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Everything a task needs, resolved on the driver and frozen: what crosses to executors.
+
+    ``output`` is the output's canonical URL; ``write_columns`` the input columns the outputs keep (None:
+    all); ``row_ids`` whether ``source_file``/``row_index`` are added (a sidecar without id columns);
+    ``run_id`` the lease a task must still hold to commit (lease.check_owner).
+    """
+
+    input: str
+    output: str
+    storage_options: dict
+    layout: Literal["parquet", "laion-npy"]
+    mode: Mode
+    keep: Keep
+    targets: tuple[ScoreTarget, ...]
+    reason_column: str
+    write_columns: tuple[str, ...] | None
+    row_ids: bool
+    write_embeddings: bool
+    compression: str
+    batch_rows: int
+    histogram_bins: int
+    run_id: str | None = None
+    embedding_compression: str = "none"
+
+    @property
+    def score_columns(self) -> tuple[str, ...]:
+        return tuple(o.score_column for t in self.targets for o in t.outputs)
+
+    @property
+    def embedding_columns(self) -> tuple[str, ...]:
+        return tuple(t.embedding_column for t in self.targets)

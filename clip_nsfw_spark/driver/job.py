@@ -1,0 +1,399 @@
+"""The scoring job on the driver: validate, plan, prepare the model, run the tasks, write the report.
+
+Output layout under ``output``:
+
+* annotate: ``<rel>`` (every input row and column + one float32 score per embedding column + a reason
+  column, null when the row was scored);
+* filter: ``<rel>`` (the kept rows) and ``_rejected/<rel>`` (rows that could not be scored, with reason);
+* split: ``safe/<rel>``, ``unsafe/<rel>`` and ``_rejected/<rel>``;
+* ``_clip_nsfw_report.json`` (see ``build_report``), then ``_SUCCESS`` last;
+* ``_clip_nsfw_tasks/`` (one state file per completed task, and ``_job.json``: what this output is for);
+* ``_clip_nsfw_lease.json`` while a run writes the output (lease.py: one run at a time).
+
+``<rel>`` is the input file's path relative to the input root (hive ``key=value`` folders included), or
+``<stem>.slice-NNNNN.parquet`` when a large file is cut into several tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_nsfw_spark.contract import HeadPayload, ScoreOutput, ScoreTarget, TaskConfig
+
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
+from clip_nsfw_spark.storage.lease import RunLease
+from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
+from clip_nsfw_spark.driver.output import OutputTarget, check_planned_inputs, clear_output, validate_output
+from clip_nsfw_spark.contract import Task
+from clip_nsfw_spark.driver.planner import Plan, plan as plan_input
+from clip_nsfw_spark.driver.progress import ProgressWatcher
+from clip_nsfw_spark.driver.report import build_report
+from clip_nsfw_spark.models.registry import fitting_model_hint
+from clip_nsfw_spark.storage.filesystem import accessing, canonical, filesystem, join, location
+from clip_nsfw_spark.executor.worker import Worker
+from clip_nsfw_spark.executor.writer import JOB_STATE, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths
+
+# A runner runs a worker over tasks and returns their stats, in any order (spark.spark_runner; None: here,
+# one after the other).
+Runner = Callable[[list[Task], Worker], list[dict]]
+
+log = logging.getLogger(__name__)
+# mode scores: the first of these present is the sidecar's id; none present → source_file + row_index.
+ID_CANDIDATES = ("key", "id", "uid", "hash", "image_path", "url")
+
+
+def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
+    """The embedding width of each column to score: the npy width (every file checked by the planner), or
+    the commonest non-zero list length in the first non-empty rows of the first parquet file (fixed-size
+    lists: the type's). Empty and null rows are rejected per row later, never taken for the width."""
+    first = plan.tasks[0] if plan.tasks else None
+    if first is None:
+        return {}
+    if plan.layout == "laion-npy":
+        return {"embedding": plan.npy_width}
+    widths = {}
+    with in_fs.open(first.path, "rb") as handle:
+        # Buffered, no pre-buffering: the driver reads a few pages, not the whole first column chunk.
+        parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
+        for column in plan.embedding_columns:
+            for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
+                values = batch.column(0)
+                lengths = np.array([values.type.list_size]) if pa.types.is_fixed_size_list(values.type) \
+                    else values.value_lengths().drop_null().to_numpy(zero_copy_only=False)
+                lengths = lengths[lengths > 0]
+                if len(lengths):
+                    widths[column] = int(np.bincount(lengths).argmax())
+                    break
+    return widths
+
+
+@dataclasses.dataclass(frozen=True)
+class RunHead:
+    """A head as the driver resolved it: what executors need (``payload``) and what the report says."""
+
+    name: str
+    sha256: str
+    source: str
+    dim: int
+    score_column: str  # before any per-embedding-column suffix
+    threshold: float
+    payload: HeadPayload
+
+
+def resolve_heads(config: JobConfig) -> list[RunHead]:
+    """Fetch, verify and convert every head of the run once (models.py); read their widths."""
+    from clip_nsfw_spark.models.heads import head_defaults, head_payload
+    from clip_nsfw_spark.scoring.scorer import scorer_from_portable
+
+    heads = []
+    for choice in config.choices():
+        payload, resolved = head_payload(choice.model)
+        column, _ = head_defaults(choice.model)
+        heads.append(RunHead(payload.name, payload.sha256, str(resolved.source), scorer_from_portable(payload.data).dim,
+                             choice.score_column or column,
+                             float(config.threshold if choice.threshold is None else choice.threshold), payload))
+    return heads
+
+
+def score_targets(config: JobConfig, plan: Plan, heads: list[RunHead]) -> tuple[ScoreTarget, ...]:
+    """One score column per head and embedding column. One embedding column: the head's column
+    (``punsafe``, ``pviolence`` or its own); several: ``<column>_<embedding column>``; a single head may be
+    named per column by ``score_columns``."""
+    several = len(plan.embedding_columns) > 1
+    targets = []
+    for position, embedding in enumerate(plan.embedding_columns):
+        outputs = []
+        for index, head in enumerate(heads):
+            if config.score_columns:
+                name = config.score_columns[position]
+            else:
+                name = f"{head.score_column}_{embedding}" if several else head.score_column
+            outputs.append(ScoreOutput(name, index, head.threshold))
+        targets.append(ScoreTarget(embedding, tuple(outputs)))
+    return tuple(targets)
+
+
+def check_widths(widths: dict[str, int], heads: list[RunHead]) -> None:
+    """Fail early (before any task runs) when a head does not fit the data's embedding width."""
+    for column, width in widths.items():
+        for head in heads:
+            if width != head.dim:
+                raise DimensionError(f"column {column!r} holds {width}-d embeddings but model {head.name!r} "
+                                     f"expects {head.dim}-d{fitting_model_hint(width)}")
+
+
+def written_columns(plan: Plan, config: JobConfig) -> tuple[list[str], bool]:
+    """The input columns each output keeps, in order, and whether row ids are added (``ROW_ID_COLUMNS``).
+
+    annotate/filter/split keep every column, or ``columns`` (in that order), or all but ``drop_columns``;
+    ``scores`` keeps only the id columns (``id_columns``, else the first of ``ID_CANDIDATES`` present,
+    else the file and row number). Unknown names are errors listing the columns there are.
+    """
+    names = plan.schema.names
+    asked = config.id_columns or config.columns or config.drop_columns
+    unknown = [c for c in asked if c not in names]
+    if unknown:
+        raise InputError(f"column(s) {', '.join(map(repr, unknown))} not in the input; columns found: "
+                         f"{', '.join(names)}")
+    if config.mode == "scores":
+        if config.id_columns:
+            return list(config.id_columns), False
+        found = next((c for c in ID_CANDIDATES if c in names), None)
+        return ([found], False) if found else ([], True)
+    if config.columns:
+        return list(config.columns), False
+    return [c for c in names if c not in config.drop_columns], False
+
+
+def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str, ...],
+                         kept: list[str] | None = None, row_ids: bool = False) -> None:
+    """Refuse an output schema with two columns of one name (pyarrow could not read it back).
+
+    An input may already hold a score column (LAION's joined metadata has ``punsafe``; so does an output
+    of this job scored again): that is an error unless ``replace_scores`` says to overwrite it.
+    """
+    kept = plan.schema.names if kept is None else kept
+    added = list(score_columns) + [config.reason_column]
+    for name in added:  # Spark and pyarrow datasets turn key=value folders into columns
+        if name in plan.partition_keys:
+            raise InputError(f"the input's folders are named {name}=…, which readers of the output turn into a "
+                             f"column {name!r}: it would hide or clash with the new column of that name. Name "
+                             "the new column differently (--score-column, reason_column)")
+    if plan.layout == "laion-npy" and config.write_embeddings:
+        added.insert(0, "embedding")
+    if row_ids:
+        added[:0] = ROW_ID_COLUMNS
+    repeated = sorted({name for name in added if added.count(name) > 1})
+    if repeated:
+        how = ("give each head its own score_column under models: in the YAML" if len(config.choices()) > 1
+               else "give each a distinct name with --score-column / reason_column")
+        raise ConfigError(f"the output would hold two columns named {', '.join(map(repr, repeated))} (score "
+                          f"columns {list(score_columns)}, reason column {config.reason_column!r}): {how}")
+    # Only what this job writes may be replaced: float score columns, and the reason column when it comes
+    # with one of them (an output of this job scored again) — never an id or data column by a name clash.
+    scores_present = [n for n in score_columns if n in kept and pa.types.is_floating(plan.schema.field(n).type)]
+    replaceable = set(scores_present)
+    if scores_present and config.reason_column in kept \
+            and pa.types.is_string(plan.schema.field(config.reason_column).type):
+        replaceable.add(config.reason_column)
+    for name in added:
+        if name in plan.embedding_columns and name in score_columns + (config.reason_column,):
+            # an embedding column is read for scoring even when not written: never overwritten
+            raise InputError(f"{name!r} is an embedding column this run scores; name the new column differently "
+                             "(--score-column, reason_column)")
+        if name not in kept:
+            continue
+        if name not in replaceable:
+            raise InputError(f"the input already has a column {name!r}, which the output would add again; "
+                             "name the new column differently (--score-column, reason_column)")
+        if not config.replace_scores:
+            raise InputError(
+                f"the input already has a column {name!r} (LAION's joined metadata has 'punsafe'; so does an "
+                f"output of this job): name the new column differently (--score-column NAME or reason_column) "
+                f"or pass --replace-scores to overwrite {name!r} with the new values")
+
+
+def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
+    """Rows planned = rows read = rows written (+ rows deliberately left out): else fail, naming the task."""
+    by_id = {s["task_id"]: s for s in stats}
+    for task in plan.tasks:
+        s = by_id[task.task_id]
+        written, read = s["rows_written"], s["rows_read"]
+        rejected, unsafe = s["rows_rejected"], s["rows_unsafe"]
+        due = {Stream.ANNOTATED: read, Stream.SCORES: read, Stream.SAFE: read - unsafe - rejected,
+               Stream.UNSAFE: unsafe, Stream.REJECTED: rejected}
+        due[Stream.KEPT] = due[Stream.SAFE if keep == "safe" else Stream.UNSAFE]
+        expected = {str(stream): due[stream] for stream in MODE_STREAMS[mode]}
+        found = {stream: written.get(stream, 0) for stream in expected}
+        if read != task.rows or found != expected:
+            raise OutputError(f"task {task.rel} ({task.path}) planned {task.rows} rows, read {read}, wrote "
+                              f"{found} where {expected} was due; the output is not trustworthy. Check that "
+                              "the input did not change during the run, then rerun with --overwrite.")
+
+
+def run_sequentially(tasks: list[Task], worker: Worker) -> list[dict]:
+    """The runner without Spark: every task here, one after the other."""
+    return [worker(task) for task in tasks]
+
+
+def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = False) -> dict:
+    """Run the whole job; return the report (also written next to the output).
+
+    ``runner(tasks, worker)`` runs ``worker`` (worker.Worker, a picklable ``Task → stats``) over the tasks
+    and returns their stats; ``None`` runs them here, one after the other (the Spark runner is
+    spark.spark_runner). A runner may wrap the worker (tests inject faults, the benchmark a constant
+    scorer); the job itself always uses it as made. ``progress`` shows tasks done, rows/s and ETA while
+    they run (see progress.py).
+
+    The output is validated first (``validate_output``, before planning and model conversion), then the
+    run holds the output's lease (lease.py) until it ends: another run cannot write the same output.
+    """
+    target = validate_output(config)
+    with RunLease(target.fs, target.root) as lease:
+        return _run_job(config, target, lease, runner, progress)
+
+
+def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str, targets: tuple[ScoreTarget, ...],
+                write_columns: list[str] | None, row_ids: bool) -> TaskConfig:
+    """The frozen, typed config every task of this run receives."""
+    return TaskConfig(
+        input=config.input, output=target.url, storage_options=dict(config.storage_options), layout=plan.layout,
+        mode=config.mode, keep=config.keep, targets=targets, reason_column=config.reason_column,
+        write_columns=None if write_columns is None else tuple(write_columns), row_ids=row_ids,
+        write_embeddings=config.write_embeddings, compression=config.compression,
+        embedding_compression=config.embedding_compression, batch_rows=config.batch_rows,
+        histogram_bins=config.histogram_bins, run_id=run_id)
+
+
+def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> dict:
+    """What the output was written for, as stored in ``_job.json`` (JSON values): a ``--resume`` with any
+    difference would mix two datasets. The input in its one canonical spelling ("in/", "./in" and
+    "/abs/in" resume the same run)."""
+    values = {
+        "input": location(*canonical(config.input, config.storage_options)), "layout": tasks.layout,
+        "embedding_columns": list(tasks.embedding_columns), "score_columns": list(tasks.score_columns),
+        "reason_column": config.reason_column, "mode": config.mode, "threshold": config.threshold,
+        "keep": config.keep, "rows_per_task": config.rows_per_task, "write_embeddings": config.write_embeddings,
+        "compression": config.compression, "embedding_compression": config.embedding_compression,
+        "replace_scores": config.replace_scores,
+        "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
+        "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads]}
+    return json.loads(json.dumps(values))
+
+
+def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: Runner | None,
+             progress: bool) -> dict:
+    started = time.perf_counter()
+    durations = {}
+    in_fs, in_root = filesystem(config.input, config.storage_options)
+    plan = plan_input(config)
+    if config.score_columns and len(config.score_columns) != len(plan.embedding_columns):
+        raise ConfigError(f"score_columns {list(config.score_columns)} must name one column per embedding column "
+                          f"{list(plan.embedding_columns)}")
+    durations["plan"] = time.perf_counter() - started
+
+    t0 = time.perf_counter()
+    heads = resolve_heads(config)
+    check_widths(embedding_widths(plan, in_fs), heads)
+    targets = score_targets(config, plan, heads)
+    score_columns = tuple(o.score_column for t in targets for o in t.outputs)
+    kept, row_ids = written_columns(plan, config)
+    check_output_columns(plan, config, score_columns, kept, row_ids)
+    durations["model"] = time.perf_counter() - t0
+
+    out_fs, out_root = target.fs, target.root
+    check_planned_inputs(plan, in_fs, target)
+    if config.overwrite and target.non_empty:
+        clear_output(target)
+    tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids)
+    worker = Worker(tasks_config, tuple(head.payload for head in heads))
+    with accessing(out_fs, out_root, "output"):
+        done, resume_actions = _prepare_state(out_fs, out_root, fingerprint(config, tasks_config, heads),
+                                              config.resume, plan, config.mode)
+    # Largest first: with uneven tasks the cores stay busy to the end instead of waiting on one big task.
+    pending = sorted((task for task in plan.tasks if task.task_id not in done), key=lambda task: -task.rows)
+    log.info("%d tasks (%d rows) in %s; %d already complete; model %s", len(plan.tasks), plan.total_rows,
+             config.input, len(plan.tasks) - len(pending), ", ".join(h.name for h in heads))
+    for path, why in plan.skipped[:20]:
+        log.warning("skipped %s: %s", path, why)
+
+    t0 = time.perf_counter()
+    watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, len(plan.tasks), plan.total_rows, set(done),
+                              rows_before=sum(s["rows_read"] for s in done.values())) if progress \
+        else contextlib.nullcontext()
+    with watcher:
+        new_stats = (runner or run_sequentially)(pending, worker)
+    durations["run"] = time.perf_counter() - t0
+
+    stats = list(done.values()) + list(new_stats)
+    by_id = {s["task_id"]: s for s in stats}
+    missing = [t.rel for t in plan.tasks if t.task_id not in by_id]
+    if missing:
+        raise OutputError(f"{len(missing)} tasks did not report completion (first: {missing[0]}); "
+                          "run again with --resume")
+    _check_rows(plan, [by_id[t.task_id] for t in plan.tasks], config.mode, config.keep)
+    stats = [by_id[t.task_id] for t in plan.tasks]
+    lease.check()  # a run that lost its lease must not mark the output complete
+    if out_fs.exists(join(out_root, TMP_DIR)):
+        out_fs.rm(join(out_root, TMP_DIR), recursive=True)
+    durations["total"] = time.perf_counter() - started
+    report = build_report(config, tasks_config, plan, heads, stats, durations,
+                          resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions)
+    with out_fs.open(join(out_root, REPORT_NAME), "w") as handle:
+        handle.write(json.dumps(report, indent=2))
+    with out_fs.open(join(out_root, SUCCESS_NAME), "w") as handle:
+        handle.write("")
+    return report
+
+
+# Fingerprint keys newer than some outputs, and what their absence meant: before embedding_compression,
+# embedding columns were written with the output's compression.
+_ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compression")}
+
+
+def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str) -> tuple[dict, dict]:
+    """Create the state folder; on resume, check it is the same job and sort the completed tasks.
+
+    Returns ``(done, actions)``: the stats of tasks that are complete for the input as it is now, keyed
+    by task id, and what the resume did. A task whose input changed (size, modification time/ETag, row
+    count, footer) is run again, after its old outputs are removed; the outputs of a task whose input
+    is gone are removed. Nothing stale survives a resume.
+    """
+    state_dir = join(out_root, TASKS_DIR)
+    job_file = join(state_dir, JOB_STATE)
+    done, actions = {}, {"reused": 0, "rerun_changed": [], "removed_gone": []}
+    if out_fs.exists(join(out_root, SUCCESS_NAME)):
+        out_fs.rm(join(out_root, SUCCESS_NAME))  # this run is not complete until it says so again
+    if resume and out_fs.exists(job_file):
+        with out_fs.open(job_file, "r") as handle:
+            previous = json.load(handle)
+        for key, meaning in _ABSENT_MEANS.items():  # written by an older version, before the key existed
+            if key not in previous:
+                previous[key] = meaning(previous)
+        changed = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
+        if changed:
+            raise OutputError("--resume refused: the output was written with other settings "
+                              + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+                              + ". Use --overwrite to start again.")
+        planned = {task.task_id: task for task in plan.tasks}
+        for path in out_fs.ls(state_dir, detail=False):
+            name = path.rsplit("/", 1)[-1]
+            if not name.endswith(".json") or name.startswith("_"):
+                continue
+            with out_fs.open(path, "r") as handle:
+                stats = json.load(handle)
+            task = planned.get(stats["task_id"])
+            complete = all(out_fs.exists(join(out_root, rel)) for rel in stats.get("outputs", ()))
+            if task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel \
+                    and stats.get("outputs") and complete:
+                done[task.task_id] = stats
+                continue
+            # Stale: remove the state file first (the task is then "not done"), then its outputs.
+            outputs = stats.get("outputs") or list(output_paths(stats["rel"], mode).values())
+            out_fs.rm(path)
+            for rel in outputs:
+                if out_fs.exists(join(out_root, rel)):
+                    out_fs.rm(join(out_root, rel))
+            (actions["rerun_changed"] if task is not None else actions["removed_gone"]).append(stats["rel"])
+            if task is not None and not complete:
+                log.warning("resume: outputs of %s are missing; running it again", stats["rel"])
+        actions["reused"] = len(done)
+        for key in ("rerun_changed", "removed_gone"):
+            if actions[key]:
+                log.warning("resume: %s %d task(s) whose input %s: %s", "re-running" if key == "rerun_changed"
+                            else "removed the outputs of", len(actions[key]),
+                            "changed" if key == "rerun_changed" else "is gone", ", ".join(actions[key][:10]))
+    out_fs.makedirs(state_dir, exist_ok=True)
+    with out_fs.open(job_file, "w") as handle:
+        handle.write(json.dumps(fingerprint))
+    return done, actions

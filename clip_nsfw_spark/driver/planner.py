@@ -1,0 +1,396 @@
+"""The driver's planner: turn an input URL into a list of small, independent, serialisable tasks.
+
+(reader.py is its counterpart on executors: a task → batches of rows.)
+
+A task is one slice of one input file: whole row groups of a parquet file (at most ``rows_per_task``
+rows, unless one row group is larger), or a row range of a LAION ``img_emb_N.npy`` file with the same
+rows of its ``metadata_N.parquet``. Tasks hold only strings and integers, so they cross to Spark
+executors as plain data; the executor opens the files itself (pyarrow + fsspec).
+
+Naming rules (no two tasks may ever write the same file, see ``_check_unique``):
+
+* a path that exists is taken literally, even when it holds glob characters (``data[1]/``, ``what?/``);
+  only a path that does not exist is expanded as a glob;
+* output names are input paths relative to a root that every input shares: the folder itself, the
+  parent of a single file, or the part of a glob before its first wildcard component
+  (``in/sub?/*.parquet`` → ``in``, so ``sub1/part.parquet`` and ``sub2/part.parquet`` stay apart);
+* parquet files are ``.parquet``, ``.parq``, ``.pq`` or extension-less (Hadoop part files); other
+  visible files are skipped and reported; ``_``/``.`` files and folders are ignored, as Spark does;
+* a task records the identity of what it reads (size, modification time or ETag, row count, a footer
+  digest), so that a resume can tell a changed input from a finished one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.scoring.embeddings import is_embedding_type
+from clip_nsfw_spark.errors import InputError
+from clip_nsfw_spark.contract import Task
+from clip_nsfw_spark.executor.reader import npy_header
+from clip_nsfw_spark.storage.filesystem import accessing, filesystem, is_local, join, unstrip
+
+PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
+NPY_NUMBER = re.compile(r"(\d+)\.npy$")
+PARQUET_NUMBER = re.compile(r"(\d+)\.(?:parquet|parq|pq)$")
+# Table formats whose folders hold files of removed versions: listing their files would read stale rows.
+TABLE_FORMAT_MARKERS = {"_delta_log": "Delta", ".hoodie": "Hudi"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the driver learnt: the tasks, the columns to score, the common schema, what was skipped.
+
+    ``skipped`` holds ``(path, why)`` for every visible file that is not read (never silently);
+    ``widths`` the embedding width found in each npy file (laion-npy) for the dimension check.
+    """
+
+    tasks: tuple[Task, ...]
+    layout: str
+    embedding_columns: tuple[str, ...]
+    schema: pa.Schema
+    total_rows: int
+    skipped: tuple[tuple[str, str], ...] = ()
+    npy_width: int | None = None
+    folders: tuple[str, ...] = ()  # local folders walked (real paths, symlinked ones included)
+    partition_keys: tuple[str, ...] = ()  # hive ``key=value`` folder keys: readers make them columns
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def _hidden(rel: str) -> bool:
+    """Spark's rule: ``.x`` and ``_x`` are hidden, but not ``_key=value`` (a hive partition folder)."""
+    return any(part.startswith(".") or (part.startswith("_") and "=" not in part) for part in rel.split("/") if part)
+
+
+def _is_parquet_name(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.lower().endswith(PARQUET_EXTENSIONS) or "." not in name
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard component: ``in/sub?/*.pq`` → ``in``."""
+    parts = pattern.split("/")
+    fixed = []
+    for part in parts[:-1]:
+        if _is_glob(part):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
+def file_identity(info: dict, extra: str = "") -> str:
+    """A short digest of what identifies a file's content without reading it: size, and the
+    modification time or ETag that the store reports (plus ``extra``, e.g. a footer digest)."""
+    version = next((str(info[key]) for key in ("ETag", "etag", "mtime", "LastModified", "last_modified",
+                                               "modified", "created") if info.get(key) is not None), "")
+    return hashlib.sha1(f"{info.get('size')}|{version}|{extra}".encode()).hexdigest()[:20]
+
+
+def _footer_digest(meta: pq.FileMetaData) -> str:
+    groups = ",".join(f"{meta.row_group(i).num_rows}:{meta.row_group(i).total_byte_size}"
+                      for i in range(meta.num_row_groups))
+    return hashlib.sha1(f"{meta.num_rows}|{groups}|{meta.schema.to_arrow_schema()}".encode()).hexdigest()[:20]
+
+
+def _walk_local(root: str, folders: set | None = None) -> dict[str, dict]:
+    """Files under a local folder, following symlinked folders (a loop is an error) → {path: info}.
+    The real path of every folder walked is added to ``folders``."""
+    found, seen = {}, set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise InputError(f"{folder} leads back to {real} (a symlink loop); remove the loop and run again")
+        seen.add(real)
+        if folders is not None:
+            folders.add(real)
+        dirs.sort()
+        for name in files:
+            path = os.path.join(folder, name)
+            stat = os.stat(path)  # follows symlinks: the identity of what is read
+            found[path] = {"name": path, "size": stat.st_size, "mtime": stat.st_mtime_ns, "type": "file"}
+    return found
+
+
+def _find_files(fs, root: str, folders: set | None = None) -> dict[str, dict]:
+    if is_local(fs):
+        return _walk_local(root, folders)
+    return {path: info for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
+
+
+def _table_format(fs, folder: str) -> str | None:
+    """The table format whose metadata ``folder`` holds (Delta, Hudi, Iceberg), or None."""
+    for marker, name in TABLE_FORMAT_MARKERS.items():
+        if fs.isdir(join(folder, marker)):
+            return f"a {name} table ({marker}/)"
+    metadata = join(folder, "metadata")
+    if fs.isdir(metadata) and any(p.endswith(".metadata.json") for p in fs.ls(metadata, detail=False)):
+        return "an Iceberg table (metadata/*.metadata.json)"
+    return None
+
+
+def _refuse_table_formats(fs, root: str, paths) -> None:
+    """Refuse to list a table format's files: its folders also hold files of removed versions. Checked for
+    the input folder, every folder above it (a Delta partition folder) and every folder listed."""
+    folders, folder = [], root.rstrip("/")
+    while folder and folder not in ("/", "."):
+        folders.append(folder)
+        parent = folder.rsplit("/", 1)[0] if "/" in folder.strip("/") else ""
+        folder = "/" if folder.startswith("/") and parent == "" else parent
+    hits = [(f, _table_format(fs, f)) for f in folders]
+    hits += [(p.split(f"/{marker}/")[0], f"a {name} table ({marker}/)") for p in paths
+             for marker, name in TABLE_FORMAT_MARKERS.items() if f"/{marker}/" in p]
+    for folder, what in hits:
+        if what:
+            raise InputError(
+                f"{unstrip(fs, folder)} is {what}: its folders also hold files of removed versions, so reading "
+                f"{unstrip(fs, root)} file by file would score stale or duplicated rows. Export the current "
+                "version to plain parquet (e.g. spark.read.format(…).load(…).write.parquet(…)) and score that.")
+
+
+def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
+    """Parquet files under ``root`` (a file, folder tree or glob) → ``({path: info}, base, skipped)``.
+
+    ``base`` is the root the output names are relative to; ``skipped`` lists visible files that are
+    not parquet, with the reason. Paths that exist are taken literally, before any glob expansion.
+    """
+    if fs.exists(root):
+        if fs.isfile(root):
+            return {root: fs.info(root)}, root.rsplit("/", 1)[0], []
+        entries, base = _find_files(fs, root, folders), root
+    elif _is_glob(root):
+        base = _glob_base(root)
+        entries = {}
+        try:
+            matched = fs.glob(root, detail=True)
+        except ValueError as err:
+            raise InputError(f"input {unstrip(fs, root)} is not a valid glob: {err}") from err
+        for path, info in sorted(matched.items()):
+            if info.get("type") == "directory":
+                entries.update(_find_files(fs, path, folders))  # a matched folder: everything under it
+            else:
+                entries[path] = info
+    else:
+        raise InputError(f"input {unstrip(fs, root)} does not exist. Check the path (and the storage "
+                         "options/credentials for remote storage).")
+    _refuse_table_formats(fs, base, entries)
+    files, skipped = {}, []
+    for path in sorted(entries):
+        rel = path[len(base):].lstrip("/")
+        if _hidden(rel):
+            continue
+        if entries[path].get("type") not in (None, "file"):
+            skipped.append((path, f"not a regular file ({entries[path].get('type')})"))
+        elif _is_parquet_name(path):
+            files[path] = entries[path]
+        else:
+            skipped.append((path, f"not a parquet file name (expected {', '.join(PARQUET_EXTENSIONS)})"))
+    if not files:
+        what = f" ({len(skipped)} other files skipped, e.g. {skipped[0][0]})" if skipped else ""
+        raise InputError(f"no parquet files found under {unstrip(fs, root)}{what}")
+    return files, base, skipped
+
+
+def detect_layout(fs, root: str, config: JobConfig) -> str:
+    if config.layout != "auto":
+        return config.layout
+    if fs.isdir(root) and fs.isdir(join(root, config.embeddings_dir)):
+        return "laion-npy"
+    return "parquet"
+
+
+def _read_footer(fs, path: str) -> pq.FileMetaData:
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+        raise InputError(f"cannot read parquet file {unstrip(fs, path)}: {err}. The file is truncated or not "
+                         "parquet; fix or remove it and run again.") from err
+
+
+def choose_embedding_columns(schema: pa.Schema, config: JobConfig, where: str) -> tuple[str, ...]:
+    names = schema.names
+    if config.embedding_columns:
+        for column in config.embedding_columns:
+            if column not in names:
+                raise InputError(f"embedding column {column!r} not found in {where}; columns found: "
+                                 f"{', '.join(names)}")
+            if not is_embedding_type(schema.field(column).type):
+                raise InputError(f"column {column!r} in {where} is {schema.field(column).type}, expected a list "
+                                 "of float16/float32/float64 (list, large_list or fixed_size_list)")
+        return tuple(config.embedding_columns)
+    candidates = [f.name for f in schema if is_embedding_type(f.type)]
+    if len(candidates) == 1:
+        return (candidates[0],)
+    if not candidates:
+        raise InputError(f"no embedding column (a list of floats) in {where}; columns found: "
+                         f"{', '.join(f'{f.name} ({f.type})' for f in schema)}. Name one with --embedding-column.")
+    raise InputError(f"several list-of-float columns in {where}: {', '.join(candidates)}. Choose with "
+                     "--embedding-column (one or several).")
+
+
+def plan(config: JobConfig) -> Plan:
+    """Discover the input and cut it into tasks. Reads only footers/headers, never data."""
+    fs, root = filesystem(config.input, config.storage_options)
+    with accessing(fs, root):
+        return _plan(fs, root, config)
+
+
+def _plan(fs, root: str, config: JobConfig) -> Plan:
+    layout = detect_layout(fs, root, config)
+    if layout == "laion-npy":
+        result = _plan_laion(fs, root, config)
+    else:
+        folders: set = set()
+        files, base, skipped = list_parquet_files(fs, root, folders)
+        tasks, schema, first, total = [], None, None, 0
+        for path, info in files.items():
+            meta = _read_footer(fs, path)
+            schema, first = _same_schema(fs, schema, first, path, meta)
+            rel = path[len(base):].lstrip("/") or path.rsplit("/", 1)[-1]
+            source = file_identity(info, _footer_digest(meta))
+            tasks.extend(_slice_row_groups(path, rel, meta, config.rows_per_task, source))
+            total += meta.num_rows
+        columns = choose_embedding_columns(schema, config, unstrip(fs, first))
+        keys = sorted({part.split("=", 1)[0] for task in tasks for part in task.rel.split("/")[:-1] if "=" in part})
+        result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped), folders=tuple(sorted(folders)),
+                      partition_keys=tuple(keys))
+    _check_unique(fs, result.tasks)
+    return result
+
+
+def _check_unique(fs, tasks) -> None:
+    """No two tasks may write the same output: that would lose rows while every task reports success."""
+    owners: dict[str, Task] = {}
+    for task in tasks:
+        other = owners.setdefault(task.rel, task)
+        if other is not task:
+            raise InputError(f"{unstrip(fs, other.path)} and {unstrip(fs, task.path)} would both be written as "
+                             f"{task.rel!r}; score them in separate runs or rename one of them")
+
+
+def _same_schema(fs, schema, first, path, meta) -> tuple[pa.Schema, str]:
+    """The dataset's schema so far (taken from the first file); raise if ``path``'s schema differs."""
+    file_schema = meta.schema.to_arrow_schema()
+    repeated = sorted({n for n in file_schema.names if file_schema.names.count(n) > 1})
+    if repeated:
+        raise InputError(f"{unstrip(fs, path)} has several columns named {', '.join(map(repr, repeated))}; no "
+                         "reader can tell them apart. Rewrite the file with distinct column names.")
+    if schema is None:
+        return file_schema, path
+    if not file_schema.remove_metadata().equals(schema.remove_metadata()):
+        raise InputError(_schema_difference(fs, first, schema, path, file_schema))
+    return schema, first
+
+
+def _schema_difference(fs, first, schema, path, other) -> str:
+    mine, theirs = {f.name: f.type for f in schema}, {f.name: f.type for f in other}
+    changes = [f"{n}: {mine.get(n, 'missing')} vs {theirs.get(n, 'missing')}"
+               for n in dict.fromkeys(list(mine) + list(theirs)) if mine.get(n) != theirs.get(n)]
+    return (f"the schema of {unstrip(fs, path)} differs from {unstrip(fs, first)} ({'; '.join(changes) or 'field order'}). "
+            "All input files must share one schema: score them in separate runs or rewrite them.")
+
+
+def _stem(rel: str) -> str:
+    lower = rel.lower()
+    for extension in PARQUET_EXTENSIONS:
+        if lower.endswith(extension):
+            return rel[: -len(extension)]
+    return rel
+
+
+def _slice_row_groups(path: str, rel: str, meta: pq.FileMetaData, rows_per_task: int, source: str) -> list[Task]:
+    groups, current, rows = [], [], 0
+    for index in range(meta.num_row_groups):
+        n = meta.row_group(index).num_rows
+        if current and rows + n > rows_per_task:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(index)
+        rows += n
+    if current or not groups:
+        groups.append(current)
+    counts = [sum(meta.row_group(i).num_rows for i in group) for group in groups]
+    if len(groups) == 1:
+        return [Task("parquet", path, rel, tuple(groups[0]), rows=counts[0], source=source)]
+    return [Task("parquet", path, f"{_stem(rel)}.slice-{i:05d}.parquet", tuple(g), rows=n, source=source)
+            for i, (g, n) in enumerate(zip(groups, counts))]
+
+
+def _numbered(fs, folder: str, pattern: re.Pattern, what: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """``{number as written: path}`` of the files in ``folder`` whose name matches ``pattern``.
+
+    Files pair up by the number exactly as written: ``img_emb_0`` goes with ``metadata_0``, never with
+    ``metadata_00``. Two files whose numbers are equal as integers but written differently are ambiguous.
+    """
+    numbered, skipped, by_value = {}, [], {}
+    for path in sorted(fs.ls(folder, detail=False)):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith(("_", ".")):  # hidden, macOS ._ files, _SUCCESS …
+            continue
+        match = pattern.search(name)
+        if not match:
+            skipped.append((path, f"not a {what} file"))
+            continue
+        number = match.group(1)
+        other = by_value.setdefault(int(number), path)
+        if other != path:
+            raise InputError(f"{unstrip(fs, other)} and {unstrip(fs, path)} have the same number written "
+                             "differently: files pair up by their exact number; remove or rename one")
+        numbered[number] = path
+    return numbered, skipped
+
+
+def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
+    emb_dir, meta_dir = join(root, config.embeddings_dir), join(root, config.metadata_dir)
+    if not fs.isdir(meta_dir):
+        raise InputError(f"{unstrip(fs, root)} has {config.embeddings_dir}/ but no {config.metadata_dir}/ folder; "
+                         "set metadata_dir if your mirror names it differently")
+    npys, skipped = _numbered(fs, emb_dir, NPY_NUMBER, ".npy")
+    for path in sorted(fs.ls(root, detail=False)):  # text_emb/, stray files … are not read: say so
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name not in (config.embeddings_dir, config.metadata_dir) and not name.startswith(("_", ".")):
+            skipped.append((path, f"not read in the LAION layout (only {config.embeddings_dir}/ and "
+                                  f"{config.metadata_dir}/ are)"))
+    metas, skipped_meta = _numbered(fs, meta_dir, PARQUET_NUMBER, "parquet")
+    skipped += skipped_meta
+    for number in sorted(set(npys) ^ set(metas), key=lambda n: (int(n), n)):
+        has, lacks = ((npys[number], config.metadata_dir) if number in npys else (metas[number], config.embeddings_dir))
+        near = [n for n in (metas if number in npys else npys) if int(n) == int(number)]
+        hint = f" (a file numbered {near[0]!r} is there: numbers must be written the same way)" if near else ""
+        raise InputError(f"{unstrip(fs, has)} has no partner file number {number} in {lacks}/{hint}: embeddings and "
+                         "metadata must pair up row for row")
+    if not npys:
+        raise InputError(f"no img_emb_N.npy files in {unstrip(fs, emb_dir)}")
+    tasks, schema, first, total, width, width_file = [], None, None, 0, None, None
+    for number in sorted(npys, key=lambda n: (int(n), n)):
+        npy_info, meta_info = fs.info(npys[number]), fs.info(metas[number])
+        shape, _, _ = npy_header(fs, npys[number], npy_info.get("size"))
+        if width is None:
+            width, width_file = shape[1], npys[number]
+        elif shape[1] != width:
+            raise InputError(f"{unstrip(fs, npys[number])} holds {shape[1]}-d embeddings but {unstrip(fs, width_file)} "
+                             f"holds {width}-d: one run scores one embedding width")
+        meta = _read_footer(fs, metas[number])
+        if meta.num_rows != shape[0]:
+            raise InputError(f"{unstrip(fs, npys[number])} has {shape[0]} rows but {unstrip(fs, metas[number])} has "
+                             f"{meta.num_rows}: they must align row for row")
+        schema, first = _same_schema(fs, schema, first, metas[number], meta)
+        source = file_identity(meta_info, _footer_digest(meta)) + ":" + file_identity(npy_info, str(shape))
+        name = metas[number].rsplit("/", 1)[-1]
+        starts = list(range(0, shape[0], config.rows_per_task)) or [0]
+        for i, start in enumerate(starts):
+            stop = min(start + config.rows_per_task, shape[0])
+            rel = name if len(starts) == 1 else f"{_stem(name)}.slice-{i:05d}.parquet"
+            tasks.append(Task("laion-npy", metas[number], rel, (), start, stop, npys[number], stop - start, source))
+        total += shape[0]
+    return Plan(tuple(tasks), "laion-npy", ("embedding",), schema, total, tuple(skipped), width)

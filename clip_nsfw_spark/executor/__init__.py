@@ -1,0 +1,1 @@
+"""Executors: one task read, scored and written (worker, reader, writer)."""

@@ -1,0 +1,255 @@
+"""The executor's reader: one task → batches of rows (parquet row groups, or LAION metadata + npy slices).
+
+Reads only what the task's outputs need (``columns``), one row group at a time, so memory stays at about
+one row group whatever the file size. Float-list (embedding) columns are decoded by pages.py when it can
+(the same arrays as pyarrow's, several times faster on the dictionary-encoded float16 that pyarrow's
+default writer makes; a large row group's column streamed batch by batch), by pyarrow otherwise. The
+driver's counterpart, which makes the tasks, is planner.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_nsfw_spark.scoring.embeddings import is_embedding_type
+from clip_nsfw_spark.errors import InputError
+from clip_nsfw_spark.parquet.pages import Unsupported, open_float_list_stream, read_float_list_column
+from clip_nsfw_spark.contract import Task
+from clip_nsfw_spark.storage.filesystem import unstrip
+
+_log = logging.getLogger(__name__)
+NPY_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
+
+# Float-list column chunks that decode to more than this are streamed (pages.py, batch by batch) rather
+# than decoded whole: the worker's memory must stay bounded (a 1M-row group of 768-d float16 is 1.5 GB).
+# Smaller chunks are decoded whole: that path also decodes null rows and ragged lists, which the stream
+# leaves to pyarrow (bench/pages_bench.py --stream: on uniform rows the two are about as fast).
+DECODE_CHUNK_MAX_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenParquet:
+    """A task's parquet file, open: pyarrow's reader (``file``, footer read once) and the handle it reads."""
+
+    file: pq.ParquetFile
+    handle: object
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.file.schema_arrow
+
+
+@contextlib.contextmanager
+def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
+    """The task's parquet file (data, or LAION metadata), open for ``task_batches``."""
+    with fs.open(task.path, "rb") as handle:
+        # Buffered reads, no pre-buffering: memory stays at about one row group whatever the file size.
+        yield OpenParquet(pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20), handle)
+
+
+def input_schema(task: Task, fs) -> pa.Schema:
+    """The Arrow schema of the task's parquet file (data, or LAION metadata)."""
+    with open_parquet(task, fs) as source:
+        return source.schema
+
+
+def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: list[str] | None = None,
+                 source: OpenParquet | None = None) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None, int]]:
+    """Yield ``(batch, npy_rows_or_None, first_row)`` for the task's rows, at most ``batch_rows`` at a time.
+
+    ``columns`` are the parquet columns to read (None: all): an output that does not keep the embeddings
+    reads them only for scoring, and a sidecar reads only its ids. ``npy_rows`` (laion-npy) is the
+    (batch rows, width) float array of the same rows; ``first_row`` the index, in its file, of the batch's
+    first row. Seconds spent reading are added to ``timings["read"]``. ``source``: the file already open
+    (``open_parquet``), else it is opened here.
+    """
+    if source is None:
+        with open_parquet(task, fs) as opened:
+            yield from task_batches(task, fs, batch_rows, timings, columns, opened)
+        return
+    meta = source.file.metadata
+    offsets = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    if columns is not None and not columns:  # nothing to keep (npy sidecar with row ids): count rows
+        columns = source.schema.names[:1]
+    if task.kind == "parquet":
+        if task.row_groups and max(task.row_groups) >= meta.num_row_groups:
+            raise InputError(f"cannot read {unstrip(fs, task.path)}: it now has {meta.num_row_groups} row group(s), "
+                             f"the plan reads row group {max(task.row_groups)}: the file changed during the run. "
+                             "Rerun with --resume (tasks whose input changed run again)")
+        for group in task.row_groups:
+            position = int(offsets[group])
+            for batch in _timed(_row_group_batches(source, [group], batch_rows, columns), timings, "read"):
+                yield batch, None, position
+                position += batch.num_rows
+        return
+    # laion-npy: rows [row_start, row_stop) of the metadata file and of the npy file, read together.
+    groups = [i for i in range(meta.num_row_groups)
+              if offsets[i] < task.row_stop and offsets[i + 1] > task.row_start]
+    position = int(offsets[groups[0]]) if groups else 0
+    for batch in _timed(_row_group_batches(source, groups, batch_rows, columns), timings, "read"):
+        first, position = position, position + batch.num_rows
+        lo, hi = max(task.row_start, first), min(task.row_stop, position)
+        if hi > lo:
+            t0 = time.perf_counter()
+            rows = read_npy_rows(fs, task.npy_path, lo, hi)
+            timings["read"] += time.perf_counter() - t0
+            yield batch.slice(lo - first, hi - lo), rows, lo
+
+
+def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: list[str] | None = None):
+    """Batches of the given row groups, one reader per row group, with the columns in ``columns``' order.
+
+    One ``iter_batches`` call over many row groups kept every buffer it had read until it finished
+    (measured: 1.6 GB of RSS after 800k rows of a 2M-row file); one reader per group peaks at ~0.5 GB.
+    Float-list columns pages.py can decode come from it (whole row group then sliced, or streamed when
+    the chunk is large); the other columns from pyarrow, whose batch sizes the float-list columns follow.
+    """
+    names = source.schema.names if columns is None else columns
+    for group in groups:
+        decoded = _decoded_float_lists(source, group, names, batch_rows)
+        if not decoded:
+            yield from source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
+            continue
+        rest = [name for name in names if name not in decoded]
+        others = source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=rest) if rest else None
+        rows, start = source.file.metadata.row_group(group).num_rows, 0
+        while start < rows:
+            other = next(others) if others is not None else None
+            n = other.num_rows if other is not None else min(batch_rows, rows - start)
+            fields = [source.schema.field(name) if name in decoded else other.schema.field(name) for name in names]
+            arrays = [decoded[name].slice(start, n) if name in decoded else other.column(name) for name in names]
+            yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+            start += n
+
+
+def _decoded_float_lists(source: OpenParquet, group: int, names: list[str], batch_rows: int) -> dict:
+    """``{column: its rows}`` for the float-list columns among ``names`` that pages.py decodes: the row
+    group's whole column (a ``pa.Array``) when it decodes to at most ``DECODE_CHUNK_MAX_BYTES``, else a
+    ``_StreamedColumn``; both are read with ``.slice(start, n)``. The other columns are pyarrow's."""
+    meta = source.file.metadata.row_group(group)
+    stored: Counter = Counter()  # per top-level column: uncompressed bytes, and values (leaf entries)
+    values: Counter = Counter()
+    for i in range(meta.num_columns):
+        chunk = meta.column(i)
+        top = chunk.path_in_schema.split(".", 1)[0]
+        stored[top] += chunk.total_uncompressed_size
+        values[top] += chunk.num_values
+    decoded = {}
+    for name in names:
+        arrow_type = source.schema.field(name).type
+        if not is_embedding_type(arrow_type):
+            continue
+        # dictionary indices can be narrower than the values they stand for: count the decoded values too
+        if max(stored[name], values[name] * arrow_type.value_type.bit_width // 8) > DECODE_CHUNK_MAX_BYTES:
+            stream = open_float_list_stream(source.handle, source.file.metadata, group, name)
+            if stream is not None:
+                decoded[name] = _StreamedColumn(source, group, name, stream, batch_rows)
+            continue
+        array = read_float_list_column(source.handle, source.file.metadata, group, name)
+        if array is not None:
+            decoded[name] = array
+    return decoded
+
+
+class _StreamedColumn:
+    """A float-list column of one row group read in order, ``slice(start, n)`` after ``slice(…, start)``:
+    from pages.py's stream, or — once the stream meets a page it cannot decode (``pages.Unsupported``) —
+    from pyarrow for the rest of the row group (rows before ``start`` read again and dropped: slower,
+    memory still one batch)."""
+
+    def __init__(self, source: OpenParquet, group: int, name: str, stream, batch_rows: int):
+        self.source, self.group, self.name, self.batch_rows = source, group, name, batch_rows
+        self.stream, self.fallback, self.pending = stream, None, None
+
+    def slice(self, start: int, n: int) -> pa.Array:
+        if self.fallback is None:
+            if start != self.stream.rows_read:
+                raise RuntimeError(f"{self.name!r} row group {self.group}: rows asked from {start}, "
+                                   f"the stream is at {self.stream.rows_read}")
+            try:
+                array = self.stream.read(n)
+            except Unsupported as err:
+                _log.warning("%r, row group %d: %s", self.name, self.group, err)
+                self.fallback = (batch.column(0) for batch in self.source.file.iter_batches(
+                    batch_size=self.batch_rows, row_groups=[self.group], columns=[self.name]))
+                self._pyarrow_rows(start, keep=False)  # the rows the stream already returned
+            else:
+                if len(array) != n:
+                    raise RuntimeError(f"{self.name!r} row group {self.group}: the stream gave {len(array)} "
+                                       f"rows from row {start}, the other columns {n}")
+                return array
+        return self._pyarrow_rows(n)
+
+    def _pyarrow_rows(self, n: int, keep: bool = True) -> pa.Array | None:
+        """The next ``n`` rows of pyarrow's batches of the column (batch remainders carried over); with
+        ``keep=False`` they are dropped."""
+        pieces = []
+        while n > 0:
+            if self.pending is None or len(self.pending) == 0:
+                self.pending = next(self.fallback)
+            piece = self.pending.slice(0, n)
+            self.pending = self.pending.slice(len(piece))
+            if keep:
+                pieces.append(piece)
+            n -= len(piece)
+        if not keep:
+            return None
+        return pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
+
+
+def _timed(iterator, timings: Counter, key: str):
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            timings[key] += time.perf_counter() - t0
+        yield item
+
+
+def read_npy_rows(fs, path: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a 2-D .npy file, reading only those bytes, in native byte order."""
+    shape, dtype, offset = npy_header(fs, path)
+    row_bytes = shape[1] * dtype.itemsize
+    with fs.open(path, "rb") as handle:
+        handle.seek(offset + start * row_bytes)
+        data = handle.read((stop - start) * row_bytes)
+    if len(data) != (stop - start) * row_bytes:
+        raise InputError(f"{unstrip(fs, path)} is truncated: expected {shape[0]} rows of {shape[1]} {dtype}")
+    rows = np.frombuffer(data, dtype=dtype).reshape(stop - start, shape[1])
+    return rows if dtype.isnative else rows.astype(dtype.newbyteorder("="))
+
+
+def npy_header(fs, path: str, size: int | None = None) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a .npy file, reading only its header; checks what the job needs:
+    a C-ordered 2-D float16/32/64 array (either byte order) whose data is all there (when ``size`` is known)."""
+    with fs.open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+        except ValueError as err:
+            raise InputError(f"{unstrip(fs, path)} is not a valid .npy file: {err}") from err
+        offset = handle.tell()
+    where = unstrip(fs, path)
+    if dtype.hasobject or dtype.newbyteorder("=") not in NPY_DTYPES:
+        raise InputError(f"{where} holds {dtype} values ({dtype.str}); expected float16, float32 or float64 "
+                         "embeddings. Re-save it with np.save(path, array.astype('float16')).")
+    if fortran or len(shape) != 2:
+        raise InputError(f"{where} must hold a C-ordered 2-D array (rows × dim); found shape {shape}"
+                         + (" in Fortran order" if fortran else ""))
+    if size is not None and size < offset + shape[0] * shape[1] * dtype.itemsize:
+        raise InputError(f"{where} is truncated: expected {shape[0]} rows of {shape[1]} {dtype.name} "
+                         f"({offset + shape[0] * shape[1] * dtype.itemsize} bytes), found {size} bytes")
+    return shape, dtype, offset

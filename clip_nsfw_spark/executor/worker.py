@@ -1,0 +1,178 @@
+"""One task, start to finish, on whatever process runs it: read a slice, score it, write it atomically.
+
+No Spark here: a ``Worker`` is a picklable callable ``Task → stats``; Spark's runner (spark.py) calls it
+in its Python workers, the sequential runner (job.py) in the driver, which is how the tests prove both
+give the same output. Heads arrive as portable-weights bytes and are loaded once per process
+(``scorer_for``), then reused by every task the process runs.
+
+A task's files are written under temporary names and moved to their final names only when complete
+(writer.py); the task's state file (``<output>/_clip_nsfw_tasks/<task_id>.json``) is written last. A task
+with a state file is complete; a retried or resumed task rewrites its outputs whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from clip_nsfw_spark.scoring.batch import score_batch
+from clip_nsfw_spark.contract import HeadPayload, TaskConfig
+from clip_nsfw_spark.errors import ClipNsfwError, InputError, TaskError
+from clip_nsfw_spark.storage.lease import check_owner
+from clip_nsfw_spark.contract import Task
+from clip_nsfw_spark.executor.reader import open_parquet, task_batches
+from clip_nsfw_spark.storage.filesystem import filesystem, join, unstrip
+from clip_nsfw_spark.executor.writer import ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
+
+_SCORERS: dict[str, object] = {}
+
+
+def scorer_for(head: HeadPayload):
+    """The scorer for a head, built once per process (the cache holds while Python workers are reused):
+    an MLP head (NumpyScorer) or a prompt head (PromptScorer), numpy only, never torch or TensorFlow."""
+    from clip_nsfw_spark.scoring.scorer import scorer_from_portable
+
+    scorer = _SCORERS.get(head.sha256)
+    if scorer is None:
+        scorer = scorer_from_portable(head.data, name=head.name, sha256=head.sha256)
+        _SCORERS[head.sha256] = scorer
+    return scorer
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """``worker(task) → stats``: runs ``process_task`` with the run's config and heads.
+
+    ``make_scorer`` (HeadPayload → scorer) and ``open_filesystem`` (url, storage_options → (fs, root))
+    are the seams a test or a benchmark replaces, e.g. by a constant scorer or a filesystem that fails
+    on purpose; the job always uses the defaults. Picklable: it crosses to Spark executors.
+    """
+
+    config: TaskConfig
+    heads: tuple[HeadPayload, ...]
+    make_scorer: Callable = scorer_for
+    open_filesystem: Callable = filesystem
+
+    def __call__(self, task: Task) -> dict:
+        return process_task(task, self)
+
+
+def process_task(task: Task, worker: Worker) -> dict:
+    """Score one task and write its outputs; return its statistics (also stored in its state file).
+
+    Stage seconds: read, score, write. Errors leave as one line naming the task's file: this package's
+    own errors as they are (input problems: retrying cannot help), anything else as ``TaskError`` (it may
+    be transient: the Spark runner retries it).
+    """
+    try:
+        return _process_task(task, worker)
+    except ClipNsfwError:
+        raise
+    except Exception as err:
+        in_fs, _ = worker.open_filesystem(worker.config.input, worker.config.storage_options)
+        where = unstrip(in_fs, task.path) + (f" and {unstrip(in_fs, task.npy_path)}" if task.npy_path else "")
+        cause = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line: pyarrow's span several
+        if isinstance(err, (ValueError, TypeError, KeyError, IndexError)) and "pyarrow" in type(err).__module__:
+            raise InputError(f"cannot read {where}: {cause}") from err
+        raise TaskError(f"task {task.rel} ({where}) failed: {cause}") from err
+
+
+def _read_columns(task: Task, config: TaskConfig, names: list[str]) -> list[str] | None:
+    """The parquet columns to read: what the outputs keep, plus the embeddings to score (None: all)."""
+    kept = config.write_columns
+    if kept is None:
+        return None
+    needed = set(kept) | (set(config.embedding_columns) if task.kind == "parquet" else set())
+    return [c for c in names if c in needed]
+
+
+def _process_task(task: Task, worker: Worker) -> dict:
+    started = time.perf_counter()
+    config = worker.config
+    timings: Counter = Counter()
+    scorers = [worker.make_scorer(head) for head in worker.heads]
+    in_fs, _ = worker.open_filesystem(config.input, config.storage_options)
+    out_fs, out_root = worker.open_filesystem(config.output, config.storage_options)
+    stats = TaskStats(config)
+    with open_parquet(task, in_fs) as source:  # one open and one footer read, for the schema and the rows
+        schema = source.schema
+        files = OutputFiles(out_fs, out_root, task.rel, config, output_schemas(schema, config, scorers[0].dim))
+        try:
+            batches = task_batches(task, in_fs, config.batch_rows, timings, _read_columns(task, config, schema.names),
+                                   source)
+            source_file = unstrip(in_fs, task.path)
+            for batch, npy, first_row in batches:
+                table = _with_added_columns(pa.Table.from_batches([batch]), npy, first_row, source_file, config)
+                scored = score_batch(table, npy, config.targets, scorers, timings)
+                stats.add(scored)
+                t0 = time.perf_counter()
+                route(scored.table, scored.ok, scored.unsafe, scored.reasons, config, files)
+                timings["write"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            check_owner(out_fs, out_root, config.run_id)  # a run that lost its lease must not commit
+            files.commit()
+            timings["write"] += time.perf_counter() - t0
+        except BaseException:
+            files.abort()
+            raise
+    result = {"task_id": task.task_id, "rel": task.rel, "source": task.source, "rows_planned": task.rows,
+              "outputs": files.written, "rows_read": stats.rows_read,
+              "rows_written": {str(stream): rows for stream, rows in files.rows.items()}} | stats.summary() | {
+        "seconds": time.perf_counter() - started, "stage_seconds": dict(timings),
+        "worker_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
+    with out_fs.open(join(out_root, TASKS_DIR, task.task_id + ".json"), "w") as handle:
+        handle.write(json.dumps(result))  # the last write: its presence means "this task is complete"
+    return result
+
+
+def _with_added_columns(table: pa.Table, npy: np.ndarray | None, first_row: int, source_file: str,
+                        config: TaskConfig) -> pa.Table:
+    """The batch plus the columns the task adds before scoring: row ids (a sidecar without id columns:
+    the join key) and, in the LAION layout with ``write_embeddings``, the npy rows as float16."""
+    if config.row_ids:
+        table = table.append_column(ROW_ID_COLUMNS[0], pa.array([source_file] * table.num_rows, pa.string()))
+        table = table.append_column(ROW_ID_COLUMNS[1], pa.array(np.arange(first_row, first_row + table.num_rows)))
+    if npy is not None and config.write_embeddings:
+        table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
+            pa.array(npy.astype(np.float16).reshape(-1)), npy.shape[1]))
+    return table
+
+
+class TaskStats:
+    """A task's counts, summed over its batches: rows read, unsafe and rejected (by reason), and per score
+    column the unsafe count, a histogram of valid scores over [0, 1] and how many fell below 0 / above 1
+    (raw-output heads are not bounded)."""
+
+    def __init__(self, config: TaskConfig):
+        self.columns = config.score_columns
+        self.bins = np.linspace(0.0, 1.0, config.histogram_bins + 1)
+        self.histograms = {name: np.zeros(config.histogram_bins, dtype=np.int64) for name in self.columns}
+        self.outside = {name: [0, 0] for name in self.columns}
+        self.flagged: Counter = Counter()
+        self.rejected: Counter = Counter()
+        self.rows_read = self.unsafe = 0
+
+    def add(self, scored) -> None:
+        self.rows_read += scored.table.num_rows
+        for name, values in scored.scores.items():
+            self.histograms[name] += np.histogram(values, bins=self.bins)[0]
+            self.outside[name][0] += int((values < 0).sum())
+            self.outside[name][1] += int((values > 1).sum())
+        self.flagged.update(scored.flagged)
+        self.rejected.update(str(reason) for reason in scored.problems)  # a row counts once: its first problem
+        self.unsafe += int(scored.unsafe.sum())
+
+    def summary(self) -> dict:
+        return {"rows_unsafe": self.unsafe, "rows_rejected": sum(self.rejected.values()),
+                "rejected_by_reason": dict(self.rejected),
+                "histograms": {name: h.tolist() for name, h in self.histograms.items()},
+                "outside_0_1": self.outside,
+                "unsafe_by_column": {name: self.flagged.get(name, 0) for name in self.columns}}

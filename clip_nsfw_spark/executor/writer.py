@@ -1,0 +1,227 @@
+"""A task's outputs: their names and schemas, which rows go to which stream, and atomic parquet files.
+
+The output folder holds, besides the data files: ``_clip_nsfw_tmp/`` (files being written, under a
+random name), ``_clip_nsfw_tasks/`` (one state file per completed task, and ``_job.json``), the report,
+``_SUCCESS`` and, while a run writes, its lease (lease.py). A data file appears under its final name
+only when complete; a task's state file is written after all its files are.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_nsfw_spark.contract import TaskConfig
+from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
+from clip_nsfw_spark.parquet.splice import SplicedParquetWriter, leaf_paths
+from clip_nsfw_spark.scoring.batch import set_column
+from clip_nsfw_spark.storage.filesystem import join
+
+TMP_DIR = "_clip_nsfw_tmp"
+TASKS_DIR = "_clip_nsfw_tasks"
+JOB_STATE = "_job.json"
+REPORT_NAME = "_clip_nsfw_report.json"
+SUCCESS_NAME = "_SUCCESS"
+REJECTED_DIR = "_rejected"
+ROW_ID_COLUMNS = ("source_file", "row_index")
+# Schema metadata a writer stored about the input's columns, which the outputs' columns no longer match:
+# Spark reads its own stored schema instead of the file's, and would not see the score columns at all.
+FOREIGN_SCHEMA_KEYS = (b"org.apache.spark.sql.parquet.row.metadata",)
+
+
+def output_paths(rel: str, mode: str) -> dict[Stream, str]:
+    """Relative output file per stream for a task's ``rel`` (rejected rows only exist in filter/split)."""
+    where = {Stream.ANNOTATED: rel, Stream.SCORES: rel, Stream.KEPT: rel, Stream.SAFE: join("safe", rel),
+             Stream.UNSAFE: join("unsafe", rel), Stream.REJECTED: join(REJECTED_DIR, rel)}
+    return {stream: where[stream] for stream in MODE_STREAMS[mode]}
+
+
+def _is_float_list(field: pa.Field) -> bool:
+    return (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
+            or pa.types.is_fixed_size_list(field.type)) and pa.types.is_floating(field.type.value_type)
+
+
+def float_list_columns(schema: pa.Schema) -> list[str]:
+    """The float-list columns (embeddings)."""
+    return [f.name for f in schema if _is_float_list(f)]
+
+
+def scalar_columns(schema: pa.Schema) -> list[str]:
+    """All columns but float lists (embeddings): the ones worth dictionary encoding and min/max statistics.
+    For embeddings a dictionary of up to 65,536 float16 values makes writing and every later read several
+    times slower, and statistics nobody filters on cost a pass over every value when writing."""
+    return [f.name for f in schema if not _is_float_list(f)]
+
+
+def column_compression(schema: pa.Schema, compression: str, embedding_compression: str) -> dict[str, str]:
+    """The codec of every column: ``embedding_compression`` for float lists, ``compression`` for the rest.
+
+    Embeddings are near-random floats: zstd saves 8-9 % of their size and halves write and read speed
+    (bench/writer_policy.py, docs/performance.md), so they are written uncompressed by default. Their
+    encoding stays PLAIN: BYTE_STREAM_SPLIT would be faster still, but Spark 3.5/4.0's vectorized reader
+    cannot read it for float32, nor DuckDB 2.0 for float16 (bench/writer_compat.py).
+    """
+    # pyarrow takes per-column codecs keyed by the parquet leaf path ("emb.list.element"), silently ignores a
+    # top-level name for a list, and leaves a leaf missing from the mapping uncompressed: so every leaf is
+    # named, as the writer itself names it, and matched to its column by position (a scalar column named
+    # "emb.model" is not a leaf of "emb").
+    return {path: embedding_compression if _is_float_list(field) else compression
+            for field, paths in zip(schema, leaf_paths(schema)) for path in paths}
+
+
+def _with_column(schema: pa.Schema, field: pa.Field) -> pa.Schema:
+    """``schema`` plus ``field``; a column of the same name is replaced in place (``replace_scores``:
+    the driver refuses such a clash otherwise)."""
+    index = schema.get_field_index(field.name)
+    return schema.append(field) if index < 0 else schema.set(index, field)
+
+
+def output_schemas(input_schema: pa.Schema, config: TaskConfig, dim: int) -> dict[Stream, pa.Schema]:
+    """The schema of each output stream: the input's fields and metadata, plus scores (+ reason).
+
+    The reason column is in annotate, scores and rejected outputs; in the other streams only when the
+    input already had one (a re-scored output: it is then rewritten, null for every scored row).
+    """
+    kept = config.write_columns
+    metadata = {k: v for k, v in (input_schema.metadata or {}).items() if k not in FOREIGN_SCHEMA_KEYS} or None
+    schema = pa.schema([input_schema.field(c) for c in (input_schema.names if kept is None else kept)],
+                       metadata=metadata)
+    if config.row_ids:
+        schema = pa.schema([pa.field(ROW_ID_COLUMNS[0], pa.string()), pa.field(ROW_ID_COLUMNS[1], pa.int64())]
+                           + list(schema), metadata=schema.metadata)
+    if config.layout == "laion-npy" and config.write_embeddings:
+        schema = _with_column(schema, pa.field("embedding", pa.list_(pa.float16(), dim)))
+    for name in config.score_columns:
+        schema = _with_column(schema, pa.field(name, pa.float32()))
+    with_reason = _with_column(schema, pa.field(config.reason_column, pa.string()))
+    if config.reason_column in schema.names:
+        schema = with_reason
+    return {stream: with_reason if stream in (Stream.ANNOTATED, Stream.SCORES, Stream.REJECTED) else schema
+            for stream in MODE_STREAMS[config.mode]}
+
+
+class AtomicParquet:
+    """A parquet file that appears under its final name only when complete (temp file, then move).
+
+    The temp name is ``_clip_nsfw_tmp/<32 hex>.parquet`` whatever ``rel`` is: a name built from a deep
+    relative path would pass the filesystem's 255-byte limit on one name ("File name too long").
+    """
+
+    def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str | dict[str, str]):
+        self.fs, self.final = fs, join(root, rel)
+        self.tmp = join(root, TMP_DIR, uuid.uuid4().hex + ".parquet")
+        fs.makedirs(join(root, TMP_DIR), exist_ok=True)
+        self._handle = fs.open(self.tmp, "wb")
+        options = {"compression": compression, "use_dictionary": scalar_columns(schema),
+                   "write_statistics": scalar_columns(schema)}
+        # uncompressed embedding columns are encoded by splice.py (several times faster than pyarrow)
+        spliced = SplicedParquetWriter(self._handle, schema, columns=float_list_columns(schema), **options)
+        self._writer = spliced if spliced.encoded else pq.ParquetWriter(self._handle, schema, **options)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
+
+    def commit(self) -> None:
+        self._writer.close()
+        self._handle.close()
+        parent = self.final.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        self.fs.mv(self.tmp, self.final)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._handle.close()
+        finally:
+            if self.fs.exists(self.tmp):
+                self.fs.rm(self.tmp)
+
+
+class OutputFiles:
+    """One task's output files, one per stream, committed together or not at all.
+
+    The main streams' files exist even when empty; the rejected file only when a row is rejected.
+    ``rows`` counts the rows written per stream; ``paths`` the relative path of every file made.
+    """
+
+    def __init__(self, fs, root: str, rel: str, config: TaskConfig, schemas: dict[Stream, pa.Schema]):
+        self.fs, self.root, self.config, self.schemas = fs, root, config, schemas
+        self.paths = output_paths(rel, config.mode)
+        self._files: dict[Stream, AtomicParquet] = {}
+        try:
+            for stream in schemas:
+                if stream != Stream.REJECTED:
+                    self._file(stream)
+        except BaseException:
+            self.abort()  # the files opened before the one that failed
+            raise
+
+    def _file(self, stream: Stream) -> AtomicParquet:
+        if stream not in self._files:
+            schema = self.schemas[stream]
+            codecs = column_compression(schema, self.config.compression, self.config.embedding_compression)
+            self._files[stream] = AtomicParquet(self.fs, self.root, self.paths[stream], schema, codecs)
+        return self._files[stream]
+
+    def write(self, stream: Stream, table: pa.Table) -> None:
+        schema = self.schemas[stream]
+        self._file(stream).write(pa.Table.from_arrays([table.column(name) for name in schema.names], schema=schema))
+
+    @property
+    def rows(self) -> dict[Stream, int]:
+        return {stream: file.rows for stream, file in self._files.items()}
+
+    @property
+    def written(self) -> list[str]:
+        return sorted(self.paths[stream] for stream in self._files)
+
+    def commit(self) -> None:
+        """Move every file to its final name; if one move fails, remove the files already moved (the task
+        is then not complete, and its outputs are not there to be mistaken for a complete set)."""
+        moved = []
+        try:
+            for stream in sorted(self._files):
+                self._files[stream].commit()
+                moved.append(self._files[stream].final)
+        except BaseException:
+            for final in moved:
+                try:
+                    self.fs.rm(final)
+                except Exception:  # noqa: BLE001 - the error that stopped the commit matters more
+                    pass
+            raise
+
+    def abort(self) -> None:
+        for file in self._files.values():
+            try:
+                file.abort()
+            except Exception:  # noqa: BLE001 - the error that made the task abort matters more
+                pass
+
+
+def route(table: pa.Table, ok: np.ndarray, unsafe: np.ndarray, reasons: list, config: TaskConfig,
+          files: OutputFiles) -> None:
+    """Write a scored batch (``table`` with its score columns) to its streams.
+
+    ``ok`` (n,) marks scored rows, ``unsafe`` (n,) scored rows at or over a threshold, ``reasons`` (n,)
+    None or why a row was not scored (it becomes the reason column). annotate/scores: every row; filter:
+    the kept side and the rejected rows; split: safe, unsafe and rejected rows.
+    """
+    with_reason = set_column(table, config.reason_column, pa.array(reasons, type=pa.string()))
+    if config.mode in ("annotate", "scores"):
+        files.write(Stream.ANNOTATED if config.mode == "annotate" else Stream.SCORES, with_reason)
+        return
+    safe, flagged = ok & ~unsafe, ok & unsafe
+    if config.mode == "filter":
+        files.write(Stream.KEPT, with_reason.filter(pa.array(safe if config.keep == "safe" else flagged)))
+    else:
+        files.write(Stream.SAFE, with_reason.filter(pa.array(safe)))
+        files.write(Stream.UNSAFE, with_reason.filter(pa.array(flagged)))
+    if not ok.all():
+        files.write(Stream.REJECTED, with_reason.filter(pa.array(~ok)))

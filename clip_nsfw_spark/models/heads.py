@@ -1,0 +1,171 @@
+"""Several safety heads over one embedding column, as a pure API (no Spark, no IO once loaded).
+
+A *head* is a registry model or a user model with a score column and a threshold; a row is unsafe when any
+head's score is at or over its threshold (``score >= threshold``, the job's convention; clip-retrieval
+flags the NSFW heads with ``> 0.5``, so a score of exactly 0.5 is unsafe here and safe there).
+
+Defaults per head (``REGISTRY`` in registry.py):
+
+=================  ==============  =========  ================================================================
+head               score column    threshold  score
+=================  ==============  =========  ================================================================
+vit-l-14           ``punsafe``     0.5        sigmoid output in [0, 1]
+vit-b-32           ``punsafe``     0.5        sigmoid output in [0, 1]
+vit-h-14           ``punsafe``     0.5        raw output of the last Linear, *not* bounded to [0, 1]
+violence-l-14      ``pviolence``   0.5        softmax(100·sims)[1], ≥ 0.5 ⇔ clip-retrieval's argmax rule
+violence-b-32      ``pviolence``   0.5        same, for ViT-B/32 embeddings
+user models        ``punsafe``     0.5        as their file defines (portable weights, SavedModel, state dict)
+=================  ==============  =========  ================================================================
+
+Every NSFW head writes ``punsafe`` (LAION's column name, so an H/14 run is a drop-in for an L/14 run), and
+every violence head ``pviolence``. One embedding column has one width, so at most one NSFW head and one
+violence head fit it; two heads with the same column (e.g. a user NSFW head beside vit-l-14) need an
+explicit ``score_column`` for one of them, or ``MultiScorer`` raises a ConfigError that says so.
+
+Executors build heads from the portable bytes alone (``scorer_from_portable``): numpy only, never torch,
+TensorFlow or Spark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+
+import numpy as np
+
+from clip_nsfw_spark.contract import HeadPayload
+from clip_nsfw_spark.errors import ConfigError, DimensionError
+from clip_nsfw_spark.models.cache import prepare_model
+from clip_nsfw_spark.models.registry import REGISTRY, canonical_name, fitting_model_hint
+from clip_nsfw_spark.scoring.scorer import scorer_from_portable
+
+DEFAULT_SCORE_COLUMN = "punsafe"
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """What a configuration asks for: a model (registry name or path), optionally its column and threshold."""
+
+    model: str
+    score_column: str | None = None
+    threshold: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """A loaded head: ``scorer(x)`` maps (n, dim) float16/32/64 to float32 (n,)."""
+
+    name: str
+    score_column: str
+    threshold: float
+    scorer: object
+    sha256: str | None
+
+    @property
+    def dim(self) -> int:
+        return self.scorer.dim
+
+
+def head_payload(model: str | os.PathLike):
+    """Prepare a head on the driver (fetch, verify and convert it once, models.py) and return
+    ``(HeadPayload, resolved)``: what executors need (the portable bytes), and the cache's record of it."""
+    resolved = prepare_model(model)
+    name = canonical_name(os.fspath(model)) or resolved.name
+    return HeadPayload(name, resolved.sha256, resolved.portable.read_bytes()), resolved
+
+
+def head_defaults(model: str) -> tuple[str, float]:
+    """``(score_column, threshold)`` defaults of ``model`` (registry values, else punsafe / 0.5)."""
+    spec = REGISTRY.get(canonical_name(os.fspath(model)) or "")
+    return (spec.score_column, spec.threshold) if spec else (DEFAULT_SCORE_COLUMN, DEFAULT_THRESHOLD)
+
+
+def load_head(model: str | os.PathLike | HeadSpec, score_column: str | None = None,
+              threshold: float | None = None) -> Head:
+    """Fetch/verify/convert ``model`` once (models.py) and load it as a Head with its defaults filled in."""
+    if isinstance(model, HeadSpec):
+        model, score_column, threshold = model.model, model.score_column or score_column, \
+            model.threshold if model.threshold is not None else threshold
+    resolved = prepare_model(model)
+    name = canonical_name(os.fspath(model)) or resolved.name
+    column, default_threshold = head_defaults(model)
+    scorer = scorer_from_portable(resolved.portable, name=name, sha256=resolved.sha256)
+    return Head(name, score_column or column, float(default_threshold if threshold is None else threshold),
+                scorer, resolved.sha256)
+
+
+def load_heads(models: Iterable[str | os.PathLike | HeadSpec]) -> "MultiScorer":
+    """``load_heads(["vit-l-14", "violence-l-14"])``: every head loaded, checked to share one width."""
+    return MultiScorer([m if isinstance(m, Head) else load_head(m) for m in models])
+
+
+class MultiScorer:
+    """Several heads over one embedding width; pure numpy once built (picklable: holds arrays only).
+
+    ``scorer(x)`` → dict score column → float32 (n,) scores, in head order; ``scores(x)`` → float32 (n, h);
+    ``unsafe(x_or_scores)`` → bool (n,): any head at or over its threshold.
+    """
+
+    def __init__(self, heads: Iterable[Head]):
+        self.heads = tuple(heads)
+        if not self.heads:
+            raise ConfigError("no heads: give at least one model (e.g. 'vit-l-14')")
+        widths = {h.dim for h in self.heads}
+        if len(widths) != 1:
+            listed = ", ".join(f"{h.name} expects {h.dim}-d" for h in self.heads)
+            raise DimensionError(f"heads scored in one pass must share the embedding width; {listed}. Score "
+                                 "each embedding column with the heads of its CLIP model.")
+        columns = [h.score_column for h in self.heads]
+        clashes = sorted({c for c in columns if columns.count(c) > 1})
+        if clashes:
+            who = ", ".join(f"{h.name} → {h.score_column}" for h in self.heads if h.score_column in clashes)
+            raise ConfigError(f"two heads write the same score column ({who}); give one of them its own "
+                              "score_column")
+        self.dim = widths.pop()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(h.score_column for h in self.heads)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.array([h.threshold for h in self.heads], dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return f"MultiScorer({', '.join(f'{h.name}→{h.score_column}≥{h.threshold}' for h in self.heads)})"
+
+    def _check(self, embeddings) -> np.ndarray:
+        array = np.asarray(embeddings)
+        if array.ndim != 2:
+            raise DimensionError(f"heads expect a 2-D array of shape (n, {self.dim}); found shape {array.shape}")
+        if array.shape[1] != self.dim:
+            names = ", ".join(h.name for h in self.heads)
+            raise DimensionError(f"heads {names} expect {self.dim}-d embeddings, found {array.shape[1]}-d"
+                                 f"{fitting_model_hint(array.shape[1])}")
+        return array
+
+    def scores(self, embeddings) -> np.ndarray:
+        """float16/32/64 (n, dim) → float32 (n, h), column j from head j."""
+        array = self._check(embeddings)
+        out = np.empty((len(array), len(self.heads)), dtype=np.float32)
+        for j, head in enumerate(self.heads):
+            out[:, j] = head.scorer(array)
+        return out
+
+    def __call__(self, embeddings) -> dict[str, np.ndarray]:
+        matrix = self.scores(embeddings)
+        return {column: matrix[:, j] for j, column in enumerate(self.columns)}
+
+    def flagged(self, scores: np.ndarray) -> np.ndarray:
+        """bool (n, h): head j's score at or over its threshold (NaN is never flagged).
+
+        Compared as the job compares one column (float32 scores ``>=`` the threshold as a Python float).
+        """
+        scores = np.asarray(scores)
+        return np.stack([scores[:, j] >= h.threshold for j, h in enumerate(self.heads)], axis=1)
+
+    def unsafe(self, scores: np.ndarray) -> np.ndarray:
+        """bool (n,): any head at or over its threshold, from float32 (n, h) ``scores``."""
+        return self.flagged(scores).any(axis=1)

@@ -1,0 +1,1 @@
+"""Parquet at page level: the Thrift compact codec, the embedding page decoder, the spliced writer."""

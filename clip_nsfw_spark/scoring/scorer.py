@@ -1,0 +1,106 @@
+"""Scorers: the exact numpy implementation of LAION's NSFW detector, and TensorFlow as the reference.
+
+Contract shared by both: ``scorer(embeddings)`` takes a 2-D array of shape ``(n, scorer.dim)`` and dtype
+float16, float32 or float64, and returns float32 scores of shape ``(n,)`` in [0, 1] (1 = NSFW; LAION's
+``punsafe``). NaN inputs are scored as the original model scores them (numeric NaN → 0), never raised.
+
+This module imports numpy (and numba, through kernels.py) only; TensorFlow is imported by the
+'tensorflow' backend when it is chosen.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from clip_nsfw_spark.scoring.embeddings import check_embeddings
+from clip_nsfw_spark.errors import MissingDependencyError, ModelError
+from clip_nsfw_spark.scoring.kernels import HAVE_NUMBA, PackedLayer, encode_rows, score_rows
+from clip_nsfw_spark.scoring.prompts import PROMPT_FORMAT, PromptHead, PromptScorer
+from clip_nsfw_spark.scoring.weights import ORDER, PortableWeights
+
+# Rows per chunk: a chunk's activations stay in L2 cache (240 × 768 float32 = 720 KiB at the input), and
+# 240 is a multiple of every register tile height (12, 6, 4). Speed only: a row's bits never depend on it.
+CHUNK_ROWS = 240
+_FLOAT16_TO_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+class NumpyScorer:
+    """The LAION detector without TensorFlow: a numba kernel for the encoding and the layers.
+
+    Every layer is summed in the fixed order of ``kernels.ORDER`` (recorded in the weights file), so a
+    row's score is a pure function of (weights, row): the same bits for any batch size, thread count,
+    process or CPU. Holds only arrays: picklable, cheap to build, safe to call from several threads.
+    """
+
+    backend = "numpy"
+
+    def __init__(self, weights: PortableWeights, name: str | None = None, sha256: str | None = None):
+        if not HAVE_NUMBA:
+            raise MissingDependencyError("the numpy scorer needs numba (its fixed-order kernel): pip install numba")
+        if weights.order != ORDER:
+            raise ModelError(f"weights {weights.name!r} were made for summation order {weights.order!r}; this "
+                             f"scorer computes {ORDER!r}. Convert the model again (registry models re-derive "
+                             "themselves in the cache: `clip-nsfw-spark model fetch`).")
+        self.weights = weights
+        self.name = name or weights.name
+        self.sha256 = sha256
+        self.dim = weights.dim
+        self._mean = weights.mean
+        # TensorFlow computes max(sqrt(var), eps) at run time in float32; doing the same keeps the
+        # normalisation bit-identical (sqrt, subtraction and division are all correctly rounded).
+        self._scale = np.maximum(np.sqrt(weights.variance), np.float32(weights.epsilon)).astype(np.float32)
+        columns = weights.categorical
+        self._columns = np.array([c.column for c in columns], np.int64)
+        self._lo = np.concatenate([c.lo for c in columns] or [np.zeros(0, np.int32)]).astype(np.int32)
+        self._hi = np.concatenate([c.hi for c in columns] or [np.zeros(0, np.int32)]).astype(np.int32)
+        self._codes = np.concatenate([c.interval_codes for c in columns] or [np.zeros(0, np.float32)])
+        self._codes = self._codes.astype(np.float32)
+        self._starts = np.cumsum([0] + [len(c.lo) for c in columns]).astype(np.int64)
+        self._defaults = np.array([c.default for c in columns], np.float32)
+        self._layers = [PackedLayer(kernel, bias, activation == "relu")
+                        for kernel, bias, activation in zip(weights.kernels, weights.biases, weights.activations)]
+        if "sigmoid" in weights.activations[:-1]:
+            raise ModelError(f"a sigmoid is supported on the output layer only; found {weights.activations}")
+        # Keras heads end in a sigmoid; raw-output heads (ViT-H/14, user state dicts) in a linear layer.
+        self._sigmoid = weights.activations[-1] == "sigmoid"
+
+    def __repr__(self) -> str:
+        return f"NumpyScorer(name={self.name!r}, dim={self.dim})"
+
+    def __call__(self, embeddings) -> np.ndarray:
+        array = check_embeddings(embeddings, self.dim, self.name)
+        if array.dtype == np.float16:  # decoded in the kernel through a table of every float16's value
+            array = np.ascontiguousarray(array).view(np.uint16)
+        scores = np.empty(len(array), dtype=np.float32)
+        layers = self._layers
+        score_rows(array, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
+                   self._codes, self._starts, self._defaults, tuple(layer.panels for layer in layers),
+                   tuple(layer.bias for layer in layers), np.array([layer.relu for layer in layers], np.int64),
+                   np.array([layer.width for layer in layers], np.int64), CHUNK_ROWS, self._sigmoid, scores)
+        return scores
+
+    def encode(self, chunk: np.ndarray) -> np.ndarray:
+        """The model's input encoding: float16/32/64 (m, dim) → normalised float32 (m, dim) features."""
+        x = np.empty(chunk.shape, np.float32)
+        if chunk.dtype == np.float16:  # decoded through a table of every float16's float32 value: exact
+            chunk = np.ascontiguousarray(chunk).view(np.uint16)
+        encode_rows(chunk, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
+                    self._codes, self._starts, self._defaults, x)
+        return x
+
+
+def portable_format(source: str | os.PathLike | bytes) -> str:
+    """The ``format`` string of a portable file (a path or its bytes), read without unpickling."""
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with np.load(handle, allow_pickle=False) as npz:
+        return str(npz["format"])
+
+
+def scorer_from_portable(source: str | os.PathLike | bytes, name: str | None = None, sha256: str | None = None):
+    """A NumpyScorer (MLP heads) or PromptScorer (prompt heads) for a portable file's path or bytes."""
+    if portable_format(source) == PROMPT_FORMAT:
+        return PromptScorer(PromptHead.load(source), name=name, sha256=sha256)
+    return NumpyScorer(PortableWeights.load(source), name=name, sha256=sha256)

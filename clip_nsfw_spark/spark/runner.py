@@ -1,0 +1,217 @@
+"""Spark glue, and the only module that imports pyspark.
+
+The job's work is described as a DataFrame of task numbers (``spark.range`` with one partition per task)
+processed with ``mapInArrow``: it runs the same on classic Spark and on Spark Connect (no SparkContext,
+no RDDs, no broadcast). The closure carries the task list, the config and the portable weights (~2 MB);
+Spark ships it once per executor, and each Python worker builds its scorer once (worker.scorer_for).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", conf: dict | None = None):
+    """Yield the active SparkSession, or create one and stop it afterwards (and only then).
+
+    ``master`` is a Spark master URL (``local[*]``, ``yarn``, ``k8s://…``) or a Spark Connect URL
+    (``sc://host:15002``); None leaves it to spark-submit / the Spark defaults. ``conf`` adds Spark
+    settings for a session this function creates.
+
+    A created local session binds the driver (and its UI) to 127.0.0.1 and runs Python workers with this
+    interpreter unless PYSPARK_PYTHON says otherwise.
+    """
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if master and master.startswith("sc://"):  # a Spark Connect server
+        builder = builder.remote(master)
+    elif master:
+        builder = builder.master(master)
+    if (master or "local").startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        builder = (builder.config("spark.driver.host", "127.0.0.1")
+                   .config("spark.driver.bindAddress", "127.0.0.1")
+                   .config("spark.ui.showConsoleProgress", "false"))
+    builder = builder.config("spark.python.worker.reuse", "true")
+    for key, value in (conf or {}).items():  # e.g. spark.driver.memory, before the JVM starts
+        builder = builder.config(key, value)
+    with _deferred_sigint():
+        spark = builder.getOrCreate()
+    try:
+        yield spark
+    except BaseException:
+        # The JVM may be gone already (SIGTERM to the whole process group): its error must not hide ours.
+        with contextlib.suppress(Exception):
+            spark.stop()
+        raise
+    spark.stop()
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Hold Ctrl-C while Spark starts: interrupted half-way, the JVM prints stack traces and py4j logs
+    "reentrant call" errors; held, the KeyboardInterrupt comes a moment later from a clean state."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# In-place attempts of a task that failed with an unexpected (possibly transient) error; a crashed Python
+# worker is retried by Spark itself (spark.task.maxFailures).
+TASK_ATTEMPTS = 3
+
+
+def spark_runner(spark):
+    """A runner for ``job.run_job``: one Spark task per job task, results collected on the driver.
+
+    A task's error comes back as data, never as a failed Spark task, so the driver raises it as the same
+    one-line error (naming the task's file) instead of Spark's and Py4J's stack traces: a known input
+    problem (``InputError`` …) at once, since retrying cannot fix it; anything else (``TaskError``: I/O,
+    the worker's environment) after ``TASK_ATTEMPTS`` attempts in place.
+    """
+
+    def run(tasks, worker):
+        """Run ``worker`` (worker.Worker: Task → stats) over ``tasks``, one Spark task each, in this order."""
+        if not tasks:
+            return []
+        import pyarrow as pa
+
+        payload = [task.to_dict() for task in tasks]
+
+        def process_partition(batches):
+            import time
+
+            from clip_nsfw_spark.errors import ClipNsfwError, TaskError
+            from clip_nsfw_spark.contract import Task
+
+            for batch in batches:
+                for index in batch.column(0).to_pylist():
+                    for attempt in range(1, TASK_ATTEMPTS + 1):
+                        try:
+                            result = worker(Task.from_dict(payload[index]))
+                            break
+                        except TaskError as err:
+                            result = {"error": str(err), "error_type": type(err).__name__}
+                            if attempt < TASK_ATTEMPTS:
+                                time.sleep(attempt)
+                        except ClipNsfwError as err:
+                            result = {"error": str(err), "error_type": type(err).__name__}
+                            break
+                    yield pa.RecordBatch.from_pydict({"stats": [json.dumps(result)]})
+
+        frame = spark.range(0, len(payload), 1, numPartitions=len(payload)).mapInArrow(process_partition, "stats string")
+        try:
+            with _cancel_on_interrupt(spark):
+                rows = frame.collect()
+        except Exception as err:  # noqa: BLE001 - Py4J, PySpark and Connect raise different types
+            raise _spark_failure(err) from None
+        results = [json.loads(row.stats) for row in rows]
+        failed = [r for r in results if "error" in r]
+        if failed:
+            more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
+            raise _error_class(failed[0]["error_type"])(
+                f"{failed[0]['error']}{more}. The output is incomplete: fix the cause and rerun with --resume.")
+        return results
+
+    return run
+
+
+def _error_class(name: str):
+    from clip_nsfw_spark import errors
+
+    found = getattr(errors, name, None)
+    return found if isinstance(found, type) and issubclass(found, errors.ClipNsfwError) else errors.TaskError
+
+
+def _spark_failure(err: Exception):
+    """One line for a Spark job that failed outside our tasks' control (a worker killed too often …)."""
+    from clip_nsfw_spark.errors import TaskError
+
+    text = str(err)
+    last = next((line.strip() for line in text.splitlines() if "Error" in line or "Exception" in line),
+                type(err).__name__)
+    return TaskError(f"the Spark job failed: {last[:500]}. The output is incomplete: rerun with --resume.")
+
+
+class _DropPy4jRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}py4j{os.sep}" not in record.pathname
+
+
+def silence_py4j_logs() -> None:
+    """Drop py4j's log records from now on. Called when the job is being stopped (SIGTERM reaches the JVM
+    too): every later call to the dying JVM would log a traceback that says nothing the user needs."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropPy4jRecords) for f in handler.filters):
+            handler.addFilter(_DropPy4jRecords())
+
+
+@contextlib.contextmanager
+def _cancel_on_interrupt(spark):
+    """While the driver waits for Spark jobs, Ctrl-C (SIGINT) or SIGTERM cancels them and raises
+    KeyboardInterrupt (``errors.Terminated`` for SIGTERM).
+
+    PySpark's own handler calls the JVM from inside the signal handler; when the signal lands while the main
+    thread is reading a py4j answer (as it is in ``collect``), that nested call fails and py4j logs several
+    tracebacks. Here the handler only starts a thread that cancels the jobs; ``collect`` then fails with a
+    cancellation, which becomes one KeyboardInterrupt. A second Ctrl-C raises at once.
+    """
+    import signal
+    import threading
+
+    from clip_nsfw_spark.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted: list[int] = []  # the signal received, if any
+
+    def cancel():
+        try:
+            spark.sparkContext.cancelAllJobs()
+        except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext
+            with contextlib.suppress(Exception):
+                spark.interruptAll()
+
+    def stop(signum: int):
+        return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGTERM:
+            silence_py4j_logs()
+        if interrupted:
+            raise stop(signum)
+        interrupted.append(signum)
+        threading.Thread(target=cancel, name="clip-nsfw-cancel", daemon=True).start()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Exception:
+        if interrupted:
+            raise stop(interrupted[0]) from None
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

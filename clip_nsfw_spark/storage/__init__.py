@@ -1,0 +1,1 @@
+"""Storage: fsspec filesystems and URLs in one place, and the output lease."""

@@ -1,0 +1,163 @@
+"""Filesystems: one place that turns a URL (local path, file://, s3://, hdfs://, …) into an fsspec filesystem.
+
+s3:// needs s3fs, which reads credentials from the usual AWS environment and config files
+(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_ENDPOINT_URL …); ``storage_options`` from the
+job config are passed to the filesystem as they are (endpoint_url, anon, profile, client_kwargs …).
+hdfs:// goes through pyarrow's HadoopFileSystem and needs libhdfs and a Hadoop client configuration on
+every machine (untested here: no HDFS is available on this machine kind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+
+import fsspec
+
+from clip_nsfw_spark.errors import ClipNsfwError, ConfigError, InputError, MissingDependencyError, OutputError
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """Return ``(fs, path)`` for ``url``: the path is what ``fs`` methods take (no protocol for s3)."""
+    options = dict(storage_options or {})
+    if "endpoint_url" in options and url.startswith("s3"):
+        options.setdefault("client_kwargs", {})
+        options["client_kwargs"] = dict(options["client_kwargs"], endpoint_url=options.pop("endpoint_url"))
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ImportError as err:
+        raise MissingDependencyError(f"reading {url} needs an fsspec backend: {err}. For s3:// run "
+                                     "pip install 'clip-nsfw-spark[s3]'") from err
+    except ValueError as err:  # "Protocol not known: foo"
+        raise ConfigError(f"cannot use {url}: {err}. Use a local path, file://, s3://, gs://, hdfs:// …") from err
+    except OSError as err:  # hdfs:// without libhdfs/libjvm, an unreachable NameNode …
+        raise InputError(f"cannot open the filesystem of {url}: {type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]}") from err
+    return fs, path.rstrip("/") if path not in ("/",) else path
+
+
+def canonical(url: str, storage_options: dict | None = None, glob_base: bool = False):
+    """Return ``(fs, path)`` with ``path`` in the one spelling this job compares, deletes and writes by.
+
+    Every spelling of one location gives the same ``path``: ``//``, ``.``, ``..`` and a trailing ``/`` are
+    normalised; ``file://``, relative and ``~`` paths become absolute; on a local filesystem symlinks are
+    resolved (``os.path.realpath``, which also resolves the existing parent of a path not created yet, as
+    the kernel will when it is written); on an object store the key is ``bucket/key`` without empty or
+    ``.`` parts and with ``..`` applied (never above the bucket). Comparing object-store keys this way is
+    deliberately conservative: S3 itself treats ``b//in`` and ``b/in`` as different keys, but a path that
+    could be the input is never used as the output. ``glob_base`` cuts a glob at its first part holding
+    ``*``, ``?`` or ``[``: the folder every match lies under (``/d/in/*.parquet`` → ``/d/in``).
+    """
+    fs, path = filesystem(url, storage_options)
+    if glob_base and not _exists(fs, path):  # a path that exists is literal, even with glob characters
+        path = _glob_base(path)
+    if is_local(fs):
+        return fs, os.path.realpath(os.path.expanduser(path))
+    bucket, _, key = re.sub("/+", "/", path).lstrip("/").partition("/")
+    key = posixpath.normpath("/" + key).lstrip("/")
+    return fs, join(bucket, key) if key else bucket
+
+
+def _exists(fs, path: str) -> bool:
+    """``fs.exists`` where a storage error (denied, bad credentials) counts as "no": the callers only choose
+    between a literal path and a glob, and the real access error is reported where the path is read."""
+    try:
+        return fs.exists(path)
+    except Exception:  # noqa: BLE001 - s3fs/botocore raise many types
+        return False
+
+
+def _glob_base(path: str) -> str:
+    """The path up to (not including) its first part holding a glob character."""
+    parts = path.split("/")
+    cut = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+    return "/".join(parts[:cut]) or "/"
+
+
+def locations(url: str, storage_options: dict | None = None, glob_base: bool = False):
+    """Return ``(fs, paths)``: the canonical path and, on a local filesystem whose path ends in a symlink,
+    also where that symlink itself sits (its parent resolved, its name kept). Containment checks compare
+    every pair: a folder holding a symlink to the input holds the input's path, and deleting it would take
+    that path away, even though the data lives elsewhere.
+    """
+    fs, resolved = canonical(url, storage_options, glob_base)
+    paths = [resolved]
+    if is_local(fs):
+        raw = filesystem(url, storage_options)[1]
+        raw = os.path.expanduser(_glob_base(raw) if glob_base and not _exists(fs, raw) else raw).rstrip("/")
+        head, _, tail = raw.rpartition("/")
+        if tail not in ("", ".", ".."):
+            link = os.path.join(os.path.realpath(head or "/"), tail)
+            if link != resolved:
+                paths.append(link)
+    return fs, paths
+
+
+def location(fs, path: str) -> str:
+    """A key that differs between two canonical locations unless they are the same store and path."""
+    protocol = "file" if is_local(fs) else (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
+    return f"{protocol}://{path.rstrip('/')}"
+
+
+def within(fs_a, a: str, fs_b, b: str) -> bool:
+    """Whether canonical location ``a`` is ``b`` or lies under it (same store, whole path parts).
+
+    On a local filesystem the folders are also compared by identity (device and inode): a bind mount or a
+    case-insensitive filesystem (``/D/IN`` is ``/d/in`` on macOS) gives one folder two canonical paths.
+    """
+    inner, outer = location(fs_a, a), location(fs_b, b)
+    if outer.endswith("://"):  # the root of a filesystem holds everything on it
+        return inner.startswith(outer)
+    if inner == outer or inner.startswith(outer + "/"):
+        return True
+    if is_local(fs_a) and is_local(fs_b) and os.path.exists(b):
+        path = a
+        while True:
+            if os.path.exists(path) and os.path.samefile(path, b):
+                return True
+            parent = os.path.dirname(path)
+            if parent == path:
+                return False
+            path = parent
+    return False
+
+
+def is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*[p for p in parts if p])
+
+
+def unstrip(fs, path: str) -> str:
+    """A full URL for messages: path with its protocol (s3://bucket/key), or the local path."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+@contextlib.contextmanager
+def accessing(fs, path: str, role: str = "input"):
+    """Turn storage failures (denied, bad credentials, unreachable endpoint) into one clear error.
+
+    The message names the URL and the cause, never the credentials (botocore does not print them).
+    """
+    try:
+        yield
+    except ClipNsfwError:
+        raise
+    except Exception as err:  # noqa: BLE001 - s3fs/botocore/pyarrow raise many unrelated types
+        if not _is_storage_error(err):
+            raise  # a data or programming error must not be blamed on credentials
+        error = InputError if role == "input" else OutputError
+        check = ("Check the path and its permissions." if is_local(fs) else
+                 "Check the path, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                 "--storage-option) and the endpoint (AWS_ENDPOINT_URL or --storage-option endpoint_url=…).")
+        raise error(f"cannot access {role} {unstrip(fs, path)}: {type(err).__name__}: {err}. {check}") from err
+
+
+def _is_storage_error(err: BaseException) -> bool:
+    """OSError (s3fs maps most S3 failures to it, pyarrow's IO errors are OSErrors) or a botocore error."""
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")

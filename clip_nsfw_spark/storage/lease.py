@@ -1,0 +1,252 @@
+"""One run at a time per output folder: a lease file the driver holds and every task checks at commit.
+
+``<output>/_clip_nsfw_lease.json`` holds ``{"run_id", "host", "pid", "pidns", "started", "heartbeat"}``
+(``heartbeat`` in seconds since the epoch). The driver creates it before it deletes or writes anything,
+refreshes ``heartbeat`` every ``HEARTBEAT_SECONDS`` while the run lives, and removes it when the run ends
+(also on errors and Ctrl-C). A second run on the same output is refused while the lease is live. A lease is
+stale, and may be taken over, when its heartbeat is older than ``STALE_SECONDS`` or its pid is gone on this
+same host and pid namespace (a killed driver). Every task reads the lease just before moving its files into
+place and refuses to commit when its run no longer owns it, so a run that lost its lease never overwrites
+another run's files.
+
+Atomicity: on a local (or NFS-like POSIX) filesystem the lease is created with ``O_CREAT | O_EXCL`` and
+a stale one is taken over by an atomic ``rename`` first, so exactly one of two racing runs wins. Object
+stores have no exclusive create through fsspec: the lease is written, then read back after
+``SETTLE_SECONDS``; the run whose id is read back wins. Two runs whose check and write are more than
+``SETTLE_SECONDS`` apart while both saw no lease could still both start; the commit-time check then makes
+the loser's tasks fail rather than overwrite. The check at commit is not a transaction either: a lease
+taken over between a task's check and its move is possible in principle, which is why a lease becomes
+stale only after minutes without a heartbeat, not seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from clip_nsfw_spark.errors import OutputError
+from clip_nsfw_spark.storage.filesystem import accessing, is_local, join, unstrip
+
+log = logging.getLogger(__name__)
+LEASE_NAME = "_clip_nsfw_lease.json"
+HEARTBEAT_SECONDS = 20.0
+STALE_SECONDS = 120.0  # fits a scheduler retry: Airflow's DAG here waits 5 minutes
+SETTLE_SECONDS = 1.0
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def read_lease(fs, root: str) -> dict | None:
+    """The lease of the output at ``root``, or None when there is none. A lease that is not a JSON object
+    (being created by another run at this moment) reads as a live lease of run ``?``, aged by its mtime.
+    Storage errors propagate: an unreachable store is not a lost lease."""
+    path = join(root, LEASE_NAME)
+    try:
+        with fs.open(path, "r") as handle:
+            lease = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        lease = None
+    if not isinstance(lease, dict):
+        return {"run_id": "?", "host": "?", "pid": -1, "started": "?", "heartbeat": _mtime(fs, path)}
+    return lease
+
+
+def _mtime(fs, path: str) -> float:
+    try:
+        modified = fs.modified(path)
+        return modified.timestamp()
+    except Exception:  # noqa: BLE001 - no timestamp: count it as fresh, the safe side
+        return time.time()
+
+
+def stale_reason(lease: dict, now: float | None = None) -> str | None:
+    """Why ``lease`` may be taken over (its heartbeat is too old, its driver is gone), or None if live."""
+    now = time.time() if now is None else now
+    age = now - float(lease.get("heartbeat") or 0)
+    if age > STALE_SECONDS:
+        return f"no heartbeat for {age:.0f} s (stale after {STALE_SECONDS:.0f} s)"
+    # The pid means something only in the same pid namespace: containers sharing the host's name
+    # (docker --network host) have their own pids.
+    if lease.get("host") == socket.gethostname() and lease.get("pidns") == _pid_namespace() \
+            and isinstance(lease.get("pid"), int) and lease["pid"] > 0:
+        try:
+            os.kill(lease["pid"], 0)
+        except ProcessLookupError:
+            return f"its driver (pid {lease['pid']} on this host) is gone"
+        except PermissionError:
+            pass  # the process exists under another user
+    return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def describe(lease: dict, url: str) -> str:
+    stale_at = datetime.datetime.fromtimestamp(float(lease.get("heartbeat") or 0) + STALE_SECONDS,
+                                               datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (f"output {url} is being written by run {lease.get('run_id')} started at {lease.get('started')} on "
+            f"host {lease.get('host')}, pid {lease.get('pid')}; wait for it or, if it died, rerun with --resume "
+            f"after {stale_at} (its lease is stale {STALE_SECONDS / 60:.0f} minutes after its last heartbeat, "
+            f"or at once on that host when its pid is gone)")
+
+
+def refuse_if_held(fs, root: str, url: str) -> dict | None:
+    """Raise OutputError when a live run holds the output's lease; return a stale lease (or None)."""
+    lease = read_lease(fs, root)
+    if lease is not None and stale_reason(lease) is None:
+        raise OutputError(describe(lease, url))
+    return lease
+
+
+def check_owner(fs, root: str, run_id: str | None) -> None:
+    """Raise OutputError unless run ``run_id`` still holds the lease (tasks call this before committing)."""
+    if run_id is None:
+        return
+    with accessing(fs, root, "output"):  # storage down: a storage error, not a lost lease
+        lease = read_lease(fs, root)
+    if lease is None or lease.get("run_id") != run_id:
+        holder = "no run" if lease is None else f"run {lease.get('run_id')} (host {lease.get('host')}, " \
+                                                 f"pid {lease.get('pid')})"
+        raise OutputError(f"run {run_id} no longer holds the lease of output {unstrip(fs, root)}: it is held by "
+                          f"{holder}. This task's files were not moved into place; rerun with --resume once "
+                          "no other run writes this output.")
+
+
+class RunLease:
+    """The lease of one run, as a context manager: acquired on entry, refreshed by a thread, released on exit.
+
+    ``lost`` is None while the run owns the lease, else why it does not any more.
+    """
+
+    def __init__(self, fs, root: str, run_id: str | None = None):
+        self.fs, self.root, self.url = fs, root, unstrip(fs, root)
+        self.path = join(root, LEASE_NAME)
+        self.run_id = run_id or new_run_id()
+        self.record = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                       "pidns": _pid_namespace(),
+                       "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                       "heartbeat": time.time()}
+        self.lost: str | None = None
+        self._created = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RunLease":
+        self.acquire()
+        self._thread = threading.Thread(target=self._beat, name="clip-nsfw-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.release()
+
+    def acquire(self) -> None:
+        with accessing(self.fs, self.root, "output"):  # e.g. a read-only output: one clear error
+            self._created = is_local(self.fs) and not self.fs.exists(self.root)
+            self.fs.makedirs(self.root, exist_ok=True)
+            if is_local(self.fs):
+                self._acquire_local()
+            else:
+                self._acquire_remote()
+        log.info("run %s holds the lease of %s", self.run_id, self.url)
+
+    def _acquire_local(self) -> None:
+        for _ in range(5):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_local()
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(json.dumps(self.record))
+            return
+        raise OutputError(f"could not take the lease of output {self.url}: another run keeps taking it")
+
+    def _take_over_local(self) -> None:
+        lease = refuse_if_held(self.fs, self.root, self.url)
+        if lease is None:
+            return  # released meanwhile: try to create it again
+        moved = f"{self.path}.stale-{self.run_id}"
+        try:
+            os.rename(self.path, moved)  # atomic: of two runs taking over, only one moves it
+        except FileNotFoundError:
+            return
+        log.warning("taking over the stale lease of %s from run %s: %s", self.url, lease.get("run_id"),
+                    stale_reason(lease))
+        os.remove(moved)
+
+    def _acquire_remote(self) -> None:
+        lease = refuse_if_held(self.fs, self.root, self.url)
+        if lease is not None:
+            log.warning("taking over the stale lease of %s from run %s: %s", self.url, lease.get("run_id"),
+                        stale_reason(lease))
+        self._write()
+        time.sleep(SETTLE_SECONDS)
+        now = read_lease(self.fs, self.root)
+        if now is None or now.get("run_id") != self.run_id:
+            raise OutputError(describe(now or {}, self.url))
+
+    def _write(self) -> None:
+        data = json.dumps(self.record)
+        if is_local(self.fs):  # never a half-written lease: write aside, then rename over it
+            aside = f"{self.path}.{self.run_id}"
+            with open(aside, "w") as handle:
+                handle.write(data)
+            os.replace(aside, self.path)
+        else:
+            self.fs.pipe_file(self.path, data.encode())
+
+    def refresh(self) -> None:
+        """Write a new heartbeat if this run still owns the lease; otherwise record that it was lost."""
+        lease = read_lease(self.fs, self.root)
+        if lease is None or lease.get("run_id") != self.run_id:
+            self.lost = "its lease was removed" if lease is None else \
+                f"run {lease.get('run_id')} on host {lease.get('host')} took its lease over"
+            return
+        self.record["heartbeat"] = time.time()
+        self._write()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS) and self.lost is None:
+            try:
+                self.refresh()
+            except Exception as err:  # noqa: BLE001 - a missed heartbeat is retried; staleness takes minutes
+                log.warning("could not refresh the lease of %s: %s", self.url, err)
+
+    def check(self) -> None:
+        """Raise OutputError if this run lost its lease (the driver calls it before writing the report)."""
+        if self.lost is None:
+            with accessing(self.fs, self.root, "output"):
+                lease = read_lease(self.fs, self.root)
+            if lease is None or lease.get("run_id") != self.run_id:
+                self.lost = "its lease is gone" if lease is None else f"run {lease.get('run_id')} holds it now"
+        if self.lost:
+            raise OutputError(f"run {self.run_id} lost the lease of output {self.url} ({self.lost}); its output "
+                              "is not complete. Make sure one run at a time writes it, then rerun with --resume.")
+
+    def release(self) -> None:
+        try:
+            lease = read_lease(self.fs, self.root)
+            if lease is not None and lease.get("run_id") == self.run_id:
+                self.fs.rm(self.path)
+            if self._created and not self.fs.ls(self.root, detail=False):
+                self.fs.rmdir(self.root)  # a run that failed before writing leaves no output folder
+        except Exception as err:  # noqa: BLE001 - the run's own error (if any) matters more
+            log.warning("could not release the lease of %s: %s", self.url, err)

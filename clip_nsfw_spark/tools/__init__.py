@@ -1,0 +1,1 @@
+"""Tools around the job: evaluation, training, sample data, packing an environment for a cluster."""
