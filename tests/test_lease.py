@@ -29,9 +29,12 @@ INTERRUPTED = "clip-nsfw-spark: interrupted; the output is incomplete: rerun wit
 
 
 def write_lease(out, run_id="0th3rrun", host="elsewhere", pid=4242, age=0.0, pidns=None):
-    (out / LEASE_NAME).write_text(json.dumps({"run_id": run_id, "host": host, "pid": pid, "pidns": pidns,
-                                              "started": "2026-01-01 00:00:00 UTC",
-                                              "heartbeat": time.time() - age}))
+    """Another run's lease, written as a run writes it: whole, then renamed into place (a reader running
+    at the same time, such as a heartbeat thread, never sees it half-written)."""
+    aside = out / f"{LEASE_NAME}.{run_id}"
+    aside.write_text(json.dumps({"run_id": run_id, "host": host, "pid": pid, "pidns": pidns,
+                                 "started": "2026-01-01 00:00:00 UTC", "heartbeat": time.time() - age}))
+    os.replace(aside, out / LEASE_NAME)
 
 
 def data_files(root):

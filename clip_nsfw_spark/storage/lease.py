@@ -9,8 +9,9 @@ same host and pid namespace (a killed driver). Every task reads the lease just b
 place and refuses to commit when its run no longer owns it, so a run that lost its lease never overwrites
 another run's files.
 
-Atomicity: on a local (or NFS-like POSIX) filesystem the lease is created with ``O_CREAT | O_EXCL`` and
-a stale one is taken over by an atomic ``rename`` first, so exactly one of two racing runs wins. Object
+Atomicity: on a local (or NFS-like POSIX) filesystem the lease is written aside and hard-linked into
+place (an exclusive create that is never seen half-written), and a stale one is taken over by an atomic
+``rename`` first, so exactly one of two racing runs wins. Object
 stores have no exclusive create through fsspec: the lease is written, then read back after
 ``SETTLE_SECONDS``; the run whose id is read back wins. Two runs whose check and write are more than
 ``SETTLE_SECONDS`` apart while both saw no lease could still both start; the commit-time check then makes
@@ -168,15 +169,21 @@ class RunLease:
         log.info("run %s holds the lease of %s", self.run_id, self.url)
 
     def _acquire_local(self) -> None:
-        for _ in range(5):
-            try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_local()
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(json.dumps(self.record))
-            return
+        # Written whole aside, then hard-linked to the lease's name: link() is an exclusive create (EEXIST
+        # if the name exists) that never shows another reader an empty or half-written lease.
+        aside = f"{self.path}.{self.run_id}"
+        with open(aside, "w") as handle:
+            handle.write(json.dumps(self.record))
+        try:
+            for _ in range(5):
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    self._take_over_local()
+                    continue
+                return
+        finally:
+            os.remove(aside)
         raise OutputError(f"could not take the lease of output {self.url}: another run keeps taking it")
 
     def _take_over_local(self) -> None:
@@ -216,6 +223,8 @@ class RunLease:
     def refresh(self) -> None:
         """Write a new heartbeat if this run still owns the lease; otherwise record that it was lost."""
         lease = read_lease(self.fs, self.root)
+        if lease is not None and lease.get("run_id") == "?":
+            return  # unreadable for now (another writer mid-write): judge it at the next beat, not now
         if lease is None or lease.get("run_id") != self.run_id:
             self.lost = "its lease was removed" if lease is None else \
                 f"run {lease.get('run_id')} on host {lease.get('host')} took its lease over"
