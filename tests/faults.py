@@ -137,9 +137,14 @@ def main(argv=None) -> int:
     from clip_nsfw_spark.cli.run import add_job_arguments, run_from_args
 
     parser = argparse.ArgumentParser(prog="faults.py")
-    parser.add_argument("--fault", required=True, help="point=write|commit,match=…,after=N,action=kill|raise|sleep")
+    parser.add_argument("--fault", help="point=write|commit,match=…,after=N,action=kill|raise|sleep")
+    parser.add_argument("--heartbeat", type=float, help="the driver's lease heartbeat in seconds (default: lease.py's)")
     add_job_arguments(parser)
     args = parser.parse_args(argv)
+    if args.heartbeat:
+        from clip_nsfw_spark.storage import lease
+
+        lease.HEARTBEAT_SECONDS = args.heartbeat
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fault = Fault.parse(args.fault) if args.fault else None
     try:

@@ -105,3 +105,82 @@ class SeaweedS3:
         """Stop the server (SIGTERM, as an orchestrator would) and start it again on the same ports/data."""
         self.stop()
         self.start()
+
+
+class LatencyProxy:
+    """A TCP proxy on 127.0.0.1 that holds every request ``delay`` seconds before passing it on: S3's
+    first-byte latency for every process that talks to the server through it (Spark's Python workers
+    too), without touching any client. A request is data a client sends after the server has answered
+    (or the first data of a connection). ``requests`` counts them, ``bytes_down`` what the server sent.
+    """
+
+    def __init__(self, target_port: int, delay: float = 0.02):
+        import asyncio
+        import threading
+
+        self.target_port, self.delay, self.requests, self.bytes_down = target_port, delay, 0, 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="s3-latency-proxy", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _client(self, client_reader, client_writer) -> None:
+        import asyncio
+
+        try:
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        answered = [True]  # the connection's first data is a request
+
+        async def upstream():
+            while data := await client_reader.read(65536):
+                if answered[0]:
+                    answered[0] = False
+                    self.requests += 1
+                    await asyncio.sleep(self.delay)
+                server_writer.write(data)
+                await server_writer.drain()
+            server_writer.close()
+
+        async def downstream():
+            while data := await server_reader.read(65536):
+                answered[0] = True
+                self.bytes_down += len(data)
+                client_writer.write(data)
+                await client_writer.drain()
+            client_writer.close()
+
+        try:
+            await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+        except asyncio.CancelledError:  # the proxy is closing: end quietly
+            client_writer.close()
+
+    def close(self) -> None:
+        import asyncio
+
+        async def shutdown():
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

@@ -184,6 +184,9 @@ def test_reruns_refuse_overwrite_and_resume_equals_clean_run(tmp_path, spark_run
     assert not (out / "_clip_nsfw_tmp").exists() and (out / SUCCESS_NAME).exists()
     with pytest.raises(OutputError, match="threshold: 0.5 then, 0.2 now"):
         run(source, out, resume=True, threshold=0.2)
+    with pytest.raises(OutputError, match="histogram_bins: 20 then, 7 now"):  # the report sums histograms
+        run(source, out, resume=True, histogram_bins=7)
+    assert (out / SUCCESS_NAME).exists()  # a refused resume leaves the complete output as it was
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["model"]["sha256"].startswith("905520bb")
 

@@ -1,23 +1,40 @@
 """Progress from the tasks' state files: counts, rows and the rendered line."""
 
-import json
+import logging
+import time
 
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.storage.filesystem import filesystem
 
 
-def test_watcher_counts_completed_tasks_and_rows(tmp_path):
+def test_watcher_counts_completed_tasks_and_rows(tmp_path, caplog):
     fs, root = filesystem(str(tmp_path))
     state = tmp_path / "_clip_nsfw_tasks"
     state.mkdir()
     (state / "_job.json").write_text("{}")
-    (state / "aaa.json").write_text(json.dumps({"rows_read": 1000}))
-    watcher = ProgressWatcher(fs, root, "_clip_nsfw_tasks", total_tasks=4, total_rows=4000, already={"old"},
-                              rows_before=1000, interactive=False)
+    (state / "aaa.json").write_text("{}")
+    rows = {"old": 1000, "aaa": 1000, "bbb": 500, "ccc": 1500}  # a task's rows come from the plan
+    watcher = ProgressWatcher(fs, root, "_clip_nsfw_tasks", rows, already={"old"}, rows_before=1000,
+                              interactive=False)
     watcher.poll()
-    (state / "bbb.json").write_text(json.dumps({"rows_read": 500}))
-    (state / "ccc.json").write_text("{not json yet")  # a state file still being written is retried later
+    (state / "bbb.json").write_text("{not json yet")  # a state file being written counts: it exists
+    (state / "zzz.json").write_text("{}")  # a task not in the plan (a stale state) does not
     watcher.poll()
     assert watcher.seen == {"old", "aaa", "bbb"} and watcher.rows_done == 1500
     line = watcher.line()
     assert "3/4 tasks" in line and "2,500/4,000 rows" in line and "rows/s" in line and "ETA" in line
+    with caplog.at_level(logging.INFO, logger="clip_nsfw_spark.driver.progress"):
+        with watcher:
+            (state / "ccc.json").write_text("{}")
+    assert caplog.messages[-1].startswith("progress [########################] 4/4 tasks  4,000/4,000 rows")
+
+
+def test_the_wait_between_polls_grows_with_the_time_a_poll_takes(tmp_path, monkeypatch):
+    fs, root = filesystem(str(tmp_path))
+    watcher = ProgressWatcher(fs, root, "_clip_nsfw_tasks", {"a": 1}, already=set(), interactive=False,
+                              poll_seconds=0.01)
+    waits, polls = [], []
+    monkeypatch.setattr(watcher, "poll", lambda: (polls.append(1), time.sleep(0.05)))
+    monkeypatch.setattr(watcher._stop, "wait", lambda seconds: waits.append(seconds) or len(waits) > 3)
+    watcher._run()
+    assert len(polls) == 3 and waits[0] == 0.01 and all(w >= 0.05 * 4 * 0.9 for w in waits[1:])

@@ -127,3 +127,25 @@ def _completed_tasks(fs) -> int:
         return len([p for p in fs.ls("restart/out/_clip_nsfw_tasks", refresh=True) if not p.endswith("_job.json")])
     except (FileNotFoundError, OSError):
         return 0
+
+
+@needs_models
+def test_glob_characters_in_an_s3_output_name_are_taken_literally(s3_server, tmp_path):
+    """``out[1]`` is a name, not a pattern: writing, overwriting and resuming it never touch ``out1``."""
+    fs = s3_server.filesystem()
+    if not fs.exists("globs"):
+        fs.mkdir("globs")
+    options = s3_server.storage_options()
+    write_parquet_sample("s3://globs/in", rows=600, files=3, storage_options=options)
+    neighbour = run_job(JobConfig(input="s3://globs/in", output="s3://globs/out1", storage_options=options))
+    before = {path: fs.cat_file(path) for path in fs.find("globs/out1")}
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        report = run_job(JobConfig(input="s3://globs/in", output="s3://globs/out[1]", storage_options=options,
+                                   **flags))
+        assert report["rows"] == neighbour["rows"]
+        fs.invalidate_cache()
+        assert {path: fs.cat_file(path) for path in fs.find("globs/out1")} == before, flags
+        names = sorted(p[len("globs/out[1]/"):] for p in fs.find("globs/out[1]"))
+        assert [n for n in names if not n.startswith("_")] == sorted(
+            p[len("globs/out1/"):] for p in before if not p[len("globs/out1/"):].startswith("_"))
+        assert "_clip_nsfw_lease.json" not in names and "_SUCCESS" in names

@@ -39,7 +39,8 @@ from clip_nsfw_spark.driver.planner import Plan, plan as plan_input
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
 from clip_nsfw_spark.models.registry import fitting_model_hint
-from clip_nsfw_spark.storage.filesystem import accessing, canonical, filesystem, join, location
+from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fresh, filesystem, find_fresh, join,
+                                                 list_fresh, location, read_fresh, read_many_fresh, remove)
 from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.executor.writer import JOB_STATE, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths
 
@@ -265,7 +266,7 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> d
         "reason_column": config.reason_column, "mode": config.mode, "threshold": config.threshold,
         "keep": config.keep, "rows_per_task": config.rows_per_task, "write_embeddings": config.write_embeddings,
         "compression": config.compression, "embedding_compression": config.embedding_compression,
-        "replace_scores": config.replace_scores,
+        "replace_scores": config.replace_scores, "histogram_bins": config.histogram_bins,
         "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
         "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads]}
     return json.loads(json.dumps(values))
@@ -308,7 +309,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
         log.warning("skipped %s: %s", path, why)
 
     t0 = time.perf_counter()
-    watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, len(plan.tasks), plan.total_rows, set(done),
+    watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, {t.task_id: t.rows for t in plan.tasks}, set(done),
                               rows_before=sum(s["rows_read"] for s in done.values())) if progress \
         else contextlib.nullcontext()
     with watcher:
@@ -324,8 +325,8 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     _check_rows(plan, [by_id[t.task_id] for t in plan.tasks], config.mode, config.keep)
     stats = [by_id[t.task_id] for t in plan.tasks]
     lease.check()  # a run that lost its lease must not mark the output complete
-    if out_fs.exists(join(out_root, TMP_DIR)):
-        out_fs.rm(join(out_root, TMP_DIR), recursive=True)
+    if exists_fresh(out_fs, join(out_root, TMP_DIR)):
+        remove(out_fs, join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started
     report = build_report(config, tasks_config, plan, heads, stats, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions)
@@ -338,7 +339,10 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
 
 # Fingerprint keys newer than some outputs, and what their absence meant: before embedding_compression,
 # embedding columns were written with the output's compression.
-_ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compression")}
+# histogram_bins was not recorded before; an output without it is taken to have the default, 20 (a legacy
+# output written with another value and resumed with 20 could still mix histogram widths).
+_ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compression"),
+                 "histogram_bins": lambda previous: 20}
 
 
 def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str) -> tuple[dict, dict]:
@@ -352,38 +356,50 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     state_dir = join(out_root, TASKS_DIR)
     job_file = join(state_dir, JOB_STATE)
     done, actions = {}, {"reused": 0, "rerun_changed": [], "removed_gone": []}
-    if out_fs.exists(join(out_root, SUCCESS_NAME)):
-        out_fs.rm(join(out_root, SUCCESS_NAME))  # this run is not complete until it says so again
-    if resume and out_fs.exists(job_file):
-        with out_fs.open(job_file, "r") as handle:
-            previous = json.load(handle)
+    previous = None
+    if resume:
+        try:
+            previous = json.loads(read_fresh(out_fs, job_file))
+        except FileNotFoundError:
+            previous = None
+    if previous is not None:
         for key, meaning in _ABSENT_MEANS.items():  # written by an older version, before the key existed
             if key not in previous:
                 previous[key] = meaning(previous)
         changed = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
-        if changed:
+        if changed:  # refused before anything is removed: the output stays as it was
             raise OutputError("--resume refused: the output was written with other settings "
                               + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
                               + ". Use --overwrite to start again.")
+    if exists_fresh(out_fs, join(out_root, SUCCESS_NAME)):
+        remove(out_fs, join(out_root, SUCCESS_NAME))  # this run is not complete until it says so again
+    if previous is not None:
         planned = {task.task_id: task for task in plan.tasks}
-        for path in out_fs.ls(state_dir, detail=False):
-            name = path.rsplit("/", 1)[-1]
-            if not name.endswith(".json") or name.startswith("_"):
-                continue
-            with out_fs.open(path, "r") as handle:
-                stats = json.load(handle)
+        # One listing of the output and the state files fetched together (concurrently on object stores),
+        # not a request per state file and per output: a resume of 100,000 tasks is minutes, not hours.
+        names = [path for path in list_fresh(out_fs, state_dir)
+                 if path.rsplit("/", 1)[-1].endswith(".json") and not path.rsplit("/", 1)[-1].startswith("_")]
+        states = read_many_fresh(out_fs, names)
+        existing = find_fresh(out_fs, out_root)
+        for path in sorted(states):
+            data = states[path]
+            if isinstance(data, FileNotFoundError):
+                continue  # gone since the listing
+            if isinstance(data, Exception):
+                raise data
+            stats = json.loads(data)
             task = planned.get(stats["task_id"])
-            complete = all(out_fs.exists(join(out_root, rel)) for rel in stats.get("outputs", ()))
+            complete = all(join(out_root, rel) in existing for rel in stats.get("outputs", ()))
             if task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel \
                     and stats.get("outputs") and complete:
                 done[task.task_id] = stats
                 continue
             # Stale: remove the state file first (the task is then "not done"), then its outputs.
             outputs = stats.get("outputs") or list(output_paths(stats["rel"], mode).values())
-            out_fs.rm(path)
+            remove(out_fs, path)
             for rel in outputs:
-                if out_fs.exists(join(out_root, rel)):
-                    out_fs.rm(join(out_root, rel))
+                if join(out_root, rel) in existing:
+                    remove(out_fs, join(out_root, rel))
             (actions["rerun_changed"] if task is not None else actions["removed_gone"]).append(stats["rel"])
             if task is not None and not complete:
                 log.warning("resume: outputs of %s are missing; running it again", stats["rel"])

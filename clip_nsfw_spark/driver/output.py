@@ -17,7 +17,8 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.storage.lease import LEASE_NAME, refuse_if_held
 from clip_nsfw_spark.driver.planner import PARQUET_EXTENSIONS, Plan
-from clip_nsfw_spark.storage.filesystem import accessing, is_local, join, locations, unstrip, within
+from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, is_local, join, list_fresh, locations,
+                                                 remove, unstrip, within)
 from clip_nsfw_spark.executor.writer import JOB_STATE, REPORT_NAME, SUCCESS_NAME, TASKS_DIR
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,11 @@ def validate_output(config: JobConfig) -> OutputTarget:
     with accessing(in_fs, in_base, "input"):  # storage errors (credentials, endpoint) name the input first
         in_fs.exists(in_base)
     with accessing(out_fs, out_root, "output"):
-        exists = out_fs.exists(out_root)
+        exists = exists_fresh(out_fs, out_root)
         if exists and not out_fs.isdir(out_root):
             raise OutputError(f"output {shown} is a file; it must be a folder")
         refuse_if_held(out_fs, out_root, url)
-        entries = [p for p in out_fs.ls(out_root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME] \
+        entries = [p for p in list_fresh(out_fs, out_root) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME] \
             if exists else []
     _refuse_nested(out_fs, out_root, shown)
     target = OutputTarget(out_fs, out_root, url, bool(entries))
@@ -70,7 +71,7 @@ def validate_output(config: JobConfig) -> OutputTarget:
     if not (config.overwrite or config.resume):
         raise OutputError(f"output {shown} is not empty. Use --overwrite to replace it, "
                           "--resume to finish an interrupted run, or choose another folder.")
-    if config.resume and not out_fs.exists(join(out_root, TASKS_DIR, JOB_STATE)):
+    if config.resume and not exists_fresh(out_fs, join(out_root, TASKS_DIR, JOB_STATE)):
         raise OutputError(f"--resume refused: {shown} is not empty and was not written by "
                           "clip-nsfw-spark (no _clip_nsfw_tasks/_job.json). Choose another output folder.")
     links = _symlinks(out_fs, out_root)
@@ -85,7 +86,7 @@ def validate_output(config: JobConfig) -> OutputTarget:
 
 def written_by_this_tool(fs, root: str) -> bool:
     """Whether the folder holds this tool's state (``_clip_nsfw_tasks/_job.json``) or report."""
-    return fs.exists(join(root, TASKS_DIR, JOB_STATE)) or fs.exists(join(root, REPORT_NAME))
+    return exists_fresh(fs, join(root, TASKS_DIR, JOB_STATE)) or exists_fresh(fs, join(root, REPORT_NAME))
 
 
 def foreign_files(fs, root: str) -> list[str]:
@@ -97,7 +98,7 @@ def foreign_files(fs, root: str) -> list[str]:
     """
     links = _symlinks(fs, root)
     found = [link + " (a symlink)" for link in links]
-    for path in sorted(fs.find(root)):
+    for path in sorted(find_fresh(fs, root)):
         rel = path[len(root):].lstrip("/")
         if any(rel == link or rel.startswith(link + "/") for link in links):
             continue
@@ -166,7 +167,7 @@ def _refuse_foreign(target: OutputTarget, shown: str) -> None:
                           "filesystem mounted there. Unmount them or choose another output folder.")
     with accessing(fs, root, "output"):
         if not written_by_this_tool(fs, root):
-            names = sorted(p[len(root):].lstrip("/") for p in fs.find(root))
+            names = sorted(p[len(root):].lstrip("/") for p in find_fresh(fs, root))
             names = [n for n in names if n != LEASE_NAME]
             raise OutputError(
                 f"--overwrite refused: output {shown} was not written by clip-nsfw-spark (it has no "
@@ -195,19 +196,16 @@ def clear_output(target: OutputTarget) -> None:
         # output (or hold task states whose files are gone), whatever order the store lists names in.
         # _job.json stays: it marks the folder as this tool's, so --resume/--overwrite still accept it.
         for name in (SUCCESS_NAME, REPORT_NAME):
-            if fs.exists(join(root, name)):
-                fs.rm(join(root, name))
-        if fs.exists(join(root, TASKS_DIR)):
-            for path in fs.ls(join(root, TASKS_DIR), detail=False):
+            if exists_fresh(fs, join(root, name)):
+                remove(fs, join(root, name))
+        if exists_fresh(fs, join(root, TASKS_DIR)):
+            for path in list_fresh(fs, join(root, TASKS_DIR)):
                 if path.rstrip("/").rsplit("/", 1)[-1] != JOB_STATE:
-                    fs.rm(path, recursive=True)
-        for path in fs.ls(root, detail=False):
+                    remove(fs, path, recursive=True)
+        for path in list_fresh(fs, root):
             if path.rstrip("/").rsplit("/", 1)[-1] in (LEASE_NAME, TASKS_DIR):
                 continue
-            if is_local(fs) and os.path.islink(path):
-                os.unlink(path)  # the link, never what it points to
-            else:
-                fs.rm(path, recursive=True)
+            remove(fs, path, recursive=True)  # a symlink: the link, never what it points to
 
 
 def check_planned_inputs(plan: Plan, in_fs, target: OutputTarget) -> None:

@@ -3,19 +3,25 @@
 Watching the output's ``_clip_nsfw_tasks/`` folder works the same for every runner (in-process, classic
 Spark, Spark Connect) and every store (local, S3, HDFS): a task's state file appears when it is complete.
 On a terminal the line is redrawn in place; otherwise a log line is written every ``log_every`` seconds.
+
+Cost: a poll is one fresh listing of that folder (past fsspec's listing cache, which would otherwise show
+the folder as it was at the first poll) and nothing else: a task's rows come from the plan, not from its
+state file. On S3 a listing is one request per 1,000 names, so a poll of 100,000 tasks takes ~100
+requests; the wait between polls grows with the time a poll takes (``POLL_DUTY``), which keeps the
+requests per second the watcher sends bounded whatever the number of tasks.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
 import time
 
-from clip_nsfw_spark.storage.filesystem import join
+from clip_nsfw_spark.storage.filesystem import join, list_fresh
 
 log = logging.getLogger(__name__)
+POLL_DUTY = 0.2  # at most this share of the time is spent listing: wait ≥ 4 × the last poll's duration
 
 
 def _duration(seconds: float) -> str:
@@ -24,13 +30,19 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressWatcher:
-    """Polls the state folder in a background thread while the tasks run (``with`` block)."""
+    """Polls the state folder in a background thread while the tasks run (``with`` block).
 
-    def __init__(self, fs, root: str, state_dir: str, total_tasks: int, total_rows: int, already: set,
+    ``rows_by_task`` maps the id of every planned task to its rows; ``already`` holds the ids complete
+    before this run (a resume) and ``rows_before`` their rows. State files of tasks not in the plan are
+    not counted.
+    """
+
+    def __init__(self, fs, root: str, state_dir: str, rows_by_task: dict[str, int], already: set,
                  rows_before: int = 0, interactive: bool | None = None, poll_seconds: float = 1.0,
                  log_every: float = 30.0):
         self.fs, self.state_dir = fs, join(root, state_dir)
-        self.total_tasks, self.total_rows = total_tasks, total_rows
+        self.rows_by_task = dict(rows_by_task)
+        self.total_tasks, self.total_rows = len(self.rows_by_task), sum(self.rows_by_task.values())
         self.seen = set(already)
         self.rows_done = 0  # rows of tasks completed during this run (the rate counts only these)
         self.rows_before = rows_before  # rows of tasks completed by an earlier, resumed run
@@ -48,9 +60,13 @@ class ProgressWatcher:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=10)
+        if exc[0] is None:
+            self.poll()  # the last line shows where the run ended, not the poll before it
         if self.interactive:
-            sys.stderr.write("\n")
+            sys.stderr.write("\r" + self.line() + "\n")
             sys.stderr.flush()
+        else:
+            log.info("progress %s", self.line())
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self._started, 1e-9)
@@ -68,25 +84,23 @@ class ProgressWatcher:
 
     def poll(self) -> None:
         try:
-            names = self.fs.ls(self.state_dir, detail=False) if self.fs.exists(self.state_dir) else []
+            names = list_fresh(self.fs, self.state_dir)
         except OSError:
-            return
+            return  # the store is slow or down for a moment: the next poll tells
         for path in names:
-            name = path.rsplit("/", 1)[-1]
+            name = path.rstrip("/").rsplit("/", 1)[-1]
             task_id = name[:-5]
-            if not name.endswith(".json") or name.startswith("_") or task_id in self.seen:
-                continue
-            try:
-                with self.fs.open(path, "r") as handle:
-                    self.rows_done += json.load(handle)["rows_read"]
-            except (OSError, ValueError, KeyError):
-                continue  # being written: next poll
-            self.seen.add(task_id)
+            if name.endswith(".json") and task_id in self.rows_by_task and task_id not in self.seen:
+                self.seen.add(task_id)
+                self.rows_done += self.rows_by_task[task_id]
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        wait = self.poll_seconds
+        while not self._stop.wait(wait):
+            started = time.monotonic()
             self.poll()
             now = time.monotonic()
+            wait = max(self.poll_seconds, (now - started) * (1 - POLL_DUTY) / POLL_DUTY)
             if self.interactive:
                 sys.stderr.write("\r" + self.line())
                 sys.stderr.flush()

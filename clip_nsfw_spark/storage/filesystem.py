@@ -9,10 +9,13 @@ every machine (untested here: no HDFS is available on this machine kind).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import posixpath
 import re
+import shutil
+import time
 
 import fsspec
 
@@ -129,6 +132,13 @@ def is_local(fs) -> bool:
     return protocol in ("file", "local")
 
 
+def renames_atomically(fs) -> bool:
+    """Whether ``fs.mv`` of a file is one atomic rename (local disks, HDFS/WebHDFS), not a copy and a
+    delete (object stores: S3, GCS, Azure …)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"file", "local", "hdfs", "webhdfs", "swebhdfs", "viewfs"})
+
+
 def join(*parts: str) -> str:
     return posixpath.join(*[p for p in parts if p])
 
@@ -161,3 +171,100 @@ def accessing(fs, path: str, role: str = "input"):
 def _is_storage_error(err: BaseException) -> bool:
     """OSError (s3fs maps most S3 failures to it, pyarrow's IO errors are OSErrors) or a botocore error."""
     return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")
+
+
+# --------------------------------------------------------------------- files the job rewrites, read fresh
+# fsspec stores keep what they learnt of a path: s3fs answers info()/exists()/ls() from its listing cache
+# and opens a file with the ETag it cached, so a file rewritten since (the lease at every heartbeat, task
+# states, the job state, the report) would read as gone, as it was, or fail with FileExpired. Every read of
+# such a file, and every listing that is repeated, goes through these helpers: the cache entry is dropped
+# first and the file is fetched with one plain GET (``cat_file``), which sends no ETag.
+
+FRESH_ATTEMPTS = 4
+
+
+def read_fresh(fs, path: str) -> bytes:
+    """The bytes of ``path`` as the store holds them now. FileNotFoundError when it does not exist; a
+    FileExpired (rewritten while read) is retried fresh, never passed on."""
+    for attempt in range(FRESH_ATTEMPTS):
+        fs.invalidate_cache(path)
+        try:
+            return fs.cat_file(path)
+        except OSError as err:
+            if not is_expired(err) or attempt == FRESH_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def is_expired(err: BaseException) -> bool:
+    """s3fs's FileExpired (an OSError, EBUSY): the file changed since its ETag was cached."""
+    return isinstance(err, OSError) and type(err).__name__ == "FileExpired"
+
+
+def read_many_fresh(fs, paths: list[str], threads: int = 16) -> dict[str, bytes | Exception]:
+    """``{path: bytes, or the exception met}`` for many small files, ``threads`` GETs at a time, each past
+    the cache. (Not fsspec's batched ``cat``: it expands glob characters, and an output named ``out[1]``
+    must be read as it is spelled.)"""
+    def one(path: str) -> bytes | Exception:
+        try:
+            return read_fresh(fs, path)
+        except Exception as err:  # noqa: BLE001 - reported per path; the caller decides
+            return err
+
+    if len(paths) <= 1 or is_local(fs):
+        return {path: one(path) for path in paths}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        return dict(zip(paths, pool.map(one, paths)))
+
+
+def list_fresh(fs, folder: str) -> list[str]:
+    """The paths directly in ``folder`` now ([] when it does not exist), past the listing cache."""
+    fs.invalidate_cache(folder)
+    try:
+        return list(fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def find_fresh(fs, root: str) -> set[str]:
+    """Every file under ``root`` now (one recursive listing: on S3 a page per 1,000 keys, not a request
+    per file), past the listing cache; an empty set when ``root`` does not exist."""
+    fs.invalidate_cache(root)
+    try:
+        return {path.rstrip("/") for path in fs.find(root)}
+    except FileNotFoundError:
+        return set()
+
+
+def exists_fresh(fs, path: str) -> bool:
+    """Whether ``path`` exists now, past the cache (a file written or removed since the last listing)."""
+    fs.invalidate_cache(path)
+    return fs.exists(path)
+
+
+def remove(fs, path: str, recursive: bool = False) -> None:
+    """Remove ``path`` as it is spelled, never as a pattern: fsspec's ``rm`` expands ``[``, ``?`` and ``*``
+    (``rm("b/out[1]")`` removes ``b/out1``). A folder, with ``recursive``: every file listed under it, then
+    its folders. A path that is already gone is not an error; a symlink is removed, never followed."""
+    if is_local(fs):
+        if os.path.islink(path) or (os.path.exists(path) and not os.path.isdir(path)):
+            os.remove(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path) if recursive else os.rmdir(path)
+        return
+    files = sorted(find_fresh(fs, path)) if recursive else []
+    for name in files or [path]:
+        try:
+            fs.rm_file(name)
+        except FileNotFoundError:
+            pass
+    if recursive:  # stores with real folders (HDFS); on object stores nothing is left to remove
+        folders = {posixpath.dirname(name) for name in files} | {path}
+        for folder in sorted(folders, key=len, reverse=True):
+            if folder == path or folder.startswith(path.rstrip("/") + "/"):
+                try:
+                    fs.rmdir(folder)
+                except Exception:  # noqa: BLE001 - not empty, not a folder, or no folders at all
+                    pass
+    fs.invalidate_cache(path)

@@ -32,7 +32,7 @@ import time
 import uuid
 
 from clip_nsfw_spark.errors import OutputError
-from clip_nsfw_spark.storage.filesystem import accessing, is_local, join, unstrip
+from clip_nsfw_spark.storage.filesystem import accessing, is_local, join, read_fresh, remove, unstrip
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_clip_nsfw_lease.json"
@@ -51,10 +51,11 @@ def read_lease(fs, root: str) -> dict | None:
     Storage errors propagate: an unreachable store is not a lost lease."""
     path = join(root, LEASE_NAME)
     try:
-        with fs.open(path, "r") as handle:
-            lease = json.load(handle)
+        data = read_fresh(fs, path)  # rewritten at every heartbeat: never from a cache
     except FileNotFoundError:
         return None
+    try:
+        lease = json.loads(data)
     except ValueError:
         lease = None
     if not isinstance(lease, dict):
@@ -254,7 +255,7 @@ class RunLease:
         try:
             lease = read_lease(self.fs, self.root)
             if lease is not None and lease.get("run_id") == self.run_id:
-                self.fs.rm(self.path)
+                remove(self.fs, self.path)
             if self._created and not self.fs.ls(self.root, detail=False):
                 self.fs.rmdir(self.root)  # a run that failed before writing leaves no output folder
         except Exception as err:  # noqa: BLE001 - the run's own error (if any) matters more
