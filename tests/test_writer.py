@@ -297,3 +297,31 @@ def test_spark_s_stored_schema_does_not_travel_to_outputs_with_other_columns():
     for schema in output_schemas(spark_schema, task_config(mode="split"), 4).values():
         assert schema.metadata == {b"org.apache.spark.version": b"4.0.0"}
     assert output_schemas(INPUT, task_config(), 4)[Stream.ANNOTATED].metadata == {b"origin": b"test"}
+
+
+def test_on_s3_a_file_is_uploaded_once_under_its_final_name_at_commit(s3_server, tmp_path, monkeypatch):
+    """No temp object, no server-side copy: the file is built on local disk and appears whole at commit."""
+    fs = s3_server.filesystem()
+    if not fs.exists("writer"):
+        fs.mkdir("writer")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", f"{tmp_path / 'missing'},{spool}")
+    table = small_table()
+    file = AtomicParquet(fs, "writer/out[1]", "sub/part-0.parquet", table.schema, "zstd")
+    file.write(table)
+    assert file.spooled and os.path.dirname(file.tmp) == str(spool) and os.path.exists(file.tmp)
+    assert not fs.exists("writer/out[1]")  # nothing on the store before the commit
+    copies = []
+    monkeypatch.setattr(type(fs), "mv", lambda *args, **kwargs: copies.append(args))
+    file.commit()
+    assert copies == [] and not os.listdir(spool)
+    fs.invalidate_cache()
+    assert fs.find("writer/out[1]") == ["writer/out[1]/sub/part-0.parquet"]
+    with fs.open("writer/out[1]/sub/part-0.parquet", "rb") as handle:
+        assert pq.read_table(handle).equals(table)
+    aborted = AtomicParquet(fs, "writer/out[1]", "sub/part-1.parquet", table.schema, "zstd")
+    aborted.write(table)
+    aborted.abort()
+    fs.invalidate_cache()
+    assert fs.find("writer/out[1]") == ["writer/out[1]/sub/part-0.parquet"] and not os.listdir(spool)

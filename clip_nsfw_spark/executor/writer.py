@@ -8,6 +8,8 @@ only when complete; a task's state file is written after all its files are.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 
 import numpy as np
@@ -18,7 +20,7 @@ from clip_nsfw_spark.contract import TaskConfig
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.parquet.splice import SplicedParquetWriter, leaf_paths
 from clip_nsfw_spark.scoring.batch import set_column
-from clip_nsfw_spark.storage.filesystem import join
+from clip_nsfw_spark.storage.filesystem import join, renames_atomically
 
 TMP_DIR = "_clip_nsfw_tmp"
 TASKS_DIR = "_clip_nsfw_tasks"
@@ -104,17 +106,27 @@ def output_schemas(input_schema: pa.Schema, config: TaskConfig, dim: int) -> dic
 
 
 class AtomicParquet:
-    """A parquet file that appears under its final name only when complete (temp file, then move).
+    """A parquet file that appears under its final name only when complete.
 
-    The temp name is ``_clip_nsfw_tmp/<32 hex>.parquet`` whatever ``rel`` is: a name built from a deep
-    relative path would pass the filesystem's 255-byte limit on one name ("File name too long").
+    Where the store renames atomically (a local disk, HDFS) the file is written under a temp name in the
+    output, ``_clip_nsfw_tmp/<32 hex>.parquet`` whatever ``rel`` is (a name built from a deep relative path
+    would pass the filesystem's 255-byte limit on one name), then renamed. An object store has no rename
+    (s3fs's ``mv`` is a server-side copy plus a delete: every byte written twice), but an object appears only
+    when its upload completes: there the file is built on the executor's local disk (``SPARK_LOCAL_DIRS``,
+    else the temp folder) and uploaded under its final name at commit, once.
     """
 
     def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str | dict[str, str]):
         self.fs, self.final = fs, join(root, rel)
-        self.tmp = join(root, TMP_DIR, uuid.uuid4().hex + ".parquet")
-        fs.makedirs(join(root, TMP_DIR), exist_ok=True)
-        self._handle = fs.open(self.tmp, "wb")
+        self.spooled = not renames_atomically(fs)
+        if self.spooled:
+            handle = tempfile.NamedTemporaryFile(prefix="clip-nsfw-", suffix=".parquet", dir=_local_dir(),
+                                                 delete=False)
+            self.tmp, self._handle = handle.name, handle
+        else:
+            self.tmp = join(root, TMP_DIR, uuid.uuid4().hex + ".parquet")
+            fs.makedirs(join(root, TMP_DIR), exist_ok=True)
+            self._handle = fs.open(self.tmp, "wb")
         options = {"compression": compression, "use_dictionary": scalar_columns(schema),
                    "write_statistics": scalar_columns(schema)}
         # uncompressed embedding columns are encoded by splice.py (several times faster than pyarrow)
@@ -130,6 +142,12 @@ class AtomicParquet:
     def commit(self) -> None:
         self._writer.close()
         self._handle.close()
+        if self.spooled:
+            try:
+                self.fs.put_file(self.tmp, self.final)  # one upload; the object appears when it completes
+            finally:
+                os.remove(self.tmp)
+            return
         parent = self.final.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         self.fs.mv(self.tmp, self.final)
@@ -139,8 +157,20 @@ class AtomicParquet:
             self._writer.close()
             self._handle.close()
         finally:
-            if self.fs.exists(self.tmp):
-                self.fs.rm(self.tmp)
+            if self.spooled:
+                if os.path.exists(self.tmp):
+                    os.remove(self.tmp)
+            elif self.fs.exists(self.tmp):
+                self.fs.rm_file(self.tmp)
+
+
+def _local_dir() -> str | None:
+    """Where an executor spools files for an object store: Spark's local dirs (executor-local disks on
+    YARN/Kubernetes), else Python's temp folder."""
+    for folder in os.environ.get("SPARK_LOCAL_DIRS", "").split(","):
+        if folder and os.path.isdir(folder):
+            return folder
+    return None
 
 
 class OutputFiles:
@@ -192,7 +222,7 @@ class OutputFiles:
         except BaseException:
             for final in moved:
                 try:
-                    self.fs.rm(final)
+                    self.fs.rm_file(final)  # rm_file: a name, never a glob pattern
                 except Exception:  # noqa: BLE001 - the error that stopped the commit matters more
                     pass
             raise
