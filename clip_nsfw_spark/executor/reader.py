@@ -28,6 +28,7 @@ from clip_nsfw_spark.storage.filesystem import unstrip
 
 _log = logging.getLogger(__name__)
 NPY_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
+NPY_HEADER_BLOCK = 1 << 16
 
 # Float-list column chunks that decode to more than this are streamed (pages.py, batch by batch) rather
 # than decoded whole: the worker's memory must stay bounded (a 1M-row group of 768-d float16 is 1.5 GB).
@@ -233,8 +234,9 @@ def read_npy_rows(fs, path: str, start: int, stop: int) -> np.ndarray:
 
 def npy_header(fs, path: str, size: int | None = None) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of a .npy file, reading only its header; checks what the job needs:
-    a C-ordered 2-D float16/32/64 array (either byte order) whose data is all there (when ``size`` is known)."""
-    with fs.open(path, "rb") as handle:
+    a C-ordered 2-D float16/32/64 array (either byte order) whose data is all there (when ``size`` is known).
+    Reads 64 KiB blocks (a header is ~128 bytes): s3fs's default read-ahead would fetch 50 MB of rows."""
+    with fs.open(path, "rb", block_size=NPY_HEADER_BLOCK) as handle:
         try:
             version = np.lib.format.read_magic(handle)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
