@@ -14,6 +14,8 @@ from typing import Literal
 Mode = Literal["annotate", "filter", "split", "scores"]
 Layout = Literal["auto", "parquet", "laion-npy"]
 Keep = Literal["safe", "unsafe"]
+# Who decodes and encodes embedding pages: this package (parquet/pages.py, parquet/splice.py) or pyarrow alone.
+ParquetCodec = Literal["own", "pyarrow"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,8 @@ class TaskConfig:
 
     ``output`` is the output's canonical URL; ``write_columns`` the input columns the outputs keep (None:
     all); ``row_ids`` whether ``source_file``/``row_index`` are added (a sidecar without id columns);
-    ``run_id`` the lease a task must still hold to commit (lease.check_owner).
+    ``run_id`` the lease a task must still hold to commit (lease.check_owner); ``parquet_codec`` "pyarrow"
+    turns this package's page decoder and writer off (the same values, pyarrow's speed).
     """
 
     input: str
@@ -100,6 +103,7 @@ class TaskConfig:
     histogram_bins: int
     run_id: str | None = None
     embedding_compression: str = "none"
+    parquet_codec: ParquetCodec = "own"
 
     @property
     def score_columns(self) -> tuple[str, ...]:

@@ -303,3 +303,25 @@ def test_laion_embeddings_are_written_only_if_asked(tmp_path):
     stored = np.stack(with_embeddings.column("embedding").to_numpy(zero_copy_only=False))
     assert np.array_equal(stored, np.load(tmp_path / "l" / "img_emb" / "img_emb_0.npy"))
     assert with_embeddings.column("punsafe").equals(plain.column("punsafe"))
+
+
+@needs_models
+def test_parquet_codec_pyarrow_turns_the_own_page_codec_off_with_the_same_values(tmp_path, monkeypatch):
+    """The way out of a codec problem: with parquet_codec pyarrow no page is decoded or written by this
+    package, and every output holds the same values as with the own codec."""
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=3000, files=2, dim=768)
+    own = run(source, tmp_path / "own")
+    from clip_nsfw_spark.executor import reader, writer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the own parquet codec was used")
+
+    monkeypatch.setattr(reader, "read_float_list_column", refuse)
+    monkeypatch.setattr(reader, "open_float_list_stream", refuse)
+    monkeypatch.setattr(writer, "SplicedParquetWriter", refuse)
+    with pytest.raises(Exception, match="the own parquet codec was used"):
+        run(source, tmp_path / "refused")
+    other = run(source, tmp_path / "pyarrow", parquet_codec="pyarrow")
+    assert other["rows"] == own["rows"]
+    assert read_dir(tmp_path / "pyarrow").equals(read_dir(tmp_path / "own"))

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from clip_nsfw_spark.driver.config import DEFAULT_MODEL, KEEP, LAYOUTS, MODES, JobConfig
+from clip_nsfw_spark.driver.config import DEFAULT_MODEL, KEEP, LAYOUTS, MODES, PARQUET_CODECS, JobConfig
 from clip_nsfw_spark.errors import Terminated
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def _storage_option(text: str) -> tuple[str, object]:
 # The JobConfig fields the command line sets (every option's ``dest``); the others come from --config.
 OPTION_KEYS = ("input", "output", "layout", "embedding_columns", "score_columns", "models", "mode", "id_columns",
                "columns", "drop_columns", "threshold", "keep", "replace_scores", "overwrite", "resume", "master",
-               "rows_per_task", "batch_rows", "storage_options")
+               "rows_per_task", "batch_rows", "storage_options", "parquet_codec")
 assert set(OPTION_KEYS) <= set(JobConfig.keys()), set(OPTION_KEYS) - set(JobConfig.keys())
 
 
@@ -74,6 +74,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"rows read, scored and written at a time (default {_default('batch_rows'):,})")
     parser.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
                         metavar="KEY=VALUE", help="fsspec option, e.g. endpoint_url=http://127.0.0.1:8333 or anon=true")
+    parser.add_argument("--parquet-codec", dest="parquet_codec", choices=PARQUET_CODECS,
+                        help="own: embedding pages decoded and written by this package (default, several times "
+                             "faster); pyarrow: by pyarrow alone, the same values (a way out of a codec problem)")
     parser.add_argument("--local-runner", action="store_true",
                         help="run tasks in this process without Spark (small data, debugging)")
 

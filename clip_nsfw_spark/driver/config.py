@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
-from clip_nsfw_spark.contract import Keep, Layout, Mode
+from clip_nsfw_spark.contract import Keep, Layout, Mode, ParquetCodec
 from clip_nsfw_spark.errors import ConfigError
 
 MODES = typing.get_args(Mode)
 LAYOUTS = typing.get_args(Layout)
 KEEP = typing.get_args(Keep)
+PARQUET_CODECS = typing.get_args(ParquetCodec)
 # Parquet codecs pyarrow writes (checked before any work: a typo must not fail inside every task).
 COMPRESSIONS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
@@ -92,6 +93,7 @@ class JobConfig:
     compression: str = "zstd"
     embedding_compression: str = "none"
     histogram_bins: int = 20
+    parquet_codec: ParquetCodec = "own"
 
     def __post_init__(self):
         for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns"):

@@ -253,7 +253,7 @@ def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str
         write_columns=None if write_columns is None else tuple(write_columns), row_ids=row_ids,
         write_embeddings=config.write_embeddings, compression=config.compression,
         embedding_compression=config.embedding_compression, batch_rows=config.batch_rows,
-        histogram_bins=config.histogram_bins, run_id=run_id)
+        histogram_bins=config.histogram_bins, run_id=run_id, parquet_codec=config.parquet_codec)
 
 
 def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> dict:

@@ -39,7 +39,7 @@ from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.errors import InputError
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.executor.reader import npy_header
-from clip_nsfw_spark.storage.filesystem import accessing, filesystem, is_local, join, unstrip
+from clip_nsfw_spark.storage.filesystem import accessing, glob_base, filesystem, is_local, join, unstrip
 
 log = logging.getLogger(__name__)
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
@@ -84,17 +84,6 @@ def _hidden(rel: str) -> bool:
 def _is_parquet_name(path: str) -> bool:
     name = path.rsplit("/", 1)[-1]
     return name.lower().endswith(PARQUET_EXTENSIONS) or "." not in name
-
-
-def _glob_base(pattern: str) -> str:
-    """The folder part of a glob before its first wildcard component: ``in/sub?/*.pq`` → ``in``."""
-    parts = pattern.split("/")
-    fixed = []
-    for part in parts[:-1]:
-        if _is_glob(part):
-            break
-        fixed.append(part)
-    return "/".join(fixed)
 
 
 def file_identity(info: dict, extra: str = "") -> str:
@@ -177,7 +166,7 @@ def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[
             return {root: fs.info(root)}, root.rsplit("/", 1)[0], []
         entries, base = _find_files(fs, root, folders), root
     elif _is_glob(root):
-        base = _glob_base(root)
+        base = glob_base(root)
         entries = {}
         try:
             matched = fs.glob(root, detail=True)

@@ -64,18 +64,20 @@ def input_schema(task: Task, fs) -> pa.Schema:
 
 
 def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: list[str] | None = None,
-                 source: OpenParquet | None = None) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None, int]]:
+                 source: OpenParquet | None = None,
+                 own_decoder: bool = True) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None, int]]:
     """Yield ``(batch, npy_rows_or_None, first_row)`` for the task's rows, at most ``batch_rows`` at a time.
 
     ``columns`` are the parquet columns to read (None: all): an output that does not keep the embeddings
     reads them only for scoring, and a sidecar reads only its ids. ``npy_rows`` (laion-npy) is the
     (batch rows, width) float array of the same rows; ``first_row`` the index, in its file, of the batch's
     first row. Seconds spent reading are added to ``timings["read"]``. ``source``: the file already open
-    (``open_parquet``), else it is opened here.
+    (``open_parquet``), else it is opened here. ``own_decoder=False`` reads every column with pyarrow
+    (``parquet_codec: pyarrow``), never with pages.py.
     """
     if source is None:
         with open_parquet(task, fs) as opened:
-            yield from task_batches(task, fs, batch_rows, timings, columns, opened)
+            yield from task_batches(task, fs, batch_rows, timings, columns, opened, own_decoder)
         return
     meta = source.file.metadata
     offsets = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
@@ -88,7 +90,8 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
                              "Rerun with --resume (tasks whose input changed run again)")
         for group in task.row_groups:
             position = int(offsets[group])
-            for batch in _timed(_row_group_batches(source, [group], batch_rows, columns), timings, "read"):
+            for batch in _timed(_row_group_batches(source, [group], batch_rows, columns, own_decoder), timings,
+                                "read"):
                 yield batch, None, position
                 position += batch.num_rows
         return
@@ -96,7 +99,7 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
     groups = [i for i in range(meta.num_row_groups)
               if offsets[i] < task.row_stop and offsets[i + 1] > task.row_start]
     position = int(offsets[groups[0]]) if groups else 0
-    for batch in _timed(_row_group_batches(source, groups, batch_rows, columns), timings, "read"):
+    for batch in _timed(_row_group_batches(source, groups, batch_rows, columns, own_decoder), timings, "read"):
         first, position = position, position + batch.num_rows
         lo, hi = max(task.row_start, first), min(task.row_stop, position)
         if hi > lo:
@@ -106,7 +109,8 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
             yield batch.slice(lo - first, hi - lo), rows, lo
 
 
-def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: list[str] | None = None):
+def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: list[str] | None = None,
+                       own_decoder: bool = True):
     """Batches of the given row groups, one reader per row group, with the columns in ``columns``' order.
 
     One ``iter_batches`` call over many row groups kept every buffer it had read until it finished
@@ -116,7 +120,7 @@ def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: li
     """
     names = source.schema.names if columns is None else columns
     for group in groups:
-        decoded = _decoded_float_lists(source, group, names, batch_rows)
+        decoded = _decoded_float_lists(source, group, names, batch_rows) if own_decoder else {}
         if not decoded:
             yield from source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
             continue

@@ -106,7 +106,7 @@ def _process_task(task: Task, worker: Worker) -> dict:
         files = OutputFiles(out_fs, out_root, task.rel, config, output_schemas(schema, config, scorers[0].dim))
         try:
             batches = task_batches(task, in_fs, config.batch_rows, timings, _read_columns(task, config, schema.names),
-                                   source)
+                                   source, own_decoder=config.parquet_codec == "own")
             source_file = unstrip(in_fs, task.path)
             for batch, npy, first_row in batches:
                 table = _with_added_columns(pa.Table.from_batches([batch]), npy, first_row, source_file, config)

@@ -20,6 +20,7 @@ from clip_nsfw_spark.contract import TaskConfig
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.parquet.splice import SplicedParquetWriter, leaf_paths
 from clip_nsfw_spark.scoring.batch import set_column
+from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.storage.filesystem import join, renames_atomically
 
 TMP_DIR = "_clip_nsfw_tmp"
@@ -41,21 +42,16 @@ def output_paths(rel: str, mode: str) -> dict[Stream, str]:
     return {stream: where[stream] for stream in MODE_STREAMS[mode]}
 
 
-def _is_float_list(field: pa.Field) -> bool:
-    return (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
-            or pa.types.is_fixed_size_list(field.type)) and pa.types.is_floating(field.type.value_type)
-
-
 def float_list_columns(schema: pa.Schema) -> list[str]:
     """The float-list columns (embeddings)."""
-    return [f.name for f in schema if _is_float_list(f)]
+    return [f.name for f in schema if is_embedding_type(f.type)]
 
 
 def scalar_columns(schema: pa.Schema) -> list[str]:
     """All columns but float lists (embeddings): the ones worth dictionary encoding and min/max statistics.
     For embeddings a dictionary of up to 65,536 float16 values makes writing and every later read several
     times slower, and statistics nobody filters on cost a pass over every value when writing."""
-    return [f.name for f in schema if not _is_float_list(f)]
+    return [f.name for f in schema if not is_embedding_type(f.type)]
 
 
 def column_compression(schema: pa.Schema, compression: str, embedding_compression: str) -> dict[str, str]:
@@ -70,7 +66,7 @@ def column_compression(schema: pa.Schema, compression: str, embedding_compressio
     # top-level name for a list, and leaves a leaf missing from the mapping uncompressed: so every leaf is
     # named, as the writer itself names it, and matched to its column by position (a scalar column named
     # "emb.model" is not a leaf of "emb").
-    return {path: embedding_compression if _is_float_list(field) else compression
+    return {path: embedding_compression if is_embedding_type(field.type) else compression
             for field, paths in zip(schema, leaf_paths(schema)) for path in paths}
 
 
@@ -116,7 +112,8 @@ class AtomicParquet:
     else the temp folder) and uploaded under its final name at commit, once.
     """
 
-    def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str | dict[str, str]):
+    def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str | dict[str, str],
+                 own_encoder: bool = True):
         self.fs, self.final = fs, join(root, rel)
         self.spooled = not renames_atomically(fs)
         if self.spooled:
@@ -130,8 +127,10 @@ class AtomicParquet:
         options = {"compression": compression, "use_dictionary": scalar_columns(schema),
                    "write_statistics": scalar_columns(schema)}
         # uncompressed embedding columns are encoded by splice.py (several times faster than pyarrow)
-        spliced = SplicedParquetWriter(self._handle, schema, columns=float_list_columns(schema), **options)
-        self._writer = spliced if spliced.encoded else pq.ParquetWriter(self._handle, schema, **options)
+        spliced = SplicedParquetWriter(self._handle, schema, columns=float_list_columns(schema), **options) \
+            if own_encoder else None
+        self._writer = spliced if spliced is not None and spliced.encoded else \
+            pq.ParquetWriter(self._handle, schema, **options)
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
@@ -196,7 +195,8 @@ class OutputFiles:
         if stream not in self._files:
             schema = self.schemas[stream]
             codecs = column_compression(schema, self.config.compression, self.config.embedding_compression)
-            self._files[stream] = AtomicParquet(self.fs, self.root, self.paths[stream], schema, codecs)
+            self._files[stream] = AtomicParquet(self.fs, self.root, self.paths[stream], schema, codecs,
+                                                own_encoder=self.config.parquet_codec == "own")
         return self._files[stream]
 
     def write(self, stream: Stream, table: pa.Table) -> None:

@@ -159,8 +159,6 @@ def fetch_file(spec: ModelSpec) -> Path:
     return target
 
 
-fetch_zip = fetch_file  # the name from when every model was a zip
-
 
 def _verify_cached(path: Path, spec: ModelSpec) -> None:
     found = pin_mismatch(path, spec)

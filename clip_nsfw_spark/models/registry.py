@@ -52,11 +52,6 @@ class ModelSpec:
             raise ValueError(f"{self.name}: give exactly one integrity pin (sha256 or git_blob)")
 
     @property
-    def zip_name(self) -> str:
-        """The file's name (kept for callers written when every model was a zip)."""
-        return self.file_name
-
-    @property
     def pin(self) -> tuple[str, str]:
         """``("sha256", hex)`` or ``("git blob id", hex)``."""
         return ("sha256", self.sha256) if self.sha256 else ("git blob id", self.git_blob)

@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_nsfw_spark.parquet.thrift import I32, I64, LIST, STRUCT, Field, ThriftList, decode_struct, encode_struct, get, with_fields
+from clip_nsfw_spark.parquet.thrift import (I32, I64, LIST, STRUCT, Field, ThriftList, decode_struct, encode_struct, get,
+                                            uleb128, with_fields)
 
 MAGIC = b"PAR1"
 PAGE_BYTES = 1 << 20  # values per data page, as pyarrow's default data page size: readers hold a page at once
@@ -103,29 +104,20 @@ def _uniform_values(column: pa.ChunkedArray | pa.Array, dtype: np.dtype) -> tupl
     return values, d
 
 
-def _uleb(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _repetition_levels(rows: int, d: int) -> bytes:
     """Hybrid-encoded repetition levels (bit width 1) of ``rows`` rows of ``d`` values: per row a 0 (a new
     row) then d − 1 ones. The smallest of: one RLE run of zeros (d = 1); one bit-packed run, d / 8 bytes a
     row (narrow rows); two RLE runs a row (header ``count << 1``, then the value's byte), ~5 bytes a row
     whatever d (embeddings)."""
     if d == 1:
-        return _uleb(rows << 1) + b"\x00"
-    row = b"\x02\x00" + _uleb((d - 1) << 1) + b"\x01"
+        return uleb128(rows << 1) + b"\x00"
+    row = b"\x02\x00" + uleb128((d - 1) << 1) + b"\x01"
     if len(row) * 8 <= d:
         return row * rows
     levels = np.ones(rows * d, np.uint8)
     levels[::d] = 0
     packed = np.packbits(levels, bitorder="little")  # 8 levels a byte, first level in the lowest bit
-    return _uleb((packed.shape[0] << 1) | 1) + packed.tobytes()  # a run of len(packed) groups of 8
+    return uleb128((packed.shape[0] << 1) | 1) + packed.tobytes()  # a run of len(packed) groups of 8
 
 
 def _levels(rows: int, d: int, max_def: int) -> bytes:
@@ -134,7 +126,7 @@ def _levels(rows: int, d: int, max_def: int) -> bytes:
     of ``max_def``: every value present). Bit-packed groups are padded past the page's levels with zeros,
     which readers ignore (they read as many levels as the page header says)."""
     rep = _repetition_levels(rows, d)
-    definition = _uleb((rows * d) << 1) + bytes([max_def])
+    definition = uleb128((rows * d) << 1) + bytes([max_def])
     return (len(rep).to_bytes(4, "little") + rep + len(definition).to_bytes(4, "little") + definition)
 
 

@@ -139,6 +139,13 @@ class _Reader:
             last = field_id
 
 
+def uleb128(n: int) -> bytes:
+    """``n`` ≥ 0 as an unsigned LEB128 varint (Thrift's compact integers, parquet's RLE run headers)."""
+    out = bytearray()
+    _varint(out, n)
+    return bytes(out)
+
+
 def _varint(out: bytearray, n: int) -> None:
     if n < 0:
         raise ThriftError("negative varint")

@@ -1,0 +1,164 @@
+"""The scale model's measurements on S3: plan, run and resume N small files with S3's latency added.
+
+Starts the tests' SeaweedFS server on 127.0.0.1 and a proxy that holds every request ``--latency`` seconds
+(tests/s3server.py; every process goes through it: driver, JVM, Python workers). Writes ``--files`` small
+parquet files (``--rows`` rows of 768-d float16 each), then measures, each as its own phase:
+
+- plan: the planner alone, with one thread (the old serial planner) and with ``planner.PLAN_THREADS``;
+- plan-laion: the same on ``--files / 10`` LAION npy/metadata pairs of ``--npy-rows`` rows, the serial case
+  also with s3fs's default 50 MiB read-ahead on npy headers (the old planner's);
+- run: ``clip-nsfw-spark run`` S3 → S3 on ``--master`` (annotate), with its progress lines;
+- resume: ``--resume`` of the completed output (nothing left to do: the cost of checking);
+and prints per phase: seconds, S3 requests and MB through the proxy, tasks/s and requests per task.
+
+    python bench/scale.py --files 2000 --latency 0.02 --json bench/results/scale.json
+    python bench/scale.py --files 20000 --skip-run      # planning alone, at a larger N
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from s3server import LatencyProxy, SeaweedS3  # noqa: E402
+
+from clip_nsfw_spark.driver import planner  # noqa: E402
+from clip_nsfw_spark.driver.config import JobConfig  # noqa: E402
+from clip_nsfw_spark.executor import reader  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench import _cpu_model as cpu_name  # noqa: E402
+
+S3FS_DEFAULT_BLOCK = 50 * 2**20  # what s3fs reads ahead when told nothing: the old planner's npy header read
+
+
+def parquet_bytes(rows: int, seed: int, dim: int = 768) -> bytes:
+    values = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float16)
+    values /= np.linalg.norm(values.astype(np.float32), axis=1, keepdims=True).astype(np.float16)
+    table = pa.table({"key": [f"{seed:06d}{i:05d}" for i in range(rows)],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim).cast(
+                          pa.list_(pa.float16()))})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def npy_bytes(rows: int, dim: int = 768) -> bytes:
+    sink = io.BytesIO()
+    np.save(sink, np.zeros((rows, dim), np.float16))
+    return sink.getvalue()
+
+
+def plan_once(proxy, options, url, layout, threads, npy_block, count) -> dict:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # nothing cached from an earlier case
+    planner.PLAN_THREADS, reader.NPY_HEADER_BLOCK = threads, npy_block
+    name = f"plan-{layout} threads={threads}" + (f" npy_block={npy_block >> 10} KiB" if layout == "laion-npy" else "")
+    with Phase(proxy, name, count) as phase:
+        plan = planner.plan(JobConfig(input=url, output="/tmp/unused", layout=layout, storage_options=options))
+    return phase.result | {"tasks": len(plan.tasks), "files_per_s": round(count / phase.result["seconds"], 1),
+                           "minutes_for_100k_files": round(100_000 * phase.result["seconds"] / count / 60, 1)}
+
+
+class Phase:
+    def __init__(self, proxy, name: str, tasks: int):
+        self.proxy, self.name, self.tasks = proxy, name, tasks
+
+    def __enter__(self):
+        self.requests, self.down, self.started = self.proxy.requests, self.proxy.bytes_down, time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.result = {"phase": self.name, "seconds": round(time.perf_counter() - self.started, 1),
+                       "requests": self.proxy.requests - self.requests,
+                       "mb_down": round((self.proxy.bytes_down - self.down) / 1e6, 1)}
+        self.result["requests_per_task"] = round(self.result["requests"] / self.tasks, 1)
+        self.result["tasks_per_s"] = round(self.tasks / max(self.result["seconds"], 1e-9), 1)
+        print(json.dumps(self.result), flush=True)
+
+
+def run_cli(args: list[str], env: dict) -> tuple[int, str]:
+    process = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args], env=env, cwd=ROOT,
+                             capture_output=True, text=True)
+    return process.returncode, process.stderr
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=10, help="rows per file")
+    parser.add_argument("--latency", type=float, default=0.02)
+    parser.add_argument("--npy-rows", type=int, default=20000, help="rows per npy file (× 768 × 2 bytes)")
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--skip-run", action="store_true", help="measure planning only")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    results = {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "files": args.files, "rows_per_file": args.rows, "latency_s": args.latency, "master": args.master,
+               "phases": []}
+    with tempfile.TemporaryDirectory(prefix="scale-") as work:
+        server = SeaweedS3(Path(work))
+        server.start()
+        proxy = LatencyProxy(server.port, args.latency)
+        try:
+            fs = server.filesystem()
+            fs.mkdir("scale")
+            fs.pipe({f"scale/in/part-{i:06d}.parquet": parquet_bytes(args.rows, i) for i in range(args.files)})
+            options = dict(server.storage_options(), endpoint_url=proxy.endpoint)
+            threads, block = planner.PLAN_THREADS, reader.NPY_HEADER_BLOCK
+            for case in ((1, block), (threads, block)):
+                results["phases"].append(plan_once(proxy, options, "s3://scale/in", "parquet", *case, args.files))
+            pairs = max(1, args.files // 10)
+            fs.pipe({f"scale/laion/img_emb/img_emb_{i}.npy": npy_bytes(args.npy_rows) for i in range(pairs)})
+            meta = parquet_bytes(args.npy_rows, 0, dim=1)
+            fs.pipe({f"scale/laion/metadata/metadata_{i}.parquet": meta for i in range(pairs)})
+            for case in ((1, S3FS_DEFAULT_BLOCK), (1, block), (threads, block)):
+                results["phases"].append(plan_once(proxy, options, "s3://scale/laion", "laion-npy", *case, pairs))
+            planner.PLAN_THREADS, reader.NPY_HEADER_BLOCK = threads, block
+            if args.skip_run:
+                return _finish(results, args)
+            env = dict(os.environ, **dict(server.env(), AWS_ENDPOINT_URL=proxy.endpoint))
+            common = ["--input", "s3://scale/in", "--output", "s3://scale/out", "--master", args.master]
+            for name, extra in (("run", []), ("resume", ["--resume"])):
+                with Phase(proxy, name, args.files) as phase:
+                    status, err = run_cli(common + extra, env)
+                progress = re.findall(r"progress \[[#.]+\] (\d+)/(\d+) tasks", err)
+                phase.result |= {"exit": status, "progress_lines": len(progress),
+                                 "progress_seen": [int(done) for done, _ in progress][:50]}
+                results["phases"].append(phase.result)
+                if status != 0:
+                    print(err[-3000:], file=sys.stderr)
+                    break
+            report = json.loads(fs.cat_file("scale/out/_clip_nsfw_report.json")) if fs.exists(
+                "scale/out/_clip_nsfw_report.json") else {}
+            results["report_rows"] = report.get("rows")
+        finally:
+            proxy.close()
+            server.stop()
+    return _finish(results, args)
+
+
+def _finish(results: dict, args) -> int:
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all(p.get("exit", 0) == 0 for p in results["phases"]) else 1
+
+if __name__ == "__main__":
+    sys.exit(main())
