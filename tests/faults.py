@@ -95,7 +95,8 @@ class FaultyOpener:
 
 
 class FaultyFilesystem:
-    """An fsspec filesystem whose written files count writes and whose ``mv`` counts commits."""
+    """An fsspec filesystem whose written files count writes and whose ``mv`` (``put_file`` on object
+    stores, where a task's files are built on local disk) counts commits."""
 
     def __init__(self, fs, opener: FaultyOpener):
         self._fs, self._opener = fs, opener
@@ -109,6 +110,11 @@ class FaultyFilesystem:
 
     def mv(self, source, target, **kwargs):
         result = self._fs.mv(source, target, **kwargs)
+        self._opener.step("commit")
+        return result
+
+    def put_file(self, source, target, **kwargs):  # an object store's commit: the spooled file uploaded
+        result = self._fs.put_file(source, target, **kwargs)
         self._opener.step("commit")
         return result
 

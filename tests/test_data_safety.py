@@ -370,23 +370,24 @@ def test_dimension_is_checked_on_every_npy_file_before_any_task(tmp_path):
 
 @needs_models
 def test_an_interrupted_overwrite_never_leaves_an_output_that_looks_complete(tmp_path, monkeypatch):
-    import fsspec.implementations.local as local
+    from clip_nsfw_spark.driver import output
 
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=400, files=8)
     run(source, tmp_path / "out")
-    removed, real_rm = [], local.LocalFileSystem.rm
+    removed, real_remove = [], output.remove
 
-    def rm_then_interrupt(self, path, *args, **kwargs):  # Ctrl-C after the third removal
+    def remove_then_interrupt(fs, path, *args, **kwargs):  # Ctrl-C in the middle of clearing the output
         removed.append(str(path))
-        if len(removed) == 12:  # markers, 8 task states, then 2 data files; once: the lease's clean-up must work
+        if len(removed) == 12:  # markers, 8 task states, then 2 data files; the lease's clean-up must still work
             raise KeyboardInterrupt
-        return real_rm(self, path, *args, **kwargs)
+        return real_remove(fs, path, *args, **kwargs)
 
-    monkeypatch.setattr(local.LocalFileSystem, "rm", rm_then_interrupt)
+    monkeypatch.setattr(output, "remove", remove_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "out", overwrite=True)
-    monkeypatch.setattr(local.LocalFileSystem, "rm", real_rm)
+    monkeypatch.setattr(output, "remove", real_remove)
+    assert removed[:2] == [str(tmp_path / "out" / SUCCESS_NAME), str(tmp_path / "out" / REPORT_NAME)]
     assert not (tmp_path / "out" / SUCCESS_NAME).exists() and not (tmp_path / "out" / REPORT_NAME).exists()
     assert not list((tmp_path / "out" / "_clip_nsfw_tasks").glob("[0-9a-f]*.json"))
     report = run(source, tmp_path / "out", resume=True)

@@ -39,7 +39,7 @@ from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.errors import InputError
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.executor.reader import npy_header
-from clip_nsfw_spark.storage.filesystem import accessing, glob_base, filesystem, is_local, join, unstrip
+from clip_nsfw_spark.storage.filesystem import accessing, filesystem, glob_root, is_local, join, unstrip
 
 log = logging.getLogger(__name__)
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
@@ -166,7 +166,7 @@ def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[
             return {root: fs.info(root)}, root.rsplit("/", 1)[0], []
         entries, base = _find_files(fs, root, folders), root
     elif _is_glob(root):
-        base = glob_base(root)
+        base = glob_root(root)
         entries = {}
         try:
             matched = fs.glob(root, detail=True)

@@ -55,7 +55,7 @@ def canonical(url: str, storage_options: dict | None = None, glob_base: bool = F
     """
     fs, path = filesystem(url, storage_options)
     if glob_base and not _exists(fs, path):  # a path that exists is literal, even with glob characters
-        path = glob_base(path)
+        path = glob_root(path)
     if is_local(fs):
         return fs, os.path.realpath(os.path.expanduser(path))
     bucket, _, key = re.sub("/+", "/", path).lstrip("/").partition("/")
@@ -72,7 +72,7 @@ def _exists(fs, path: str) -> bool:
         return False
 
 
-def glob_base(path: str) -> str:
+def glob_root(path: str) -> str:
     """The path up to (not including) its first part holding a glob character."""
     parts = path.split("/")
     cut = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
@@ -89,7 +89,7 @@ def locations(url: str, storage_options: dict | None = None, glob_base: bool = F
     paths = [resolved]
     if is_local(fs):
         raw = filesystem(url, storage_options)[1]
-        raw = os.path.expanduser(glob_base(raw) if glob_base and not _exists(fs, raw) else raw).rstrip("/")
+        raw = os.path.expanduser(glob_root(raw) if glob_base and not _exists(fs, raw) else raw).rstrip("/")
         head, _, tail = raw.rpartition("/")
         if tail not in ("", ".", ".."):
             link = os.path.join(os.path.realpath(head or "/"), tail)
