@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--rows", type=int, default=10, help="rows per file")
     parser.add_argument("--latency", type=float, default=0.02)
-    parser.add_argument("--npy-rows", type=int, default=20000, help="rows per npy file (× 768 × 2 bytes)")
+    parser.add_argument("--npy-rows", type=int, default=1000, help="rows per npy file (× 768 × 2 bytes)")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--skip-run", action="store_true", help="measure planning only")
     parser.add_argument("--json", help="write the results here")

@@ -165,7 +165,8 @@ def test_resume_reruns_changed_inputs_and_removes_outputs_of_gone_ones(tmp_path)
         assert left[name].equals(right[name]), name
     assert report["rows"]["read"] == rows_on_disk(out) - sum(
         t.num_rows for n, t in left.items() if n.startswith("_rejected")) == 4000
-    assert report["resume"] == {"reused": 2, "rerun_changed": ["f1.parquet"], "removed_gone": ["f2.parquet"]}
+    assert report["resume"] == {"reused": 2, "rerun_changed": ["f1.parquet"], "rerun_missing": [],
+                                "removed_gone": ["f2.parquet"]}
 
 
 @needs_models
@@ -402,6 +403,8 @@ def test_resume_reruns_a_task_whose_outputs_are_missing(tmp_path):
     os.remove(tmp_path / "out" / "part-00001.parquet")  # the state file says done; the file is gone
     report = run(source, tmp_path / "out", resume=True)
     assert report["tasks_resumed"] == 2 and rows_on_disk(tmp_path / "out") == 300
+    assert report["resume"]["rerun_missing"] == ["part-00001.parquet"] and report["resume"]["rerun_changed"] == []
+    assert report["output"] == str(tmp_path / "out")  # the canonical spelling the CLI prints
 
 
 @needs_models

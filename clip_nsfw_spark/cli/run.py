@@ -107,9 +107,10 @@ def summary(report: dict) -> str:
         lines.append(f"  skipped   {report['input']['skipped_files']} input file(s) that are not parquet "
                      f"(e.g. {report['input']['skipped_examples'][0]}); see the report")
     resume = report.get("resume") or {}
-    if resume.get("rerun_changed") or resume.get("removed_gone"):
-        lines.append(f"  resume    re-ran {len(resume['rerun_changed'])} task(s) whose input changed, removed the "
-                     f"outputs of {len(resume['removed_gone'])} whose input is gone")
+    if resume.get("rerun_changed") or resume.get("rerun_missing") or resume.get("removed_gone"):
+        lines.append(f"  resume    re-ran {len(resume['rerun_changed'])} task(s) whose input changed and "
+                     f"{len(resume.get('rerun_missing', ()))} whose outputs were missing, removed the outputs of "
+                     f"{len(resume['removed_gone'])} whose input is gone")
     if rows["rejected_by_reason"]:
         lines.append("  rejected  " + ", ".join(f"{k}: {v:,}" for k, v in rows["rejected_by_reason"].items()))
     return "\n".join(lines)
@@ -172,7 +173,7 @@ def run_from_args(args, default_master: str | None, wrap_worker=None) -> int:
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
     print(summary(report))
-    print(f"  report    {config.output.rstrip('/')}/{REPORT_NAME}")
+    print(f"  report    {report.get('output', config.output).rstrip('/')}/{REPORT_NAME}")
     return 0
 
 

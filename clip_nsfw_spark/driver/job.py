@@ -355,7 +355,7 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     """
     state_dir = join(out_root, TASKS_DIR)
     job_file = join(state_dir, JOB_STATE)
-    done, actions = {}, {"reused": 0, "rerun_changed": [], "removed_gone": []}
+    done, actions = {}, {"reused": 0, "rerun_changed": [], "rerun_missing": [], "removed_gone": []}
     previous = None
     if resume:
         try:
@@ -400,15 +400,15 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
             for rel in outputs:
                 if join(out_root, rel) in existing:
                     remove(out_fs, join(out_root, rel))
-            (actions["rerun_changed"] if task is not None else actions["removed_gone"]).append(stats["rel"])
-            if task is not None and not complete:
-                log.warning("resume: outputs of %s are missing; running it again", stats["rel"])
+            changed = task is None or stats.get("source") != task.source or stats.get("rel") != task.rel
+            kind = "removed_gone" if task is None else "rerun_changed" if changed else "rerun_missing"
+            actions[kind].append(stats["rel"])
         actions["reused"] = len(done)
-        for key in ("rerun_changed", "removed_gone"):
+        for key, what in (("rerun_changed", "re-running %d task(s) whose input changed: %s"),
+                          ("rerun_missing", "re-running %d task(s) whose outputs are missing: %s"),
+                          ("removed_gone", "removed the outputs of %d task(s) whose input is gone: %s")):
             if actions[key]:
-                log.warning("resume: %s %d task(s) whose input %s: %s", "re-running" if key == "rerun_changed"
-                            else "removed the outputs of", len(actions[key]),
-                            "changed" if key == "rerun_changed" else "is gone", ", ".join(actions[key][:10]))
+                log.warning("resume: " + what, len(actions[key]), ", ".join(actions[key][:10]))
     out_fs.makedirs(state_dir, exist_ok=True)
     with out_fs.open(job_file, "w") as handle:
         handle.write(json.dumps(fingerprint))

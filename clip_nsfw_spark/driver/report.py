@@ -54,6 +54,7 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
         "status": "succeeded",
         "config": config.redacted() | {"layout": tasks.layout, "embedding_columns": list(tasks.embedding_columns),
                                        "score_columns": list(tasks.score_columns)},
+        "output": tasks.output,  # the output's canonical URL: where the run wrote, however it was spelled
         "model": {k: first[k] for k in ("name", "sha256", "dim", "source", "clip_model")},
         "heads": head_reports,
         "input": {"layout": plan.layout, "tasks": len(plan.tasks), "rows": plan.total_rows,
