@@ -27,14 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_nsfw_spark.contract import HeadPayload, ScoreOutput, ScoreTarget, TaskConfig
-
+from clip_nsfw_spark.contract import HeadPayload, ScoreOutput, ScoreTarget, Task, TaskConfig
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
 from clip_nsfw_spark.storage.lease import RunLease
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.driver.output import OutputTarget, check_planned_inputs, clear_output, validate_output
-from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.driver.planner import Plan, plan as plan_input
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report

@@ -23,10 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from clip_nsfw_spark.scoring.batch import score_batch
-from clip_nsfw_spark.contract import HeadPayload, TaskConfig
+from clip_nsfw_spark.contract import HeadPayload, Task, TaskConfig
 from clip_nsfw_spark.errors import ClipNsfwError, InputError, TaskError
 from clip_nsfw_spark.storage.lease import check_owner
-from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches
 from clip_nsfw_spark.storage.filesystem import filesystem, join, unstrip
 from clip_nsfw_spark.executor.writer import ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
