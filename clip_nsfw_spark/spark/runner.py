@@ -52,6 +52,7 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
         builder = builder.config(key, value)
     with _deferred_sigint():
         spark = builder.getOrCreate()
+    _quiet_accumulator_server(spark)
     try:
         yield spark
     except BaseException:
@@ -60,6 +61,35 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
             spark.stop()
         raise
     spark.stop()
+
+
+def _quiet_accumulator_server(spark) -> None:
+    """Keep a JVM that is gone from printing a Python traceback on stderr.
+
+    PySpark's accumulator server (a ``socketserver`` thread in the driver) reads updates from the JVM; when
+    SIGTERM reaches the whole process group the JVM dies first and that thread's read ends in EOFError,
+    which ``socketserver`` prints as a traceback after our one-line message. A closed connection is logged
+    at DEBUG instead; any other error keeps socketserver's report.
+    """
+    server = getattr(getattr(spark, "sparkContext", None), "_accumulatorServer", None) \
+        if not _is_connect(spark) else None
+    if server is None:
+        return
+    report = server.handle_error
+
+    def handle_error(request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (EOFError, ConnectionError)):
+            log.debug("accumulator connection from %s closed: %r", client_address, error)
+            return
+        report(request, client_address)
+
+    server.handle_error = handle_error
+
+
+def _is_connect(spark) -> bool:
+    """True for a Spark Connect session (it has no SparkContext; touching one raises)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
 
 
 @contextlib.contextmanager
