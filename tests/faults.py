@@ -25,6 +25,8 @@ import signal
 import sys
 import time
 
+from clip_nsfw_spark.executor.writer import MANIFEST_DIR
+
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
@@ -106,11 +108,12 @@ class FaultyFilesystem:
 
     def open(self, path, mode="rb", **kwargs):
         handle = self._fs.open(path, mode, **kwargs)
-        return CountingFile(handle, self._opener) if "w" in mode else handle
+        return CountingFile(handle, self._opener) if "w" in mode and MANIFEST_DIR not in path else handle
 
     def mv(self, source, target, **kwargs):
         result = self._fs.mv(source, target, **kwargs)
-        self._opener.step("commit")
+        if MANIFEST_DIR not in target:  # the manifest is written before the commit: counted as neither
+            self._opener.step("commit")
         return result
 
     def put_file(self, source, target, **kwargs):  # an object store's commit: the spooled file uploaded
@@ -138,6 +141,27 @@ class CountingFile:
         return written
 
 
+# Driver steps a test can pause the driver before: (module, function) as job.py calls it.
+STOP_POINTS = {"clear": ("clip_nsfw_spark.driver.job", "clear_output"),
+               "prepare": ("clip_nsfw_spark.driver.job", "_prepare_state"),
+               "report": ("clip_nsfw_spark.driver.job", "build_report")}
+
+
+def _stop_before(point: tuple[str, str]) -> None:
+    """Make the driver SIGSTOP itself when it reaches ``point``; it goes on when SIGCONT comes."""
+    import importlib
+
+    module = importlib.import_module(point[0])
+    step = getattr(module, point[1])
+
+    def stopped(*args, **kwargs):
+        print(f"faults.py: stopping before {point[1]}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return step(*args, **kwargs)
+
+    setattr(module, point[1], stopped)
+
+
 def main(argv=None) -> int:
     from clip_nsfw_spark.errors import ClipNsfwError
     from clip_nsfw_spark.cli.run import add_job_arguments, run_from_args
@@ -145,12 +169,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="faults.py")
     parser.add_argument("--fault", help="point=write|commit,match=…,after=N,action=kill|raise|sleep")
     parser.add_argument("--heartbeat", type=float, help="the driver's lease heartbeat in seconds (default: lease.py's)")
+    parser.add_argument("--stale", type=float, help="seconds without a heartbeat before a lease is stale")
+    parser.add_argument("--stop-before", choices=sorted(STOP_POINTS),
+                        help="the driver stops itself (SIGSTOP, as Ctrl-Z or a long pause) right before this step")
     add_job_arguments(parser)
     args = parser.parse_args(argv)
-    if args.heartbeat:
-        from clip_nsfw_spark.storage import lease
+    from clip_nsfw_spark.storage import lease
 
+    if args.heartbeat:
         lease.HEARTBEAT_SECONDS = args.heartbeat
+    if args.stale:
+        lease.STALE_SECONDS = args.stale
+    if args.stop_before:
+        _stop_before(STOP_POINTS[args.stop_before])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fault = Fault.parse(args.fault) if args.fault else None
     try:

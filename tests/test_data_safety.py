@@ -166,7 +166,7 @@ def test_resume_reruns_changed_inputs_and_removes_outputs_of_gone_ones(tmp_path)
     assert report["rows"]["read"] == rows_on_disk(out) - sum(
         t.num_rows for n, t in left.items() if n.startswith("_rejected")) == 4000
     assert report["resume"] == {"reused": 2, "rerun_changed": ["f1.parquet"], "rerun_missing": [],
-                                "removed_gone": ["f2.parquet"]}
+                                "removed_gone": ["f2.parquet"], "removed_unrecorded": []}
 
 
 @needs_models

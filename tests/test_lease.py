@@ -5,6 +5,7 @@ no longer holds the lease does not move its files into place (in-process and on 
 """
 
 import json
+import re
 import os
 import signal
 import socket
@@ -210,7 +211,7 @@ def test_the_heartbeat_refreshes_the_lease_and_notices_a_takeover(tmp_path, monk
         time.sleep(0.3)
         assert held.lost == "run 0th3rrun on host elsewhere took its lease over"
         with pytest.raises(OutputError, match=rf"run {held.run_id} lost the lease of output .*out"):
-            held.check()
+            held.fence("writing the report")
     assert read_lease(fs, root)["run_id"] == "0th3rrun"  # not released: it is not ours
 
 
@@ -236,3 +237,161 @@ def test_the_lease_on_s3_admits_one_run(s3_server):
         with pytest.raises(OutputError, match=f"output s3://leases/out is being written by run {held.run_id}"):
             RunLease(fs, root).acquire()
     assert read_lease(fs, root) is None
+
+
+# --- Fencing (issue #23, class 1): a run acts only while it holds a young lease -------------------------------
+
+def _faults(args, **kwargs):
+    """The job's command line through tests/faults.py (its --stale, --heartbeat and --stop-before)."""
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "faults.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _process_state(pid: int) -> str:
+    """The letter /proc gives a process's state: "T" when stopped."""
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
+
+
+def snapshot(root):
+    """{relative path: bytes} of every file under ``root``: a run that changed nothing leaves it equal."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _stopped(process):
+    _wait_for(lambda: _process_state(process.pid) == "T", process, seconds=300)
+
+
+@needs_models
+@pytest.mark.parametrize("step, flag", [("clear", "--overwrite"), ("prepare", "--resume"), ("report", "--overwrite")])
+def test_a_paused_run_whose_output_was_taken_over_stops_without_touching_it(tmp_path, step, flag):
+    """The issue's case: a run paused past its lease (SIGSTOP, as Ctrl-Z or a long GC), another run takes the
+    output over and finishes, the first wakes up (SIGCONT): it must not delete, write or mark anything."""
+    source, out = tmp_path / "in", tmp_path / "out"
+    write_parquet_sample(str(source), rows=3000, files=3)
+    run_job(JobConfig(input=str(source), output=str(out)))
+    common = ["--input", str(source), "--output", str(out), "--local-runner", "--stale", "4"]
+    paused = _faults([*common, flag, "--heartbeat", "0.5", "--stop-before", step], start_new_session=True)
+    _stopped(paused)
+    time.sleep(4.5)  # its lease goes stale for the next run
+    other = _faults([*common, "--overwrite", "--threshold", "0.3"])
+    _, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-3000:]
+    assert "taking over the stale lease" in err
+    taken_over = snapshot(out)
+    os.kill(paused.pid, signal.SIGCONT)
+    _, err = paused.communicate(timeout=300)
+    assert paused.returncode == 2, err[-3000:]
+    assert "lost the lease of output" in err and "changed nothing" in err, err[-3000:]
+    woken = err.split("faults.py: stopping before", 1)[1]  # what it did after SIGCONT
+    assert "Traceback" not in woken and "removing" not in woken, woken
+    assert snapshot(out) == taken_over  # the other run's output, to the byte
+    assert json.loads((out / REPORT_NAME).read_text())["config"]["threshold"] == 0.3
+
+
+@needs_models
+def test_a_run_paused_past_half_its_stale_time_stops_even_if_nobody_took_over(tmp_path):
+    source, out = tmp_path / "in", tmp_path / "out"
+    write_parquet_sample(str(source), rows=2000, files=2)
+    run_job(JobConfig(input=str(source), output=str(out)))
+    before = snapshot(out)
+    paused = _faults(["--input", str(source), "--output", str(out), "--local-runner", "--overwrite", "--stale", "4",
+                      "--heartbeat", "0.5", "--stop-before", "clear"], start_new_session=True)
+    _stopped(paused)
+    time.sleep(3)  # more than half of 4 s: another run may be about to take the lease over
+    os.kill(paused.pid, signal.SIGCONT)
+    _, err = paused.communicate(timeout=300)
+    assert paused.returncode == 2, err[-3000:]
+    assert re.search(r"no heartbeat for \d+ s, more than the 2 s a run acts under", err), err[-3000:]
+    assert "changed nothing" in err
+    after = snapshot(out)
+    assert after == before  # its own lease is not left behind either
+    assert not (out / LEASE_NAME).exists()
+
+
+@needs_models
+def test_a_task_does_not_commit_under_a_lease_without_a_recent_heartbeat(tmp_path):
+    """The executors' side: the lease names the run but its driver has not beaten for more than the fence
+    time (paused, or cut off from the store): the task's files stay out of place."""
+    write_parquet_sample(str(tmp_path / "in"), rows=60, files=3)
+    out = tmp_path / "out"
+
+    def runner(tasks, worker):
+        stats = [worker(tasks[0])]
+        lease = json.loads((out / LEASE_NAME).read_text())
+        write_lease(out, run_id=lease["run_id"], host=lease["host"], pid=lease["pid"], pidns=lease["pidns"],
+                    age=lease_module.fence_seconds() + 5)
+        return stats + [worker(task) for task in tasks[1:]]
+
+    with pytest.raises(OutputError, match=r"has had no heartbeat for \d+ s \(a task commits only within \d+ s of "
+                                          r"one\): its driver is paused or cannot reach the store"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(out)), runner=runner)
+    assert len(list(out.glob("*.parquet"))) == 1
+    assert not (out / SUCCESS_NAME).exists()
+
+
+# --- One lease over a tree (issue #23, class 2) ----------------------------------------------------------------
+
+@needs_models
+@pytest.mark.parametrize("held, target", [("out", "out/sub"), ("out", "out/a/b/c"), ("out/sub", "out"),
+                                          ("out/a/b/c", "out"), ("out/sub", "out/sub/deeper")])
+def test_a_run_refuses_an_output_above_or_below_a_folder_another_run_holds(tmp_path, held, target):
+    write_parquet_sample(str(tmp_path / "in"), rows=40, files=2)
+    (tmp_path / held).mkdir(parents=True)
+    write_lease(tmp_path / held)  # live, another host's: a run writing there now
+    before = snapshot(tmp_path)
+    inside = target.startswith(held + "/")
+    message = (rf"output .*{target} is inside .*{held}, a folder another clip-nsfw-spark run is writing" if inside
+               else rf"output .*{target} holds other clip-nsfw-spark outputs or runs \({held[len(target) + 1:]}\)")
+    with pytest.raises(OutputError, match=message):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / target)))
+    assert snapshot(tmp_path) == before and not (tmp_path / target / LEASE_NAME).exists()
+
+
+@needs_models
+def test_an_output_holding_a_finished_or_stale_output_of_the_tool_is_refused(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=40, files=2)
+    run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out" / "2024" / "scored")))
+    with pytest.raises(OutputError, match=r"holds other clip-nsfw-spark outputs or runs \(2024/scored\)"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    write_lease(tmp_path / "other" / "sub", age=STALE_SECONDS + 60)  # a dead run's unfinished output
+    with pytest.raises(OutputError, match=r"holds other clip-nsfw-spark outputs or runs \(sub\)"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "other")))
+
+
+@needs_models
+def test_two_runs_started_together_above_and_below_do_not_both_write(tmp_path, monkeypatch):
+    """The race the lease closes: the inner run takes its lease after the outer one validated its folder
+    (no nested output yet) and before the outer one looks again, holding its own lease."""
+    from clip_nsfw_spark.driver import job
+
+    write_parquet_sample(str(tmp_path / "in"), rows=40, files=2)
+    validate = job.validate_output
+
+    def validate_then_inner_run_starts(config):
+        target = validate(config)
+        (tmp_path / "out" / "sub").mkdir(parents=True)
+        write_lease(tmp_path / "out" / "sub")
+        return target
+
+    monkeypatch.setattr(job, "validate_output", validate_then_inner_run_starts)
+    with pytest.raises(OutputError, match=r"holds other clip-nsfw-spark outputs or runs \(sub\)"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sub"]  # its lease released, nothing written
+
+
+@needs_models
+def test_nested_runs_are_refused_on_s3(s3_server, tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=40, files=2)
+    s3 = s3_server.filesystem()
+    s3.mkdir("nest")
+    s3.pipe_file(f"nest/out/sub/{LEASE_NAME}", json.dumps({"run_id": "0th3rrun", "host": "elsewhere", "pid": 1,
+                                                           "started": "?", "heartbeat": time.time()}).encode())
+    options = s3_server.storage_options()
+    with pytest.raises(OutputError, match=r"output s3://nest/out holds other clip-nsfw-spark outputs or runs \(sub\)"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output="s3://nest/out", storage_options=options))
+    with pytest.raises(OutputError, match=r"output s3://nest/out/sub/x is inside s3://nest/out/sub, a folder another"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output="s3://nest/out/sub/x", storage_options=options))
+    assert sorted(s3.find("nest")) == [f"nest/out/sub/{LEASE_NAME}"]

@@ -225,8 +225,8 @@ def test_overwrite_keeps_files_it_did_not_write_and_replaces_its_own(tmp_path):
     (out / "safe" / "notes.md").write_text("my notes")
     (out / "README").write_text("not parquet")
     before = snapshot(out)
-    with pytest.raises(OutputError, match=r"holds 2 file\(s\) clip-nsfw-spark does not write: README, "
-                                          r"safe/notes.md\. Move them out"):
+    with pytest.raises(OutputError, match=r"holds 2 file\(s\) that no manifest of clip-nsfw-spark names: README, "
+                                          r"safe/notes.md\. Readers of the output would take them as data"):
         run_job(JobConfig(input=str(tmp_path / "in2"), output=str(out), overwrite=True))
     assert snapshot(out) == before
     (out / "safe" / "notes.md").unlink()

@@ -23,7 +23,7 @@ from clip_nsfw_spark.driver.planner import plan
 from clip_nsfw_spark.storage.filesystem import filesystem
 from clip_nsfw_spark.scoring.weights import PortableWeights
 from clip_nsfw_spark.executor.worker import Worker, process_task, scorer_for
-from clip_nsfw_spark.executor.writer import TASKS_DIR
+from clip_nsfw_spark.executor.writer import MANIFEST_DIR, TASKS_DIR
 
 HEAD = HeadPayload("first-value", "0" * 64, b"")
 # First embedding value of each row → its score (threshold 0.5); None: a null embedding.
@@ -92,7 +92,10 @@ def test_a_task_writes_its_streams_and_a_state_file_of_its_statistics(tmp_path):
     assert set(stats["stage_seconds"]) == {"read", "score", "write"}
     out = tmp_path / "out"
     assert stats["outputs"] == ["_rejected/a.parquet", "safe/a.parquet", "unsafe/a.parquet"]
-    assert files_under(out) == sorted(stats["outputs"] + [f"{TASKS_DIR}/{task.task_id}.json"])
+    assert files_under(out) == sorted(stats["outputs"] + [f"{TASKS_DIR}/{task.task_id}.json",
+                                                          f"{MANIFEST_DIR}/{task.task_id}.json"])
+    assert json.loads((out / MANIFEST_DIR / f"{task.task_id}.json").read_text()) == {
+        "task_id": task.task_id, "rel": "a.parquet", "run_id": None, "files": stats["outputs"]}
     assert {rel: pq.read_table(out / rel).num_rows for rel in stats["outputs"]} == {
         "_rejected/a.parquet": 1, "safe/a.parquet": 4, "unsafe/a.parquet": 5}
     assert pq.read_table(out / "unsafe" / "a.parquet").column("key").to_pylist() == ["k3", "k4", "k5", "k7", "k9"]
@@ -133,9 +136,13 @@ def test_the_state_file_is_written_last(tmp_path):
     log = []
     Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory(), open_filesystem=Recording(log))(task)
     state = str(tmp_path / "out" / TASKS_DIR / f"{task.task_id}.json")
-    assert log[-1] == ("write", state) and [entry for entry in log if entry[1] == state] == [log[-1]]
-    assert [target for action, target in log if action == "move"] == [
-        str(tmp_path / "out" / rel) for rel in ("_rejected/a.parquet", "safe/a.parquet", "unsafe/a.parquet")]
+    # Written whole: aside, then moved onto its name, after every output file was moved into place.
+    assert log[-1] == ("move", state) and [entry for entry in log if entry[1] == state] == [log[-1]]
+    assert log[-2][0] == "write" and "_clip_nsfw_aside." in log[-2][1]
+    # The manifest before any data file (it names them), the state after all of them.
+    manifest = str(tmp_path / "out" / MANIFEST_DIR / f"{task.task_id}.json")
+    assert [target for action, target in log if action == "move"] == [manifest] + [
+        str(tmp_path / "out" / rel) for rel in ("_rejected/a.parquet", "safe/a.parquet", "unsafe/a.parquet")] + [state]
 
 
 @dataclasses.dataclass

@@ -107,10 +107,12 @@ def summary(report: dict) -> str:
         lines.append(f"  skipped   {report['input']['skipped_files']} input file(s) that are not parquet "
                      f"(e.g. {report['input']['skipped_examples'][0]}); see the report")
     resume = report.get("resume") or {}
-    if resume.get("rerun_changed") or resume.get("rerun_missing") or resume.get("removed_gone"):
+    if any(resume.get(key) for key in ("rerun_changed", "rerun_missing", "removed_gone", "removed_unrecorded")):
         lines.append(f"  resume    re-ran {len(resume['rerun_changed'])} task(s) whose input changed and "
                      f"{len(resume.get('rerun_missing', ()))} whose outputs were missing, removed the outputs of "
-                     f"{len(resume['removed_gone'])} whose input is gone")
+                     f"{len(resume['removed_gone'])} whose input is gone"
+                     + (f" and the files of {len(resume['removed_unrecorded'])} committed but never recorded "
+                        "complete" if resume.get("removed_unrecorded") else ""))
     if rows["rejected_by_reason"]:
         lines.append("  rejected  " + ", ".join(f"{k}: {v:,}" for k, v in rows["rejected_by_reason"].items()))
     return "\n".join(lines)

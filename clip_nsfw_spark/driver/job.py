@@ -32,15 +32,17 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
 from clip_nsfw_spark.storage.lease import RunLease
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
-from clip_nsfw_spark.driver.output import OutputTarget, check_planned_inputs, clear_output, validate_output
+from clip_nsfw_spark.driver.output import (OutputTarget, check_planned_inputs, clear_output, read_by_spark,
+                                           recorded_files, refuse_nested_runs, tool_name, validate_output)
 from clip_nsfw_spark.driver.planner import Plan, plan as plan_input
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
 from clip_nsfw_spark.models.registry import fitting_model_hint
 from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fresh, filesystem, find_fresh, join,
-                                                 list_fresh, location, read_fresh, read_many_fresh, remove)
+                                                 list_fresh, location, read_fresh, read_many_fresh, remove, unstrip,
+                                                 write_whole)
 from clip_nsfw_spark.executor.worker import Worker
-from clip_nsfw_spark.executor.writer import JOB_STATE, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths
+from clip_nsfw_spark.executor.writer import JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths
 
 # A runner runs a worker over tasks and returns their stats, in any order (spark.spark_runner; None: here,
 # one after the other).
@@ -239,6 +241,7 @@ def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = Fa
     """
     target = validate_output(config)
     with RunLease(target.fs, target.root) as lease:
+        refuse_nested_runs(target)  # with this run's lease in place: a run started at once above or below shows
         return _run_job(config, target, lease, runner, progress)
 
 
@@ -293,12 +296,12 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     out_fs, out_root = target.fs, target.root
     check_planned_inputs(plan, in_fs, target)
     if config.overwrite and target.non_empty:
-        clear_output(target)
+        clear_output(target, lease.fence)
     tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids)
     worker = Worker(tasks_config, tuple(head.payload for head in heads))
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(out_fs, out_root, fingerprint(config, tasks_config, heads),
-                                              config.resume, plan, config.mode)
+                                              config.resume, plan, config.mode, lease.fence)
     # Largest first: with uneven tasks the cores stay busy to the end instead of waiting on one big task.
     pending = sorted((task for task in plan.tasks if task.task_id not in done), key=lambda task: -task.rows)
     log.info("%d tasks (%d rows) in %s; %d already complete; model %s", len(plan.tasks), plan.total_rows,
@@ -322,16 +325,16 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
                           "run again with --resume")
     _check_rows(plan, [by_id[t.task_id] for t in plan.tasks], config.mode, config.keep)
     stats = [by_id[t.task_id] for t in plan.tasks]
-    lease.check()  # a run that lost its lease must not mark the output complete
+    lease.fence("removing its temp folder")  # a run that lost its lease must not mark the output complete
     if exists_fresh(out_fs, join(out_root, TMP_DIR)):
         remove(out_fs, join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started
     report = build_report(config, tasks_config, plan, heads, stats, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions)
-    with out_fs.open(join(out_root, REPORT_NAME), "w") as handle:
-        handle.write(json.dumps(report, indent=2))
-    with out_fs.open(join(out_root, SUCCESS_NAME), "w") as handle:
-        handle.write("")
+    lease.fence("writing the report")
+    write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))
+    lease.fence("writing _SUCCESS")
+    write_whole(out_fs, join(out_root, SUCCESS_NAME), b"")
     return report
 
 
@@ -343,8 +346,12 @@ _ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compres
                  "histogram_bins": lambda previous: 20}
 
 
-def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str) -> tuple[dict, dict]:
+def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str,
+                   fence: Callable[[str], None]) -> tuple[dict, dict]:
     """Create the state folder; on resume, check it is the same job and sort the completed tasks.
+
+    ``fence(step)`` raises unless this run still holds the output's lease (lease.RunLease.fence); it is
+    called right before every removal and write.
 
     Returns ``(done, actions)``: the stats of tasks that are complete for the input as it is now, keyed
     by task id, and what the resume did. A task whose input changed (size, modification time/ETag, row
@@ -353,11 +360,13 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     """
     state_dir = join(out_root, TASKS_DIR)
     job_file = join(state_dir, JOB_STATE)
-    done, actions = {}, {"reused": 0, "rerun_changed": [], "rerun_missing": [], "removed_gone": []}
+    done, actions = {}, {"reused": 0, "rerun_changed": [], "rerun_missing": [], "removed_gone": [],
+                         "removed_unrecorded": []}
     previous = None
+    fence("reading the output's state")  # a paused run learns it lost the output before judging it
     if resume:
         try:
-            previous = json.loads(read_fresh(out_fs, job_file))
+            previous = _state_json(read_fresh(out_fs, job_file), unstrip(out_fs, job_file))
         except FileNotFoundError:
             previous = None
     if previous is not None:
@@ -369,23 +378,30 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
             raise OutputError("--resume refused: the output was written with other settings "
                               + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
                               + ". Use --overwrite to start again.")
+    parsed, manifests, existing = {}, {}, set()
+    if previous is not None:
+        # One listing of the output; the state files and manifests fetched together (concurrently on object
+        # stores), not a request each: a resume of 100,000 tasks is minutes, not hours. Everything is read
+        # and checked before anything is removed: a damaged state or a foreign file refuses the resume untouched.
+        parsed = _read_records(out_fs, state_dir)
+        manifests = _read_records(out_fs, join(out_root, MANIFEST_DIR))
+        existing = find_fresh(out_fs, out_root)
+        planned_names = {rel for task in plan.tasks for rel in output_paths(task.rel, mode).values()}
+        foreign = [path[len(out_root):].lstrip("/") for path in sorted(existing)]
+        foreign = [rel for rel in foreign if read_by_spark(rel) and not tool_name(rel)
+                   and rel not in recorded_files({**parsed, **manifests}) and rel not in planned_names]
+        if foreign:
+            raise OutputError(f"--resume refused: output {unstrip(out_fs, out_root)} holds {len(foreign)} file(s) that "
+                              f"no manifest of clip-nsfw-spark names and no task of this run writes: "
+                              f"{', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}. Readers of the output "
+                              "would take them as data. Move them out of the output folder (or rename them to start "
+                              "with '_' or '.'); nothing was changed.")
     if exists_fresh(out_fs, join(out_root, SUCCESS_NAME)):
+        fence("removing _SUCCESS")
         remove(out_fs, join(out_root, SUCCESS_NAME))  # this run is not complete until it says so again
     if previous is not None:
         planned = {task.task_id: task for task in plan.tasks}
-        # One listing of the output and the state files fetched together (concurrently on object stores),
-        # not a request per state file and per output: a resume of 100,000 tasks is minutes, not hours.
-        names = [path for path in list_fresh(out_fs, state_dir)
-                 if path.rsplit("/", 1)[-1].endswith(".json") and not path.rsplit("/", 1)[-1].startswith("_")]
-        states = read_many_fresh(out_fs, names)
-        existing = find_fresh(out_fs, out_root)
-        for path in sorted(states):
-            data = states[path]
-            if isinstance(data, FileNotFoundError):
-                continue  # gone since the listing
-            if isinstance(data, Exception):
-                raise data
-            stats = json.loads(data)
+        for path, stats in parsed.items():
             task = planned.get(stats["task_id"])
             complete = all(join(out_root, rel) in existing for rel in stats.get("outputs", ()))
             if task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel \
@@ -394,20 +410,73 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
                 continue
             # Stale: remove the state file first (the task is then "not done"), then its outputs.
             outputs = stats.get("outputs") or list(output_paths(stats["rel"], mode).values())
+            fence(f"removing the stale outputs of task {stats['rel']}")
             remove(out_fs, path)
             for rel in outputs:
                 if join(out_root, rel) in existing:
+                    fence(f"removing {rel}")
                     remove(out_fs, join(out_root, rel))
             changed = task is None or stats.get("source") != task.source or stats.get("rel") != task.rel
             kind = "removed_gone" if task is None else "rerun_changed" if changed else "rerun_missing"
             actions[kind].append(stats["rel"])
+        # Committed but never recorded complete (killed between its commit and its state): what its manifest
+        # names goes, whether its task runs again (it rewrites the same names) or its input is gone.
+        for path, manifest in manifests.items():
+            if manifest["task_id"] in done:
+                continue
+            present = [rel for rel in manifest.get("files") or () if join(out_root, rel) in existing]
+            for rel in present:
+                fence(f"removing {rel}")
+                remove(out_fs, join(out_root, rel))
+            fence(f"removing the manifest {path}")
+            remove(out_fs, path)
+            if present and manifest["task_id"] not in {s["task_id"] for s in parsed.values()}:
+                actions["removed_unrecorded"].append(manifest["rel"])
         actions["reused"] = len(done)
         for key, what in (("rerun_changed", "re-running %d task(s) whose input changed: %s"),
                           ("rerun_missing", "re-running %d task(s) whose outputs are missing: %s"),
-                          ("removed_gone", "removed the outputs of %d task(s) whose input is gone: %s")):
+                          ("removed_gone", "removed the outputs of %d task(s) whose input is gone: %s"),
+                          ("removed_unrecorded", "removed the files of %d task(s) committed but never recorded "
+                                                 "complete: %s")):
             if actions[key]:
                 log.warning("resume: " + what, len(actions[key]), ", ".join(actions[key][:10]))
+    fence("writing the job state")
     out_fs.makedirs(state_dir, exist_ok=True)
-    with out_fs.open(job_file, "w") as handle:
-        handle.write(json.dumps(fingerprint))
+    write_whole(out_fs, job_file, json.dumps(fingerprint))
     return done, actions
+
+
+def _read_records(fs, folder: str) -> dict[str, dict]:
+    """The task states (or manifests) in ``folder``, parsed, by path; a damaged one refuses (``_state_json``)."""
+    names = [path for path in list_fresh(fs, folder)
+             if path.rsplit("/", 1)[-1].endswith(".json") and not path.rsplit("/", 1)[-1].startswith("_")] \
+        if exists_fresh(fs, folder) else []
+    found = {}
+    for path, data in sorted(read_many_fresh(fs, names).items()):
+        if isinstance(data, FileNotFoundError):
+            continue  # gone since the listing
+        if isinstance(data, Exception):
+            raise data
+        found[path] = _state_json(data, unstrip(fs, path), task_state=True)
+    return found
+
+
+def _state_json(data: bytes, path: str, task_state: bool = False) -> dict:
+    """A state file's JSON object; a damaged one (truncated, edited, not an object) is an OutputError that
+    names it (``path``, as shown) and the way out, not a traceback."""
+    try:
+        value = json.loads(data)
+    except ValueError as err:
+        value, why = None, f"it is not valid JSON ({err})"
+    else:
+        why = "it is not a JSON object" if not isinstance(value, dict) else \
+            "it has no task_id/rel" if task_state and not {"task_id", "rel"} <= set(value) else None
+    if why is None:
+        return value
+    if task_state:
+        way_out = ("remove that one file and rerun with --resume (its task runs again and replaces its own "
+                   "output files), or rerun with --overwrite")
+    else:
+        way_out = "rerun with --overwrite to start the output again"
+    raise OutputError(f"--resume refused: the state file {path} is damaged: {why}; it was not written by this "
+                      f"tool as it is now (state files are written whole). Nothing was changed. To go on, {way_out}.")

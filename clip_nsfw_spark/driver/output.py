@@ -9,17 +9,19 @@ into the output through a symlink. Paths are compared in their canonical spellin
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.storage.lease import LEASE_NAME, refuse_if_held
-from clip_nsfw_spark.driver.planner import PARQUET_EXTENSIONS, Plan
+from clip_nsfw_spark.driver.planner import Plan
 from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, is_local, join, list_fresh, locations,
-                                                 remove, unstrip, within)
-from clip_nsfw_spark.executor.writer import JOB_STATE, REPORT_NAME, SUCCESS_NAME, TASKS_DIR
+                                                 read_many_fresh, remove, renames_atomically, unstrip, within)
+from clip_nsfw_spark.executor.writer import (JOB_STATE, MANIFEST_DIR, REJECTED_DIR, REPORT_NAME, SUCCESS_NAME,
+                                             TASKS_DIR)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ def validate_output(config: JobConfig) -> OutputTarget:
         refuse_if_held(out_fs, out_root, url)
         entries = [p for p in list_fresh(out_fs, out_root) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME] \
             if exists else []
-    _refuse_nested(out_fs, out_root, shown)
     target = OutputTarget(out_fs, out_root, url, bool(entries))
+    refuse_nested_runs(target, shown, look_below=target.non_empty)
     if not target.non_empty:
         return target
     if not (config.overwrite or config.resume):
@@ -89,27 +91,63 @@ def written_by_this_tool(fs, root: str) -> bool:
     return exists_fresh(fs, join(root, TASKS_DIR, JOB_STATE)) or exists_fresh(fs, join(root, REPORT_NAME))
 
 
-def foreign_files(fs, root: str) -> list[str]:
-    """Files under ``root`` (relative paths) this tool never writes.
+def read_by_spark(rel: str) -> bool:
+    """Whether a reader of the output folder (Spark, and the readers that follow its rules) would take the
+    file at ``rel`` as data: no part of its path starts with ``_`` or ``.`` (but ``_rejected``, this tool's
+    stream, and ``_name=value`` partition folders count as data)."""
+    parts = rel.split("/")
+    return all(not part.startswith((".", "_")) or (i == 0 and part == REJECTED_DIR) or "=" in part
+               for i, part in enumerate(parts))
 
-    The tool writes its ``_clip_nsfw*`` files, ``_SUCCESS`` and parquet data files, which keep the input's
-    names: a name ending in ``.parquet``/``.parq``/``.pq`` counts as data, any other file is opened and
-    counts as data only if it starts with parquet's magic bytes ``PAR1``.
-    """
+
+def tool_name(rel: str) -> bool:
+    """This tool's own names: its ``_clip_nsfw*`` files and folders and ``_SUCCESS``."""
+    return rel.split("/", 1)[0].startswith("_clip_nsfw") or rel == SUCCESS_NAME
+
+
+def records(fs, root: str) -> dict[str, dict]:
+    """Every manifest (``_clip_nsfw_files/<task>.json``) and task state (``_clip_nsfw_tasks/<task>.json``)
+    under ``root`` that parses, by path; read together (concurrently on object stores). A damaged one is
+    left out: the files it named are then not known to be this tool's."""
+    names = [path for folder in (MANIFEST_DIR, TASKS_DIR) for path in list_fresh(fs, join(root, folder))
+             if path.endswith(".json") and not path.rsplit("/", 1)[-1].startswith("_")] \
+        if exists_fresh(fs, root) else []
+    found = {}
+    for path, data in read_many_fresh(fs, names).items():
+        if isinstance(data, FileNotFoundError):
+            continue
+        if isinstance(data, Exception):
+            raise data
+        try:
+            value = json.loads(data)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found[path] = value
+    return found
+
+
+def recorded_files(found: dict[str, dict]) -> set[str]:
+    """The relative paths that manifests and task states (``records``) name as this tool's outputs."""
+    return {rel for value in found.values() for rel in (value.get("files") or value.get("outputs") or ())
+            if isinstance(rel, str)}
+
+
+def foreign_files(fs, root: str, allowed: set[str] = frozenset()) -> list[str]:
+    """Files under ``root`` (relative paths) that a reader of the output would take as data and that no
+    manifest or task state of this tool names (nor ``allowed``, e.g. the names this run's tasks will
+    write), plus symlinks. Ownership is what the tool recorded, never guessed from a name or a suffix:
+    ``my_reference/labels.parquet`` is foreign. Hidden files (``.x``, ``_x``) are not read as data: they
+    are not foreign, and nothing removes them either."""
     links = _symlinks(fs, root)
     found = [link + " (a symlink)" for link in links]
+    owned = recorded_files(records(fs, root)) | set(allowed)
     for path in sorted(find_fresh(fs, root)):
         rel = path[len(root):].lstrip("/")
         if any(rel == link or rel.startswith(link + "/") for link in links):
             continue
-        if rel.split("/", 1)[0].startswith("_clip_nsfw") or rel == SUCCESS_NAME or rel.endswith(PARQUET_EXTENSIONS):
+        if tool_name(rel) or rel in owned or not read_by_spark(rel):
             continue
-        try:
-            with fs.open(path, "rb") as handle:
-                if handle.read(4) == b"PAR1":
-                    continue
-        except OSError:
-            pass
         found.append(rel)
     return found
 
@@ -133,15 +171,52 @@ def _listing(names: list[str], limit: int = 5) -> str:
 
 
 def _refuse_nested(fs, root: str, shown: str) -> None:
-    """Refuse an output inside another output of this tool: reading the outer one would give its rows
-    and the inner ones together (and a resume of the outer one would not notice)."""
+    """Refuse an output inside another output of this tool, finished or being written (its state, report
+    or lease, live or stale): reading the outer one would give its rows and the inner ones together, and
+    neither run's report would count the other's rows."""
     parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.strip("/") else ""
     with accessing(fs, root, "output"):
         while parent and parent != "/":
-            if written_by_this_tool(fs, parent):
-                raise OutputError(f"output {shown} is inside {unstrip(fs, parent)}, an output of clip-nsfw-spark: "
-                                  "readers of that folder would get both datasets. Choose a folder outside it.")
+            what = "an output of clip-nsfw-spark" if written_by_this_tool(fs, parent) else \
+                "a folder another clip-nsfw-spark run is writing (it holds its lease)" \
+                if exists_fresh(fs, join(parent, LEASE_NAME)) else None
+            if what:
+                raise OutputError(f"output {shown} is inside {unstrip(fs, parent)}, {what}: readers of that folder "
+                                  "would get both datasets. Choose a folder outside it.")
             parent = parent.rsplit("/", 1)[0] if "/" in parent.strip("/") else ""
+
+
+def nested_outputs(fs, root: str) -> list[str]:
+    """Folders under ``root`` (relative paths) that are outputs of this tool or held by a run's lease, at
+    any depth: found by their ``_clip_nsfw_lease.json``, ``_clip_nsfw_report.json`` or
+    ``_clip_nsfw_tasks/_job.json``. ``root``'s own files are not counted."""
+    found = set()
+    for path in find_fresh(fs, root):
+        rel = path[len(root):].lstrip("/")
+        folder, _, name = rel.rpartition("/")
+        if folder.endswith(TASKS_DIR) and name == JOB_STATE:
+            folder = folder[: -len(TASKS_DIR)].rstrip("/")
+        elif name not in (LEASE_NAME, REPORT_NAME):
+            continue
+        if folder and not folder.split("/", 1)[0].startswith("_clip_nsfw"):
+            found.add(folder)
+    return sorted(found)
+
+
+def refuse_nested_runs(target: OutputTarget, shown: str | None = None, look_below: bool = True) -> None:
+    """Refuse an output with another output of this tool (or a run's lease) above or below it, at any
+    depth. Run again once this run holds its lease: two runs started together on ``out`` and ``out/sub``
+    then see each other's lease (at least one of them refuses), where ``validate_output`` alone could
+    let both through. ``look_below=False`` skips the listing (an output folder that was empty).
+    """
+    fs, root, shown = target.fs, target.root, shown or target.url
+    _refuse_nested(fs, root, shown)
+    with accessing(fs, root, "output"):
+        inner = nested_outputs(fs, root) if look_below else []
+    if inner:
+        raise OutputError(f"output {shown} holds other clip-nsfw-spark outputs or runs ({_listing(inner)}): "
+                          "readers of it would get both datasets, and neither report would count the other's "
+                          "rows. Choose an output folder that holds no other output, or move them out.")
 
 
 def _mount_points(fs, root: str) -> list[str]:
@@ -177,35 +252,58 @@ def _refuse_foreign(target: OutputTarget, shown: str) -> None:
         foreign = foreign_files(fs, root)
     if foreign:
         raise OutputError(
-            f"--overwrite refused: output {shown} holds {len(foreign)} file(s) clip-nsfw-spark does not write: "
-            f"{_listing(foreign)}. Move them out of the output folder (overwrite removes only this tool's "
-            "outputs) or choose another output folder.")
+            f"--overwrite refused: output {shown} holds {len(foreign)} file(s) that no manifest of clip-nsfw-spark "
+            f"names: {_listing(foreign)}. Readers of the output would take them as data, and overwrite removes "
+            "only the files this tool recorded writing. Move them out of the output folder (or rename them to "
+            "start with '_' or '.') or choose another output folder.")
 
 
-def clear_output(target: OutputTarget) -> None:
-    """Remove everything in a validated output folder (``--overwrite``), keeping the folder and the lease.
+def clear_output(target: OutputTarget, fence: Callable[[str], None]) -> None:
+    """Remove this tool's files from a validated output folder (``--overwrite``), keeping the folder, the
+    lease and ``_job.json``.
 
-    Runs only after every validation passed and while this run holds the lease; it checks ownership and
-    foreign files again first, since the folder may have changed since ``validate_output``.
+    Removes exactly: ``_SUCCESS`` and the report first (interrupted, the folder never looks complete),
+    the task states, the files manifests and task states name, then the manifests and the tool's temp
+    and aside files. A file nothing names is left alone (validation refused the run if a reader would
+    take it as data). Runs only after every validation passed and while this run holds the lease; it
+    checks ownership and foreign files again first, since the folder may have changed since
+    ``validate_output``. ``fence(step)`` raises unless the run still holds its lease
+    (lease.RunLease.fence): called before every removal, so a run paused here and woken after another
+    run took the output over stops without deleting anything.
     """
     fs, root = target.fs, target.root
     _refuse_foreign(target, target.url)
+    with accessing(fs, root, "output"):
+        owned = recorded_files(records(fs, root))
+        existing = {path[len(root):].lstrip("/") for path in find_fresh(fs, root)}
+    fence("clearing the output for --overwrite")
     log.info("overwrite: removing the previous output in %s", target.url)
     with accessing(fs, root, "output"):
-        # What says "complete" goes first: interrupted here, the folder must never look like a finished
-        # output (or hold task states whose files are gone), whatever order the store lists names in.
+        # What says "complete" goes first, then the states (a task without one is "not done"), then data.
         # _job.json stays: it marks the folder as this tool's, so --resume/--overwrite still accept it.
-        for name in (SUCCESS_NAME, REPORT_NAME):
-            if exists_fresh(fs, join(root, name)):
-                remove(fs, join(root, name))
-        if exists_fresh(fs, join(root, TASKS_DIR)):
-            for path in list_fresh(fs, join(root, TASKS_DIR)):
-                if path.rstrip("/").rsplit("/", 1)[-1] != JOB_STATE:
-                    remove(fs, path, recursive=True)
-        for path in list_fresh(fs, root):
-            if path.rstrip("/").rsplit("/", 1)[-1] in (LEASE_NAME, TASKS_DIR):
-                continue
-            remove(fs, path, recursive=True)  # a symlink: the link, never what it points to
+        states = sorted(rel for rel in existing if rel.startswith(TASKS_DIR + "/")
+                        and rel != f"{TASKS_DIR}/{JOB_STATE}")
+        data = sorted(rel for rel in owned & existing if not tool_name(rel))
+        own = sorted(rel for rel in existing if tool_name(rel) and rel != LEASE_NAME
+                     and not rel.startswith(TASKS_DIR + "/") and rel not in (SUCCESS_NAME, REPORT_NAME))
+        for rel in [name for name in (SUCCESS_NAME, REPORT_NAME) if name in existing] + states + data + own:
+            fence(f"removing {rel}")
+            remove(fs, join(root, rel))
+        _remove_empty_folders(fs, root, {rel.rsplit("/", 1)[0] for rel in data + own if "/" in rel})
+
+
+def _remove_empty_folders(fs, root: str, folders: set[str]) -> None:
+    """Remove the folders (relative, and their parents up to ``root``) that the removals left empty, on
+    stores with real folders; object stores have none to remove."""
+    if not renames_atomically(fs):
+        return
+    parents = {"/".join(f.split("/")[:i]) for f in folders for i in range(1, f.count("/") + 2)}
+    for folder in sorted(parents, key=lambda f: f.count("/"), reverse=True):
+        try:
+            if not fs.ls(join(root, folder), detail=False):
+                fs.rmdir(join(root, folder))
+        except (FileNotFoundError, OSError):
+            pass
 
 
 def check_planned_inputs(plan: Plan, in_fs, target: OutputTarget) -> None:

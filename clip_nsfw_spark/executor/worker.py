@@ -27,8 +27,8 @@ from clip_nsfw_spark.contract import HeadPayload, Task, TaskConfig
 from clip_nsfw_spark.errors import ClipNsfwError, InputError, TaskError
 from clip_nsfw_spark.storage.lease import check_owner
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches
-from clip_nsfw_spark.storage.filesystem import filesystem, join, unstrip
-from clip_nsfw_spark.executor.writer import ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
+from clip_nsfw_spark.storage.filesystem import filesystem, join, unstrip, write_whole
+from clip_nsfw_spark.executor.writer import MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
 
 _SCORERS: dict[str, object] = {}
 
@@ -116,6 +116,12 @@ def _process_task(task: Task, worker: Worker) -> dict:
                 timings["write"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             check_owner(out_fs, out_root, config.run_id)  # a run that lost its lease must not commit
+            # The manifest first: a file under a final name is then always one this tool can tell is its own
+            # (--overwrite and --resume remove what manifests name, nothing guessed from file names).
+            out_fs.makedirs(join(out_root, MANIFEST_DIR), exist_ok=True)
+            write_whole(out_fs, join(out_root, MANIFEST_DIR, task.task_id + ".json"),
+                        json.dumps({"task_id": task.task_id, "rel": task.rel, "run_id": config.run_id,
+                                    "files": files.written}))
             files.commit()
             timings["write"] += time.perf_counter() - t0
         except BaseException:
@@ -127,8 +133,9 @@ def _process_task(task: Task, worker: Worker) -> dict:
         "seconds": time.perf_counter() - started, "stage_seconds": dict(timings),
         "worker_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
-    with out_fs.open(join(out_root, TASKS_DIR, task.task_id + ".json"), "w") as handle:
-        handle.write(json.dumps(result))  # the last write: its presence means "this task is complete"
+    check_owner(out_fs, out_root, config.run_id)  # the commit may have taken long: fenced again
+    # The last write, whole or not at all: its presence means "this task is complete".
+    write_whole(out_fs, join(out_root, TASKS_DIR, task.task_id + ".json"), json.dumps(result))
     return result
 
 

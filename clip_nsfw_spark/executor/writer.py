@@ -25,6 +25,7 @@ from clip_nsfw_spark.storage.filesystem import join, renames_atomically
 
 TMP_DIR = "_clip_nsfw_tmp"
 TASKS_DIR = "_clip_nsfw_tasks"
+MANIFEST_DIR = "_clip_nsfw_files"  # <task_id>.json per task: the final names it commits, written first
 JOB_STATE = "_job.json"
 REPORT_NAME = "_clip_nsfw_report.json"
 SUCCESS_NAME = "_SUCCESS"

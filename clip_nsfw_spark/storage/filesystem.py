@@ -16,6 +16,7 @@ import posixpath
 import re
 import shutil
 import time
+import uuid
 
 import fsspec
 
@@ -267,4 +268,35 @@ def remove(fs, path: str, recursive: bool = False) -> None:
                     fs.rmdir(folder)
                 except Exception:  # noqa: BLE001 - not empty, not a folder, or no folders at all
                     pass
+    fs.invalidate_cache(path)
+
+
+def write_whole(fs, path: str, data: bytes | str) -> None:
+    """Write a small file so that no reader ever sees it half-written: aside and renamed over ``path``
+    where the store renames atomically (local disks, HDFS), one PUT on object stores (an object appears
+    whole or not at all). State files, reports and markers go through here; a kill leaves the old file
+    or the new one, never a truncated one."""
+    data = data.encode() if isinstance(data, str) else data
+    if not renames_atomically(fs):
+        fs.pipe_file(path, data)
+        fs.invalidate_cache(path)
+        return
+    folder, name = posixpath.split(path)
+    # "_clip_nsfw" first: Spark and the resume skip it, and --overwrite knows it as this tool's own.
+    aside = join(folder, f"_clip_nsfw_aside.{uuid.uuid4().hex[:12]}.{name}")
+    try:
+        with fs.open(aside, "wb") as handle:
+            handle.write(data)
+        if is_local(fs):
+            fs.mv(aside, path)  # rename(2): replaces the old file in one step
+        else:
+            try:
+                fs.mv(aside, path)
+            except (FileExistsError, OSError):  # HDFS renames onto a free name only: the old one goes first
+                remove(fs, path)
+                fs.mv(aside, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remove(fs, aside)
+        raise
     fs.invalidate_cache(path)

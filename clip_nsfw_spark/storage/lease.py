@@ -18,6 +18,14 @@ stores have no exclusive create through fsspec: the lease is written, then read 
 the loser's tasks fail rather than overwrite. The check at commit is not a transaction either: a lease
 taken over between a task's check and its move is possible in principle, which is why a lease becomes
 stale only after minutes without a heartbeat, not seconds.
+
+Fencing: a run acts on its output only while its lease is young. Right before every destructive or
+completing step (clear, resume's removals, the job state, the report, ``_SUCCESS``) the driver calls
+``RunLease.fence``, and every task calls ``check_owner`` before its commit: both read the lease fresh and
+refuse unless it names this run with a heartbeat younger than ``fence_seconds()`` (half the stale time).
+A run that was paused (Ctrl-Z, SIGSTOP, a long GC) or cut off from the store past that age stops without
+touching anything, whether or not another run has taken its lease over by then; the heartbeat thread
+does not revive such a lease either.
 """
 
 from __future__ import annotations
@@ -39,6 +47,21 @@ LEASE_NAME = "_clip_nsfw_lease.json"
 HEARTBEAT_SECONDS = 20.0
 STALE_SECONDS = 120.0  # fits a scheduler retry: Airflow's DAG here waits 5 minutes
 SETTLE_SECONDS = 1.0
+FENCE_REUSE_SECONDS = 2.0  # a fence check stands this long: far below fence_seconds()'s margin to stale
+
+
+def fence_seconds() -> float:
+    """The oldest heartbeat a run still acts under: half the stale time, so a lease another run may take
+    over is never acted on, and a step that starts in time ends long before the lease could go stale."""
+    return STALE_SECONDS / 2
+
+
+def heartbeat_age(lease: dict, now: float | None = None) -> float:
+    """Seconds since the lease's last heartbeat (infinite when it has none)."""
+    try:
+        return (time.time() if now is None else now) - float(lease.get("heartbeat"))
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 def new_run_id() -> str:
@@ -126,6 +149,17 @@ def check_owner(fs, root: str, run_id: str | None) -> None:
         raise OutputError(f"run {run_id} no longer holds the lease of output {unstrip(fs, root)}: it is held by "
                           f"{holder}. This task's files were not moved into place; rerun with --resume once "
                           "no other run writes this output.")
+    age = heartbeat_age(lease)
+    if age > fence_seconds():  # the driver is paused or cut off: another run may take the lease over
+        raise OutputError(f"run {run_id}'s lease of output {unstrip(fs, root)} has had no heartbeat for "
+                          f"{age:.0f} s (a task commits only within {fence_seconds():.0f} s of one): its driver "
+                          "is paused or cannot reach the store. This task's files were not moved into place; "
+                          "rerun with --resume.")
+
+
+def _paused(age: float) -> str:
+    return (f"no heartbeat for {age:.0f} s, more than the {fence_seconds():.0f} s a run acts under: it was paused "
+            "or could not reach the store, and another run may take its lease over")
 
 
 class RunLease:
@@ -143,6 +177,7 @@ class RunLease:
                        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                        "heartbeat": time.time()}
         self.lost: str | None = None
+        self._fenced_at = float("-inf")
         self._created = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -230,6 +265,10 @@ class RunLease:
             self.lost = "its lease was removed" if lease is None else \
                 f"run {lease.get('run_id')} on host {lease.get('host')} took its lease over"
             return
+        age = heartbeat_age(lease)
+        if age > fence_seconds():  # paused or cut off that long: another run may be taking it over now
+            self.lost = _paused(age)
+            return
         self.record["heartbeat"] = time.time()
         self._write()
 
@@ -240,16 +279,26 @@ class RunLease:
             except Exception as err:  # noqa: BLE001 - a missed heartbeat is retried; staleness takes minutes
                 log.warning("could not refresh the lease of %s: %s", self.url, err)
 
-    def check(self) -> None:
-        """Raise OutputError if this run lost its lease (the driver calls it before writing the report)."""
+    def fence(self, step: str) -> None:
+        """Raise OutputError unless this run still holds a young lease; call it right before ``step`` (a
+        destructive or completing action, named in the error). Reads the lease fresh, never the heartbeat
+        thread's last view: a paused run wakes up here, before it touches anything."""
+        if self.lost is None and time.time() - self._fenced_at < FENCE_REUSE_SECONDS:
+            return  # checked a moment ago: a loop of deletes reads the lease every few seconds, not per delete
         if self.lost is None:
             with accessing(self.fs, self.root, "output"):
                 lease = read_lease(self.fs, self.root)
             if lease is None or lease.get("run_id") != self.run_id:
                 self.lost = "its lease is gone" if lease is None else f"run {lease.get('run_id')} holds it now"
+            elif heartbeat_age(lease) > fence_seconds():
+                self.lost = _paused(heartbeat_age(lease))
+            else:
+                self._fenced_at = time.time()
         if self.lost:
-            raise OutputError(f"run {self.run_id} lost the lease of output {self.url} ({self.lost}); its output "
-                              "is not complete. Make sure one run at a time writes it, then rerun with --resume.")
+            raise OutputError(f"run {self.run_id} lost the lease of output {self.url} ({self.lost}); it stopped "
+                              f"before {step} and changed nothing. Make sure one run at a time writes this output, "
+                              "then rerun with --resume.")
+
 
     def release(self) -> None:
         try:
