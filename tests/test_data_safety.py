@@ -461,6 +461,33 @@ def test_hive_folder_keys_that_clash_with_a_new_column_are_refused(tmp_path):
     assert plan(JobConfig(input=str(tmp_path / "in"), output="o")).partition_keys == ("punsafe",)
 
 
+@pytest.mark.parametrize("folder", ["PUNSAFE", "Punsafe", "nsfw_REJECT_reason"])
+def test_hive_folder_keys_that_differ_only_in_case_are_refused(tmp_path, folder):
+    """Spark compares column names ignoring case: a PUNSAFE=0/ folder replaces every score (issue #23, class 7)."""
+    for value in (0, 1):
+        write(tmp_path / "in" / f"{folder}={value}" / "a.parquet", 10, seed=value)
+    with pytest.raises(InputError, match=rf"folders are named {folder}=…, .*ignoring case"):
+        run(tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_columns_that_differ_only_in_case_from_a_new_column_are_refused(tmp_path):
+    table = write(tmp_path / "staging.parquet", 10)
+    (tmp_path / "in").mkdir()
+    pq.write_table(table.append_column("PUNSAFE", pa.array([0.5] * 10, pa.float32())), tmp_path / "in" / "a.parquet")
+    with pytest.raises(InputError, match=r"the input has a column 'PUNSAFE', which Spark .* would take for the new "
+                                         r"column 'punsafe'"):
+        run(tmp_path / "in", tmp_path / "out", replace_scores=True)
+    with pytest.raises(InputError, match=r"the input has a column 'key', which Spark .* new column 'KEY'"):
+        run(tmp_path / "in", tmp_path / "out", score_columns=("KEY",))
+    with pytest.raises(ConfigError, match=r"two columns named 'P', 'p'"):
+        run(tmp_path / "in", tmp_path / "out", score_columns=("p",), reason_column="P")
+    assert not (tmp_path / "out").exists()
+    report = run(tmp_path / "in", tmp_path / "out", drop_columns=("PUNSAFE",))  # the way out the message gives
+    assert report["rows"]["read"] == 10
+    assert pq.read_table(tmp_path / "out").column_names[-2:] == ["punsafe", "nsfw_reject_reason"]
+
+
 def test_underscore_hive_keys_are_read_as_spark_reads_them(tmp_path):
     write(tmp_path / "in" / "_shard=1" / "a.parquet", 10)
     write(tmp_path / "in" / "_tmp" / "b.parquet", 10)  # a plain _ folder stays hidden

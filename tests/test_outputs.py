@@ -54,6 +54,12 @@ def test_scores_sidecar_without_an_id_column_gets_file_and_row_number(tmp_path):
     order = np.argsort(side.column("row_index").to_numpy())
     assert side.column("row_index").to_numpy()[order].tolist() == list(range(700))  # slices continue the count
     assert set(side.column("source_file").to_pylist()) == {str(tmp_path / "in" / "a.parquet")}
+    # Written in one spelling (issue #23, class 7): a join on source_file works across runs given other ones.
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    for spelling in (f"{tmp_path}//in/./", f"file://{tmp_path}/in", str(tmp_path / "link")):
+        run(spelling, tmp_path / "again", mode="scores", rows_per_task=300, batch_rows=64, overwrite=True)
+        assert set(read_dir(tmp_path / "again").column("source_file").to_pylist()) == {
+            str(tmp_path / "in" / "a.parquet")}, spelling
     run(tmp_path / "in", tmp_path / "ann")
     annotated = read_dir(tmp_path / "ann")
     assert np.array_equal(side.column("punsafe").to_numpy()[order], annotated.column("punsafe").to_numpy())

@@ -165,16 +165,28 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
     """
     kept = plan.schema.names if kept is None else kept
     added = list(score_columns) + [config.reason_column]
+    # Names are compared case-insensitively where a reader of the output is: Spark (by default) takes
+    # "PUNSAFE" and "punsafe" for one column, and a PUNSAFE=0/ folder would replace every score.
+    keys = {key.lower(): key for key in plan.partition_keys}
     for name in added:  # Spark and pyarrow datasets turn key=value folders into columns
-        if name in plan.partition_keys:
-            raise InputError(f"the input's folders are named {name}=…, which readers of the output turn into a "
-                             f"column {name!r}: it would hide or clash with the new column of that name. Name "
-                             "the new column differently (--score-column, reason_column)")
+        if name.lower() in keys:
+            raise InputError(f"the input's folders are named {keys[name.lower()]}=…, which readers of the output "
+                             f"turn into a column {keys[name.lower()]!r} (Spark compares column names ignoring "
+                             f"case): it would hide or clash with the new column {name!r}. Name the new column "
+                             "differently (--score-column, reason_column)")
     if plan.layout == "laion-npy" and config.write_embeddings:
         added.insert(0, "embedding")
     if row_ids:
         added[:0] = ROW_ID_COLUMNS
-    repeated = sorted({name for name in added if added.count(name) > 1})
+    lowered = [name.lower() for name in added]
+    repeated = sorted({name for name in added if lowered.count(name.lower()) > 1})
+    kept_by_lower = {name.lower(): name for name in kept}
+    for name in added:
+        twin = kept_by_lower.get(name.lower())
+        if twin is not None and twin != name:
+            raise InputError(f"the input has a column {twin!r}, which Spark (comparing column names ignoring case) "
+                             f"would take for the new column {name!r}; name the new column differently "
+                             "(--score-column, reason_column) or leave the input column out (drop_columns)")
     if repeated:
         how = ("give each head its own score_column under models: in the YAML" if len(config.choices()) > 1
                else "give each a distinct name with --score-column / reason_column")

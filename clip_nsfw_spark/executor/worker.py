@@ -27,7 +27,7 @@ from clip_nsfw_spark.contract import HeadPayload, Task, TaskConfig
 from clip_nsfw_spark.errors import ClipNsfwError, InputError, TaskError
 from clip_nsfw_spark.storage.lease import check_owner
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches
-from clip_nsfw_spark.storage.filesystem import filesystem, join, unstrip, write_whole
+from clip_nsfw_spark.storage.filesystem import canonical_path, filesystem, join, unstrip, write_whole
 from clip_nsfw_spark.executor.writer import MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
 
 _SCORERS: dict[str, object] = {}
@@ -106,7 +106,7 @@ def _process_task(task: Task, worker: Worker) -> dict:
         try:
             batches = task_batches(task, in_fs, config.batch_rows, timings, _read_columns(task, config, schema.names),
                                    source, own_decoder=config.parquet_codec == "own")
-            source_file = unstrip(in_fs, task.path)
+            source_file = unstrip(in_fs, canonical_path(in_fs, task.path))  # one spelling, whatever was typed
             for batch, npy, first_row in batches:
                 table = _with_added_columns(pa.Table.from_batches([batch]), npy, first_row, source_file, config)
                 scored = score_batch(table, npy, config.targets, scorers, timings)

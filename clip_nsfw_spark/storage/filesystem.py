@@ -57,11 +57,18 @@ def canonical(url: str, storage_options: dict | None = None, glob_base: bool = F
     fs, path = filesystem(url, storage_options)
     if glob_base and not _exists(fs, path):  # a path that exists is literal, even with glob characters
         path = glob_root(path)
+    return fs, canonical_path(fs, path)
+
+
+def canonical_path(fs, path: str) -> str:
+    """``path`` of ``fs`` in its one spelling (see ``canonical``): symlinks resolved on a local disk,
+    ``//``, ``.`` and ``..`` normalised on an object store. Paths written into data (``source_file``)
+    go through here, so a join on them works whichever spelling each run was given."""
     if is_local(fs):
-        return fs, os.path.realpath(os.path.expanduser(path))
+        return os.path.realpath(os.path.expanduser(path))
     bucket, _, key = re.sub("/+", "/", path).lstrip("/").partition("/")
     key = posixpath.normpath("/" + key).lstrip("/")
-    return fs, join(bucket, key) if key else bucket
+    return join(bucket, key) if key else bucket
 
 
 def _exists(fs, path: str) -> bool:
