@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.driver.job import run_job
@@ -129,23 +130,34 @@ def _completed_tasks(fs) -> int:
         return 0
 
 
+# Names with characters fsspec would expand as patterns, and a neighbour each pattern would match.
+GLOB_NAMES = [("out[1]", "out1"), ("out?", "outX"), ("out*", "out-other"), ("out{a,b}", "outa"),
+              ("out with space", "out"), ("outé ☃", "oute")]
+
+
 @needs_models
-def test_glob_characters_in_an_s3_output_name_are_taken_literally(s3_server, tmp_path):
-    """``out[1]`` is a name, not a pattern: writing, overwriting and resuming it never touch ``out1``."""
+@pytest.mark.parametrize("name, neighbour_name", GLOB_NAMES)
+def test_glob_characters_in_s3_names_are_taken_literally(s3_server, tmp_path, name, neighbour_name):
+    """``out[1]`` is a name, not a pattern: writing, overwriting and resuming it never touch ``out1``; an
+    input named so reads its own files only (issue #23, class 6)."""
     fs = s3_server.filesystem()
-    if not fs.exists("globs"):
-        fs.mkdir("globs")
+    bucket = "globs-" + str(GLOB_NAMES.index((name, neighbour_name)))
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
     options = s3_server.storage_options()
-    write_parquet_sample("s3://globs/in", rows=600, files=3, storage_options=options)
-    neighbour = run_job(JobConfig(input="s3://globs/in", output="s3://globs/out1", storage_options=options))
-    before = {path: fs.cat_file(path) for path in fs.find("globs/out1")}
+    write_parquet_sample(f"s3://{bucket}/in/{name}", rows=600, files=3, storage_options=options)
+    write_parquet_sample(f"s3://{bucket}/in/{neighbour_name}", rows=200, files=1, storage_options=options)
+    source = f"s3://{bucket}/in/{name}"
+    neighbour = run_job(JobConfig(input=source, output=f"s3://{bucket}/{neighbour_name}", storage_options=options))
+    assert neighbour["rows"]["read"] == 600  # the input named with pattern characters: its own rows only
+    before = {path: fs.cat_file(path) for path in fs.find(f"{bucket}/{neighbour_name}")}
     for flags in ({}, {"overwrite": True}, {"resume": True}):
-        report = run_job(JobConfig(input="s3://globs/in", output="s3://globs/out[1]", storage_options=options,
-                                   **flags))
+        report = run_job(JobConfig(input=source, output=f"s3://{bucket}/{name}", storage_options=options, **flags))
         assert report["rows"] == neighbour["rows"]
         fs.invalidate_cache()
-        assert {path: fs.cat_file(path) for path in fs.find("globs/out1")} == before, flags
-        names = sorted(p[len("globs/out[1]/"):] for p in fs.find("globs/out[1]"))
+        assert {path: fs.cat_file(path) for path in fs.find(f"{bucket}/{neighbour_name}")} == before, flags
+        names = sorted(p[len(f"{bucket}/{name}/"):] for p in fs.find(f"{bucket}/{name}"))
         assert [n for n in names if not n.startswith("_")] == sorted(
-            p[len("globs/out1/"):] for p in before if not p[len("globs/out1/"):].startswith("_"))
+            p[len(f"{bucket}/{neighbour_name}/"):] for p in before
+            if not p[len(f"{bucket}/{neighbour_name}/"):].startswith("_"))
         assert "_clip_nsfw_lease.json" not in names and "_SUCCESS" in names

@@ -266,3 +266,27 @@ def test_deep_hive_paths_are_written_and_leave_no_temp_files(tmp_path):
     assert written == 30
     assert not (tmp_path / "out" / "_clip_nsfw_tmp").exists()
     assert json.loads((tmp_path / "out" / REPORT_NAME).read_text())["status"] == "succeeded"
+
+
+# ------------------------------------------------------------------------------ class 6 of #23: names as patterns
+
+
+@needs_models
+@pytest.mark.parametrize("name, neighbour_name", [("out[1]", "out1"), ("out?", "outX"), ("out*", "out-other"),
+                                                  ("out{a,b}", "outa"), ("out with space", "out"),
+                                                  ("outé ☃", "oute")])
+def test_glob_characters_in_local_names_are_taken_literally(tmp_path, name, neighbour_name):
+    """The local twin of test_s3's: an input and an output named with pattern characters; a neighbour the
+    pattern would match is never read, written or removed, through a run, an overwrite and a resume."""
+    write_parquet_sample(str(tmp_path / "in" / name), rows=300, files=3)
+    write_parquet_sample(str(tmp_path / "in" / neighbour_name), rows=100, files=1)
+    source = str(tmp_path / "in" / name)
+    neighbour = run_job(JobConfig(input=source, output=str(tmp_path / neighbour_name)))
+    assert neighbour["rows"]["read"] == 300
+    before = snapshot(tmp_path / neighbour_name)
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        report = run_job(JobConfig(input=source, output=str(tmp_path / name), **flags))
+        assert report["rows"] == neighbour["rows"], flags
+        assert snapshot(tmp_path / neighbour_name) == before, flags
+        assert sorted(p.name for p in (tmp_path / name).glob("part-*")) == [
+            "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
