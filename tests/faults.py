@@ -180,6 +180,8 @@ def main(argv=None) -> int:
         lease.HEARTBEAT_SECONDS = args.heartbeat
     if args.stale:
         lease.STALE_SECONDS = args.stale
+        # A run acts only within half the stale time of its last heartbeat: beat well inside it.
+        lease.HEARTBEAT_SECONDS = min(lease.HEARTBEAT_SECONDS, args.stale / 8)
     if args.stop_before:
         _stop_before(STOP_POINTS[args.stop_before])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

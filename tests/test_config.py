@@ -179,3 +179,33 @@ def test_a_column_named_twice_is_refused(key):
     options = {"mode": "scores"} if key == "id_columns" else {}
     with pytest.raises(ConfigError, match=re.escape(f"{key} names 'key' more than once")):
         JobConfig(input="i", output="o", **options, **{key: ("key", "url", "key")})
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
+    """YAML's loaders keep the last of two equal keys silently (issue #23)."""
+    path = tmp_path / "job.yaml"
+    path.write_text("input: in\noutput: out\nthreshold: 0.3\nmode: split\nthreshold: 0.9\n")
+    with pytest.raises(ConfigError, match=r"the key 'threshold' is given twice \(lines 3 and 5\); the second would "
+                                          "silently win"):
+        JobConfig.load(str(path))
+    path.write_text("input: in\noutput: out\nstorage_options:\n  anon: true\n  anon: false\n")
+    with pytest.raises(ConfigError, match=r"the key 'anon' is given twice \(lines 4 and 5\)"):
+        JobConfig.load(str(path))
+
+
+def test_keep_is_for_filter_only():
+    with pytest.raises(ConfigError, match="keep: unsafe is for mode filter .* mode split writes both sides"):
+        JobConfig(input="i", output="o", mode="split", keep="unsafe")
+    with pytest.raises(ConfigError, match="keep: unsafe is for mode filter .* mode annotate keeps every row"):
+        JobConfig(input="i", output="o", keep="unsafe")
+    assert JobConfig(input="i", output="o", mode="filter", keep="unsafe").keep == "unsafe"
+
+
+def test_a_command_line_threshold_a_head_would_ignore_is_refused(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: in\noutput: out\nmodels:\n  - model: vit-l-14\n    threshold: 0.3\n  - vit-b-32\n")
+    with pytest.raises(ConfigError, match=r"--threshold 0.9 would not apply to vit-l-14 \(threshold 0.3\): a head's "
+                                          "own threshold under models: in .*job.yaml wins"):
+        JobConfig.load(str(path), {"threshold": 0.9})
+    config = JobConfig.load(str(path))  # without --threshold: the head's own, and the default for the other
+    assert [choice.threshold for choice in config.choices()] == [0.3, None] and config.threshold == 0.5

@@ -84,7 +84,39 @@ def test_parquet_extensions_are_read_and_anything_skipped_is_reported(tmp_path):
     (tmp_path / "in" / "._a.parquet").write_bytes(b"\0\0macos")  # AppleDouble junk: hidden, ignored
     found = plan(JobConfig(input=str(tmp_path / "in"), output="o"))
     assert [t.rel for t in found.tasks] == ["a.parquet", "b.pq", "c.PARQ"] and found.total_rows == 60
-    assert [(os.path.basename(p), why.split(" (")[0]) for p, why in found.skipped] == [("notes.txt", "not a parquet file name")]
+    assert [(os.path.basename(p), why.split(" (")[0]) for p, why in found.skipped] == [
+        ("notes.txt", "skipped for its suffix .txt")]
+    assert "--input-suffix .txt reads it as parquet" in found.skipped[0][1]
+
+
+def test_input_suffixes_read_other_endings_as_parquet(tmp_path):
+    write(tmp_path / "in" / "a.parquet", 10)
+    write(tmp_path / "in" / "b.snappy", 20)  # a parquet file under another name, as some writers name them
+    write(tmp_path / "in" / "c.gz.parquet", 5)
+    (tmp_path / "in" / "notes.txt").write_text("not data")
+    found = plan(JobConfig(input=str(tmp_path / "in"), output="o", input_suffixes=(".SNAPPY",)))
+    assert [t.rel for t in found.tasks] == ["a.parquet", "b.snappy", "c.gz.parquet"] and found.total_rows == 35
+    assert [os.path.basename(p) for p, _ in found.skipped] == ["notes.txt"]
+    for bad in ("snappy", ".", "./x"):
+        with pytest.raises(ConfigError, match="input_suffixes are file name endings starting with a dot"):
+            JobConfig(input="i", output="o", input_suffixes=(bad,))
+
+
+@needs_models
+@pytest.mark.parametrize("leftover", ["_clip_nsfw_tasks/_job.json", "_clip_nsfw_lease.json"])
+def test_an_unfinished_output_of_the_tool_is_refused_as_input_unless_allowed(tmp_path, leftover):
+    write(tmp_path / "in" / "a.parquet", 10)
+    write(tmp_path / "in" / "b.parquet", 10)
+    run(tmp_path / "in", tmp_path / "first")
+    assert plan(JobConfig(input=str(tmp_path / "first"), output="o")).total_rows == 20  # finished: fine
+    (tmp_path / "first" / "_SUCCESS").unlink()
+    (tmp_path / "first" / leftover).parent.mkdir(exist_ok=True)
+    (tmp_path / "first" / leftover).write_text("{}")
+    for spelling in (tmp_path / "first", tmp_path):  # the output itself, or a folder above it
+        with pytest.raises(InputError, match=r"input .*first is an unfinished output of clip-nsfw-spark .* pass "
+                                             r"--allow-incomplete-input"):
+            plan(JobConfig(input=str(spelling), output="o"))
+    assert plan(JobConfig(input=str(tmp_path / "first"), output="o", allow_incomplete_input=True)).total_rows == 20
 
 
 @needs_models

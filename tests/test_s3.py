@@ -10,6 +10,7 @@ import pytest
 
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.tools.sample import write_parquet_sample
 from clip_nsfw_spark.spark.runner import spark_runner
 from conftest import ROOT, needs_models
@@ -161,3 +162,16 @@ def test_glob_characters_in_s3_names_are_taken_literally(s3_server, tmp_path, na
             p[len(f"{bucket}/{neighbour_name}/"):] for p in before
             if not p[len(f"{bucket}/{neighbour_name}/"):].startswith("_"))
         assert "_clip_nsfw_lease.json" not in names and "_SUCCESS" in names
+
+
+@needs_models
+def test_keys_too_long_for_an_object_store_are_refused_at_planning(s3_server, tmp_path):
+    deep = tmp_path / "in" / "/".join("k" * 200 for _ in range(5))
+    write_parquet_sample(str(deep), rows=20, files=1)
+    fs = s3_server.filesystem()
+    if not fs.exists("longkeys"):
+        fs.mkdir("longkeys")
+    with pytest.raises(OutputError, match=r"its key is 10\d\d bytes, over the 1024 an object store accepts"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output="s3://longkeys/out",
+                          storage_options=s3_server.storage_options()))
+    assert fs.find("longkeys") == []

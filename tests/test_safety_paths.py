@@ -57,6 +57,7 @@ ALIASES = {
     "dot-dot inside": ("in", "/a/b/../../in/scored"),
     "file url": ("in", "file://{d}/in"),
     "file url inside": ("in", "file://{d}//in/scored/"),
+    "file url naming localhost": ("in", "file://localhost{d}/in/scored"),
     "output through a symlink into the input": ("in", "/link/scored"),
     "not-yet-existing output under a symlink": ("in", "/link/new/deeper/scored"),
     "output is a symlink to the input": ("in", "/link"),
@@ -290,3 +291,42 @@ def test_glob_characters_in_local_names_are_taken_literally(tmp_path, name, neig
         assert snapshot(tmp_path / neighbour_name) == before, flags
         assert sorted(p.name for p in (tmp_path / name).glob("part-*")) == [
             "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+
+
+@needs_models
+def test_file_urls_naming_localhost_are_this_machine(tmp_path):
+    """RFC 8089's file://localhost/path: fsspec took "localhost" for a relative folder (issue #23)."""
+    write_parquet_sample(str(tmp_path / "in"), rows=50, files=1)
+    report = run_job(JobConfig(input=f"file://localhost{tmp_path}/in", output=f"file://localhost{tmp_path}/out"))
+    assert report["rows"]["read"] == 50 and (tmp_path / "out" / SUCCESS_NAME).exists()
+    assert report["output"] == str(tmp_path / "out")
+
+
+@needs_models
+def test_a_fifo_in_the_output_does_not_hang_the_run(tmp_path):
+    """Nothing under an output is opened to guess what it is: a FIFO is listed, never read (issue #23)."""
+    write_parquet_sample(str(tmp_path / "in"), rows=50, files=1)
+    run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    os.mkfifo(tmp_path / "out" / ".pipe")  # hidden: a reader would not take it as data, so it stays
+    report = run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), overwrite=True))
+    assert report["rows"]["read"] == 50 and (tmp_path / "out" / ".pipe").exists()
+    os.mkfifo(tmp_path / "out" / "pipe")  # visible: readers would try it as data
+    with pytest.raises(OutputError, match=r"that no manifest of clip-nsfw-spark names: pipe\."):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), overwrite=True))
+    with pytest.raises(OutputError, match=r"no task of this run writes: pipe\."):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), resume=True))
+
+
+@needs_models
+def test_output_names_too_long_for_the_filesystem_are_refused_at_planning(tmp_path):
+    """A slice adds ".slice-00000" to a 250-byte file name: over ext4's 255 bytes, found before any task."""
+    name = "n" * 242 + ".parquet"
+    write_parquet_sample(str(tmp_path / "staging"), rows=300, files=1)
+    (tmp_path / "in").mkdir()
+    os.rename(tmp_path / "staging" / "part-00000.parquet", tmp_path / "in" / name)
+    pq.write_table(pq.read_table(tmp_path / "in" / name), tmp_path / "in" / name, row_group_size=100)
+    assert run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "whole")))["rows"]["read"] == 300
+    with pytest.raises(OutputError, match=r"the output file for input n+\.slice-00000\.parquet would be .*: its name "
+                                          r"part n+… is 262 bytes, over this filesystem's 255\. Choose a shorter"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "sliced"), rows_per_task=100))
+    assert not (tmp_path / "sliced").exists()

@@ -28,7 +28,8 @@ def _storage_option(text: str) -> tuple[str, object]:
 # The JobConfig fields the command line sets (every option's ``dest``); the others come from --config.
 OPTION_KEYS = ("input", "output", "layout", "embedding_columns", "score_columns", "models", "mode", "id_columns",
                "columns", "drop_columns", "threshold", "keep", "replace_scores", "overwrite", "resume", "master",
-               "rows_per_task", "batch_rows", "storage_options", "parquet_codec")
+               "rows_per_task", "batch_rows", "storage_options", "parquet_codec", "input_suffixes",
+               "allow_incomplete_input")
 assert set(OPTION_KEYS) <= set(JobConfig.keys()), set(OPTION_KEYS) - set(JobConfig.keys())
 
 
@@ -77,6 +78,11 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parquet-codec", dest="parquet_codec", choices=PARQUET_CODECS,
                         help="own: embedding pages decoded and written by this package (default, several times "
                              "faster); pyarrow: by pyarrow alone, the same values (a way out of a codec problem)")
+    parser.add_argument("--input-suffix", dest="input_suffixes", action="append",
+                        help="also read input files ending so as parquet (repeat; e.g. .snappy); files skipped for "
+                             "their suffix are listed in the report")
+    parser.add_argument("--allow-incomplete-input", dest="allow_incomplete_input", action="store_true", default=None,
+                        help="score an unfinished output of this tool (refused by default: it lacks rows)")
     parser.add_argument("--local-runner", action="store_true",
                         help="run tasks in this process without Spark (small data, debugging)")
 

@@ -94,9 +94,11 @@ class JobConfig:
     embedding_compression: str = "none"
     histogram_bins: int = 20
     parquet_codec: ParquetCodec = "own"
+    input_suffixes: tuple[str, ...] = ()
+    allow_incomplete_input: bool = False
 
     def __post_init__(self):
-        for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns"):
+        for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns", "input_suffixes"):
             if isinstance(getattr(self, key), list):
                 object.__setattr__(self, key, tuple(getattr(self, key)))
         if isinstance(self.models, (str, collections.abc.Mapping)):
@@ -135,10 +137,18 @@ class JobConfig:
             if repeated:
                 raise ConfigError(f"{key} names {', '.join(map(repr, repeated))} more than once; name each column once "
                                   "(the output would hold two columns of one name, which readers refuse)")
+        bad = [suffix for suffix in self.input_suffixes if not suffix.startswith(".") or "/" in suffix or suffix == "."]
+        if bad:
+            raise ConfigError(f"input_suffixes are file name endings starting with a dot (e.g. .snappy, .gz.parquet); "
+                              f"found {bad[0]!r}")
         if not self.reason_column:
             raise ConfigError("reason_column must be a column name; found an empty name")
         if self.columns and self.drop_columns:
             raise ConfigError("choose one of columns (keep only these) and drop_columns (keep all but these)")
+        if self.keep != "safe" and self.mode != "filter":
+            raise ConfigError(f"keep: {self.keep} is for mode filter (which side to keep); mode {self.mode} "
+                              + ("writes both sides, safe/ and unsafe/" if self.mode == "split" else
+                                 "keeps every row") + ": leave keep out, or use mode filter")
         if self.mode == "scores" and (self.columns or self.drop_columns):
             raise ConfigError("mode scores writes only id columns, scores and the reason: name the ids with "
                               "id_columns, not columns/drop_columns")
@@ -174,7 +184,7 @@ class JobConfig:
         values = {key: value for key, value in values.items() if value is not None or key in ("input", "output")}
         for key in ("input", "output"):  # absent: the same clear error as empty (see __post_init__)
             values.setdefault(key, None)
-        for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns"):
+        for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns", "input_suffixes"):
             if isinstance(values.get(key), str):
                 values[key] = (values[key],)
             if isinstance(values.get(key), list):
@@ -190,13 +200,17 @@ class JobConfig:
         values: dict[str, Any] = {}
         if path:
             try:
-                loaded = yaml.safe_load(Path(path).read_text()) or {}
+                loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
+            except _DuplicateKey as err:
+                raise ConfigError(f"config file {path}: {err}") from None
             except (OSError, yaml.YAMLError) as err:
                 raise ConfigError(f"cannot read config file {path}: {err}") from err
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path} must hold a mapping of keys to values, found {type(loaded).__name__}")
             values.update(loaded)
-        values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+        given = {key: value for key, value in (overrides or {}).items() if value is not None}
+        _refuse_unused_threshold(values, given, path)
+        values.update(given)
         return cls.from_mapping(values, where=str(path) if path else "configuration")
 
     def to_dict(self) -> dict:
@@ -212,6 +226,39 @@ class JobConfig:
         data = self.to_dict()
         data["storage_options"] = redact(self.storage_options)
         return data
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: the plain loader keeps the last
+    one silently (``threshold: 0.3`` then ``threshold: 0.9`` would run with 0.9)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"the key {key!r} is given twice (lines {seen[key] + 1} and "
+                                    f"{key_node.start_mark.line + 1}); the second would silently win. Give each "
+                                    "key once")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_unused_threshold(values: dict, given: dict, path: str | None) -> None:
+    """A ``--threshold`` on the command line that a head of the YAML's ``models:`` overrides with its own
+    would be silently ignored for that head: refuse, naming the head and the way out."""
+    if "threshold" not in given or not isinstance(values.get("models"), list):
+        return
+    own = [item for item in values["models"] if isinstance(item, dict) and item.get("threshold") is not None]
+    if own:
+        names = ", ".join(f"{item.get('model')} (threshold {item['threshold']})" for item in own)
+        raise ConfigError(f"--threshold {given['threshold']} would not apply to {names}: a head's own threshold under "
+                          f"models: in {path} wins over threshold. Change it there, or remove it there to use "
+                          "--threshold for that head.")
 
 
 def _found(value: Any) -> str:

@@ -32,8 +32,9 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
 from clip_nsfw_spark.storage.lease import RunLease
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
-from clip_nsfw_spark.driver.output import (OutputTarget, check_planned_inputs, clear_output, read_by_spark,
-                                           recorded_files, refuse_nested_runs, tool_name, validate_output)
+from clip_nsfw_spark.driver.output import (OutputTarget, check_output_names, check_planned_inputs, clear_output,
+                                           read_by_spark, recorded_files, refuse_nested_runs, tool_name,
+                                           validate_output)
 from clip_nsfw_spark.driver.planner import Plan, plan as plan_input
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
@@ -307,6 +308,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
 
     out_fs, out_root = target.fs, target.root
     check_planned_inputs(plan, in_fs, target)
+    check_output_names(plan, target, config.mode)
     if config.overwrite and target.non_empty:
         clear_output(target, lease.fence)
     tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids)

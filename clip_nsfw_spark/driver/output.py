@@ -21,7 +21,7 @@ from clip_nsfw_spark.driver.planner import Plan
 from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, is_local, join, list_fresh, locations,
                                                  read_many_fresh, remove, renames_atomically, unstrip, within)
 from clip_nsfw_spark.executor.writer import (JOB_STATE, MANIFEST_DIR, REJECTED_DIR, REPORT_NAME, SUCCESS_NAME,
-                                             TASKS_DIR)
+                                             TASKS_DIR, output_paths)
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,37 @@ def _remove_empty_folders(fs, root: str, folders: set[str]) -> None:
                 fs.rmdir(join(root, folder))
         except (FileNotFoundError, OSError):
             pass
+
+
+S3_KEY_BYTES = 1024  # the longest object key S3 (and MinIO, SeaweedFS …) accept
+
+
+def check_output_names(plan: Plan, target: OutputTarget, mode: str) -> None:
+    """Refuse, at planning, output names the output's store cannot hold: on a local disk a path part
+    longer than its NAME_MAX bytes (255 on ext4/xfs) or a path longer than PATH_MAX; on an object store
+    a key over 1,024 bytes. Found when the first task commits, a long name would fail a run hours in."""
+    fs, root = target.fs, target.root
+    if is_local(fs):
+        existing = root
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    for task in plan.tasks:
+        for rel in output_paths(task.rel, mode).values():
+            path = join(root, rel)
+            if is_local(fs):
+                part = max(rel.split("/"), key=lambda p: len(p.encode()))
+                problem = (f"its name part {part[:60]}… is {len(part.encode())} bytes, over this filesystem's "
+                           f"{name_max}" if len(part.encode()) > name_max else
+                           f"the path is {len(path.encode())} bytes, over this system's {path_max}"
+                           if len(path.encode()) >= path_max else None)
+            else:
+                key = path.split("/", 1)[1] if "/" in path else ""
+                problem = f"its key is {len(key.encode())} bytes, over the {S3_KEY_BYTES} an object store accepts" \
+                    if len(key.encode()) > S3_KEY_BYTES else None
+            if problem:
+                raise OutputError(f"the output file for input {task.rel} would be {unstrip(fs, path)[:120]}…: "
+                                  f"{problem}. Choose a shorter output folder, or rename the input files.")
 
 
 def check_planned_inputs(plan: Plan, in_fs, target: OutputTarget) -> None:

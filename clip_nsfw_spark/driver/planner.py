@@ -81,9 +81,27 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or (part.startswith("_") and "=" not in part) for part in rel.split("/") if part)
 
 
-def _is_parquet_name(path: str) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return name.lower().endswith(PARQUET_EXTENSIONS) or "." not in name
+def _is_parquet_name(path: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Parquet's usual names, Spark's suffix-less part files, and the extra ``suffixes`` asked for."""
+    name = path.rsplit("/", 1)[-1].lower()
+    return name.endswith(PARQUET_EXTENSIONS + tuple(s.lower() for s in suffixes)) or "." not in name
+
+
+def _refuse_unfinished_outputs(fs, base: str, entries: dict, allow: bool) -> None:
+    """An output of this tool that is not finished (its state folder or lease without ``_SUCCESS``) is
+    refused as input unless ``allow``: it holds some of its rows, and a run over it would look complete."""
+    outputs = set()
+    for path in entries:
+        rel = path[len(base):].lstrip("/")
+        parts = rel.split("/")
+        for i, part in enumerate(parts):
+            if part in ("_clip_nsfw_tasks", "_clip_nsfw_lease.json"):
+                outputs.add("/".join([base.rstrip("/")] + parts[:i]) if i else base.rstrip("/"))
+    unfinished = sorted(folder for folder in outputs if f"{folder}/_SUCCESS" not in entries)
+    if unfinished and not allow:
+        raise InputError(f"input {unstrip(fs, unfinished[0])} is an unfinished output of clip-nsfw-spark (it has "
+                         "its state or lease but no _SUCCESS): it holds only some of its rows. Finish that run "
+                         "(--resume) first, or pass --allow-incomplete-input to score what is there.")
 
 
 def file_identity(info: dict, extra: str = "") -> str:
@@ -155,11 +173,14 @@ def _refuse_table_formats(fs, root: str, paths) -> None:
                 "version to plain parquet (e.g. spark.read.format(…).load(…).write.parquet(…)) and score that.")
 
 
-def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
+def list_parquet_files(fs, root: str, folders: set | None = None, suffixes: tuple[str, ...] = (),
+                       allow_incomplete: bool = False) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
     """Parquet files under ``root`` (a file, folder tree or glob) → ``({path: info}, base, skipped)``.
 
     ``base`` is the root the output names are relative to; ``skipped`` lists visible files that are
     not parquet, with the reason. Paths that exist are taken literally, before any glob expansion.
+    ``suffixes`` are read as parquet too (``input_suffixes``); an unfinished output of this tool is
+    refused unless ``allow_incomplete``.
     """
     if fs.exists(root):
         if fs.isfile(root):
@@ -181,6 +202,7 @@ def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[
         raise InputError(f"input {unstrip(fs, root)} does not exist. Check the path (and the storage "
                          "options/credentials for remote storage).")
     _refuse_table_formats(fs, base, entries)
+    _refuse_unfinished_outputs(fs, base, entries, allow_incomplete)
     files, skipped = {}, []
     for path in sorted(entries):
         rel = path[len(base):].lstrip("/")
@@ -188,10 +210,12 @@ def list_parquet_files(fs, root: str, folders: set | None = None) -> tuple[dict[
             continue
         if entries[path].get("type") not in (None, "file"):
             skipped.append((path, f"not a regular file ({entries[path].get('type')})"))
-        elif _is_parquet_name(path):
+        elif _is_parquet_name(path, suffixes):
             files[path] = entries[path]
         else:
-            skipped.append((path, f"not a parquet file name (expected {', '.join(PARQUET_EXTENSIONS)})"))
+            suffix = "." + path.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+            skipped.append((path, f"skipped for its suffix {suffix} (read: {', '.join(PARQUET_EXTENSIONS + suffixes)} "
+                                  f"and names without one; --input-suffix {suffix} reads it as parquet)"))
     if not files:
         what = f" ({len(skipped)} other files skipped, e.g. {skipped[0][0]})" if skipped else ""
         raise InputError(f"no parquet files found under {unstrip(fs, root)}{what}")
@@ -272,7 +296,8 @@ def _plan(fs, root: str, config: JobConfig) -> Plan:
         result = _plan_laion(fs, root, config)
     else:
         folders: set = set()
-        files, base, skipped = list_parquet_files(fs, root, folders)
+        files, base, skipped = list_parquet_files(fs, root, folders, config.input_suffixes,
+                                                  config.allow_incomplete_input)
         tasks, schema, first, total = [], None, None, 0
         footers = _concurrently(fs, lambda path: _read_footer(fs, path), list(files), "parquet footers")
         for (path, info), meta in zip(files.items(), footers):

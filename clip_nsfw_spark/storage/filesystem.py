@@ -26,6 +26,8 @@ from clip_nsfw_spark.errors import ClipNsfwError, ConfigError, InputError, Missi
 def filesystem(url: str, storage_options: dict | None = None):
     """Return ``(fs, path)`` for ``url``: the path is what ``fs`` methods take (no protocol for s3)."""
     options = dict(storage_options or {})
+    if url.lower().startswith("file://localhost/"):  # RFC 8089's spelling of this host: file:///path
+        url = "file:///" + url[len("file://localhost/"):]
     if "endpoint_url" in options and url.startswith("s3"):
         options.setdefault("client_kwargs", {})
         options["client_kwargs"] = dict(options["client_kwargs"], endpoint_url=options.pop("endpoint_url"))
