@@ -36,20 +36,20 @@ def _bucket(fs, name):
 def test_a_rewritten_file_is_read_as_it_is_now(s3_server):
     fs, other = s3_server.filesystem(), s3_server.filesystem()  # two clients: the job's and another process's
     _bucket(fs, "fresh")
-    other.pipe_file("fresh/out/_clip_nsfw_lease.json", json.dumps({"run_id": "a", "heartbeat": 1}).encode())
+    other.pipe_file("fresh/out/_clip_nsfw_lease.json", json.dumps({"run_id": "a", "heartbeat": time.time()}).encode())
     fs.ls("fresh/out")  # the listing cache now holds the lease's size and ETag
     with fs.open("fresh/out/_clip_nsfw_lease.json", "rb") as handle:
         assert json.loads(handle.read())["run_id"] == "a"
-    other.pipe_file("fresh/out/_clip_nsfw_lease.json", json.dumps({"run_id": "b", "heartbeat": 2}).encode())
+    other.pipe_file("fresh/out/_clip_nsfw_lease.json", json.dumps({"run_id": "b", "heartbeat": time.time()}).encode())
     with pytest.raises(OSError, match="no longer exists"):  # what the job met before: s3fs's FileExpired
         with fs.open("fresh/out/_clip_nsfw_lease.json", "rb") as handle:
             handle.read()
     fs.ls("fresh/out")
-    other.pipe_file("fresh/out/_clip_nsfw_lease.json", json.dumps({"run_id": "c", "heartbeat": 3}).encode())
+    other.pipe_file("fresh/out/_clip_nsfw_lease.json", json.dumps({"run_id": "c", "heartbeat": time.time()}).encode())
     assert json.loads(read_fresh(fs, "fresh/out/_clip_nsfw_lease.json"))["run_id"] == "c"
     assert read_lease(fs, "fresh/out")["run_id"] == "c"
     check_owner(fs, "fresh/out", "c")  # a task of run c may commit
-    other.pipe_file("fresh/out/_clip_nsfw_lease.json", json.dumps({"run_id": "d", "heartbeat": 4}).encode())
+    other.pipe_file("fresh/out/_clip_nsfw_lease.json", json.dumps({"run_id": "d", "heartbeat": time.time()}).encode())
     with pytest.raises(Exception, match="run c no longer holds the lease"):
         check_owner(fs, "fresh/out", "c")
     other.rm("fresh/out/_clip_nsfw_lease.json")

@@ -39,7 +39,8 @@ from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.errors import InputError
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.executor.reader import npy_header
-from clip_nsfw_spark.storage.filesystem import accessing, filesystem, glob_root, is_local, join, unstrip
+from clip_nsfw_spark.storage.filesystem import (accessing, canonical, canonical_path, filesystem, glob_root, is_local,
+                                                join, location, unstrip)
 
 log = logging.getLogger(__name__)
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
@@ -87,9 +88,11 @@ def _is_parquet_name(path: str, suffixes: tuple[str, ...] = ()) -> bool:
     return name.endswith(PARQUET_EXTENSIONS + tuple(s.lower() for s in suffixes)) or "." not in name
 
 
-def _refuse_unfinished_outputs(fs, base: str, entries: dict, allow: bool) -> None:
+def _refuse_unfinished_outputs(fs, base: str, entries: dict, allow: bool, own_output: str | None = None) -> None:
     """An output of this tool that is not finished (its state folder or lease without ``_SUCCESS``) is
-    refused as input unless ``allow``: it holds some of its rows, and a run over it would look complete."""
+    refused as input unless ``allow``: it holds some of its rows, and a run over it would look complete.
+    ``own_output`` (a ``storage.location``) is this run's output, reached through a symlink of the input:
+    not an input's unfinished output but the output inside the input, which the driver refuses as such."""
     outputs = set()
     for path in entries:
         rel = path[len(base):].lstrip("/")
@@ -97,7 +100,8 @@ def _refuse_unfinished_outputs(fs, base: str, entries: dict, allow: bool) -> Non
         for i, part in enumerate(parts):
             if part in ("_clip_nsfw_tasks", "_clip_nsfw_lease.json"):
                 outputs.add("/".join([base.rstrip("/")] + parts[:i]) if i else base.rstrip("/"))
-    unfinished = sorted(folder for folder in outputs if f"{folder}/_SUCCESS" not in entries)
+    unfinished = sorted(folder for folder in outputs if f"{folder}/_SUCCESS" not in entries
+                        and location(fs, canonical_path(fs, folder)) != own_output)
     if unfinished and not allow:
         raise InputError(f"input {unstrip(fs, unfinished[0])} is an unfinished output of clip-nsfw-spark (it has "
                          "its state or lease but no _SUCCESS): it holds only some of its rows. Finish that run "
@@ -174,7 +178,8 @@ def _refuse_table_formats(fs, root: str, paths) -> None:
 
 
 def list_parquet_files(fs, root: str, folders: set | None = None, suffixes: tuple[str, ...] = (),
-                       allow_incomplete: bool = False) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
+                       allow_incomplete: bool = False,
+                       own_output: str | None = None) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
     """Parquet files under ``root`` (a file, folder tree or glob) → ``({path: info}, base, skipped)``.
 
     ``base`` is the root the output names are relative to; ``skipped`` lists visible files that are
@@ -202,7 +207,7 @@ def list_parquet_files(fs, root: str, folders: set | None = None, suffixes: tupl
         raise InputError(f"input {unstrip(fs, root)} does not exist. Check the path (and the storage "
                          "options/credentials for remote storage).")
     _refuse_table_formats(fs, base, entries)
-    _refuse_unfinished_outputs(fs, base, entries, allow_incomplete)
+    _refuse_unfinished_outputs(fs, base, entries, allow_incomplete, own_output)
     files, skipped = {}, []
     for path in sorted(entries):
         rel = path[len(base):].lstrip("/")
@@ -290,6 +295,14 @@ def plan(config: JobConfig) -> Plan:
         return _plan(fs, root, config)
 
 
+def _output_location(config: JobConfig) -> str | None:
+    """This run's output as ``storage.location`` (None when it cannot be named: a planning-only call)."""
+    try:
+        return location(*canonical(config.output, config.storage_options))
+    except Exception:  # noqa: BLE001 - an output the driver cannot open is reported by validate_output
+        return None
+
+
 def _plan(fs, root: str, config: JobConfig) -> Plan:
     layout = detect_layout(fs, root, config)
     if layout == "laion-npy":
@@ -297,7 +310,7 @@ def _plan(fs, root: str, config: JobConfig) -> Plan:
     else:
         folders: set = set()
         files, base, skipped = list_parquet_files(fs, root, folders, config.input_suffixes,
-                                                  config.allow_incomplete_input)
+                                                  config.allow_incomplete_input, _output_location(config))
         tasks, schema, first, total = [], None, None, 0
         footers = _concurrently(fs, lambda path: _read_footer(fs, path), list(files), "parquet footers")
         for (path, info), meta in zip(files.items(), footers):
