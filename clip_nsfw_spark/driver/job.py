@@ -40,7 +40,7 @@ from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
 from clip_nsfw_spark.models.registry import fitting_model_hint
 from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fresh, filesystem, find_fresh, join,
-                                                 list_fresh, location, read_fresh, read_many_fresh, remove, unstrip,
+                                                 location, read_fresh, read_many_fresh, remove, unstrip,
                                                  write_whole)
 from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.executor.writer import JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths
@@ -392,18 +392,28 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
             raise OutputError("--resume refused: the output was written with other settings "
                               + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
                               + ". Use --overwrite to start again.")
-    parsed, manifests, existing = {}, {}, set()
+    parsed, manifests, existing, complete = {}, {}, set(), set()
+    planned = {task.task_id: task for task in plan.tasks}
     if previous is not None:
-        # One listing of the output; the state files and manifests fetched together (concurrently on object
-        # stores), not a request each: a resume of 100,000 tasks is minutes, not hours. Everything is read
-        # and checked before anything is removed: a damaged state or a foreign file refuses the resume untouched.
-        parsed = _read_records(out_fs, state_dir)
-        manifests = _read_records(out_fs, join(out_root, MANIFEST_DIR))
+        # One listing of the output; the state files fetched together (concurrently on object stores), not a
+        # request each: a resume of 100,000 tasks is minutes, not hours. Manifests are read only for tasks
+        # not complete. Everything is read and checked before anything is removed: a damaged state or a
+        # foreign file refuses the resume untouched.
         existing = find_fresh(out_fs, out_root)
+        parsed = _read_records(out_fs, existing, state_dir)
+
+        def is_complete(stats: dict) -> bool:
+            task = planned.get(stats["task_id"])
+            return task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel \
+                and bool(stats.get("outputs")) and all(join(out_root, rel) in existing for rel in stats["outputs"])
+
+        complete = {stats["task_id"] for stats in parsed.values() if is_complete(stats)}
+        manifests = _read_records(out_fs, existing, join(out_root, MANIFEST_DIR), skip=complete)
         planned_names = {rel for task in plan.tasks for rel in output_paths(task.rel, mode).values()}
+        recorded = recorded_files({**parsed, **manifests})
         foreign = [path[len(out_root):].lstrip("/") for path in sorted(existing)]
         foreign = [rel for rel in foreign if read_by_spark(rel) and not tool_name(rel)
-                   and rel not in recorded_files({**parsed, **manifests}) and rel not in planned_names]
+                   and rel not in recorded and rel not in planned_names]
         if foreign:
             raise OutputError(f"--resume refused: output {unstrip(out_fs, out_root)} holds {len(foreign)} file(s) that "
                               f"no manifest of clip-nsfw-spark names and no task of this run writes: "
@@ -414,12 +424,9 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
         fence("removing _SUCCESS")
         remove(out_fs, join(out_root, SUCCESS_NAME))  # this run is not complete until it says so again
     if previous is not None:
-        planned = {task.task_id: task for task in plan.tasks}
         for path, stats in parsed.items():
             task = planned.get(stats["task_id"])
-            complete = all(join(out_root, rel) in existing for rel in stats.get("outputs", ()))
-            if task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel \
-                    and stats.get("outputs") and complete:
+            if stats["task_id"] in complete:
                 done[task.task_id] = stats
                 continue
             # Stale: remove the state file first (the task is then "not done"), then its outputs.
@@ -460,11 +467,13 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     return done, actions
 
 
-def _read_records(fs, folder: str) -> dict[str, dict]:
-    """The task states (or manifests) in ``folder``, parsed, by path; a damaged one refuses (``_state_json``)."""
-    names = [path for path in list_fresh(fs, folder)
-             if path.rsplit("/", 1)[-1].endswith(".json") and not path.rsplit("/", 1)[-1].startswith("_")] \
-        if exists_fresh(fs, folder) else []
+def _read_records(fs, existing: set[str], folder: str, skip: set[str] = frozenset()) -> dict[str, dict]:
+    """The task states (or manifests) directly in ``folder``, found in the listing ``existing``, parsed, by
+    path; those of the task ids in ``skip`` are not read. A damaged one refuses (``_state_json``)."""
+    prefix = folder.rstrip("/") + "/"
+    names = [path for path in existing if path.startswith(prefix) and "/" not in path[len(prefix):]
+             and path.endswith(".json") and not path[len(prefix):].startswith("_")
+             and path[len(prefix):-len(".json")] not in skip]
     found = {}
     for path, data in sorted(read_many_fresh(fs, names).items()):
         if isinstance(data, FileNotFoundError):

@@ -25,9 +25,10 @@ import pyarrow as pa
 from clip_nsfw_spark.scoring.batch import score_batch
 from clip_nsfw_spark.contract import HeadPayload, Task, TaskConfig
 from clip_nsfw_spark.errors import ClipNsfwError, InputError, TaskError
-from clip_nsfw_spark.storage.lease import check_owner
+from clip_nsfw_spark.storage.lease import FENCE_REUSE_SECONDS, check_owner
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches
-from clip_nsfw_spark.storage.filesystem import canonical_path, filesystem, join, unstrip, write_whole
+from clip_nsfw_spark.storage.filesystem import (canonical_path, filesystem, join, renames_atomically, unstrip,
+                                                write_whole)
 from clip_nsfw_spark.executor.writer import MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
 
 _SCORERS: dict[str, object] = {}
@@ -116,9 +117,11 @@ def _process_task(task: Task, worker: Worker) -> dict:
                 timings["write"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             check_owner(out_fs, out_root, config.run_id)  # a run that lost its lease must not commit
+            checked = time.time()
             # The manifest first: a file under a final name is then always one this tool can tell is its own
             # (--overwrite and --resume remove what manifests name, nothing guessed from file names).
-            out_fs.makedirs(join(out_root, MANIFEST_DIR), exist_ok=True)
+            if renames_atomically(out_fs):  # object stores have no folders to make (and it costs requests)
+                out_fs.makedirs(join(out_root, MANIFEST_DIR), exist_ok=True)
             write_whole(out_fs, join(out_root, MANIFEST_DIR, task.task_id + ".json"),
                         json.dumps({"task_id": task.task_id, "rel": task.rel, "run_id": config.run_id,
                                     "files": files.written}))
@@ -132,8 +135,10 @@ def _process_task(task: Task, worker: Worker) -> dict:
               "rows_written": {str(stream): rows for stream, rows in files.rows.items()}} | stats.summary() | {
         "seconds": time.perf_counter() - started, "stage_seconds": dict(timings),
         "worker_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
-    check_owner(out_fs, out_root, config.run_id)  # the commit may have taken long: fenced again
+    if renames_atomically(out_fs):
+        out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
+    if time.time() - checked > FENCE_REUSE_SECONDS:  # a long commit (a big upload): fenced again
+        check_owner(out_fs, out_root, config.run_id)
     # The last write, whole or not at all: its presence means "this task is complete".
     write_whole(out_fs, join(out_root, TASKS_DIR, task.task_id + ".json"), json.dumps(result))
     return result
