@@ -44,6 +44,11 @@ class OutputError(ClipNsfwError):
     """The output location cannot be used (not empty, inside the input, not writable)."""
 
 
+class LeaseLostError(OutputError):
+    """This run no longer holds (or may no longer hold) its output's lease: it must not touch the output,
+    not even to clean up what it committed a moment ago (those names may be another run's files now)."""
+
+
 class MissingDependencyError(ClipNsfwError, ImportError):
     """An optional dependency is needed for this feature; the message names the pip command."""
 

@@ -6,7 +6,8 @@ fire the fault at a point of the tasks whose output name contains ``match``:
 * ``write``: after ``after`` writes to output files (a task killed or slowed while writing);
 * ``commit``: after ``after`` output files were moved to their final names (a task half committed).
 
-Actions: ``kill`` (SIGKILL the Python worker, as a preempted executor dies), ``raise``, ``sleep``
+Actions: ``kill`` (SIGKILL the Python worker, as a preempted executor dies), ``stop`` (SIGSTOP itself:
+paused until SIGCONT), ``raise``, ``sleep``
 (``seconds`` per firing: slows every write after the point). ``once``: a flag file, so the fault fires
 a single time and a retry succeeds.
 
@@ -53,6 +54,8 @@ class Fault:
                 return
         if self.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif self.action == "stop":  # paused (Ctrl-Z, a long GC): goes on at SIGCONT
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif self.action == "sleep":
             time.sleep(self.seconds)
         else:

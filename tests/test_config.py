@@ -209,3 +209,10 @@ def test_a_command_line_threshold_a_head_would_ignore_is_refused(tmp_path):
         JobConfig.load(str(path), {"threshold": 0.9})
     config = JobConfig.load(str(path))  # without --threshold: the head's own, and the default for the other
     assert [choice.threshold for choice in config.choices()] == [0.3, None] and config.threshold == 0.5
+
+
+def test_a_command_line_model_replaces_the_yaml_heads_and_their_thresholds(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: in\noutput: out\nmodels:\n  - model: vit-l-14\n    threshold: 0.3\n")
+    config = JobConfig.load(str(path), {"models": ("vit-l-14",), "threshold": 0.9, "model": "vit-l-14"})
+    assert [choice.threshold for choice in config.choices()] == [None] and config.threshold == 0.9

@@ -588,3 +588,25 @@ def test_an_existing_folder_with_a_glob_character_is_literal_for_the_output_chec
 def test_empty_column_names_are_refused():
     with pytest.raises(ConfigError, match="score_columns must hold column names; found an empty name"):
         JobConfig(input="i", output="o", score_columns=("",))
+
+
+@pytest.mark.parametrize("key", ["source_file", "ROW_INDEX"])
+def test_hive_folders_named_like_the_row_ids_are_refused_in_scores_mode(tmp_path, key):
+    for value in ("a", "b"):
+        path = tmp_path / "in" / f"{key}={value}" / "p.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(pa.table({"caption": ["x"] * 5, "embedding": embedding_array(embeddings(5, 768, 1), True)}), path)
+    with pytest.raises(InputError, match=rf"folders are named {key}=…, .*Name an id column with --id-column"):
+        run(tmp_path / "in", tmp_path / "out", mode="scores")
+
+
+@needs_models
+def test_parts_of_an_unfinished_output_are_refused_as_input(tmp_path):
+    write(tmp_path / "in" / "a.parquet", 10)
+    write(tmp_path / "in" / "b.parquet", 10)
+    run(tmp_path / "in", tmp_path / "split", mode="split", threshold=0.05)
+    (tmp_path / "split" / "_SUCCESS").unlink()
+    for spelling in ("split/safe", "split/unsafe/a.parquet", "split/safe/*.parquet"):
+        with pytest.raises(InputError, match=r"input .*split is an unfinished output of clip-nsfw-spark"):
+            plan(JobConfig(input=str(tmp_path / spelling), output="o"))
+        assert plan(JobConfig(input=str(tmp_path / spelling), output="o", allow_incomplete_input=True)).tasks

@@ -215,6 +215,15 @@ def test_the_heartbeat_refreshes_the_lease_and_notices_a_takeover(tmp_path, monk
     assert read_lease(fs, root)["run_id"] == "0th3rrun"  # not released: it is not ours
 
 
+def test_a_lease_with_a_heartbeat_that_is_not_a_number_is_stale_not_a_crash(tmp_path):
+    from clip_nsfw_spark.storage.lease import describe
+
+    for heartbeat in ("soon", None, [1]):
+        lease = {"run_id": "r", "heartbeat": heartbeat}
+        assert "no heartbeat for inf s" in stale_reason(lease)
+        assert "rerun with --resume after" in describe(lease, "out")
+
+
 def test_stale_means_an_old_heartbeat_or_a_dead_pid_on_this_host():
     now = time.time()
     fresh = {"run_id": "r", "host": socket.gethostname(), "pid": os.getpid(),
@@ -395,3 +404,28 @@ def test_nested_runs_are_refused_on_s3(s3_server, tmp_path):
     with pytest.raises(OutputError, match=r"output s3://nest/out/sub/x is inside s3://nest/out/sub, a folder another"):
         run_job(JobConfig(input=str(tmp_path / "in"), output="s3://nest/out/sub/x", storage_options=options))
     assert sorted(s3.find("nest")) == [f"nest/out/sub/{LEASE_NAME}"]
+
+
+@needs_models
+def test_a_run_paused_between_two_files_of_a_commit_stops_before_the_next(tmp_path):
+    """Paused after a task moved one of its split files into place (a long upload on S3, a GC): the run
+    that took over finished meanwhile; the woken task must neither move its other files over the new
+    output nor remove the name it wrote a moment ago (it holds the other run's file now)."""
+    source, out = tmp_path / "in", tmp_path / "out"
+    write_parquet_sample(str(source), rows=300, files=3)
+    run_job(JobConfig(input=str(source), output=str(out), mode="split"))
+    common = ["--input", str(source), "--output", str(out), "--local-runner", "--stale", "4", "--mode", "split",
+              "--overwrite"]
+    paused = _faults([*common, "--fault", f"point=commit,match=part-00001,after=1,action=stop,once={tmp_path}/once"],
+                     start_new_session=True)
+    _stopped(paused)
+    time.sleep(4.5)
+    other = _faults([*common, "--threshold", "0.05"])
+    _, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-3000:]
+    taken_over = snapshot(out)
+    os.kill(paused.pid, signal.SIGCONT)
+    _, err = paused.communicate(timeout=300)
+    assert paused.returncode == 2, err[-3000:]
+    assert "1 of this task's files were moved into place before this check and are left as they are" in err, err
+    assert snapshot(out) == taken_over

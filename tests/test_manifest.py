@@ -8,6 +8,7 @@ complete, even when its input is gone since.
 """
 
 import json
+import os
 import shutil
 
 import pyarrow as pa
@@ -120,3 +121,64 @@ def test_an_output_written_before_manifests_existed_still_overwrites(finished):
     shutil.rmtree(out / MANIFEST_DIR)
     report = run_job(JobConfig(input=str(finished / "in"), output=str(out), overwrite=True, threshold=0.2))
     assert report["rows"]["read"] == rows_on_disk(out) == 3000
+
+
+# --- Found by the hostile review of this change ---------------------------------------------------------------
+
+@needs_models
+@pytest.mark.parametrize("mode, name", [("split", "safe/part-00002.parquet"), ("filter", "_rejected/part-00002.parquet")])
+def test_resume_refuses_a_user_file_at_a_name_a_task_will_write(tmp_path, mode, name):
+    """Names alone prove nothing: a file no manifest names, where a pending task would write (or, for
+    _rejected/, might not write at all), is the user's; resume refuses as overwrite does."""
+    source, out = tmp_path / "in", tmp_path / "out"
+    write_parquet_sample(str(tmp_path / "all"), rows=300, files=3)
+    source.mkdir()
+    for i in (0, 1):
+        shutil.copy(tmp_path / "all" / f"part-0000{i}.parquet", source)
+    run_job(JobConfig(input=str(source), output=str(out), mode=mode))
+    shutil.copy(tmp_path / "all" / "part-00002.parquet", source)  # a new input file: its task is pending
+    (out / name).parent.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"mine": [1]}), out / name)
+    before = snapshot(out)
+    with pytest.raises(OutputError, match=rf"no task of this run writes: {name}\. "):
+        run_job(JobConfig(input=str(source), output=str(out), mode=mode, resume=True))
+    assert snapshot(out) == before
+
+
+@needs_models
+def test_user_files_named_like_the_tools_are_left_alone(finished):
+    out = finished / "out"
+    keep = {"_clip_nsfw_report.json.bak": b"{}", "_clip_nsfw_backup/p.parquet": b"PAR1",
+            "_clip_nsfw_tasks/notes.json": b"{\"files\": [\"part-00000.parquet\"]}", "_clip_nsfw_lease.json.bak": b"x"}
+    for name, data in keep.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_bytes(data)
+    run_job(JobConfig(input=str(finished / "in"), output=str(out), overwrite=True, threshold=0.3))
+    for name, data in keep.items():
+        assert (out / name).read_bytes() == data, name
+
+
+@needs_models
+@pytest.mark.parametrize("state", ['{"task_id": [1], "rel": "x"}', '{"task_id": "zzz", "rel": null}',
+                                   '{"task_id": "zzz", "rel": "x", "outputs": [1, 2]}',
+                                   '{"task_id": "zzz", "rel": "x", "outputs": "part-00000.parquet"}'])
+def test_a_task_state_of_wrong_types_refuses_the_resume_untouched(finished, state):
+    out = finished / "out"
+    path = sorted((out / TASKS_DIR).glob("[0-9a-f]*.json"))[0]
+    path.write_text(state)
+    before = snapshot(out)
+    with pytest.raises(OutputError, match=rf"the state file {path} is damaged: .*Nothing was changed"):
+        run_job(JobConfig(input=str(finished / "in"), output=str(out), resume=True))
+    assert snapshot(out) == before
+
+
+@needs_models
+def test_a_failed_resume_leaves_no_report_saying_succeeded(finished):
+    source, out = finished / "in", finished / "out"
+    (source / "part-00002.parquet").unlink()
+    os.utime(source / "part-00001.parquet", (1, 1))  # changed: its task runs again
+    fault = Fault(point="write", match="part-00001", after=1, action="raise")
+    with pytest.raises(Exception, match="injected fault at write"):
+        run_job(JobConfig(input=str(source), output=str(out), resume=True),
+                runner=lambda tasks, worker: [fault.wrap(worker)(t) for t in tasks])
+    assert not (out / REPORT_NAME).exists() and not (out / SUCCESS_NAME).exists()

@@ -4,6 +4,8 @@ by Spark where Spark can read the types."""
 
 from collections import Counter
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,6 +62,16 @@ def test_scores_sidecar_without_an_id_column_gets_file_and_row_number(tmp_path):
         run(spelling, tmp_path / "again", mode="scores", rows_per_task=300, batch_rows=64, overwrite=True)
         assert set(read_dir(tmp_path / "again").column("source_file").to_pylist()) == {
             str(tmp_path / "in" / "a.parquet")}, spelling
+    # Two symlinks to one stored object (DVC, git-annex) are two files: their names are kept.
+    (tmp_path / "store").mkdir()
+    os.rename(tmp_path / "in" / "a.parquet", tmp_path / "store" / "obj-1234")
+    (tmp_path / "in" / "a.parquet").symlink_to(tmp_path / "store" / "obj-1234")
+    (tmp_path / "in" / "b.parquet").symlink_to(tmp_path / "store" / "obj-1234")
+    run(tmp_path / "link", tmp_path / "dvc", mode="scores", rows_per_task=300, batch_rows=64)
+    names = read_dir(tmp_path / "dvc").column("source_file").to_pylist()
+    assert sorted(set(names)) == [str(tmp_path / "in" / "a.parquet"), str(tmp_path / "in" / "b.parquet")]
+    assert len(names) == 1400
+    (tmp_path / "in" / "b.parquet").unlink()
     run(tmp_path / "in", tmp_path / "ann")
     annotated = read_dir(tmp_path / "ann")
     assert np.array_equal(side.column("punsafe").to_numpy()[order], annotated.column("punsafe").to_numpy())

@@ -103,3 +103,50 @@ def test_s3_overwrite_and_resume_go_by_the_manifests(s3_server):
     assert report["rows"]["read"] == 2000 and fs.exists(f"owned/cut/{SUCCESS_NAME}")
     states = [p for p in find_fresh(fs, f"owned/cut/{TASKS_DIR}") if not p.endswith("_job.json")]
     assert len(states) == 2
+
+
+@needs_models
+def test_a_run_paused_between_two_uploads_of_a_commit_stops_before_the_next(s3_server, tmp_path):
+    """The hostile review's case on S3: one check before a task's uploads was not enough."""
+    fs = s3_server.filesystem()
+    _bucket(fs, "uploads")
+    options = s3_server.storage_options()
+    write_parquet_sample("s3://uploads/in", rows=300, files=3, storage_options=options)
+    run_job(JobConfig(input="s3://uploads/in", output="s3://uploads/out", storage_options=options, mode="split"))
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, **s3_server.env())
+    common = [sys.executable, str(ROOT / "tests" / "faults.py"), "--input", "s3://uploads/in", "--output",
+              "s3://uploads/out", "--local-runner", "--stale", "4", "--mode", "split", "--overwrite"]
+    paused = subprocess.Popen([*common, "--fault", f"point=commit,match=part-00001,after=1,action=stop,"
+                               f"once={tmp_path}/once"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _stopped(paused)
+    time.sleep(4.5)
+    other = subprocess.run([*common, "--threshold", "0.05"], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 0, other.stderr[-3000:]
+    taken_over = s3_snapshot(fs, "uploads/out")
+    os.kill(paused.pid, signal.SIGCONT)
+    _, err = paused.communicate(timeout=300)
+    assert paused.returncode == 2, err[-3000:]
+    assert "were moved into place before this check and are left as they are" in err, err[-3000:]
+    assert s3_snapshot(fs, "uploads/out") == taken_over
+
+
+@needs_models
+def test_folder_marker_keys_are_not_files(s3_server):
+    """Keys ending in "/" (the S3 console's "Create folder") are neither data nor foreign files."""
+    fs = s3_server.filesystem()
+    _bucket(fs, "markers")
+    options = s3_server.storage_options()
+    write_parquet_sample("s3://markers/in", rows=200, files=2, storage_options=options)
+    def marker(key):  # PutObject of an empty key ending in "/", through s3fs's own client
+        fs.call_s3("put_object", Bucket="markers", Key=key, Body=b"")
+
+    marker("empty/")
+    report = run_job(JobConfig(input="s3://markers/in", output="s3://markers/empty", storage_options=options))
+    assert report["rows"]["read"] == 200
+    marker("empty/safe/")
+    for flags in ({"overwrite": True}, {"resume": True}):
+        report = run_job(JobConfig(input="s3://markers/in", output="s3://markers/empty", storage_options=options,
+                                   **flags))
+        assert report["rows"]["read"] == 200, flags

@@ -330,3 +330,18 @@ def test_output_names_too_long_for_the_filesystem_are_refused_at_planning(tmp_pa
                                           r"part n+… is 262 bytes, over this filesystem's 255\. Choose a shorter"):
         run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "sliced"), rows_per_task=100))
     assert not (tmp_path / "sliced").exists()
+
+
+def test_a_file_url_naming_another_host_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for url in ("file://server/share/out", "file://127.0.0.2/data"):
+        with pytest.raises(ConfigError, match="a file URL names a path on this machine"):
+            run_job(JobConfig(input=str(tmp_path / "in"), output=url))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dot_folders_are_hidden_even_with_an_equals_sign():
+    from clip_nsfw_spark.driver.output import read_by_spark
+
+    assert not read_by_spark("safe/.old=1/z.parquet") and read_by_spark("safe/_k=1/z.parquet")
+    assert read_by_spark("_rejected/a.parquet") and not read_by_spark("safe/_tmp/a.parquet")

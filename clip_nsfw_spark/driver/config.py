@@ -251,8 +251,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _refuse_unused_threshold(values: dict, given: dict, path: str | None) -> None:
     """A ``--threshold`` on the command line that a head of the YAML's ``models:`` overrides with its own
     would be silently ignored for that head: refuse, naming the head and the way out."""
-    if "threshold" not in given or not isinstance(values.get("models"), list):
-        return
+    if "threshold" not in given or "models" in given or not isinstance(values.get("models"), list):
+        return  # (--model replaces the YAML's heads, their thresholds with them)
     own = [item for item in values["models"] if isinstance(item, dict) and item.get("threshold") is not None]
     if own:
         names = ", ".join(f"{item.get('model')} (threshold {item['threshold']})" for item in own)

@@ -34,7 +34,7 @@ from clip_nsfw_spark.storage.lease import RunLease
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.driver.output import (OutputTarget, check_output_names, check_planned_inputs, clear_output,
                                            read_by_spark, recorded_files, refuse_nested_runs, tool_name,
-                                           validate_output)
+                                           TASK_RECORD, validate_output)
 from clip_nsfw_spark.driver.planner import Plan, plan as plan_input
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
@@ -168,17 +168,18 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
     added = list(score_columns) + [config.reason_column]
     # Names are compared case-insensitively where a reader of the output is: Spark (by default) takes
     # "PUNSAFE" and "punsafe" for one column, and a PUNSAFE=0/ folder would replace every score.
-    keys = {key.lower(): key for key in plan.partition_keys}
-    for name in added:  # Spark and pyarrow datasets turn key=value folders into columns
-        if name.lower() in keys:
-            raise InputError(f"the input's folders are named {keys[name.lower()]}=…, which readers of the output "
-                             f"turn into a column {keys[name.lower()]!r} (Spark compares column names ignoring "
-                             f"case): it would hide or clash with the new column {name!r}. Name the new column "
-                             "differently (--score-column, reason_column)")
     if plan.layout == "laion-npy" and config.write_embeddings:
         added.insert(0, "embedding")
     if row_ids:
         added[:0] = ROW_ID_COLUMNS
+    keys = {key.lower(): key for key in plan.partition_keys}
+    for name in added:  # Spark and pyarrow datasets turn key=value folders into columns
+        if name.lower() in keys:
+            how = ("name an id column with --id-column (the row ids source_file/row_index would be hidden)"
+                   if name in ROW_ID_COLUMNS else "name the new column differently (--score-column, reason_column)")
+            raise InputError(f"the input's folders are named {keys[name.lower()]}=…, which readers of the output "
+                             f"turn into a column {keys[name.lower()]!r} (Spark compares column names ignoring "
+                             f"case): it would hide or clash with the new column {name!r}. {how[0].upper()}{how[1:]}")
     lowered = [name.lower() for name in added]
     repeated = sorted({name for name in added if lowered.count(name.lower()) > 1})
     kept_by_lower = {name.lower(): name for name in kept}
@@ -282,7 +283,9 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> d
         "compression": config.compression, "embedding_compression": config.embedding_compression,
         "replace_scores": config.replace_scores, "histogram_bins": config.histogram_bins,
         "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
-        "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads]}
+        "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads],
+        # Row ids' source_file spelling: canonical folders since #23 (as typed before): never mixed in one output.
+        "source_file": "canonical folder" if tasks.row_ids else None}
     return json.loads(json.dumps(values))
 
 
@@ -357,7 +360,9 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
 # histogram_bins was not recorded before; an output without it is taken to have the default, 20 (a legacy
 # output written with another value and resumed with 20 could still mix histogram widths).
 _ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compression"),
-                 "histogram_bins": lambda previous: 20}
+                 "histogram_bins": lambda previous: 20,
+                 "source_file": lambda previous: "as typed" if previous.get("mode") == "scores"
+                 and previous.get("write_columns") == [] else None}
 
 
 def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str,
@@ -409,7 +414,12 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
 
         complete = {stats["task_id"] for stats in parsed.values() if is_complete(stats)}
         manifests = _read_records(out_fs, existing, join(out_root, MANIFEST_DIR), skip=complete)
-        planned_names = {rel for task in plan.tasks for rel in output_paths(task.rel, mode).values()}
+        # An output of a version before manifests has none: a file at a name a task of this run writes may be
+        # an older run's commit without its state (the task rewrites it). With manifests, names alone prove
+        # nothing: a file no manifest or state names is foreign even where a task will write.
+        legacy = not any(path.startswith(join(out_root, MANIFEST_DIR) + "/") for path in existing)
+        planned_names = {rel for task in plan.tasks for rel in output_paths(task.rel, mode).values()} \
+            if legacy else set()
         recorded = recorded_files({**parsed, **manifests})
         foreign = [path[len(out_root):].lstrip("/") for path in sorted(existing)]
         foreign = [rel for rel in foreign if read_by_spark(rel) and not tool_name(rel)
@@ -420,9 +430,10 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
                               f"{', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}. Readers of the output "
                               "would take them as data. Move them out of the output folder (or rename them to start "
                               "with '_' or '.'); nothing was changed.")
-    if exists_fresh(out_fs, join(out_root, SUCCESS_NAME)):
-        fence("removing _SUCCESS")
-        remove(out_fs, join(out_root, SUCCESS_NAME))  # this run is not complete until it says so again
+    for name in (SUCCESS_NAME, REPORT_NAME):  # this run is not complete until it says so again
+        if exists_fresh(out_fs, join(out_root, name)):
+            fence(f"removing {name}")
+            remove(out_fs, join(out_root, name))
     if previous is not None:
         for path, stats in parsed.items():
             task = planned.get(stats["task_id"])
@@ -471,8 +482,7 @@ def _read_records(fs, existing: set[str], folder: str, skip: set[str] = frozense
     """The task states (or manifests) directly in ``folder``, found in the listing ``existing``, parsed, by
     path; those of the task ids in ``skip`` are not read. A damaged one refuses (``_state_json``)."""
     prefix = folder.rstrip("/") + "/"
-    names = [path for path in existing if path.startswith(prefix) and "/" not in path[len(prefix):]
-             and path.endswith(".json") and not path[len(prefix):].startswith("_")
+    names = [path for path in existing if path.startswith(prefix) and TASK_RECORD.fullmatch(path[len(prefix):])
              and path[len(prefix):-len(".json")] not in skip]
     found = {}
     for path, data in sorted(read_many_fresh(fs, names).items()):
@@ -484,6 +494,19 @@ def _read_records(fs, existing: set[str], folder: str, skip: set[str] = frozense
     return found
 
 
+def _task_record_problem(value: dict) -> str | None:
+    """Why a task state or manifest cannot be one this tool wrote (wrong keys or types), or None."""
+    if not isinstance(value.get("task_id"), str) or not isinstance(value.get("rel"), str):
+        return "it has no task_id/rel strings"
+    for key in ("outputs", "files"):
+        names = value.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            return f"its {key} is not a list of file names"
+    if not isinstance(value.get("source", ""), str):
+        return "its source is not a string"
+    return None
+
+
 def _state_json(data: bytes, path: str, task_state: bool = False) -> dict:
     """A state file's JSON object; a damaged one (truncated, edited, not an object) is an OutputError that
     names it (``path``, as shown) and the way out, not a traceback."""
@@ -493,7 +516,7 @@ def _state_json(data: bytes, path: str, task_state: bool = False) -> dict:
         value, why = None, f"it is not valid JSON ({err})"
     else:
         why = "it is not a JSON object" if not isinstance(value, dict) else \
-            "it has no task_id/rel" if task_state and not {"task_id", "rel"} <= set(value) else None
+            _task_record_problem(value) if task_state else None
     if why is None:
         return value
     if task_state:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Any, Callable
 
 from clip_nsfw_spark.driver.config import JobConfig
@@ -21,7 +22,7 @@ from clip_nsfw_spark.driver.planner import Plan
 from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, is_local, join, list_fresh, locations,
                                                  read_many_fresh, remove, renames_atomically, unstrip, within)
 from clip_nsfw_spark.executor.writer import (JOB_STATE, MANIFEST_DIR, REJECTED_DIR, REPORT_NAME, SUCCESS_NAME,
-                                             TASKS_DIR, output_paths)
+                                             TASKS_DIR, TMP_DIR, output_paths)
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,24 @@ def read_by_spark(rel: str) -> bool:
     file at ``rel`` as data: no part of its path starts with ``_`` or ``.`` (but ``_rejected``, this tool's
     stream, and ``_name=value`` partition folders count as data)."""
     parts = rel.split("/")
-    return all(not part.startswith((".", "_")) or (i == 0 and part == REJECTED_DIR) or "=" in part
-               for i, part in enumerate(parts))
+    return bool(rel) and all(not part.startswith((".", "_")) or (i == 0 and part == REJECTED_DIR)
+                             or (part.startswith("_") and "=" in part) for i, part in enumerate(parts))
+
+
+TASK_RECORD = re.compile(r"[0-9a-f]{20}\.json")  # a task state's or manifest's name: its task id
+_ASIDE = r"_clip_nsfw_aside\.[0-9a-f]{12}\.[^/]+"
+_TOOL_NAMES = re.compile("|".join([
+    re.escape(SUCCESS_NAME), re.escape(REPORT_NAME), re.escape(LEASE_NAME) + r"(\.(stale-)?[0-9a-f]{16})?", _ASIDE,
+    re.escape(TASKS_DIR) + r"/(" + re.escape(JOB_STATE) + r"|[0-9a-f]{20}\.json|" + _ASIDE + ")",
+    re.escape(MANIFEST_DIR) + r"/([0-9a-f]{20}\.json|" + _ASIDE + ")",
+    re.escape(TMP_DIR) + r"/.+"]))
 
 
 def tool_name(rel: str) -> bool:
-    """This tool's own names: its ``_clip_nsfw*`` files and folders and ``_SUCCESS``."""
-    return rel.split("/", 1)[0].startswith("_clip_nsfw") or rel == SUCCESS_NAME
+    """Whether ``rel`` is one of the names this tool writes for itself: ``_SUCCESS``, the report, the lease
+    (and its aside names), task states, manifests, temp and aside files, by their exact patterns. A user's
+    ``_clip_nsfw_report.json.bak`` is not one (it is hidden, so left alone)."""
+    return _TOOL_NAMES.fullmatch(rel) is not None
 
 
 def records(fs, root: str) -> dict[str, dict]:
@@ -110,8 +122,7 @@ def records(fs, root: str) -> dict[str, dict]:
     under ``root`` that parses, by path; read together (concurrently on object stores). A damaged one is
     left out: the files it named are then not known to be this tool's."""
     names = [path for folder in (MANIFEST_DIR, TASKS_DIR) for path in list_fresh(fs, join(root, folder))
-             if path.endswith(".json") and not path.rsplit("/", 1)[-1].startswith("_")] \
-        if exists_fresh(fs, root) else []
+             if TASK_RECORD.fullmatch(path.rsplit("/", 1)[-1])] if exists_fresh(fs, root) else []
     found = {}
     for path, data in read_many_fresh(fs, names).items():
         if isinstance(data, FileNotFoundError):
@@ -281,7 +292,7 @@ def clear_output(target: OutputTarget, fence: Callable[[str], None]) -> None:
     with accessing(fs, root, "output"):
         # What says "complete" goes first, then the states (a task without one is "not done"), then data.
         # _job.json stays: it marks the folder as this tool's, so --resume/--overwrite still accept it.
-        states = sorted(rel for rel in existing if rel.startswith(TASKS_DIR + "/")
+        states = sorted(rel for rel in existing if rel.startswith(TASKS_DIR + "/") and tool_name(rel)
                         and rel != f"{TASKS_DIR}/{JOB_STATE}")
         data = sorted(rel for rel in owned & existing if not tool_name(rel))
         own = sorted(rel for rel in existing if tool_name(rel) and rel != LEASE_NAME

@@ -102,6 +102,16 @@ def _refuse_unfinished_outputs(fs, base: str, entries: dict, allow: bool, own_ou
                 outputs.add("/".join([base.rstrip("/")] + parts[:i]) if i else base.rstrip("/"))
     unfinished = sorted(folder for folder in outputs if f"{folder}/_SUCCESS" not in entries
                         and location(fs, canonical_path(fs, folder)) != own_output)
+    if not allow and not unfinished:  # a part of an output (its safe/, a glob or a file of it): look above
+        folder = base.rstrip("/")
+        while folder and folder not in ("/", "."):
+            if (fs.exists(f"{folder}/_clip_nsfw_tasks/_job.json") or fs.exists(f"{folder}/_clip_nsfw_lease.json")) \
+                    and not fs.exists(f"{folder}/_SUCCESS") and location(fs, canonical_path(fs, folder)) != own_output:
+                unfinished = [folder]
+                break
+            if "/" not in folder.strip("/") or (not is_local(fs) and folder.count("/") == 0):
+                break
+            folder = folder.rsplit("/", 1)[0]
     if unfinished and not allow:
         raise InputError(f"input {unstrip(fs, unfinished[0])} is an unfinished output of clip-nsfw-spark (it has "
                          "its state or lease but no _SUCCESS): it holds only some of its rows. Finish that run "
@@ -189,7 +199,9 @@ def list_parquet_files(fs, root: str, folders: set | None = None, suffixes: tupl
     """
     if fs.exists(root):
         if fs.isfile(root):
-            return {root: fs.info(root)}, root.rsplit("/", 1)[0], []
+            entries, base = {root: fs.info(root)}, root.rsplit("/", 1)[0]
+            _refuse_unfinished_outputs(fs, base, entries, allow_incomplete, own_output)
+            return entries, base, []
         entries, base = _find_files(fs, root, folders), root
     elif _is_glob(root):
         base = glob_root(root)

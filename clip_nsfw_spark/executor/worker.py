@@ -27,7 +27,7 @@ from clip_nsfw_spark.contract import HeadPayload, Task, TaskConfig
 from clip_nsfw_spark.errors import ClipNsfwError, InputError, TaskError
 from clip_nsfw_spark.storage.lease import FENCE_REUSE_SECONDS, check_owner
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches
-from clip_nsfw_spark.storage.filesystem import (canonical_path, filesystem, join, renames_atomically, unstrip,
+from clip_nsfw_spark.storage.filesystem import (canonical_file_name, filesystem, join, renames_atomically, unstrip,
                                                 write_whole)
 from clip_nsfw_spark.executor.writer import MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
 
@@ -107,7 +107,7 @@ def _process_task(task: Task, worker: Worker) -> dict:
         try:
             batches = task_batches(task, in_fs, config.batch_rows, timings, _read_columns(task, config, schema.names),
                                    source, own_decoder=config.parquet_codec == "own")
-            source_file = unstrip(in_fs, canonical_path(in_fs, task.path))  # one spelling, whatever was typed
+            source_file = unstrip(in_fs, canonical_file_name(in_fs, task.path))  # one spelling, whatever was typed
             for batch, npy, first_row in batches:
                 table = _with_added_columns(pa.Table.from_batches([batch]), npy, first_row, source_file, config)
                 scored = score_batch(table, npy, config.targets, scorers, timings)
@@ -117,7 +117,16 @@ def _process_task(task: Task, worker: Worker) -> dict:
                 timings["write"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             check_owner(out_fs, out_root, config.run_id)  # a run that lost its lease must not commit
-            checked = time.time()
+            checked = [time.time()]
+
+            def fence(moved: int) -> None:  # before each file: a commit can be long (uploads), or be paused
+                if time.time() - checked[0] > FENCE_REUSE_SECONDS:
+                    check_owner(out_fs, out_root, config.run_id,
+                                not_moved=f"{moved} of this task's files were moved into place before this check "
+                                          "and are left as they are (the names may hold another run's files "
+                                          "by now); the others were not.")
+                    checked[0] = time.time()
+
             # The manifest first: a file under a final name is then always one this tool can tell is its own
             # (--overwrite and --resume remove what manifests name, nothing guessed from file names).
             if renames_atomically(out_fs):  # object stores have no folders to make (and it costs requests)
@@ -125,7 +134,7 @@ def _process_task(task: Task, worker: Worker) -> dict:
             write_whole(out_fs, join(out_root, MANIFEST_DIR, task.task_id + ".json"),
                         json.dumps({"task_id": task.task_id, "rel": task.rel, "run_id": config.run_id,
                                     "files": files.written}))
-            files.commit()
+            files.commit(fence)
             timings["write"] += time.perf_counter() - t0
         except BaseException:
             files.abort()
@@ -137,8 +146,7 @@ def _process_task(task: Task, worker: Worker) -> dict:
         "worker_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if renames_atomically(out_fs):
         out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
-    if time.time() - checked > FENCE_REUSE_SECONDS:  # a long commit (a big upload): fenced again
-        check_owner(out_fs, out_root, config.run_id)
+    fence(len(files.written))  # a long commit (a big upload): fenced again before the state
     # The last write, whole or not at all: its presence means "this task is complete".
     write_whole(out_fs, join(out_root, TASKS_DIR, task.task_id + ".json"), json.dumps(result))
     return result

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_nsfw_spark.contract import TaskConfig
+from clip_nsfw_spark.errors import LeaseLostError
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.parquet.splice import SplicedParquetWriter, leaf_paths
 from clip_nsfw_spark.scoring.batch import set_column
@@ -212,14 +214,22 @@ class OutputFiles:
     def written(self) -> list[str]:
         return sorted(self.paths[stream] for stream in self._files)
 
-    def commit(self) -> None:
+    def commit(self, fence: Callable[[int], None] = lambda moved: None) -> None:
         """Move every file to its final name; if one move fails, remove the files already moved (the task
-        is then not complete, and its outputs are not there to be mistaken for a complete set)."""
+        is then not complete, and its outputs are not there to be mistaken for a complete set).
+
+        ``fence(moved)`` runs before each file (``moved`` files are in place so far) and raises
+        LeaseLostError when the run lost its lease: then nothing is removed, since the names already
+        written may hold another run's files by now (the next run's resume or overwrite judges them).
+        """
         moved = []
         try:
             for stream in sorted(self._files):
+                fence(len(moved))
                 self._files[stream].commit()
                 moved.append(self._files[stream].final)
+        except LeaseLostError:
+            raise
         except BaseException:
             for final in moved:
                 try:

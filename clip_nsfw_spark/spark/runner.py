@@ -173,7 +173,8 @@ def spark_runner(spark):
         if failed:
             more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
             raise _error_class(failed[0]["error_type"])(
-                f"{failed[0]['error']}{more}. The output is incomplete: fix the cause and rerun with --resume.")
+                f"{failed[0]['error'].rstrip('.')}{more}. The output is incomplete: fix the cause and rerun with "
+                "--resume.")
         return results
 
     return run
@@ -193,7 +194,7 @@ def _spark_failure(err: Exception):
     text = str(err)
     last = next((line.strip() for line in text.splitlines() if "Error" in line or "Exception" in line),
                 type(err).__name__)
-    return TaskError(f"the Spark job failed: {last[:500]}. The output is incomplete: rerun with --resume.")
+    return TaskError(f"the Spark job failed: {last[:500].rstrip('.')}. The output is incomplete: rerun with --resume.")
 
 
 class _DropPy4jRecords(logging.Filter):

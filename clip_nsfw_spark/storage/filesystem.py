@@ -28,6 +28,11 @@ def filesystem(url: str, storage_options: dict | None = None):
     options = dict(storage_options or {})
     if url.lower().startswith("file://localhost/"):  # RFC 8089's spelling of this host: file:///path
         url = "file:///" + url[len("file://localhost/"):]
+    elif url.lower().startswith("file://") and not url.startswith("file:///"):
+        host = url[len("file://"):].split("/", 1)[0]
+        raise ConfigError(f"cannot use {url}: a file URL names a path on this machine (file:///path or "
+                          f"file://localhost/path), not on host {host!r}; mount that host's share and give its "
+                          "local path, or use its own protocol (hdfs://, s3:// …)")
     if "endpoint_url" in options and url.startswith("s3"):
         options.setdefault("client_kwargs", {})
         options["client_kwargs"] = dict(options["client_kwargs"], endpoint_url=options.pop("endpoint_url"))
@@ -64,13 +69,21 @@ def canonical(url: str, storage_options: dict | None = None, glob_base: bool = F
 
 def canonical_path(fs, path: str) -> str:
     """``path`` of ``fs`` in its one spelling (see ``canonical``): symlinks resolved on a local disk,
-    ``//``, ``.`` and ``..`` normalised on an object store. Paths written into data (``source_file``)
-    go through here, so a join on them works whichever spelling each run was given."""
+    ``//``, ``.`` and ``..`` normalised on an object store."""
     if is_local(fs):
         return os.path.realpath(os.path.expanduser(path))
     bucket, _, key = re.sub("/+", "/", path).lstrip("/").partition("/")
     key = posixpath.normpath("/" + key).lstrip("/")
     return join(bucket, key) if key else bucket
+
+
+def canonical_file_name(fs, path: str) -> str:
+    """A file's path as written into data (``source_file``): its folder in its one spelling
+    (``canonical_path``), its own name kept. The same for every spelling of the input (``d//in/./``,
+    ``file://``, a symlinked folder), and two symlinks to one stored object (DVC, git-annex) stay two
+    names, as Spark's ``input_file_name()`` keeps them."""
+    folder, _, name = path.rstrip("/").rpartition("/")
+    return join(canonical_path(fs, folder or "/"), name)
 
 
 def _exists(fs, path: str) -> bool:
@@ -232,9 +245,10 @@ def list_fresh(fs, folder: str) -> list[str]:
     """The paths directly in ``folder`` now ([] when it does not exist), past the listing cache."""
     fs.invalidate_cache(folder)
     try:
-        return list(fs.ls(folder, detail=False))
+        paths = fs.ls(folder, detail=False)
     except FileNotFoundError:
         return []
+    return [path for path in paths if path.rstrip("/") != folder.rstrip("/")]  # not its own "folder" key
 
 
 def find_fresh(fs, root: str) -> set[str]:
@@ -242,9 +256,12 @@ def find_fresh(fs, root: str) -> set[str]:
     per file), past the listing cache; an empty set when ``root`` does not exist."""
     fs.invalidate_cache(root)
     try:
-        return {path.rstrip("/") for path in fs.find(root)}
+        found = fs.find(root, detail=True)
     except FileNotFoundError:
         return set()
+    # Zero-byte "folder" keys (an S3 console's "Create folder", some writers' markers) are not files.
+    return {path.rstrip("/") for path, info in found.items()
+            if not path.endswith("/") and info.get("type") != "directory"}
 
 
 def exists_fresh(fs, path: str) -> bool:

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 
-from clip_nsfw_spark.errors import OutputError
+from clip_nsfw_spark.errors import LeaseLostError, OutputError
 from clip_nsfw_spark.storage.filesystem import accessing, is_local, join, read_fresh, remove, unstrip
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ def _mtime(fs, path: str) -> float:
 
 def stale_reason(lease: dict, now: float | None = None) -> str | None:
     """Why ``lease`` may be taken over (its heartbeat is too old, its driver is gone), or None if live."""
-    now = time.time() if now is None else now
-    age = now - float(lease.get("heartbeat") or 0)
+    age = heartbeat_age(lease, now)
     if age > STALE_SECONDS:
         return f"no heartbeat for {age:.0f} s (stale after {STALE_SECONDS:.0f} s)"
     # The pid means something only in the same pid namespace: containers sharing the host's name
@@ -121,7 +120,7 @@ def _pid_namespace() -> str | None:
 
 
 def describe(lease: dict, url: str) -> str:
-    stale_at = datetime.datetime.fromtimestamp(float(lease.get("heartbeat") or 0) + STALE_SECONDS,
+    stale_at = datetime.datetime.fromtimestamp(time.time() - min(heartbeat_age(lease), 1e9) + STALE_SECONDS,
                                                datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return (f"output {url} is being written by run {lease.get('run_id')} started at {lease.get('started')} on "
             f"host {lease.get('host')}, pid {lease.get('pid')}; wait for it or, if it died, rerun with --resume "
@@ -137,8 +136,10 @@ def refuse_if_held(fs, root: str, url: str) -> dict | None:
     return lease
 
 
-def check_owner(fs, root: str, run_id: str | None) -> None:
-    """Raise OutputError unless run ``run_id`` still holds the lease (tasks call this before committing)."""
+def check_owner(fs, root: str, run_id: str | None, not_moved: str = "This task's files were not moved into place.") -> None:
+    """Raise LeaseLostError unless run ``run_id`` still holds a young lease (tasks call this before their
+    manifest, before each file they commit and before their state). ``not_moved`` says in the error what
+    the task left undone."""
     if run_id is None:
         return
     with accessing(fs, root, "output"):  # storage down: a storage error, not a lost lease
@@ -146,15 +147,13 @@ def check_owner(fs, root: str, run_id: str | None) -> None:
     if lease is None or lease.get("run_id") != run_id:
         holder = "no run" if lease is None else f"run {lease.get('run_id')} (host {lease.get('host')}, " \
                                                  f"pid {lease.get('pid')})"
-        raise OutputError(f"run {run_id} no longer holds the lease of output {unstrip(fs, root)}: it is held by "
-                          f"{holder}. This task's files were not moved into place; rerun with --resume once "
-                          "no other run writes this output.")
+        raise LeaseLostError(f"run {run_id} no longer holds the lease of output {unstrip(fs, root)}: it is held "
+                             f"by {holder}. {not_moved} Rerun with --resume once no other run writes this output.")
     age = heartbeat_age(lease)
     if age > fence_seconds():  # the driver is paused or cut off: another run may take the lease over
-        raise OutputError(f"run {run_id}'s lease of output {unstrip(fs, root)} has had no heartbeat for "
-                          f"{age:.0f} s (a task commits only within {fence_seconds():.0f} s of one): its driver "
-                          "is paused or cannot reach the store. This task's files were not moved into place; "
-                          "rerun with --resume.")
+        raise LeaseLostError(f"run {run_id}'s lease of output {unstrip(fs, root)} has had no heartbeat for "
+                             f"{age:.0f} s (a task commits only within {fence_seconds():.0f} s of one): its driver "
+                             f"is paused or cannot reach the store. {not_moved} Rerun with --resume.")
 
 
 def _paused(age: float) -> str:
@@ -295,9 +294,9 @@ class RunLease:
             else:
                 self._fenced_at = time.time()
         if self.lost:
-            raise OutputError(f"run {self.run_id} lost the lease of output {self.url} ({self.lost}); it stopped "
-                              f"before {step} and changed nothing. Make sure one run at a time writes this output, "
-                              "then rerun with --resume.")
+            raise LeaseLostError(f"run {self.run_id} lost the lease of output {self.url} ({self.lost}); it stopped "
+                                 f"before {step} and changed nothing. Make sure one run at a time writes this "
+                                 "output, then rerun with --resume.")
 
 
     def release(self) -> None:
