@@ -43,7 +43,8 @@ from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fre
                                                  location, read_fresh, read_many_fresh, remove, unstrip,
                                                  write_whole)
 from clip_nsfw_spark.executor.worker import Worker
-from clip_nsfw_spark.executor.writer import JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths
+from clip_nsfw_spark.executor.writer import (JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME,
+                                             TASKS_DIR, TMP_DIR, output_paths)
 
 # A runner runs a worker over tasks and returns their stats, in any order (spark.spark_runner; None: here,
 # one after the other).

@@ -136,7 +136,8 @@ def refuse_if_held(fs, root: str, url: str) -> dict | None:
     return lease
 
 
-def check_owner(fs, root: str, run_id: str | None, not_moved: str = "This task's files were not moved into place.") -> None:
+def check_owner(fs, root: str, run_id: str | None,
+                not_moved: str = "This task's files were not moved into place.") -> None:
     """Raise LeaseLostError unless run ``run_id`` still holds a young lease (tasks call this before their
     manifest, before each file they commit and before their state). ``not_moved`` says in the error what
     the task left undone."""
