@@ -20,6 +20,7 @@ from clip_nsfw_spark.storage.filesystem import find_fresh, read_fresh
 from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import ROOT, needs_models
 from faults import Fault
+from test_lease import _stopped
 
 
 def _bucket(fs, name):
@@ -32,15 +33,24 @@ def s3_snapshot(fs, root):
     return {path: read_fresh(fs, path) for path in sorted(find_fresh(fs, root))}
 
 
-def _stopped(process):
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        with open(f"/proc/{process.pid}/stat") as handle:
-            if handle.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.1)
-    raise AssertionError("the run never stopped")
+def _paused_while_another_takes_over(s3_server, bucket: str, paused_flags: list, common: list):
+    """Start ``faults.py`` with ``common`` + ``paused_flags`` (it stops itself), let its lease go stale, run
+    ``common`` with ``--threshold 0.3`` to completion, then SIGCONT the first. Returns the first's
+    ``(returncode, stderr)`` and the snapshot the second left."""
+    fs = s3_server.filesystem()
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, **s3_server.env())
+    command = [sys.executable, str(ROOT / "tests" / "faults.py"), *common]
+    paused = subprocess.Popen([*command, *paused_flags], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _stopped(paused)
+    time.sleep(4.5)  # past the --stale 4 the runs are given
+    other = subprocess.run([*command, "--threshold", "0.3"], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 0, other.stderr[-3000:]
+    taken_over = s3_snapshot(fs, f"{bucket}/out")
+    os.kill(paused.pid, signal.SIGCONT)
+    _, err = paused.communicate(timeout=300)
+    return paused.returncode, err, taken_over
 
 
 @needs_models
@@ -50,20 +60,10 @@ def test_a_paused_run_on_s3_whose_output_was_taken_over_stops_without_touching_i
     options = s3_server.storage_options()
     write_parquet_sample("s3://fence/in", rows=2000, files=2, storage_options=options)
     run_job(JobConfig(input="s3://fence/in", output="s3://fence/out", storage_options=options))
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, **s3_server.env())
-    common = [sys.executable, str(ROOT / "tests" / "faults.py"), "--input", "s3://fence/in", "--output",
-              "s3://fence/out", "--local-runner", "--stale", "4", "--overwrite"]
-    paused = subprocess.Popen([*common, "--heartbeat", "0.5", "--stop-before", "clear"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _stopped(paused)
-    time.sleep(4.5)
-    other = subprocess.run([*common, "--threshold", "0.3"], env=env, cwd=ROOT, capture_output=True, text=True,
-                           timeout=600)
-    assert other.returncode == 0, other.stderr[-3000:]
-    taken_over = s3_snapshot(fs, "fence/out")
-    os.kill(paused.pid, signal.SIGCONT)
-    _, err = paused.communicate(timeout=300)
-    assert paused.returncode == 2, err[-3000:]
+    common = ["--input", "s3://fence/in", "--output", "s3://fence/out", "--local-runner", "--stale", "4", "--overwrite"]
+    returncode, err, taken_over = _paused_while_another_takes_over(
+        s3_server, "fence", ["--heartbeat", "0.5", "--stop-before", "clear"], common)
+    assert returncode == 2, err[-3000:]
     assert "lost the lease of output s3://fence/out" in err and "changed nothing" in err, err[-3000:]
     assert s3_snapshot(fs, "fence/out") == taken_over
     assert json.loads(taken_over[f"fence/out/{REPORT_NAME}"])["config"]["threshold"] == 0.3
@@ -113,21 +113,12 @@ def test_a_run_paused_between_two_uploads_of_a_commit_stops_before_the_next(s3_s
     options = s3_server.storage_options()
     write_parquet_sample("s3://uploads/in", rows=300, files=3, storage_options=options)
     run_job(JobConfig(input="s3://uploads/in", output="s3://uploads/out", storage_options=options, mode="split"))
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, **s3_server.env())
-    common = [sys.executable, str(ROOT / "tests" / "faults.py"), "--input", "s3://uploads/in", "--output",
-              "s3://uploads/out", "--local-runner", "--stale", "4", "--mode", "split", "--overwrite"]
-    paused = subprocess.Popen([*common, "--fault", f"point=commit,match=part-00001,after=1,action=stop,"
-                               f"once={tmp_path}/once"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _stopped(paused)
-    time.sleep(4.5)
-    other = subprocess.run([*common, "--threshold", "0.05"], env=env, cwd=ROOT, capture_output=True, text=True,
-                           timeout=600)
-    assert other.returncode == 0, other.stderr[-3000:]
-    taken_over = s3_snapshot(fs, "uploads/out")
-    os.kill(paused.pid, signal.SIGCONT)
-    _, err = paused.communicate(timeout=300)
-    assert paused.returncode == 2, err[-3000:]
+    common = ["--input", "s3://uploads/in", "--output", "s3://uploads/out", "--local-runner", "--stale", "4",
+              "--mode", "split", "--overwrite"]
+    returncode, err, taken_over = _paused_while_another_takes_over(
+        s3_server, "uploads", ["--fault", f"point=commit,match=part-00001,after=1,action=stop,once={tmp_path}/once"],
+        common)
+    assert returncode == 2, err[-3000:]
     assert "were moved into place before this check and are left as they are" in err, err[-3000:]
     assert s3_snapshot(fs, "uploads/out") == taken_over
 

@@ -319,15 +319,18 @@ def test_a_fifo_in_the_output_does_not_hang_the_run(tmp_path):
 
 @needs_models
 def test_output_names_too_long_for_the_filesystem_are_refused_at_planning(tmp_path):
-    """A slice adds ".slice-00000" to a 250-byte file name: over ext4's 255 bytes, found before any task."""
-    name = "n" * 242 + ".parquet"
+    """A slice adds ".slice-00000" to a file name that just fits: over the filesystem's NAME_MAX (255 on
+    ext4, xfs, tmpfs), found before any task."""
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "n" * (name_max - 13) + ".parquet"
     write_parquet_sample(str(tmp_path / "staging"), rows=300, files=1)
     (tmp_path / "in").mkdir()
     os.rename(tmp_path / "staging" / "part-00000.parquet", tmp_path / "in" / name)
     pq.write_table(pq.read_table(tmp_path / "in" / name), tmp_path / "in" / name, row_group_size=100)
     assert run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "whole")))["rows"]["read"] == 300
-    with pytest.raises(OutputError, match=r"the output file for input n+\.slice-00000\.parquet would be .*: its name "
-                                          r"part n+… is 262 bytes, over this filesystem's 255\. Choose a shorter"):
+    with pytest.raises(OutputError, match=rf"the output file for input n+\.slice-00000\.parquet would be .*: its name "
+                                          rf"part n+… is {name_max + 7} bytes, over this filesystem's {name_max}\. "
+                                          r"Choose a shorter"):
         run_job(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "sliced"), rows_per_task=100))
     assert not (tmp_path / "sliced").exists()
 

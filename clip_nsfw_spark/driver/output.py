@@ -144,17 +144,21 @@ def recorded_files(found: dict[str, dict]) -> set[str]:
             if isinstance(rel, str)}
 
 
-def foreign_files(fs, root: str, allowed: set[str] = frozenset()) -> list[str]:
-    """Files under ``root`` (relative paths) that a reader of the output would take as data and that no
-    manifest or task state of this tool names (nor ``allowed``, e.g. the names this run's tasks will
-    write), plus symlinks. Ownership is what the tool recorded, never guessed from a name or a suffix:
-    ``my_reference/labels.parquet`` is foreign. Hidden files (``.x``, ``_x``) are not read as data: they
-    are not foreign, and nothing removes them either."""
+def ownership(fs, root: str) -> tuple[set[str], set[str]]:
+    """``(owned, existing)``: the relative paths manifests and task states name as this tool's outputs,
+    and the relative paths of every file under ``root`` now (one listing)."""
+    return recorded_files(records(fs, root)), {path[len(root):].lstrip("/") for path in find_fresh(fs, root)}
+
+
+def foreign_files(fs, root: str, owned: set[str], existing: set[str]) -> list[str]:
+    """Files of ``existing`` (relative paths, see ``ownership``) that a reader of the output would take as
+    data and that no manifest or task state of this tool names (``owned``), plus symlinks. Ownership is
+    what the tool recorded, never guessed from a name or a suffix: ``my_reference/labels.parquet`` is
+    foreign. Hidden files (``.x``, ``_x``) are not read as data: they are not foreign, and nothing removes
+    them either."""
     links = _symlinks(fs, root)
     found = [link + " (a symlink)" for link in links]
-    owned = recorded_files(records(fs, root)) | set(allowed)
-    for path in sorted(find_fresh(fs, root)):
-        rel = path[len(root):].lstrip("/")
+    for rel in sorted(existing):
         if any(rel == link or rel.startswith(link + "/") for link in links):
             continue
         if tool_name(rel) or rel in owned or not read_by_spark(rel):
@@ -243,8 +247,9 @@ def _mount_points(fs, root: str) -> list[str]:
     return sorted(found)
 
 
-def _refuse_foreign(target: OutputTarget, shown: str) -> None:
-    """Refuse to overwrite a folder this tool did not write, or one holding files it does not write."""
+def _refuse_foreign(target: OutputTarget, shown: str) -> tuple[set[str], set[str]]:
+    """Refuse to overwrite a folder this tool did not write, or one holding files it does not write;
+    return its ``ownership`` (what was read to decide)."""
     fs, root = target.fs, target.root
     mounts = _mount_points(fs, root)
     if mounts:
@@ -260,13 +265,15 @@ def _refuse_foreign(target: OutputTarget, shown: str) -> None:
                 f"{TASKS_DIR}/{JOB_STATE} or {REPORT_NAME}); it holds {len(names)} file(s): {_listing(names)}. "
                 "Choose a new or empty output folder; if this folder is really meant to be replaced, empty it "
                 "yourself first.")
-        foreign = foreign_files(fs, root)
+        owned, existing = ownership(fs, root)
+        foreign = foreign_files(fs, root, owned, existing)
     if foreign:
         raise OutputError(
             f"--overwrite refused: output {shown} holds {len(foreign)} file(s) that no manifest of clip-nsfw-spark "
             f"names: {_listing(foreign)}. Readers of the output would take them as data, and overwrite removes "
             "only the files this tool recorded writing. Move them out of the output folder (or rename them to "
             "start with '_' or '.') or choose another output folder.")
+    return owned, existing
 
 
 def clear_output(target: OutputTarget, fence: Callable[[str], None]) -> None:
@@ -283,10 +290,7 @@ def clear_output(target: OutputTarget, fence: Callable[[str], None]) -> None:
     run took the output over stops without deleting anything.
     """
     fs, root = target.fs, target.root
-    _refuse_foreign(target, target.url)
-    with accessing(fs, root, "output"):
-        owned = recorded_files(records(fs, root))
-        existing = {path[len(root):].lstrip("/") for path in find_fresh(fs, root)}
+    owned, existing = _refuse_foreign(target, target.url)  # read once: what it checked is what goes
     fence("clearing the output for --overwrite")
     log.info("overwrite: removing the previous output in %s", target.url)
     with accessing(fs, root, "output"):

@@ -39,6 +39,8 @@ from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.errors import InputError
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.executor.reader import npy_header
+from clip_nsfw_spark.executor.writer import JOB_STATE, SUCCESS_NAME, TASKS_DIR
+from clip_nsfw_spark.storage.lease import LEASE_NAME
 from clip_nsfw_spark.storage.filesystem import (accessing, canonical, canonical_path, filesystem, glob_root, is_local,
                                                 join, location, unstrip)
 
@@ -98,15 +100,16 @@ def _refuse_unfinished_outputs(fs, base: str, entries: dict, allow: bool, own_ou
         rel = path[len(base):].lstrip("/")
         parts = rel.split("/")
         for i, part in enumerate(parts):
-            if part in ("_clip_nsfw_tasks", "_clip_nsfw_lease.json"):
+            if part in (TASKS_DIR, LEASE_NAME):
                 outputs.add("/".join([base.rstrip("/")] + parts[:i]) if i else base.rstrip("/"))
-    unfinished = sorted(folder for folder in outputs if f"{folder}/_SUCCESS" not in entries
+    unfinished = sorted(folder for folder in outputs if f"{folder}/{SUCCESS_NAME}" not in entries
                         and location(fs, canonical_path(fs, folder)) != own_output)
     if not allow and not unfinished:  # a part of an output (its safe/, a glob or a file of it): look above
         folder = base.rstrip("/")
         while folder and folder not in ("/", "."):
-            if (fs.exists(f"{folder}/_clip_nsfw_tasks/_job.json") or fs.exists(f"{folder}/_clip_nsfw_lease.json")) \
-                    and not fs.exists(f"{folder}/_SUCCESS") and location(fs, canonical_path(fs, folder)) != own_output:
+            tool_output = fs.exists(f"{folder}/{TASKS_DIR}/{JOB_STATE}") or fs.exists(f"{folder}/{LEASE_NAME}")
+            if tool_output and not fs.exists(f"{folder}/{SUCCESS_NAME}") \
+                    and location(fs, canonical_path(fs, folder)) != own_output:
                 unfinished = [folder]
                 break
             if "/" not in folder.strip("/") or (not is_local(fs) and folder.count("/") == 0):
