@@ -110,15 +110,23 @@ class SeaweedS3:
 class LatencyProxy:
     """A TCP proxy on 127.0.0.1 that holds every request ``delay`` seconds before passing it on: S3's
     first-byte latency for every process that talks to the server through it (Spark's Python workers
-    too), without touching any client. A request is data a client sends after the server has answered
-    (or the first data of a connection). ``requests`` counts them, ``bytes_down`` what the server sent.
+    too), without touching any client.
+
+    It reads each request's first line and headers: ``requests`` counts them, ``kinds`` by S3 operation
+    (``request_kind``), ``log`` keeps ``(kind, path, content length)`` of each; ``bytes_down`` counts what
+    the server sent. ``cut`` (a callable ``(kind, path) → bool``) makes the proxy pass on only the headers
+    and ``cut_after`` bytes of a matching request, then drop the connection: an upload broken half-way.
     """
 
     def __init__(self, target_port: int, delay: float = 0.02):
         import asyncio
+        import collections
         import threading
 
         self.target_port, self.delay, self.requests, self.bytes_down = target_port, delay, 0, 0
+        self.kinds: collections.Counter = collections.Counter()
+        self.log: list[tuple[str, str, int]] = []
+        self.cut, self.cut_after = None, 1000
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="s3-latency-proxy", daemon=True)
@@ -149,12 +157,27 @@ class LatencyProxy:
         answered = [True]  # the connection's first data is a request
 
         async def upstream():
+            budget = None  # bytes still passed on of a request being cut
             while data := await client_reader.read(65536):
-                if answered[0]:
+                request = parse_request(data) if answered[0] else None
+                if request:  # not the body of an upload that follows "100 Continue"
                     answered[0] = False
                     self.requests += 1
+                    self.kinds[request[0]] += 1
+                    self.log.append(request)
+                    if self.cut and self.cut(request[0], request[1]):
+                        budget = data.index(b"\r\n\r\n") + 4 + self.cut_after
                     await asyncio.sleep(self.delay)
-                server_writer.write(data)
+                if budget is not None:
+                    server_writer.write(data[:budget])
+                    budget -= len(data)
+                    if budget <= 0:  # the client sees its connection reset mid-upload
+                        await server_writer.drain()
+                        server_writer.transport.abort()
+                        client_writer.transport.abort()
+                        return
+                else:
+                    server_writer.write(data)
                 await server_writer.drain()
             server_writer.close()
 
@@ -184,3 +207,41 @@ class LatencyProxy:
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+METHODS = (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")
+
+
+def parse_request(data: bytes) -> tuple[str, str, int] | None:
+    """``(kind, path, content length)`` of an HTTP request starting ``data``, or None if it is not one."""
+    head, _, _ = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] not in METHODS or not parts[2].startswith(b"HTTP/"):
+        return None
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower().decode(errors="replace")] = value.strip().decode(errors="replace")
+    method, target = parts[0].decode(), parts[1].decode(errors="replace")
+    path, _, query = target.partition("?")
+    return request_kind(method, path, query, headers), path, int(headers.get("content-length") or 0)
+
+
+def request_kind(method: str, path: str, query: str, headers: dict) -> str:
+    """The S3 operation of a request: GET/HEAD/PUT/DELETE of an object, LIST, COPY, DELETE_MANY (the
+    batch delete), MULTIPART_START/PART/COMPLETE/ABORT, or BUCKET for a bucket-level call."""
+    keys = {item.split("=", 1)[0] for item in query.split("&") if item}
+    is_object = "/" in path.strip("/")
+    if method == "POST":
+        return "DELETE_MANY" if "delete" in keys else "MULTIPART_START" if "uploads" in keys \
+            else "MULTIPART_COMPLETE" if "uploadId" in keys else "POST"
+    if method == "PUT":
+        if "x-amz-copy-source" in headers:
+            return "COPY"
+        return "MULTIPART_PART" if "partNumber" in keys else "PUT" if is_object else "BUCKET"
+    if method == "DELETE":
+        return "MULTIPART_ABORT" if "uploadId" in keys else "DELETE" if is_object else "BUCKET"
+    if method == "GET" and (not is_object or "list-type" in keys):
+        return "LIST"
+    return method

@@ -27,11 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_nsfw_spark.contract import HeadPayload, ScoreOutput, ScoreTarget, Task, TaskConfig
+from clip_nsfw_spark.contract import (TASKS_SUMMED, HeadPayload, ScoreOutput, ScoreTarget, Task, TaskConfig,
+                                      add_figures)
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
 from clip_nsfw_spark.storage.lease import RunLease
-from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
+from clip_nsfw_spark.scoring.outcomes import rows_unaccounted
 from clip_nsfw_spark.driver.output import (OutputTarget, check_output_names, check_planned_inputs, clear_output,
                                            read_by_spark, recorded_files, refuse_nested_runs, tool_name,
                                            TASK_RECORD, validate_output)
@@ -46,8 +47,9 @@ from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.executor.writer import (JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME,
                                              TASKS_DIR, TMP_DIR, output_paths)
 
-# A runner runs a worker over tasks and returns their stats, in any order (spark.spark_runner; None: here,
-# one after the other).
+# A runner runs a worker over tasks and returns, in any order, each task's stats or sums of several tasks'
+# (contract.sum_of_tasks: what the Spark runner returns per Spark partition); spark.spark_runner, or None:
+# here, one after the other.
 Runner = Callable[[list[Task], Worker], list[dict]]
 
 log = logging.getLogger(__name__)
@@ -220,20 +222,15 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
 
 
 def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
-    """Rows planned = rows read = rows written (+ rows deliberately left out): else fail, naming the task."""
-    by_id = {s["task_id"]: s for s in stats}
-    for task in plan.tasks:
-        s = by_id[task.task_id]
-        written, read = s["rows_written"], s["rows_read"]
-        rejected, unsafe = s["rows_rejected"], s["rows_unsafe"]
-        due = {Stream.ANNOTATED: read, Stream.SCORES: read, Stream.SAFE: read - unsafe - rejected,
-               Stream.UNSAFE: unsafe, Stream.REJECTED: rejected}
-        due[Stream.KEPT] = due[Stream.SAFE if keep == "safe" else Stream.UNSAFE]
-        expected = {str(stream): due[stream] for stream in MODE_STREAMS[mode]}
-        found = {stream: written.get(stream, 0) for stream in expected}
-        if read != task.rows or found != expected:
-            raise OutputError(f"task {task.rel} ({task.path}) planned {task.rows} rows, read {read}, wrote "
-                              f"{found} where {expected} was due; the output is not trustworthy. Check that "
+    """Rows planned = rows read = rows written (+ rows deliberately left out), for each task's ``stats``:
+    else fail, naming the task. (A worker checks its own task before recording it complete; this checks
+    the states a resume takes over, and the stats of runners that return them whole.)"""
+    planned = {task.task_id: task for task in plan.tasks}
+    for s in stats:
+        task = planned[s["task_id"]]
+        problem = rows_unaccounted(task.rows, s, mode, keep)
+        if problem:
+            raise OutputError(f"task {task.rel} ({task.path}) {problem}; the output is not trustworthy. Check that "
                               "the input did not change during the run, then rerun with --overwrite.")
 
 
@@ -335,19 +332,27 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
         new_stats = (runner or run_sequentially)(pending, worker)
     durations["run"] = time.perf_counter() - t0
 
-    stats = list(done.values()) + list(new_stats)
-    by_id = {s["task_id"]: s for s in stats}
-    missing = [t.rel for t in plan.tasks if t.task_id not in by_id]
+    # Sums, not every task's stats: a million tasks' stats would fill the driver (~4.5 kB each).
+    completed, totals, whole = set(done), {}, list(done.values())
+    for result in new_stats:
+        if TASKS_SUMMED in result:  # a Spark partition's tasks: each checked by its worker, summed on the executor
+            completed.update(result[TASKS_SUMMED])
+            totals = add_figures(totals, result["figures"])
+        else:
+            completed.add(result["task_id"])
+            whole.append(result)
+    missing = [t.rel for t in plan.tasks if t.task_id not in completed]
     if missing:
         raise OutputError(f"{len(missing)} tasks did not report completion (first: {missing[0]}); "
                           "run again with --resume")
-    _check_rows(plan, [by_id[t.task_id] for t in plan.tasks], config.mode, config.keep)
-    stats = [by_id[t.task_id] for t in plan.tasks]
+    _check_rows(plan, whole, config.mode, config.keep)
+    for result in whole:
+        totals = add_figures(totals, result)
     lease.fence("removing its temp folder")  # a run that lost its lease must not mark the output complete
     if exists_fresh(out_fs, join(out_root, TMP_DIR)):
         remove(out_fs, join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started
-    report = build_report(config, tasks_config, plan, heads, stats, durations,
+    report = build_report(config, tasks_config, plan, heads, totals, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions)
     lease.fence("writing the report")
     write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))

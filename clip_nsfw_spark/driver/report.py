@@ -11,31 +11,22 @@ from clip_nsfw_spark.driver.planner import Plan
 from clip_nsfw_spark.models.registry import REGISTRY, canonical_name
 
 
-def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, stats, durations, resumed,
+def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, totals: dict, durations, resumed,
                  resume_actions=None) -> dict:
     """The JSON report: config (secrets redacted), heads, row counts by stream and reason, per-head unsafe
-    counts and score histograms, timing. ``heads`` are job.RunHead (name, sha256, dim, source, threshold);
-    ``model`` describes the first head (as when a run had one)."""
-    written: dict[str, int] = {}
-    rejected: dict[str, int] = {}
-    stages: dict[str, float] = {}
+    counts and score histograms, timing. ``totals`` is every task's stats summed (contract.add_figures);
+    ``heads`` are job.RunHead (name, sha256, dim, source, threshold); ``model`` describes the first head (as
+    when a run had one)."""
     bins = config.histogram_bins
-    histograms = {name: np.zeros(bins, dtype=np.int64) for name in tasks.score_columns}
-    outside = {name: [0, 0] for name in tasks.score_columns}
-    flagged = {name: 0 for name in tasks.score_columns}
-    for s in stats:
-        for stream, n in s["rows_written"].items():
-            written[stream] = written.get(stream, 0) + n
-        for reason, n in s["rejected_by_reason"].items():
-            rejected[reason] = rejected.get(reason, 0) + n
-        for stage, seconds in s["stage_seconds"].items():
-            stages[stage] = stages.get(stage, 0.0) + seconds
-        for name in histograms:
-            histograms[name] += np.asarray(s["histograms"][name], dtype=np.int64)
-            outside[name] = [a + b for a, b in zip(outside[name], s["outside_0_1"][name])]
-            flagged[name] += s["unsafe_by_column"][name]
-    rows_read = sum(s["rows_read"] for s in stats)
-    unsafe = sum(s["rows_unsafe"] for s in stats)
+    written: dict[str, int] = dict(totals.get("rows_written") or {})
+    rejected: dict[str, int] = dict(totals.get("rejected_by_reason") or {})
+    stages: dict[str, float] = dict(totals.get("stage_seconds") or {})
+    histograms = {name: np.asarray((totals.get("histograms") or {}).get(name) or np.zeros(bins), dtype=np.int64)
+                  for name in tasks.score_columns}
+    outside = {name: list((totals.get("outside_0_1") or {}).get(name) or [0, 0]) for name in tasks.score_columns}
+    flagged = {name: (totals.get("unsafe_by_column") or {}).get(name, 0) for name in tasks.score_columns}
+    rows_read = totals.get("rows_read") or 0
+    unsafe = totals.get("rows_unsafe") or 0
     n_rejected = sum(rejected.values())
     edges = np.linspace(0, 1, bins + 1).round(6).tolist()
     columns_of = {index: [o.score_column for t in tasks.targets for o in t.outputs if o.head == index]
@@ -70,5 +61,5 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
         "throughput_rows_per_second": round(rows_read / durations["run"], 1) if durations.get("run") else None,
         "tasks_resumed": resumed,
         "resume": resume_actions,
-        "worker_max_rss_mb": max((s.get("worker_max_rss_mb", 0) for s in stats), default=0),
+        "worker_max_rss_mb": totals.get("worker_max_rss_mb", 0),
     }

@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from clip_nsfw_spark.scoring.batch import score_batch
+from clip_nsfw_spark.scoring.outcomes import rows_unaccounted
 from clip_nsfw_spark.contract import HeadPayload, Task, TaskConfig
-from clip_nsfw_spark.errors import ClipNsfwError, InputError, TaskError
+from clip_nsfw_spark.errors import ClipNsfwError, InputError, OutputError, TaskError
 from clip_nsfw_spark.storage.lease import FENCE_REUSE_SECONDS, check_owner
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches
 from clip_nsfw_spark.storage.filesystem import (canonical_file_name, filesystem, join, renames_atomically, unstrip,
@@ -144,6 +145,10 @@ def _process_task(task: Task, worker: Worker) -> dict:
               "rows_written": {str(stream): rows for stream, rows in files.rows.items()}} | stats.summary() | {
         "seconds": time.perf_counter() - started, "stage_seconds": dict(timings),
         "worker_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    problem = rows_unaccounted(task.rows, result, config.mode, config.keep)
+    if problem:  # never recorded complete: a --resume removes what its manifest names and runs it again
+        raise OutputError(f"task {task.rel} ({unstrip(in_fs, task.path)}) {problem}; the task is not recorded "
+                          "complete. Check that the input did not change during the run, then rerun with --resume.")
     if renames_atomically(out_fs):
         out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
     fence(len(files.written))  # a long commit (a big upload): fenced again before the state

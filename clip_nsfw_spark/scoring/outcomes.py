@@ -59,3 +59,18 @@ class Problem(str):
         text = super().__new__(cls, f"{reason.value}: {detail}" if detail else reason.value)
         text.reason = reason
         return text
+
+
+def rows_unaccounted(planned: int, stats: dict, mode: str, keep: str) -> str | None:
+    """What does not add up in a task's row counts, or None: rows planned = rows read, and every stream of
+    ``mode`` got exactly its rows (``stats``: a task's statistics, see executor/worker.py)."""
+    written, read = stats["rows_written"], stats["rows_read"]
+    rejected, unsafe = stats["rows_rejected"], stats["rows_unsafe"]
+    due = {Stream.ANNOTATED: read, Stream.SCORES: read, Stream.SAFE: read - unsafe - rejected,
+           Stream.UNSAFE: unsafe, Stream.REJECTED: rejected}
+    due[Stream.KEPT] = due[Stream.SAFE if keep == "safe" else Stream.UNSAFE]
+    expected = {str(stream): due[stream] for stream in MODE_STREAMS[mode]}
+    found = {stream: written.get(stream, 0) for stream in expected}
+    if read == planned and found == expected:
+        return None
+    return f"planned {planned} rows, read {read}, wrote {found} where {expected} was due"

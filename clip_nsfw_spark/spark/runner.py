@@ -1,10 +1,10 @@
 """Spark glue, and the only module that imports pyspark.
 
-The job's work is described as a DataFrame of task numbers (``spark.range`` with one partition per task)
-processed with ``mapInArrow``: it runs the same on classic Spark and on Spark Connect (no SparkContext,
-no RDDs, no broadcast variables). The closure carries the config and the portable weights (~2 MB); the
-tasks travel as a broadcast-joined DataFrame, one per partition. Each Python worker builds its scorer once
-(worker.scorer_for).
+The job's work is described as a DataFrame of partition numbers (``spark.range``) processed with
+``mapInArrow``: it runs the same on classic Spark and on Spark Connect (no SparkContext, no RDDs, no
+broadcast variables). The closure carries the config and the portable weights (~2 MB); the tasks travel as
+a broadcast-joined DataFrame, the job tasks of one Spark partition per row (small tasks share a Spark task:
+``pack_tasks``). Each Python worker builds its scorer once (worker.scorer_for).
 """
 
 from __future__ import annotations
@@ -112,64 +112,82 @@ def _deferred_sigint():
 # In-place attempts of a task that failed with an unexpected (possibly transient) error; a crashed Python
 # worker is retried by Spark itself (spark.task.maxFailures).
 TASK_ATTEMPTS = 3
+# Small job tasks share a Spark task: Spark's own cost per task (scheduling, a Python worker round trip:
+# ~0.1-0.3 s) would otherwise outweigh scoring a small file. A Spark task takes job tasks until they weigh
+# about PARTITION_ROWS rows, each counting its rows plus TASK_COST_ROWS for its fixed cost (open, footer,
+# commit, state: ~10 requests); at least PARTITIONS_PER_CORE Spark tasks per core keep every core busy.
+PARTITION_ROWS = 1_000_000
+TASK_COST_ROWS = 20_000
+PARTITIONS_PER_CORE = 4
+UNKNOWN_PARALLELISM = 16  # Spark Connect does not tell the cluster's cores
 
 
-def spark_runner(spark):
-    """A runner for ``job.run_job``: one Spark task per job task, results collected on the driver.
+def pack_tasks(tasks: list, cores: int, partition_rows: int = PARTITION_ROWS) -> list[list]:
+    """Job tasks (``contract.Task``) → Spark partitions: lists of tasks, heaviest partition first.
+
+    As many partitions as the tasks' weight needs at ``partition_rows`` each, at least ``cores`` ×
+    PARTITIONS_PER_CORE (never more than one per task). Tasks go heaviest first to the lightest partition
+    (longest-processing-time first), so partitions weigh about the same; a task is never split. Deterministic:
+    ties are broken by the task's output name.
+    """
+    import heapq
+
+    if not tasks:
+        return []
+    weight = {id(task): max(task.rows, 0) + TASK_COST_ROWS for task in tasks}
+    total = sum(weight.values())
+    count = min(len(tasks), max(cores * PARTITIONS_PER_CORE, -(-total // max(partition_rows, 1))))
+    partitions: list[list] = [[] for _ in range(count)]
+    lightest = [(0, index) for index in range(count)]
+    for task in sorted(tasks, key=lambda t: (-weight[id(t)], t.rel)):
+        load, index = heapq.heappop(lightest)
+        partitions[index].append(task)
+        heapq.heappush(lightest, (load + weight[id(task)], index))
+    return sorted(partitions, key=lambda part: -sum(weight[id(t)] for t in part))
+
+
+def _cores(spark) -> int:
+    try:
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext
+        try:
+            return int(spark.conf.get("spark.default.parallelism"))
+        except Exception:  # noqa: BLE001
+            return UNKNOWN_PARALLELISM
+
+
+def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
+    """A runner for ``job.run_job``: job tasks packed into Spark tasks (``pack_tasks``), results summed there.
+
+    Each Spark task runs its job tasks one after the other and sends back one record: the ids of the tasks
+    that completed and their stats summed (contract.sum_of_tasks), plus the errors. The driver so holds one
+    record per Spark task, not every task's stats.
 
     A task's error comes back as data, never as a failed Spark task, so the driver raises it as the same
     one-line error (naming the task's file) instead of Spark's and Py4J's stack traces: a known input
     problem (``InputError`` …) at once, since retrying cannot fix it; anything else (``TaskError``: I/O,
-    the worker's environment) after ``TASK_ATTEMPTS`` attempts in place.
+    the worker's environment) after ``TASK_ATTEMPTS`` attempts in place. The other tasks of its Spark task
+    still run. A Spark task retried by Spark (a worker lost) runs its job tasks again: each rewrites the
+    same names, as a retried task always did.
     """
 
     def run(tasks, worker):
-        """Run ``worker`` (worker.Worker: Task → stats) over ``tasks``, one Spark task each, in this order."""
+        """Run ``worker`` (worker.Worker: Task → stats) over ``tasks``, packed into Spark tasks."""
         if not tasks:
             return []
-        import pandas as pd
-        import pyarrow as pa
-        from pyspark.sql import functions as F
-
-        def process_partition(batches):
-            import pickle
-            import time
-
-            from clip_nsfw_spark.errors import ClipNsfwError, TaskError
-
-            for batch in batches:
-                for data in batch.column(0).to_pylist():
-                    task = pickle.loads(data)
-                    for attempt in range(1, TASK_ATTEMPTS + 1):
-                        try:
-                            result = worker(task)
-                            break
-                        except TaskError as err:
-                            result = {"error": str(err), "error_type": type(err).__name__}
-                            if attempt < TASK_ATTEMPTS:
-                                time.sleep(attempt)
-                        except ClipNsfwError as err:
-                            result = {"error": str(err), "error_type": type(err).__name__}
-                            break
-                    yield pa.RecordBatch.from_pydict({"stats": [json.dumps(result)]})
-
         # The tasks travel as data, not in the closure: PySpark unpickles a task's closure for every task, so
         # a task list inside it costs every task the whole list (seconds each at 1M tasks). Joined to a
         # one-row-per-partition range as a broadcast (built once per executor, as the closure was shipped),
-        # partition i holds task i and nothing else, on classic Spark and Spark Connect alike.
-        table = pd.DataFrame({"task_index": range(len(tasks)), "task": [pickle.dumps(task) for task in tasks]})
-        listed = spark.createDataFrame(table, "task_index long, task binary")
-        frame = (spark.range(0, len(tasks), 1, numPartitions=len(tasks))
-                 .join(F.broadcast(listed), F.col("id") == F.col("task_index"))
-                 .select("task")
-                 .mapInArrow(process_partition, "stats string"))
+        # partition i holds the tasks of part i and nothing else, on classic Spark and Spark Connect alike.
+        frame = task_frame(spark, pack_tasks(list(tasks), _cores(spark), partition_rows)) \
+            .mapInArrow(partition_runner(worker), "result string")
         try:
             with _cancel_on_interrupt(spark):
                 rows = frame.collect()
         except Exception as err:  # noqa: BLE001 - Py4J, PySpark and Connect raise different types
             raise _spark_failure(err) from None
-        results = [json.loads(row.stats) for row in rows]
-        failed = [r for r in results if "error" in r]
+        results = [json.loads(row.result) for row in rows]
+        failed = [error for result in results for error in result.pop("errors")]
         if failed:
             more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
             raise _error_class(failed[0]["error_type"])(
@@ -178,6 +196,61 @@ def spark_runner(spark):
         return results
 
     return run
+
+
+def partition_runner(worker):
+    """The function ``mapInArrow`` runs in each Spark partition: its tasks, one after the other, each retried
+    in place on a ``TaskError``; one JSON record back (contract.sum_of_tasks, plus ``errors``)."""
+
+    def process_partition(batches):
+        import pickle
+        import time
+        import zlib
+
+        import pyarrow as pa
+
+        from clip_nsfw_spark.contract import sum_of_tasks
+        from clip_nsfw_spark.errors import ClipNsfwError, TaskError
+
+        for batch in batches:
+            for data in batch.column(0).to_pylist():
+                completed, errors = [], []
+                for task in pickle.loads(zlib.decompress(data)):
+                    for attempt in range(1, TASK_ATTEMPTS + 1):
+                        try:
+                            completed.append(worker(task))
+                            break
+                        except TaskError as err:
+                            if attempt == TASK_ATTEMPTS:
+                                errors.append({"error": str(err), "error_type": type(err).__name__})
+                            else:
+                                time.sleep(attempt)
+                        except ClipNsfwError as err:
+                            errors.append({"error": str(err), "error_type": type(err).__name__})
+                            break
+                record = sum_of_tasks(completed) | {"errors": errors}
+                yield pa.RecordBatch.from_pydict({"result": [json.dumps(record)]})
+
+    return process_partition
+
+
+def task_frame(spark, parts: list[list], run: int | None = None):
+    """A DataFrame of one row per Spark partition: partition i holds part i's tasks (zlib-compressed pickle).
+
+    ``run`` < len(parts) makes a frame of only the first ``run`` partitions over the same broadcast table of
+    every part (the benchmark's per-task cost with a million tasks, without running them all)."""
+    import zlib
+
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    table = pd.DataFrame({"part": range(len(parts)),
+                          "tasks": [zlib.compress(pickle.dumps(part), 1) for part in parts]})
+    listed = spark.createDataFrame(table, "part long, tasks binary")
+    count = len(parts) if run is None else run
+    return (spark.range(0, count, 1, numPartitions=count)
+            .join(F.broadcast(listed), F.col("id") == F.col("part"))
+            .select("tasks"))
 
 
 def _error_class(name: str):

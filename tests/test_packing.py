@@ -1,0 +1,113 @@
+"""Small job tasks share a Spark task (spark/runner.pack_tasks), and tasks' stats are summed where they run
+(contract.add_figures): the driver holds one record per Spark task. The packing is pure; the last two tests run
+the runner on real local Spark."""
+
+import os
+import sys
+
+import pytest
+from pyspark import cloudpickle
+
+from clip_nsfw_spark.contract import REPORT_FIGURES, TASKS_SUMMED, Task, add_figures, sum_of_tasks
+from clip_nsfw_spark.errors import InputError, TaskError
+from clip_nsfw_spark.spark.runner import PARTITIONS_PER_CORE, TASK_COST_ROWS, pack_tasks, spark_runner
+
+
+def tasks(rows: list[int]) -> list[Task]:
+    return [Task("parquet", f"/in/f{i:04d}.parquet", f"f{i:04d}.parquet", (0,), rows=n) for i, n in enumerate(rows)]
+
+
+def test_every_task_lands_in_exactly_one_partition_and_heaviest_partitions_come_first():
+    listed = tasks([10_000] * 1000 + [3_000_000, 0, 5])
+    parts = pack_tasks(listed, cores=2)
+    assert sorted(t.rel for part in parts for t in part) == sorted(t.rel for t in listed)
+    weights = [sum(t.rows + TASK_COST_ROWS for t in part) for part in parts]
+    assert weights == sorted(weights, reverse=True)
+    assert parts[0] == [listed[1000]]  # the 3M-row task alone: heavier than a partition's share
+    total = sum(t.rows + TASK_COST_ROWS for t in listed)
+    assert len(parts) == -(-total // 1_000_000)  # 33 partitions for ~33M rows' weight
+
+
+def test_partitions_weigh_about_the_same():
+    listed = tasks([(i * 7919) % 50_000 for i in range(5000)])
+    weights = [sum(t.rows + TASK_COST_ROWS for t in part) for part in pack_tasks(listed, cores=8)]
+    assert max(weights) - min(weights) <= 50_000 + TASK_COST_ROWS  # LPT: within one task of each other
+
+
+def test_few_tasks_keep_one_per_partition_and_small_inputs_still_use_every_core():
+    assert pack_tasks(tasks([5] * 3), cores=2) == [[t] for t in sorted(tasks([5] * 3), key=lambda t: t.rel)]
+    parts = pack_tasks(tasks([100] * 100), cores=4)
+    assert len(parts) == 4 * PARTITIONS_PER_CORE  # 100 tiny tasks: not one Spark task, one per core × 4
+    assert pack_tasks([], cores=4) == []
+
+
+def test_packing_is_deterministic_whatever_the_order_tasks_come_in():
+    listed = tasks([1000 * (i % 17) for i in range(3000)])
+    names = lambda parts: [[t.rel for t in part] for part in parts]  # noqa: E731
+    assert names(pack_tasks(listed, 2)) == names(pack_tasks(listed[::-1], 2))
+
+
+def stats(task_id, rows, hist, rss=10.0, written=None):
+    return {"task_id": task_id, "rows_read": rows, "rows_unsafe": 1, "rows_written": written or {"safe": rows - 1},
+            "rejected_by_reason": {}, "stage_seconds": {"read": 0.5}, "histograms": {"p": hist},
+            "outside_0_1": {"p": [0, 1]}, "unsafe_by_column": {"p": 1}, "worker_max_rss_mb": rss,
+            "outputs": ["x"], "source": "s"}
+
+
+def test_sums_of_sums_are_the_sum_and_the_peak_memory_is_the_largest():
+    a, b, c = stats("a", 5, [1, 4]), stats("b", 7, [2, 5], rss=30.0, written={"unsafe": 1}), stats("c", 1, [0, 1])
+    whole = add_figures(add_figures(add_figures({}, a), b), c)
+    assert whole == {"rows_read": 13, "rows_unsafe": 3, "rows_written": {"safe": 4, "unsafe": 1},
+                     "rejected_by_reason": {}, "stage_seconds": {"read": 1.5}, "histograms": {"p": [3, 10]},
+                     "outside_0_1": {"p": [0, 3]}, "unsafe_by_column": {"p": 3}, "worker_max_rss_mb": 30.0}
+    split = sum_of_tasks([a, b])
+    assert split[TASKS_SUMMED] == ["a", "b"] and set(split["figures"]) == set(REPORT_FIGURES)
+    assert add_figures(split["figures"], c) == whole
+    with pytest.raises(ValueError):  # histograms of different widths are never silently cut
+        add_figures(whole, stats("d", 1, [1, 1, 1]))
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Spark's Python workers cannot import tests/
+
+
+class Recorder:
+    """A worker: writes a marker per task run, reports the Spark partition it ran in as a stage, fails on
+    demand (``InputError`` for names in ``bad``, a ``TaskError`` once for names in ``flaky``)."""
+
+    def __init__(self, folder, bad=(), flaky=()):
+        self.folder, self.bad, self.flaky = str(folder), set(bad), set(flaky)
+
+    def __call__(self, task):
+        from pyspark import TaskContext
+
+        marker = os.path.join(self.folder, task.rel)
+        if task.rel in self.flaky and not os.path.exists(marker + ".failed"):
+            open(marker + ".failed", "w").close()
+            raise TaskError(f"task {task.rel}: injected transient failure")
+        open(marker, "a").write("run\n")
+        if task.rel in self.bad:
+            raise InputError(f"cannot read {task.path}: injected")
+        partition = TaskContext.get().partitionId()
+        return stats(task.task_id, task.rows, [task.rows, 0]) | {"stage_seconds": {f"partition {partition}": 1.0}}
+
+
+def test_small_tasks_share_spark_tasks_and_come_back_summed(spark, tmp_path):
+    listed = tasks([10] * 40)
+    results = spark_runner(spark)(listed, Recorder(tmp_path, flaky={"f0003.parquet"}))
+    cores = spark.sparkContext.defaultParallelism
+    assert len(results) == cores * PARTITIONS_PER_CORE < 40  # one record per Spark task
+    assert sorted(i for r in results for i in r[TASKS_SUMMED]) == sorted(t.task_id for t in listed)
+    per_partition = add_figures({}, {})
+    for result in results:
+        per_partition = add_figures(per_partition, result["figures"])
+    assert per_partition["rows_read"] == 400 and per_partition["histograms"] == {"p": [400, 0]}
+    assert sorted(per_partition["stage_seconds"].values()) == [5.0] * (cores * PARTITIONS_PER_CORE)
+    for task in listed:  # every task ran once; the flaky one again in place after its failure
+        assert open(tmp_path / task.rel).read() == "run\n"
+
+
+def test_an_input_error_in_one_task_lets_the_others_of_its_spark_task_finish(spark, tmp_path):
+    listed = tasks([10] * 40)
+    with pytest.raises(InputError, match=r"^cannot read /in/f0007.parquet: injected\. The output is incomplete"):
+        spark_runner(spark)(listed, Recorder(tmp_path, bad={"f0007.parquet"}))
+    assert sorted(os.listdir(tmp_path)) == sorted(t.rel for t in listed)  # all 40 ran
