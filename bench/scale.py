@@ -82,11 +82,14 @@ class Phase:
 
     def __enter__(self):
         self.requests, self.down, self.started = self.proxy.requests, self.proxy.bytes_down, time.perf_counter()
+        self.kinds = dict(self.proxy.kinds)
         return self
 
     def __exit__(self, *exc):
+        kinds = {kind: n - self.kinds.get(kind, 0) for kind, n in sorted(self.proxy.kinds.items())}
         self.result = {"phase": self.name, "seconds": round(time.perf_counter() - self.started, 1),
                        "requests": self.proxy.requests - self.requests,
+                       "by_kind": {kind: n for kind, n in kinds.items() if n},
                        "mb_down": round((self.proxy.bytes_down - self.down) / 1e6, 1)}
         self.result["requests_per_task"] = round(self.result["requests"] / self.tasks, 1)
         self.result["tasks_per_s"] = round(self.tasks / max(self.result["seconds"], 1e-9), 1)
@@ -107,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--npy-rows", type=int, default=1000, help="rows per npy file (× 768 × 2 bytes)")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--skip-run", action="store_true", help="measure planning only")
+    parser.add_argument("--skip-serial", action="store_true", help="no one-thread planning cases (large N)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     results = {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -122,13 +126,15 @@ def main(argv=None) -> int:
             fs.pipe({f"scale/in/part-{i:06d}.parquet": parquet_bytes(args.rows, i) for i in range(args.files)})
             options = dict(server.storage_options(), endpoint_url=proxy.endpoint)
             threads, block = planner.PLAN_THREADS, reader.NPY_HEADER_BLOCK
-            for case in ((1, block), (threads, block)):
+            serial = [] if args.skip_serial else [(1, block)]
+            for case in (*serial, (threads, block)):
                 results["phases"].append(plan_once(proxy, options, "s3://scale/in", "parquet", *case, args.files))
             pairs = max(1, args.files // 10)
             fs.pipe({f"scale/laion/img_emb/img_emb_{i}.npy": npy_bytes(args.npy_rows) for i in range(pairs)})
             meta = parquet_bytes(args.npy_rows, 0, dim=1)
             fs.pipe({f"scale/laion/metadata/metadata_{i}.parquet": meta for i in range(pairs)})
-            for case in ((1, S3FS_DEFAULT_BLOCK), (1, block), (threads, block)):
+            serial = [] if args.skip_serial else [(1, S3FS_DEFAULT_BLOCK), (1, block)]
+            for case in (*serial, (threads, block)):
                 results["phases"].append(plan_once(proxy, options, "s3://scale/laion", "laion-npy", *case, pairs))
             planner.PLAN_THREADS, reader.NPY_HEADER_BLOCK = threads, block
             if args.skip_run:

@@ -64,7 +64,7 @@ def jvm_pid() -> int | None:
     return None
 
 
-def one_count(count: int, run_partitions: int, master: str) -> dict:
+def one_count(count: int, run_partitions: int, master: str, ways: list[str]) -> dict:
     from clip_nsfw_spark.spark.runner import _cores, pack_tasks, partition_runner, spark_session, task_frame
 
     row = {"tasks": count}
@@ -72,13 +72,19 @@ def one_count(count: int, run_partitions: int, master: str) -> dict:
         warm = pack_tasks(tasks(8), _cores(spark))  # start the Python workers before timing
         task_frame(spark, warm).mapInArrow(partition_runner(NoOpWorker()), "result string").collect()
         listed = tasks(count)
-        for way in ("packed", "one_per_spark_task"):
+        for way in ways:
             started = time.perf_counter()
             parts = pack_tasks(listed, _cores(spark)) if way == "packed" else [[task] for task in listed]
             run = min(len(parts), run_partitions)
             frame = task_frame(spark, parts, run=run).mapInArrow(partition_runner(NoOpWorker()), "result string")
             shipped = time.perf_counter()
-            results = [json.loads(r.result) for r in frame.collect()]
+            try:
+                results = [json.loads(r.result) for r in frame.collect()]
+            except Exception as err:  # noqa: BLE001 - e.g. the driver's JVM cannot broadcast the task table
+                row[way] = {"spark_tasks": len(parts), "failed": str(err).strip().splitlines()[-1][:300]
+                            if "SparkException" not in str(err) else next(
+                                line for line in str(err).splitlines() if "SparkException" in line)[:300]}
+                continue
             ran = time.perf_counter() - shipped
             job_tasks = sum(len(result["tasks_summed"]) for result in results)
             assert job_tasks == sum(len(part) for part in parts[:run]) and not any(r["errors"] for r in results)
@@ -98,11 +104,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1000, 100_000])
     parser.add_argument("--run-partitions", type=int, default=200, help="Spark tasks run per count and way")
     parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--ways", nargs="+", default=["packed", "one_per_spark_task"],
+                        choices=["packed", "one_per_spark_task"])
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: one count
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one_count(args.one, args.run_partitions, args.master)), flush=True)
+        print(json.dumps(one_count(args.one, args.run_partitions, args.master, args.ways)), flush=True)
         return 0
     from bench import _cpu_model as cpu_name
 
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "counts": []}
     for count in args.tasks:
         child = subprocess.run([sys.executable, __file__, "--one", str(count), "--run-partitions",
-                                str(args.run_partitions), "--master", args.master],
+                                str(args.run_partitions), "--master", args.master, "--ways", *args.ways],
                                capture_output=True, text=True, cwd=ROOT)
         if child.returncode:
             print(child.stderr[-3000:], file=sys.stderr)

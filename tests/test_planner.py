@@ -1,6 +1,7 @@
 """planner.py: input → tasks that cover every row exactly once, with unique names, stable ids and the identity
 of what they read; skipped files named with a reason; LAION files paired by number."""
 
+import gzip
 import json
 import os
 import re
@@ -14,8 +15,8 @@ import pytest
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import InputError
 from clip_nsfw_spark.contract import Task
-from clip_nsfw_spark.driver.planner import file_identity, plan
-from clip_nsfw_spark.tools.sample import write_laion_sample
+from clip_nsfw_spark.driver.planner import file_identity, footer_cache, plan, read_footer_cache
+from clip_nsfw_spark.tools.sample import write_laion_sample, write_parquet_sample
 
 GROUPS = [5, 12, 3, 30, 1, 9]  # uneven row groups, one larger than the rows_per_task tried below
 
@@ -177,3 +178,42 @@ def test_an_unreadable_footer_is_an_input_error_naming_the_file(tmp_path):
     with pytest.raises(InputError, match=rf"cannot read parquet file {tmp_path}/in/b.parquet: .*truncated or not "
                                          "parquet"):
         plan_of(tmp_path / "in")
+
+
+def _same_size_garbage(path):
+    """Overwrite ``path`` with bytes no reader can parse, keeping its size and modification time: its listing
+    identity stays, so only a planner that does not read its footer can plan it."""
+    stat = os.stat(path)
+    with open(path, "r+b") as handle:
+        handle.write(b"\xab" * stat.st_size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_resume_plans_unchanged_files_from_the_last_plans_footers(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=900, files=3, row_group_rows=100)
+    config = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_task=250)
+    first = plan(config)
+    known = read_footer_cache(footer_cache(first.footers))
+    assert set(known) == set(first.footers) and len(known) == 3
+    for path in known:
+        _same_size_garbage(path)
+    again = plan(config, known=known)  # no footer read: the files could not be parsed any more
+    assert again.tasks == first.tasks and again.schema.equals(first.schema) and again.total_rows == 900
+    with pytest.raises(InputError, match="cannot read parquet file"):
+        plan(config)
+
+
+def test_a_changed_file_is_read_again_and_a_damaged_cache_is_no_cache(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=900, files=3, row_group_rows=100)
+    config = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_task=250)
+    first = plan(config)
+    known = read_footer_cache(footer_cache(first.footers))
+    changed = sorted(known)[1]
+    pq.write_table(pq.read_table(changed).slice(0, 40), changed, row_group_size=20)
+    again = plan(config, known=known)
+    assert again.footers[changed].num_rows == 40 and again.footers[changed].group_rows == (20, 20)
+    assert [t.rows for t in again.tasks if t.path == changed] == [40]
+    assert again.tasks == plan(config).tasks
+    for damaged in (b"", b"not gzip", gzip.compress(b"{}"), gzip.compress(b'{"version": 99}'),
+                    footer_cache(first.footers)[:-7]):
+        assert read_footer_cache(damaged) == {}

@@ -13,6 +13,7 @@ from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.tools.sample import write_parquet_sample
 from clip_nsfw_spark.spark.runner import spark_runner
+from clip_nsfw_spark.driver.output import TASK_RECORD
 from conftest import ROOT, needs_models
 from s3server import SECRET_KEY
 
@@ -126,7 +127,8 @@ def test_s3_server_restarted_during_a_run(s3_server, tmp_path):
 
 def _completed_tasks(fs) -> int:
     try:
-        return len([p for p in fs.ls("restart/out/_clip_nsfw_tasks", refresh=True) if not p.endswith("_job.json")])
+        return len([p for p in fs.ls("restart/out/_clip_nsfw_tasks", refresh=True)
+                    if TASK_RECORD.fullmatch(p.rsplit("/", 1)[-1])])
     except (FileNotFoundError, OSError):
         return 0
 

@@ -23,6 +23,7 @@ from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.storage.filesystem import find_fresh, list_fresh, read_fresh, read_many_fresh
 from clip_nsfw_spark.storage.lease import LEASE_NAME, check_owner, read_lease
 from clip_nsfw_spark.tools.sample import write_parquet_sample
+from clip_nsfw_spark.driver.output import TASK_RECORD
 from conftest import ROOT, needs_models
 from s3server import LatencyProxy
 
@@ -98,7 +99,8 @@ def _run(args, env, **kwargs):
 
 
 def _states(fs, root):
-    return [p for p in list_fresh(fs, f"{root}/_clip_nsfw_tasks") if not p.endswith("/_job.json")]
+    """The task states (not the job state, batch states or the plan's footers)."""
+    return [p for p in list_fresh(fs, f"{root}/_clip_nsfw_tasks") if TASK_RECORD.fullmatch(p.rsplit("/", 1)[-1])]
 
 
 def _output_rows(fs, root):

@@ -18,6 +18,7 @@ from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.executor.writer import MANIFEST_DIR, REPORT_NAME, SUCCESS_NAME, TASKS_DIR
 from clip_nsfw_spark.storage.filesystem import find_fresh, read_fresh
 from clip_nsfw_spark.tools.sample import write_parquet_sample
+from clip_nsfw_spark.driver.output import TASK_RECORD
 from conftest import ROOT, needs_models
 from faults import Fault
 from test_lease import _stopped
@@ -101,7 +102,7 @@ def test_s3_overwrite_and_resume_go_by_the_manifests(s3_server):
     data = sorted(p for p in find_fresh(fs, "owned/cut") if "/_" not in p[len("owned/cut"):])
     assert data == ["owned/cut/part-00000.parquet", "owned/cut/part-00002.parquet"]
     assert report["rows"]["read"] == 2000 and fs.exists(f"owned/cut/{SUCCESS_NAME}")
-    states = [p for p in find_fresh(fs, f"owned/cut/{TASKS_DIR}") if not p.endswith("_job.json")]
+    states = [p for p in find_fresh(fs, f"owned/cut/{TASKS_DIR}") if TASK_RECORD.fullmatch(p.rsplit("/", 1)[-1])]
     assert len(states) == 2
 
 

@@ -80,7 +80,9 @@ def test_a_task_writes_its_streams_and_a_state_file_of_its_statistics(tmp_path):
     (task,) = only_task(tmp_path)
     worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory())
     stats = worker(task)
-    assert set(stats) == STATE_KEYS
+    state = tmp_path / "out" / TASKS_DIR / f"{task.task_id}.json"
+    assert stats.pop("state_bytes") == os.path.getsize(state)  # what a batch state's copy is checked against
+    assert set(stats) == STATE_KEYS and json.loads(state.read_text()) == stats
     assert stats["task_id"] == task.task_id and stats["rel"] == "a.parquet" and stats["source"] == task.source
     assert stats["rows_planned"] == stats["rows_read"] == 10
     assert stats["rows_written"] == {"safe": 4, "unsafe": 5, "rejected": 1}
@@ -425,3 +427,17 @@ def test_a_task_whose_rows_do_not_add_up_is_never_recorded_complete(tmp_path):
     manifest = json.loads((tmp_path / "out" / MANIFEST_DIR / f"{task.task_id}.json").read_text())
     assert sorted(manifest["files"]) == sorted(f for f in files_under(tmp_path / "out")
                                                if not f.startswith(("_clip", MANIFEST_DIR)))
+
+
+def test_a_batch_state_is_written_only_while_the_run_holds_the_lease(tmp_path):
+    write_input(tmp_path / "in", row_group=4)
+    tasks = only_task(tmp_path, rows_per_task=4)
+    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory())
+    results = [worker(task) for task in tasks]
+    worker.record_together(results)
+    (batch,) = (tmp_path / "out" / TASKS_DIR).glob("_batch-*.json")
+    assert [state["task_id"] for state in json.loads(batch.read_text())["states"]] == [t.task_id for t in tasks]
+    batch.unlink()
+    lost = Worker(task_config(tmp_path, run_id="run-1"), (HEAD,), make_scorer=FirstValueFactory())
+    lost.record_together(results)  # run-1 holds no lease here: nothing written, and no error (only a copy)
+    assert not list((tmp_path / "out" / TASKS_DIR).glob("_batch-*.json"))

@@ -35,17 +35,17 @@ from clip_nsfw_spark.storage.lease import RunLease
 from clip_nsfw_spark.scoring.outcomes import rows_unaccounted
 from clip_nsfw_spark.driver.output import (OutputTarget, check_output_names, check_planned_inputs, clear_output,
                                            read_by_spark, recorded_files, refuse_nested_runs, tool_name,
-                                           TASK_RECORD, validate_output)
-from clip_nsfw_spark.driver.planner import Plan, plan as plan_input
+                                           BATCH_RECORD, TASK_RECORD, validate_output)
+from clip_nsfw_spark.driver.planner import Plan, footer_cache, plan as plan_input, read_footer_cache
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
 from clip_nsfw_spark.models.registry import fitting_model_hint
-from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fresh, filesystem, find_fresh, join,
-                                                 location, read_fresh, read_many_fresh, remove, unstrip,
+from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fresh, filesystem, find_sizes_fresh,
+                                                 join, location, read_fresh, read_many_fresh, remove, unstrip,
                                                  write_whole)
 from clip_nsfw_spark.executor.worker import Worker
-from clip_nsfw_spark.executor.writer import (JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS, SUCCESS_NAME,
-                                             TASKS_DIR, TMP_DIR, output_paths)
+from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,
+                                             SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths)
 
 # A runner runs a worker over tasks and returns, in any order, each task's stats or sums of several tasks'
 # (contract.sum_of_tasks: what the Spark runner returns per Spark partition); spark.spark_runner, or None:
@@ -221,6 +221,16 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
                 f"or pass --replace-scores to overwrite {name!r} with the new values")
 
 
+def _last_footers(target: OutputTarget) -> dict:
+    """The footers the output's last run planned with (planner.footer_cache), or {} (none, or unreadable:
+    then every footer is read again, which costs only time)."""
+    try:
+        return read_footer_cache(read_fresh(target.fs, join(target.root, TASKS_DIR, FOOTERS_STATE)))
+    except Exception as err:  # noqa: BLE001 - a cache: any failure means reading the footers
+        log.debug("no footers of the last plan: %r", err)
+        return {}
+
+
 def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
     """Rows planned = rows read = rows written (+ rows deliberately left out), for each task's ``stats``:
     else fail, naming the task. (A worker checks its own task before recording it complete; this checks
@@ -292,7 +302,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     started = time.perf_counter()
     durations = {}
     in_fs, in_root = filesystem(config.input, config.storage_options)
-    plan = plan_input(config)
+    plan = plan_input(config, known=_last_footers(target) if config.resume else None)
     if config.score_columns and len(config.score_columns) != len(plan.embedding_columns):
         raise ConfigError(f"score_columns {list(config.score_columns)} must name one column per embedding column "
                           f"{list(plan.embedding_columns)}")
@@ -317,6 +327,9 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(out_fs, out_root, fingerprint(config, tasks_config, heads),
                                               config.resume, plan, config.mode, lease.fence)
+    if plan.footers:  # what a resume plans unchanged files from, without reading their footers again
+        lease.fence("writing the plan's footers")
+        write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(plan.footers))
     # Largest first: with uneven tasks the cores stay busy to the end instead of waiting on one big task.
     pending = sorted((task for task in plan.tasks if task.task_id not in done), key=lambda task: -task.rows)
     log.info("%d tasks (%d rows) in %s; %d already complete; model %s", len(plan.tasks), plan.total_rows,
@@ -403,15 +416,21 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
             raise OutputError("--resume refused: the output was written with other settings "
                               + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
                               + ". Use --overwrite to start again.")
-    parsed, manifests, existing, complete = {}, {}, set(), set()
+    parsed, manifests, existing, complete, batches = {}, {}, {}, set(), {}
     planned = {task.task_id: task for task in plan.tasks}
     if previous is not None:
-        # One listing of the output; the state files fetched together (concurrently on object stores), not a
-        # request each: a resume of 100,000 tasks is minutes, not hours. Manifests are read only for tasks
-        # not complete. Everything is read and checked before anything is removed: a damaged state or a
-        # foreign file refuses the resume untouched.
-        existing = find_fresh(out_fs, out_root)
-        parsed = _read_records(out_fs, existing, state_dir)
+        # One listing of the output; the states of tasks completed together come from their batch state (one
+        # file per Spark task), the others fetched together (concurrently on object stores): a resume of
+        # 100,000 tasks reads a few thousand files, not 100,000. Manifests are read only for tasks not
+        # complete. Everything is read and checked before anything is removed: a damaged state or a foreign
+        # file refuses the resume untouched.
+        existing = find_sizes_fresh(out_fs, out_root)
+        batches = _read_batches(out_fs, existing, state_dir)
+        copies = {join(state_dir, state["task_id"] + ".json"): state
+                  for states in batches.values() for state in states or ()}
+        copies = {path: state for path, state in copies.items() if existing.get(path) == state.get("state_bytes")}
+        parsed = _read_records(out_fs, existing, state_dir, skip={state["task_id"] for state in copies.values()})
+        parsed = dict(sorted((parsed | copies).items()))
 
         def is_complete(stats: dict) -> bool:
             task = planned.get(stats["task_id"])
@@ -470,6 +489,12 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
             remove(out_fs, path)
             if present and manifest["task_id"] not in {s["task_id"] for s in parsed.values()}:
                 actions["removed_unrecorded"].append(manifest["rel"])
+        # A batch state must never speak for a task that runs again (its new state would be shadowed): those
+        # covering a task not complete now go, as do damaged ones (None).
+        for path, states in sorted(batches.items()):
+            if states is None or any(state["task_id"] not in done for state in states):
+                fence(f"removing the batch state {path}")
+                remove(out_fs, path)
         actions["reused"] = len(done)
         for key, what in (("rerun_changed", "re-running %d task(s) whose input changed: %s"),
                           ("rerun_missing", "re-running %d task(s) whose outputs are missing: %s"),
@@ -497,6 +522,27 @@ def _read_records(fs, existing: set[str], folder: str, skip: set[str] = frozense
         if isinstance(data, Exception):
             raise data
         found[path] = _state_json(data, unstrip(fs, path), task_state=True)
+    return found
+
+
+def _read_batches(fs, existing: dict, folder: str) -> dict[str, list[dict] | None]:
+    """The batch states (writer.batch_state_name) directly in ``folder``: ``{path: [task state, …]}``, None
+    for a damaged one (only copies: a resume then reads the tasks' own state files, and removes it)."""
+    prefix = folder.rstrip("/") + "/"
+    names = [path for path in existing if path.startswith(prefix) and BATCH_RECORD.fullmatch(path[len(prefix):])]
+    found: dict[str, list[dict] | None] = {}
+    for path, data in sorted(read_many_fresh(fs, names).items()):
+        if isinstance(data, FileNotFoundError):
+            continue
+        if isinstance(data, Exception):
+            raise data
+        try:
+            states = json.loads(data)["states"]
+            valid = isinstance(states, list) and all(
+                isinstance(state, dict) and _task_record_problem(state) is None for state in states)
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        found[path] = states if valid else None
     return found
 
 

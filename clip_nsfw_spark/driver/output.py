@@ -21,8 +21,8 @@ from clip_nsfw_spark.storage.lease import LEASE_NAME, refuse_if_held
 from clip_nsfw_spark.driver.planner import Plan
 from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, is_local, join, list_fresh, locations,
                                                  read_many_fresh, remove, renames_atomically, unstrip, within)
-from clip_nsfw_spark.executor.writer import (JOB_STATE, MANIFEST_DIR, REJECTED_DIR, REPORT_NAME, SUCCESS_NAME,
-                                             TASKS_DIR, TMP_DIR, output_paths)
+from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REJECTED_DIR, REPORT_NAME,
+                                             SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths)
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,12 @@ def read_by_spark(rel: str) -> bool:
 
 
 TASK_RECORD = re.compile(r"[0-9a-f]{20}\.json")  # a task state's or manifest's name: its task id
+BATCH_RECORD = re.compile(r"_batch-[0-9a-f]{20}\.json")  # the states of several tasks (writer.batch_state_name)
 _ASIDE = r"_clip_nsfw_aside\.[0-9a-f]{12}\.[^/]+"
 _TOOL_NAMES = re.compile("|".join([
     re.escape(SUCCESS_NAME), re.escape(REPORT_NAME), re.escape(LEASE_NAME) + r"(\.(stale-)?[0-9a-f]{16})?", _ASIDE,
-    re.escape(TASKS_DIR) + r"/(" + re.escape(JOB_STATE) + r"|[0-9a-f]{20}\.json|" + _ASIDE + ")",
+    re.escape(TASKS_DIR) + r"/(" + re.escape(JOB_STATE) + "|" + re.escape(FOOTERS_STATE)
+    + r"|(_batch-)?[0-9a-f]{20}\.json|" + _ASIDE + ")",
     re.escape(MANIFEST_DIR) + r"/([0-9a-f]{20}\.json|" + _ASIDE + ")",
     re.escape(TMP_DIR) + r"/.+"]))
 

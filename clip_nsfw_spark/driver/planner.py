@@ -22,9 +22,12 @@ Naming rules (no two tasks may ever write the same file, see ``_check_unique``):
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import dataclasses
+import gzip
 import hashlib
+import json
 import logging
 import os
 import re
@@ -73,6 +76,7 @@ class Plan:
     npy_width: int | None = None
     folders: tuple[str, ...] = ()  # local folders walked (real paths, symlinked ones included)
     partition_keys: tuple[str, ...] = ()  # hive ``key=value`` folder keys: readers make them columns
+    footers: dict = dataclasses.field(default_factory=dict, repr=False)  # {path: Footer}: see footer_cache
 
 
 def _is_glob(path: str) -> bool:
@@ -129,10 +133,11 @@ def file_identity(info: dict, extra: str = "") -> str:
     return hashlib.sha1(f"{info.get('size')}|{version}|{extra}".encode()).hexdigest()[:20]
 
 
-def _footer_digest(meta: pq.FileMetaData) -> str:
+def _footer_digest(meta: pq.FileMetaData, schema: pa.Schema | None = None) -> str:
     groups = ",".join(f"{meta.row_group(i).num_rows}:{meta.row_group(i).total_byte_size}"
                       for i in range(meta.num_row_groups))
-    return hashlib.sha1(f"{meta.num_rows}|{groups}|{meta.schema.to_arrow_schema()}".encode()).hexdigest()[:20]
+    schema = meta.schema.to_arrow_schema() if schema is None else schema
+    return hashlib.sha1(f"{meta.num_rows}|{groups}|{schema}".encode()).hexdigest()[:20]
 
 
 def _walk_local(root: str, folders: set | None = None) -> dict[str, dict]:
@@ -273,6 +278,57 @@ def _concurrently(fs, function, items: list, what: str) -> list:
         return list(pool.map(one, items))
 
 
+@dataclasses.dataclass(frozen=True)
+class Footer:
+    """What the planner takes from a parquet footer, and the listing identity of the file it was read from
+    (``file_identity`` without extra): all a resume needs to plan the file again without reading it."""
+
+    identity: str
+    num_rows: int
+    group_rows: tuple[int, ...]
+    digest: str  # _footer_digest: part of the tasks' source
+    schema: pa.Schema
+
+
+def _footer(info: dict, meta: pq.FileMetaData) -> Footer:
+    schema = meta.schema.to_arrow_schema()
+    return Footer(file_identity(info), meta.num_rows,
+                  tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)), _footer_digest(meta, schema),
+                  schema)
+
+
+FOOTER_CACHE_VERSION = 1
+
+
+def footer_cache(footers: dict) -> bytes:
+    """``{path: Footer}`` as gzipped JSON (each distinct schema once, as Arrow IPC): stored with the output's
+    state so that a resume re-plans unchanged files from their listing alone (``read_footer_cache``)."""
+    schemas, files = {}, {}
+    for path, footer in footers.items():
+        serialized = footer.schema.serialize().to_pybytes()
+        key = hashlib.sha1(serialized).hexdigest()[:20]
+        schemas.setdefault(key, base64.b64encode(serialized).decode())
+        files[path] = [footer.identity, footer.num_rows, list(footer.group_rows), footer.digest, key]
+    document = {"version": FOOTER_CACHE_VERSION, "schemas": schemas, "files": files}
+    return gzip.compress(json.dumps(document).encode(), 1)
+
+
+def read_footer_cache(data: bytes) -> dict:
+    """``footer_cache``'s bytes → ``{path: Footer}``; ``{}`` for anything damaged or of another version (the
+    footers are then read again: only time is lost)."""
+    try:
+        value = json.loads(gzip.decompress(data))
+        if value.get("version") != FOOTER_CACHE_VERSION:
+            return {}
+        schemas = {key: pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+                   for key, text in value["schemas"].items()}
+        return {path: Footer(identity, int(rows), tuple(int(n) for n in groups), digest, schemas[key])
+                for path, (identity, rows, groups, digest, key) in value["files"].items()
+                if isinstance(identity, str) and isinstance(digest, str) and sum(groups) == rows}
+    except Exception:  # noqa: BLE001 - any damage: read the footers again
+        return {}
+
+
 def _read_footer(fs, path: str) -> pq.FileMetaData:
     try:
         with fs.open(path, "rb") as handle:
@@ -303,11 +359,15 @@ def choose_embedding_columns(schema: pa.Schema, config: JobConfig, where: str) -
                      "--embedding-column (one or several).")
 
 
-def plan(config: JobConfig) -> Plan:
-    """Discover the input and cut it into tasks. Reads only footers/headers, never data."""
+def plan(config: JobConfig, known: dict | None = None) -> Plan:
+    """Discover the input and cut it into tasks. Reads only footers/headers, never data.
+
+    ``known`` (``{path: Footer}``, from ``read_footer_cache``) spares the footer reads of files whose listing
+    identity (size, modification time or ETag) is the one recorded: a resume of 100,000 files lists them
+    instead of reading 100,000 footers."""
     fs, root = filesystem(config.input, config.storage_options)
     with accessing(fs, root):
-        return _plan(fs, root, config)
+        return _plan(fs, root, config, known or {})
 
 
 def _output_location(config: JobConfig) -> str | None:
@@ -318,7 +378,7 @@ def _output_location(config: JobConfig) -> str | None:
         return None
 
 
-def _plan(fs, root: str, config: JobConfig) -> Plan:
+def _plan(fs, root: str, config: JobConfig, known: dict) -> Plan:
     layout = detect_layout(fs, root, config)
     if layout == "laion-npy":
         result = _plan_laion(fs, root, config)
@@ -327,17 +387,25 @@ def _plan(fs, root: str, config: JobConfig) -> Plan:
         files, base, skipped = list_parquet_files(fs, root, folders, config.input_suffixes,
                                                   config.allow_incomplete_input, _output_location(config))
         tasks, schema, first, total = [], None, None, 0
-        footers = _concurrently(fs, lambda path: _read_footer(fs, path), list(files), "parquet footers")
-        for (path, info), meta in zip(files.items(), footers):
-            schema, first = _same_schema(fs, schema, first, path, meta)
+        footers = {path: known[path] for path, info in files.items()
+                   if path in known and known[path].identity == file_identity(info)}
+        unread = [path for path in files if path not in footers]
+        if footers:
+            log.info("planning: %s of %s footers known from the output's last plan", f"{len(footers):,}",
+                     f"{len(files):,}")
+        footers |= dict(zip(unread, _concurrently(fs, lambda path: _footer(files[path], _read_footer(fs, path)),
+                                                  unread, "parquet footers")))
+        for path, info in files.items():
+            footer = footers[path]
+            schema, first = _same_schema(fs, schema, first, path, footer.schema)
             rel = path[len(base):].lstrip("/") or path.rsplit("/", 1)[-1]
-            source = file_identity(info, _footer_digest(meta))
-            tasks.extend(_slice_row_groups(path, rel, meta, config.rows_per_task, source))
-            total += meta.num_rows
+            source = file_identity(info, footer.digest)
+            tasks.extend(_slice_row_groups(path, rel, footer.group_rows, config.rows_per_task, source))
+            total += footer.num_rows
         columns = choose_embedding_columns(schema, config, unstrip(fs, first))
         keys = sorted({part.split("=", 1)[0] for task in tasks for part in task.rel.split("/")[:-1] if "=" in part})
         result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped), folders=tuple(sorted(folders)),
-                      partition_keys=tuple(keys))
+                      partition_keys=tuple(keys), footers=footers)
     _check_unique(fs, result.tasks)
     return result
 
@@ -352,9 +420,8 @@ def _check_unique(fs, tasks) -> None:
                              f"{task.rel!r}; score them in separate runs or rename one of them")
 
 
-def _same_schema(fs, schema, first, path, meta) -> tuple[pa.Schema, str]:
+def _same_schema(fs, schema, first, path, file_schema: pa.Schema) -> tuple[pa.Schema, str]:
     """The dataset's schema so far (taken from the first file); raise if ``path``'s schema differs."""
-    file_schema = meta.schema.to_arrow_schema()
     repeated = sorted({n for n in file_schema.names if file_schema.names.count(n) > 1})
     if repeated:
         raise InputError(f"{unstrip(fs, path)} has several columns named {', '.join(map(repr, repeated))}; no "
@@ -382,10 +449,10 @@ def _stem(rel: str) -> str:
     return rel
 
 
-def _slice_row_groups(path: str, rel: str, meta: pq.FileMetaData, rows_per_task: int, source: str) -> list[Task]:
+def _slice_row_groups(path: str, rel: str, group_rows: tuple[int, ...], rows_per_task: int,
+                      source: str) -> list[Task]:
     groups, current, rows = [], [], 0
-    for index in range(meta.num_row_groups):
-        n = meta.row_group(index).num_rows
+    for index, n in enumerate(group_rows):
         if current and rows + n > rows_per_task:
             groups.append(current)
             current, rows = [], 0
@@ -393,7 +460,7 @@ def _slice_row_groups(path: str, rel: str, meta: pq.FileMetaData, rows_per_task:
         rows += n
     if current or not groups:
         groups.append(current)
-    counts = [sum(meta.row_group(i).num_rows for i in group) for group in groups]
+    counts = [sum(group_rows[i] for i in group) for group in groups]
     if len(groups) == 1:
         return [Task("parquet", path, rel, tuple(groups[0]), rows=counts[0], source=source)]
     return [Task("parquet", path, f"{_stem(rel)}.slice-{i:05d}.parquet", tuple(g), rows=n, source=source)
@@ -462,7 +529,7 @@ def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
         if meta.num_rows != shape[0]:
             raise InputError(f"{unstrip(fs, npys[number])} has {shape[0]} rows but {unstrip(fs, metas[number])} has "
                              f"{meta.num_rows}: they must align row for row")
-        schema, first = _same_schema(fs, schema, first, metas[number], meta)
+        schema, first = _same_schema(fs, schema, first, metas[number], meta.schema.to_arrow_schema())
         source = file_identity(meta_info, _footer_digest(meta)) + ":" + file_identity(npy_info, str(shape))
         name = metas[number].rsplit("/", 1)[-1]
         starts = list(range(0, shape[0], config.rows_per_task)) or [0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import resource
 import time
 from collections import Counter
@@ -30,8 +31,10 @@ from clip_nsfw_spark.storage.lease import FENCE_REUSE_SECONDS, check_owner
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches
 from clip_nsfw_spark.storage.filesystem import (canonical_file_name, filesystem, join, renames_atomically, unstrip,
                                                 write_whole)
-from clip_nsfw_spark.executor.writer import MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, output_schemas, route
+from clip_nsfw_spark.executor.writer import (MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, batch_state_name,
+                                             output_schemas, route)
 
+log = logging.getLogger(__name__)
 _SCORERS: dict[str, object] = {}
 
 
@@ -63,6 +66,24 @@ class Worker:
 
     def __call__(self, task: Task) -> dict:
         return process_task(task, self)
+
+    def record_together(self, results: list[dict]) -> None:
+        """Write the states of several completed tasks (``results``: what ``__call__`` returned) into one
+        batch state (``TASKS_DIR/_batch-<id>.json``): a resume reads it instead of a state file per task.
+
+        Only a copy: each task's own state file still says it is complete (a batch entry counts only while
+        that file exists with the size it had), so a failure here is logged, never fatal; a run that lost
+        its lease writes nothing."""
+        if len(results) < 2:
+            return
+        out_fs, out_root = self.open_filesystem(self.config.output, self.config.storage_options)
+        try:
+            check_owner(out_fs, out_root, self.config.run_id)
+            name = batch_state_name(result["task_id"] for result in results)
+            write_whole(out_fs, join(out_root, TASKS_DIR, name), json.dumps({"states": results}))
+        except Exception as err:  # noqa: BLE001 - a resume then reads the tasks' own state files
+            log.warning("the batch state of %d tasks was not written (%s); a resume reads their own state files",
+                        len(results), err)
 
 
 def process_task(task: Task, worker: Worker) -> dict:
@@ -153,8 +174,9 @@ def _process_task(task: Task, worker: Worker) -> dict:
         out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
     fence(len(files.written))  # a long commit (a big upload): fenced again before the state
     # The last write, whole or not at all: its presence means "this task is complete".
-    write_whole(out_fs, join(out_root, TASKS_DIR, task.task_id + ".json"), json.dumps(result))
-    return result
+    state = json.dumps(result).encode()
+    write_whole(out_fs, join(out_root, TASKS_DIR, task.task_id + ".json"), state)
+    return result | {"state_bytes": len(state)}  # a batch state's copy is used only while sizes match
 
 
 def _with_added_columns(table: pa.Table, npy: np.ndarray | None, first_row: int, source_file: str,

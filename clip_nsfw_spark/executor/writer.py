@@ -8,6 +8,7 @@ only when complete; a task's state file is written after all its files are.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import uuid
@@ -29,6 +30,13 @@ TMP_DIR = "_clip_nsfw_tmp"
 TASKS_DIR = "_clip_nsfw_tasks"
 MANIFEST_DIR = "_clip_nsfw_files"  # <task_id>.json per task: the final names it commits, written first
 JOB_STATE = "_job.json"
+FOOTERS_STATE = "_footers.json.gz"  # the last plan's parquet footers (planner.footer_cache), for a resume
+
+
+def batch_state_name(task_ids) -> str:
+    """The name, in TASKS_DIR, of the file that holds the states of several tasks completed together (one
+    Spark task's): ``_batch-<20 hex>.json``, the same for the same tasks (a retried Spark task rewrites it)."""
+    return f"_batch-{hashlib.sha1(','.join(sorted(task_ids)).encode()).hexdigest()[:20]}.json"
 REPORT_NAME = "_clip_nsfw_report.json"
 SUCCESS_NAME = "_SUCCESS"
 REJECTED_DIR = "_rejected"

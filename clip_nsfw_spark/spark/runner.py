@@ -228,6 +228,8 @@ def partition_runner(worker):
                         except ClipNsfwError as err:
                             errors.append({"error": str(err), "error_type": type(err).__name__})
                             break
+                if hasattr(worker, "record_together"):  # one batch state: a resume reads it, not one per task
+                    worker.record_together(completed)
                 record = sum_of_tasks(completed) | {"errors": errors}
                 yield pa.RecordBatch.from_pydict({"result": [json.dumps(record)]})
 

@@ -254,13 +254,18 @@ def list_fresh(fs, folder: str) -> list[str]:
 def find_fresh(fs, root: str) -> set[str]:
     """Every file under ``root`` now (one recursive listing: on S3 a page per 1,000 keys, not a request
     per file), past the listing cache; an empty set when ``root`` does not exist."""
+    return set(find_sizes_fresh(fs, root))
+
+
+def find_sizes_fresh(fs, root: str) -> dict[str, int]:
+    """``find_fresh`` with each file's size in bytes, from the same one listing."""
     fs.invalidate_cache(root)
     try:
         found = fs.find(root, detail=True)
     except FileNotFoundError:
-        return set()
+        return {}
     # Zero-byte "folder" keys (an S3 console's "Create folder", some writers' markers) are not files.
-    return {path.rstrip("/") for path, info in found.items()
+    return {path.rstrip("/"): info.get("size") for path, info in found.items()
             if not path.endswith("/") and info.get("type") != "directory"}
 
 
