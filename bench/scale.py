@@ -4,7 +4,8 @@ Starts the tests' SeaweedFS server on 127.0.0.1 and a proxy that holds every req
 (tests/s3server.py; every process goes through it: driver, JVM, Python workers). Writes ``--files`` small
 parquet files (``--rows`` rows of 768-d float16 each), then measures, each as its own phase:
 
-- plan: the planner alone, with one thread (the old serial planner) and with ``planner.PLAN_THREADS``;
+- plan: the planner alone, with one thread (the old serial planner) and with ``planner.PLAN_THREADS``, and
+  (``--executor-plan``) with the footers read in Spark tasks on ``--master``;
 - plan-laion: the same on ``--files / 10`` LAION npy/metadata pairs of ``--npy-rows`` rows, the serial case
   also with s3fs's default 50 MiB read-ahead on npy headers (the old planner's);
 - run: ``clip-nsfw-spark run`` S3 → S3 on ``--master`` (annotate), with its progress lines;
@@ -12,7 +13,7 @@ parquet files (``--rows`` rows of 768-d float16 each), then measures, each as it
 and prints per phase: seconds, S3 requests and MB through the proxy, tasks/s and requests per task.
 
     python bench/scale.py --files 2000 --latency 0.02 --json bench/results/scale.json
-    python bench/scale.py --files 20000 --skip-run      # planning alone, at a larger N
+    python bench/scale.py --files 20000 --skip-run --skip-serial --executor-plan   # planning alone, larger N
 """
 
 from __future__ import annotations
@@ -64,14 +65,18 @@ def npy_bytes(rows: int, dim: int = 768) -> bytes:
     return sink.getvalue()
 
 
-def plan_once(proxy, options, url, layout, threads, npy_block, count) -> dict:
+def plan_once(proxy, options, url, layout, threads, npy_block, count, read_remotely=None) -> dict:
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # nothing cached from an earlier case
     planner.PLAN_THREADS, reader.NPY_HEADER_BLOCK = threads, npy_block
     name = f"plan-{layout} threads={threads}" + (f" npy_block={npy_block >> 10} KiB" if layout == "laion-npy" else "")
+    if read_remotely:
+        name += f" in Spark tasks of {planner.FOOTERS_PER_SPARK_TASK}"
+        planner.EXECUTOR_PLANNING_FILES = 0
     with Phase(proxy, name, count) as phase:
-        plan = planner.plan(JobConfig(input=url, output="/tmp/unused", layout=layout, storage_options=options))
+        plan = planner.plan(JobConfig(input=url, output="/tmp/unused", layout=layout, storage_options=options),
+                            read_remotely=read_remotely)
     return phase.result | {"tasks": len(plan.tasks), "files_per_s": round(count / phase.result["seconds"], 1),
                            "minutes_for_100k_files": round(100_000 * phase.result["seconds"] / count / 60, 1)}
 
@@ -111,10 +116,14 @@ def main(argv=None) -> int:
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--skip-run", action="store_true", help="measure planning only")
     parser.add_argument("--skip-serial", action="store_true", help="no one-thread planning cases (large N)")
+    parser.add_argument("--run-latency", type=float, help="the run phase's latency, if not --latency (a large N's "
+                                                          "run made quickly, to measure its resume)")
+    parser.add_argument("--executor-plan", action="store_true", help="also plan with the footers read in Spark tasks")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     results = {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "files": args.files, "rows_per_file": args.rows, "latency_s": args.latency, "master": args.master,
+               "files": args.files, "rows_per_file": args.rows, "latency_s": args.latency,
+               "run_latency_s": args.run_latency, "master": args.master,
                "phases": []}
     with tempfile.TemporaryDirectory(prefix="scale-") as work:
         server = SeaweedS3(Path(work))
@@ -129,6 +138,13 @@ def main(argv=None) -> int:
             serial = [] if args.skip_serial else [(1, block)]
             for case in (*serial, (threads, block)):
                 results["phases"].append(plan_once(proxy, options, "s3://scale/in", "parquet", *case, args.files))
+            if args.executor_plan:  # the footers read by Spark's Python workers (local: this machine's cores)
+                from clip_nsfw_spark.spark.runner import spark_runner, spark_session
+
+                with spark_session(args.master, conf={"spark.ui.enabled": "false"}) as spark:
+                    read = spark_runner(spark).read_footers  # the phase includes starting 2 Python workers
+                    results["phases"].append(plan_once(proxy, options, "s3://scale/in", "parquet", threads, block,
+                                                       args.files, read))
             pairs = max(1, args.files // 10)
             fs.pipe({f"scale/laion/img_emb/img_emb_{i}.npy": npy_bytes(args.npy_rows) for i in range(pairs)})
             meta = parquet_bytes(args.npy_rows, 0, dim=1)
@@ -142,6 +158,7 @@ def main(argv=None) -> int:
             env = dict(os.environ, **dict(server.env(), AWS_ENDPOINT_URL=proxy.endpoint))
             common = ["--input", "s3://scale/in", "--output", "s3://scale/out", "--master", args.master]
             for name, extra in (("run", []), ("resume", ["--resume"])):
+                proxy.delay = args.latency if args.run_latency is None or name != "run" else args.run_latency
                 with Phase(proxy, name, args.files) as phase:
                     status, err = run_cli(common + extra, env)
                 progress = re.findall(r"progress \[[#.]+\] (\d+)/(\d+) tasks", err)

@@ -302,7 +302,8 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     started = time.perf_counter()
     durations = {}
     in_fs, in_root = filesystem(config.input, config.storage_options)
-    plan = plan_input(config, known=_last_footers(target) if config.resume else None)
+    plan = plan_input(config, known=_last_footers(target) if config.resume else None,
+                      read_remotely=getattr(runner, "read_footers", None))
     if config.score_columns and len(config.score_columns) != len(plan.embedding_columns):
         raise ConfigError(f"score_columns {list(config.score_columns)} must name one column per embedding column "
                           f"{list(plan.embedding_columns)}")

@@ -52,6 +52,12 @@ PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 # Footers and npy headers are read this many at a time on a remote store, where each is one request whose
 # latency (~20 ms on S3) dominates: 100,000 footers take ~1 minute instead of ~1 hour one at a time.
 PLAN_THREADS = 32
+# Above this many footers to read on a remote store, a run on Spark reads them in Spark tasks of
+# FOOTERS_PER_SPARK_TASK each (as Spark's own parallel partition discovery does above
+# spark.sql.sources.parallelPartitionDiscovery.threshold): the driver's one process, bound by the S3 client's
+# CPU (~120 footers/s here), is not what plans 100,000 files; a cluster's cores are.
+EXECUTOR_PLANNING_FILES = 5000
+FOOTERS_PER_SPARK_TASK = 1000
 PLAN_LOG_SECONDS = 10.0
 NPY_NUMBER = re.compile(r"(\d+)\.npy$")
 PARQUET_NUMBER = re.compile(r"(\d+)\.(?:parquet|parq|pq)$")
@@ -300,6 +306,42 @@ def _footer(info: dict, meta: pq.FileMetaData) -> Footer:
 FOOTER_CACHE_VERSION = 1
 
 
+def _encode_footer(footer: Footer) -> list:
+    schema = base64.b64encode(footer.schema.serialize().to_pybytes()).decode()
+    return [footer.identity, footer.num_rows, list(footer.group_rows), footer.digest, schema]
+
+
+def _decode_footer(value: list) -> Footer:
+    identity, rows, groups, digest, schema = value
+    return Footer(identity, rows, tuple(groups), digest, pa.ipc.read_schema(pa.py_buffer(base64.b64decode(schema))))
+
+
+def read_footers_here(input_url: str, storage_options: dict, items: list) -> list[dict]:
+    """The footers of ``items`` (``(path, listing info)``) read in this process, PLAN_THREADS at a time: what a
+    Spark task runs when the footers are read on executors. ``[{"footer": …} | {"error": message}]``, in
+    order (``footers_from_executors`` decodes them)."""
+    fs, _ = filesystem(input_url, storage_options)
+
+    def one(item) -> dict:
+        path, info = item
+        try:
+            return {"footer": _encode_footer(_footer(info, _read_footer(fs, path)))}
+        except InputError as err:
+            return {"error": str(err)}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
+        return list(pool.map(one, items))
+
+
+def footers_from_executors(results: list[dict], paths: list[str]) -> dict:
+    """``read_footers_here``'s results for ``paths`` → ``{path: Footer}``; the first file's error (in path
+    order, as when read here) is raised."""
+    for path, result in zip(paths, results, strict=True):
+        if "error" in result:
+            raise InputError(result["error"])
+    return {path: _decode_footer(result["footer"]) for path, result in zip(paths, results)}
+
+
 def footer_cache(footers: dict) -> bytes:
     """``{path: Footer}`` as gzipped JSON (each distinct schema once, as Arrow IPC): stored with the output's
     state so that a resume re-plans unchanged files from their listing alone (``read_footer_cache``)."""
@@ -359,15 +401,17 @@ def choose_embedding_columns(schema: pa.Schema, config: JobConfig, where: str) -
                      "--embedding-column (one or several).")
 
 
-def plan(config: JobConfig, known: dict | None = None) -> Plan:
+def plan(config: JobConfig, known: dict | None = None, read_remotely=None) -> Plan:
     """Discover the input and cut it into tasks. Reads only footers/headers, never data.
 
     ``known`` (``{path: Footer}``, from ``read_footer_cache``) spares the footer reads of files whose listing
     identity (size, modification time or ETag) is the one recorded: a resume of 100,000 files lists them
-    instead of reading 100,000 footers."""
+    instead of reading 100,000 footers. ``read_remotely(input, storage_options, [(path, info)])`` (the Spark
+    runner's ``read_footers``) reads them on executors when there are more than EXECUTOR_PLANNING_FILES
+    to read on a remote store."""
     fs, root = filesystem(config.input, config.storage_options)
     with accessing(fs, root):
-        return _plan(fs, root, config, known or {})
+        return _plan(fs, root, config, known or {}, read_remotely)
 
 
 def _output_location(config: JobConfig) -> str | None:
@@ -378,7 +422,7 @@ def _output_location(config: JobConfig) -> str | None:
         return None
 
 
-def _plan(fs, root: str, config: JobConfig, known: dict) -> Plan:
+def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None) -> Plan:
     layout = detect_layout(fs, root, config)
     if layout == "laion-npy":
         result = _plan_laion(fs, root, config)
@@ -393,8 +437,13 @@ def _plan(fs, root: str, config: JobConfig, known: dict) -> Plan:
         if footers:
             log.info("planning: %s of %s footers known from the output's last plan", f"{len(footers):,}",
                      f"{len(files):,}")
-        footers |= dict(zip(unread, _concurrently(fs, lambda path: _footer(files[path], _read_footer(fs, path)),
-                                                  unread, "parquet footers")))
+        if read_remotely is not None and len(unread) > EXECUTOR_PLANNING_FILES and not is_local(fs):
+            log.info("planning: reading %s footers in Spark tasks of %s", f"{len(unread):,}", FOOTERS_PER_SPARK_TASK)
+            results = read_remotely(config.input, config.storage_options, [(path, files[path]) for path in unread])
+            footers |= footers_from_executors(results, unread)
+        else:
+            footers |= dict(zip(unread, _concurrently(fs, lambda path: _footer(files[path], _read_footer(fs, path)),
+                                                      unread, "parquet footers")))
         for path, info in files.items():
             footer = footers[path]
             schema, first = _same_schema(fs, schema, first, path, footer.schema)

@@ -195,7 +195,42 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
                 "--resume.")
         return results
 
+    run.read_footers = footer_reader(spark)
     return run
+
+
+def footer_reader(spark):
+    """``read_remotely`` for planner.plan: parquet footers read in Spark tasks, FOOTERS_PER_SPARK_TASK each."""
+
+    def read(input_url: str, storage_options: dict, items: list) -> list[dict]:
+        from clip_nsfw_spark.driver.planner import FOOTERS_PER_SPARK_TASK
+
+        parts = [items[i:i + FOOTERS_PER_SPARK_TASK] for i in range(0, len(items), FOOTERS_PER_SPARK_TASK)]
+
+        def process_partition(batches):
+            import pickle
+            import zlib
+
+            import pyarrow as pa
+
+            from clip_nsfw_spark.driver.planner import read_footers_here
+
+            for batch in batches:
+                for data in batch.column(0).to_pylist():
+                    part = pickle.loads(zlib.decompress(data))
+                    found = read_footers_here(input_url, storage_options, part)
+                    yield pa.RecordBatch.from_pydict({"first": [part[0][0]], "result": [json.dumps(found)]})
+
+        frame = task_frame(spark, parts).mapInArrow(process_partition, "first string, result string")
+        try:
+            with _cancel_on_interrupt(spark):
+                rows = frame.collect()
+        except Exception as err:  # noqa: BLE001 - Py4J, PySpark and Connect raise different types
+            raise _spark_failure(err) from None
+        by_first = {row.first: json.loads(row.result) for row in rows}
+        return [result for part in parts for result in by_first[part[0][0]]]
+
+    return read
 
 
 def partition_runner(worker):

@@ -1,0 +1,62 @@
+"""Planning above EXECUTOR_PLANNING_FILES footers on a remote store: the footers are read in Spark tasks
+(planner.read_footers_here, run by spark/runner.footer_reader) and the plan is the one the driver makes
+alone. Real local Spark, the real S3 server; the thresholds are lowered so that 12 files cross them."""
+
+import pyarrow.parquet as pq
+import pytest
+
+from clip_nsfw_spark.driver import planner
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.errors import InputError
+from clip_nsfw_spark.spark.runner import spark_runner
+from clip_nsfw_spark.tools.sample import write_parquet_sample
+from conftest import needs_models
+
+
+@pytest.fixture
+def remote_input(s3_server, monkeypatch):
+    fs = s3_server.filesystem()
+    if not fs.exists("remoteplan"):
+        fs.mkdir("remoteplan")
+        write_parquet_sample("s3://remoteplan/in", rows=1200, files=12, row_group_rows=50,
+                             storage_options=s3_server.storage_options())
+    monkeypatch.setattr(planner, "EXECUTOR_PLANNING_FILES", 5)
+    monkeypatch.setattr(planner, "FOOTERS_PER_SPARK_TASK", 5)  # 3 Spark tasks: 5, 5 and 2 footers
+    return fs, s3_server.storage_options()
+
+
+def test_footers_read_in_spark_tasks_make_the_drivers_plan(remote_input, spark, caplog):
+    fs, options = remote_input
+    config = JobConfig(input="s3://remoteplan/in", output="s3://remoteplan/out", storage_options=options,
+                       rows_per_task=60)
+    here = planner.plan(config)
+    with caplog.at_level("INFO", logger="clip_nsfw_spark.driver.planner"):
+        there = planner.plan(config, read_remotely=spark_runner(spark).read_footers)
+    assert "reading 12 footers in Spark tasks of 5" in caplog.text
+    assert there.tasks == here.tasks and len(there.tasks) == 24  # two slices of 50 rows per 100-row file
+    assert there.schema.equals(here.schema) and there.total_rows == here.total_rows == 1200
+    assert {path: f.digest for path, f in there.footers.items()} == {path: f.digest for path, f in here.footers.items()}
+
+
+def test_a_damaged_file_read_in_a_spark_task_is_named(remote_input, spark):
+    fs, options = remote_input
+    fs.pipe("remoteplan/bad/part-00000.parquet", fs.cat_file("remoteplan/in/part-00000.parquet"))
+    for i in range(1, 7):
+        fs.pipe(f"remoteplan/bad/part-{i:05d}.parquet", fs.cat_file("remoteplan/in/part-00001.parquet"))
+    fs.pipe("remoteplan/bad/part-00004.parquet", b"PAR1 not really")
+    config = JobConfig(input="s3://remoteplan/bad", output="s3://remoteplan/out-bad", storage_options=options)
+    with pytest.raises(InputError, match=r"cannot read parquet file s3://remoteplan/bad/part-00004\.parquet: "):
+        planner.plan(config, read_remotely=spark_runner(spark).read_footers)
+
+
+@needs_models
+def test_a_job_planned_on_executors_scores_every_row_once(remote_input, spark, caplog):
+    fs, options = remote_input
+    with caplog.at_level("INFO", logger="clip_nsfw_spark.driver.planner"):
+        report = run_job(JobConfig(input="s3://remoteplan/in", output="s3://remoteplan/scored",
+                                   storage_options=options), runner=spark_runner(spark))
+    assert "reading 12 footers in Spark tasks of 5" in caplog.text
+    assert report["input"]["tasks"] == 12 and report["rows"]["read"] == 1200
+    written = [p for p in fs.find("remoteplan/scored") if p.endswith(".parquet") and "/_" not in p]
+    assert sum(pq.read_metadata(fs.open(p, "rb")).num_rows for p in written) == 1200
