@@ -40,6 +40,11 @@ class InputError(ClipNsfwError):
     """The input dataset is missing, unreadable, or not of the expected shape."""
 
 
+class InputChangedError(InputError):
+    """An input file does not hold what the plan read from it (it changed after it was planned): the task
+    leaves nothing, and the run drops the plan's footers so that a --resume reads the file again."""
+
+
 class OutputError(ClipNsfwError):
     """The output location cannot be used (not empty, inside the input, not writable)."""
 

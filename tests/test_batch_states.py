@@ -5,6 +5,7 @@ that file exists with the size it had, a batch covering a task that runs again i
 and a damaged one is ignored and removed."""
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -14,6 +15,8 @@ import pytest
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.driver.output import tool_name
+from clip_nsfw_spark.driver.planner import footer_cache, read_footer_cache
+from clip_nsfw_spark.errors import InputChangedError
 from clip_nsfw_spark.executor.writer import REPORT_NAME, TASKS_DIR
 from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import needs_models
@@ -150,3 +153,25 @@ def test_overwrite_takes_batch_states_for_the_tools_own(finished, spark_runner):
     stray.write_text('{"states": []}')
     again = run_job(dataclasses.replace(config, overwrite=True), runner=spark_runner)
     assert again["rows"] == first["rows"] and not stray.exists() and batches(tmp_path / "out")
+
+
+@needs_models
+def test_footers_kept_from_the_last_plan_that_no_longer_hold_are_dropped_after_one_failure(finished, spark_runner):
+    """The kept footers say part-00001 has other row groups than it has (as if the file changed while keeping
+    its size and modification time): its task stops before writing, the run drops the kept footers, and the
+    next resume reads the footers again and completes."""
+    tmp_path, config, first = finished
+    out = tmp_path / "out"
+    cache = out / TASKS_DIR / "_footers.json.gz"
+    footers = read_footer_cache(cache.read_bytes())
+    path = str(tmp_path / "in" / "part-00001.parquet")
+    footers[path] = dataclasses.replace(footers[path], num_rows=60, group_rows=(60,))
+    cache.write_bytes(footer_cache(footers))
+    task_id = hashlib.sha1(b"part-00001.parquet").hexdigest()[:20]
+    (out / TASKS_DIR / f"{task_id}.json").unlink()  # the task runs again on resume
+    with pytest.raises(InputChangedError, match="part-00001.parquet: its row groups \\[0\\] now hold 100 rows, "
+                                                "the plan counted 60"):
+        run_job(dataclasses.replace(config, resume=True), runner=spark_runner)
+    assert not cache.exists()
+    again = run_job(dataclasses.replace(config, resume=True), runner=spark_runner)
+    assert again["rows"] == first["rows"] and data_rows(out) == 1200 and cache.exists()

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.errors import InputError
+from clip_nsfw_spark.errors import InputChangedError, InputError
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.executor.reader import input_schema, read_npy_rows, task_batches
 
@@ -46,7 +46,8 @@ def test_a_parquet_task_yields_exactly_its_row_groups_in_order(tmp_path):
 def test_tasks_over_all_row_groups_read_every_row_once(tmp_path):
     path = str(tmp_path / "a.parquet")
     numbered_parquet(path, 50, row_group=7)
-    tasks = [Task("parquet", path, "x", groups) for groups in ((0,), (1, 2, 3), (4, 5), (6, 7))]
+    tasks = [Task("parquet", path, "x", groups, rows=sum(min(7, 50 - 7 * g) for g in groups))
+             for groups in ((0,), (1, 2, 3), (4, 5), (6, 7))]
     keys = [k for task in tasks for b, _, _ in read(task, 4) for k in b.column("key").to_pylist()]
     assert keys == list(range(50))
 
@@ -62,11 +63,18 @@ def test_only_the_columns_asked_for_are_read(tmp_path):
     assert {b.num_columns for b, _, _ in counted} == {1} and sum(b.num_rows for b, _, _ in counted) == 20
 
 
+def test_a_task_whose_row_groups_hold_other_rows_than_planned_reads_nothing(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    numbered_parquet(path, 20, row_group=8)
+    with pytest.raises(InputChangedError, match=r"its row groups \[1, 2\] now hold 12 rows, the plan counted 16"):
+        read(Task("parquet", path, "a.parquet", (1, 2), rows=16), 6)
+
+
 def test_read_seconds_are_counted(tmp_path):
     path = str(tmp_path / "a.parquet")
     numbered_parquet(path, 20, row_group=8)
     timings = Counter()
-    read(Task("parquet", path, "a.parquet", (0, 1, 2)), 6, timings=timings)
+    read(Task("parquet", path, "a.parquet", (0, 1, 2), rows=20), 6, timings=timings)
     assert timings["read"] > 0 and set(timings) == {"read"}
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from clip_nsfw_spark.contract import HeadPayload, ScoreOutput, ScoreTarget, TaskConfig
 from clip_nsfw_spark.driver.config import JobConfig
-from clip_nsfw_spark.errors import InputError, OutputError, TaskError
+from clip_nsfw_spark.errors import InputChangedError, InputError, OutputError, TaskError
 from clip_nsfw_spark.driver.planner import plan
 from clip_nsfw_spark.storage.filesystem import filesystem
 from clip_nsfw_spark.scoring.weights import PortableWeights
@@ -412,21 +412,18 @@ def test_a_task_that_cannot_open_its_outputs_leaves_no_temp_file(tmp_path):
     assert files_under(tmp_path / "out") == []
 
 
-def test_a_task_whose_rows_do_not_add_up_is_never_recorded_complete(tmp_path):
-    """The file keeps its two row groups but grows between planning and the task: the task reads them all,
-    more rows than planned. It fails before its state, so a --resume removes what its manifest names and
-    runs it again (the driver's check used to come after every task had recorded itself complete)."""
+def test_a_file_that_grew_since_planning_is_refused_before_anything_is_written(tmp_path):
+    """The file keeps its two row groups but holds more rows than planned: the task reads its footer, sees
+    that the row groups it was given hold other rows, and stops before writing anything."""
     write_input(tmp_path / "in", row_group=5)  # 10 rows, 2 row groups: one task planned for 10 rows
     (task,) = only_task(tmp_path)
     write_input(tmp_path / "in", first=FIRST * 3, row_group=15)  # 30 rows, still 2 row groups
     worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory())
-    with pytest.raises(OutputError, match=rf"^task a.parquet \({tmp_path}/in/a.parquet\) planned 10 rows, read 30, "
-                                          r"wrote .* the task is not recorded complete\. .* rerun with --resume"):
+    with pytest.raises(InputChangedError, match=rf"^cannot read {tmp_path}/in/a.parquet: its row groups \[0, 1\] "
+                                                r"now hold 30 rows, the plan counted 10: the file changed since it "
+                                                r"was planned\. Rerun with --resume"):
         worker(task)
-    assert not (tmp_path / "out" / TASKS_DIR / f"{task.task_id}.json").exists()
-    manifest = json.loads((tmp_path / "out" / MANIFEST_DIR / f"{task.task_id}.json").read_text())
-    assert sorted(manifest["files"]) == sorted(f for f in files_under(tmp_path / "out")
-                                               if not f.startswith(("_clip", MANIFEST_DIR)))
+    assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
 
 
 def test_a_batch_state_is_written_only_while_the_run_holds_the_lease(tmp_path):

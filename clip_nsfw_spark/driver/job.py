@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from clip_nsfw_spark.contract import (TASKS_SUMMED, HeadPayload, ScoreOutput, ScoreTarget, Task, TaskConfig,
                                       add_figures)
 from clip_nsfw_spark.driver.config import JobConfig
-from clip_nsfw_spark.errors import ConfigError, DimensionError, InputError, OutputError
+from clip_nsfw_spark.errors import ConfigError, DimensionError, InputChangedError, InputError, OutputError
 from clip_nsfw_spark.storage.lease import RunLease
 from clip_nsfw_spark.scoring.outcomes import rows_unaccounted
 from clip_nsfw_spark.driver.output import (OutputTarget, check_output_names, check_planned_inputs, clear_output,
@@ -342,8 +342,16 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, {t.task_id: t.rows for t in plan.tasks}, set(done),
                               rows_before=sum(s["rows_read"] for s in done.values())) if progress \
         else contextlib.nullcontext()
-    with watcher:
-        new_stats = (runner or run_sequentially)(pending, worker)
+    try:
+        with watcher:
+            new_stats = (runner or run_sequentially)(pending, worker)
+    except InputChangedError:
+        # A file is not what the plan read (changed since, or footers kept from the last plan that no longer
+        # hold): the next --resume reads every footer again instead of planning from them once more.
+        with contextlib.suppress(Exception):  # a run that lost its lease removes nothing
+            lease.fence("removing the plan's footers")
+            remove(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE))
+        raise
     durations["run"] = time.perf_counter() - t0
 
     # Sums, not every task's stats: a million tasks' stats would fill the driver (~4.5 kB each).

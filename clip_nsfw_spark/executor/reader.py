@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
-from clip_nsfw_spark.errors import InputError
+from clip_nsfw_spark.errors import InputChangedError, InputError
 from clip_nsfw_spark.parquet.pages import Unsupported, open_float_list_stream, read_float_list_column
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.storage.filesystem import unstrip
@@ -85,9 +85,14 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
         columns = source.schema.names[:1]
     if task.kind == "parquet":
         if task.row_groups and max(task.row_groups) >= meta.num_row_groups:
-            raise InputError(f"cannot read {unstrip(fs, task.path)}: it now has {meta.num_row_groups} row group(s), "
-                             f"the plan reads row group {max(task.row_groups)}: the file changed during the run. "
-                             "Rerun with --resume (tasks whose input changed run again)")
+            raise InputChangedError(f"cannot read {unstrip(fs, task.path)}: it now has {meta.num_row_groups} row "
+                                    f"group(s), the plan reads row group {max(task.row_groups)}: the file changed "
+                                    "during the run. Rerun with --resume (tasks whose input changed run again)")
+        found = sum(meta.row_group(group).num_rows for group in task.row_groups)
+        if found != task.rows:  # before anything is written: a file rewritten since planning, or a stale plan
+            raise InputChangedError(f"cannot read {unstrip(fs, task.path)}: its row groups {list(task.row_groups)} "
+                                    f"now hold {found} rows, the plan counted {task.rows}: the file changed since "
+                                    "it was planned. Rerun with --resume (tasks whose input changed run again)")
         for group in task.row_groups:
             position = int(offsets[group])
             for batch in _timed(_row_group_batches(source, [group], batch_rows, columns, own_decoder), timings,
