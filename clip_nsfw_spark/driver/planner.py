@@ -50,12 +50,13 @@ from clip_nsfw_spark.storage.filesystem import (accessing, canonical, canonical_
 log = logging.getLogger(__name__)
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 # Footers and npy headers are read this many at a time on a remote store, where each is one request whose
-# latency (~20 ms on S3) dominates: 100,000 footers take ~1 minute instead of ~1 hour one at a time.
+# latency (~20 ms on S3) would dominate: then the S3 client's CPU bounds it (2,000 footers: 6.6 s instead of
+# 55 s one at a time on 2 vCPUs, docs/scale.md).
 PLAN_THREADS = 32
 # Above this many footers to read on a remote store, a run on Spark reads them in Spark tasks of
 # FOOTERS_PER_SPARK_TASK each (as Spark's own parallel partition discovery does above
 # spark.sql.sources.parallelPartitionDiscovery.threshold): the driver's one process, bound by the S3 client's
-# CPU (~120 footers/s here), is not what plans 100,000 files; a cluster's cores are.
+# CPU (~120-300 footers/s on 2 vCPUs), is not what plans 100,000 files; a cluster's cores are.
 EXECUTOR_PLANNING_FILES = 5000
 FOOTERS_PER_SPARK_TASK = 1000
 PLAN_LOG_SECONDS = 10.0
