@@ -179,13 +179,8 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
         # a task list inside it costs every task the whole list (seconds each at 1M tasks). Joined to a
         # one-row-per-partition range as a broadcast (built once per executor, as the closure was shipped),
         # partition i holds the tasks of part i and nothing else, on classic Spark and Spark Connect alike.
-        frame = task_frame(spark, pack_tasks(list(tasks), _cores(spark), partition_rows)) \
-            .mapInArrow(partition_runner(worker), "result string")
-        try:
-            with _cancel_on_interrupt(spark):
-                rows = frame.collect()
-        except Exception as err:  # noqa: BLE001 - Py4J, PySpark and Connect raise different types
-            raise _spark_failure(err) from None
+        rows = _collect(spark, task_frame(spark, pack_tasks(list(tasks), _cores(spark), partition_rows))
+                        .mapInArrow(partition_runner(worker), "result string"))
         results = [json.loads(row.result) for row in rows]
         failed = [error for result in results for error in result.pop("errors")]
         if failed:
@@ -221,12 +216,7 @@ def footer_reader(spark):
                     found = read_footers_here(input_url, storage_options, part)
                     yield pa.RecordBatch.from_pydict({"first": [part[0][0]], "result": [json.dumps(found)]})
 
-        frame = task_frame(spark, parts).mapInArrow(process_partition, "first string, result string")
-        try:
-            with _cancel_on_interrupt(spark):
-                rows = frame.collect()
-        except Exception as err:  # noqa: BLE001 - Py4J, PySpark and Connect raise different types
-            raise _spark_failure(err) from None
+        rows = _collect(spark, task_frame(spark, parts).mapInArrow(process_partition, "first string, result string"))
         by_first = {row.first: json.loads(row.result) for row in rows}
         return [result for part in parts for result in by_first[part[0][0]]]
 
@@ -288,6 +278,15 @@ def task_frame(spark, parts: list[list], run: int | None = None):
     return (spark.range(0, count, 1, numPartitions=count)
             .join(F.broadcast(listed), F.col("id") == F.col("part"))
             .select("tasks"))
+
+
+def _collect(spark, frame) -> list:
+    """``frame.collect()``, cancelled by Ctrl-C/SIGTERM; a failed Spark job as one TaskError line."""
+    try:
+        with _cancel_on_interrupt(spark):
+            return frame.collect()
+    except Exception as err:  # noqa: BLE001 - Py4J, PySpark and Connect raise different types
+        raise _spark_failure(err) from None
 
 
 def _error_class(name: str):
