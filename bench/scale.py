@@ -1,7 +1,8 @@
 """The scale model's measurements on S3: plan, run and resume N small files with S3's latency added.
 
 Starts the tests' SeaweedFS server on 127.0.0.1 and a proxy that holds every request ``--latency`` seconds
-(tests/s3server.py; every process goes through it: driver, JVM, Python workers). Writes ``--files`` small
+(tests/s3server.py, in a process of its own so that it takes no CPU time from the planner's interpreter;
+every process goes through it: driver, JVM, Python workers). Writes ``--files`` small
 parquet files (``--rows`` rows of 768-d float16 each), then measures, each as its own phase:
 
 - plan: the planner alone, with one thread (the old serial planner) and with ``planner.PLAN_THREADS``, and
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -81,6 +83,64 @@ def plan_once(proxy, options, url, layout, threads, npy_block, count, read_remot
                            "minutes_for_100k_files": round(100_000 * phase.result["seconds"] / count / 60, 1)}
 
 
+class ProxyProcess:
+    """``LatencyProxy`` run in a child process (its asyncio loop would otherwise share the planner's GIL):
+    the same ``endpoint``, ``delay``, ``requests``, ``kinds`` and ``bytes_down``, asked for over a pipe."""
+
+    def __init__(self, target_port: int, delay: float):
+        self._conn, child = multiprocessing.get_context("spawn").Pipe()
+        self._process = multiprocessing.get_context("spawn").Process(target=_serve_proxy, args=(child, target_port, delay),
+                                                                      daemon=True)
+        self._process.start()
+        self.port, self._delay = self._conn.recv(), delay
+
+    endpoint = LatencyProxy.endpoint
+
+    def _ask(self, *message):
+        self._conn.send(message)
+        return self._conn.recv()
+
+    @property
+    def delay(self) -> float:
+        return self._delay
+
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        self._delay = self._ask("delay", seconds)
+
+    @property
+    def requests(self) -> int:
+        return self._ask("stats")[0]
+
+    @property
+    def kinds(self) -> dict:
+        return self._ask("stats")[1]
+
+    @property
+    def bytes_down(self) -> int:
+        return self._ask("stats")[2]
+
+    def close(self) -> None:
+        self._ask("close")
+        self._process.join(10)
+
+
+def _serve_proxy(conn, target_port: int, delay: float) -> None:
+    proxy = LatencyProxy(target_port, delay)
+    conn.send(proxy.port)
+    while True:
+        command, *args = conn.recv()
+        if command == "stats":
+            conn.send((proxy.requests, dict(proxy.kinds), proxy.bytes_down))
+        elif command == "delay":
+            proxy.delay = args[0]
+            conn.send(proxy.delay)
+        else:
+            proxy.close()
+            conn.send(None)
+            return
+
+
 class Phase:
     def __init__(self, proxy, name: str, tasks: int):
         self.proxy, self.name, self.tasks = proxy, name, tasks
@@ -128,7 +188,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="scale-") as work:
         server = SeaweedS3(Path(work))
         server.start()
-        proxy = LatencyProxy(server.port, args.latency)
+        proxy = ProxyProcess(server.port, args.latency)
         try:
             fs = server.filesystem()
             fs.mkdir("scale")

@@ -2,6 +2,7 @@
 (planner.read_footers_here, run by spark/runner.footer_reader) and the plan is the one the driver makes
 alone. Real local Spark, the real S3 server; the thresholds are lowered so that 12 files cross them."""
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -60,3 +61,45 @@ def test_a_job_planned_on_executors_scores_every_row_once(remote_input, spark, c
     assert report["input"]["tasks"] == 12 and report["rows"]["read"] == 1200
     written = [p for p in fs.find("remoteplan/scored") if p.endswith(".parquet") and "/_" not in p]
     assert sum(pq.read_metadata(fs.open(p, "rb")).num_rows for p in written) == 1200
+
+
+def test_footers_on_s3_are_one_ranged_get_each_and_a_long_footer_two(s3_server):
+    """The driver's own reads (planner.read_footers, batched on s3fs's loop): one GET of the file's last
+    FOOTER_TAIL bytes per file, no HEAD, no file object; a footer longer than that a second GET; the plan is
+    the one a local read of the same bytes makes; a truncated file is named."""
+    import s3fs
+
+    from s3server import LatencyProxy
+
+    fs = s3_server.filesystem()
+    fs.mkdir("tailplan")
+    write_parquet_sample("s3://tailplan/in", rows=300, files=6, row_group_rows=20,
+                         storage_options=s3_server.storage_options())
+    wide = pa.table({"embedding": pa.array([[0.5] * 4] * 40, pa.list_(pa.float32())),
+                     **{f"column_{i:04d}_with_a_long_name": pa.array(range(40)) for i in range(3000)}})
+    sink = pa.BufferOutputStream()
+    pq.write_table(wide, sink, row_group_size=15)
+    wide_bytes = sink.getvalue().to_pybytes()
+    assert len(pq.read_metadata(pa.BufferReader(wide_bytes)).to_dict()) and len(wide_bytes) > planner.FOOTER_TAIL
+    fs.pipe("tailplan/wide/part-00000.parquet", wide_bytes)
+    fs.pipe("tailplan/wide/part-00001.parquet", wide_bytes)
+    proxy = LatencyProxy(s3_server.port, delay=0)
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        options = dict(s3_server.storage_options(), endpoint_url=proxy.endpoint)
+        before = dict(proxy.kinds)
+        plan = planner.plan(JobConfig(input="s3://tailplan/in", output="/tmp/unused", storage_options=options,
+                                      rows_per_task=40))
+        gets = [entry for entry in proxy.log if entry[0] == "GET"][before.get("GET", 0):]
+        assert len(gets) == 6 and proxy.kinds.get("HEAD", 0) - before.get("HEAD", 0) <= 3  # listing checks only
+        assert plan.total_rows == 300 and len(plan.tasks) == 12  # 50-row files of 20-row groups: 40 + 10 each
+        logged = len(proxy.log)
+        wide_plan = planner.plan(JobConfig(input="s3://tailplan/wide", output="/tmp/unused", storage_options=options))
+        assert [entry[0] for entry in proxy.log[logged:]].count("GET") == 4  # tail, then the whole footer
+        footer = wide_plan.footers[sorted(wide_plan.footers)[0]]
+        assert footer.group_rows == (15, 15, 10) and wide_plan.schema.equals(wide.schema)
+        fs.pipe("tailplan/wide/part-00001.parquet", wide_bytes[:-20000] + wide_bytes[-8:])  # a footer cut short
+        with pytest.raises(InputError, match=r"cannot read parquet file s3://tailplan/wide/part-00001\.parquet: "):
+            planner.plan(JobConfig(input="s3://tailplan/wide", output="/tmp/unused", storage_options=options))
+    finally:
+        proxy.close()

@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -50,8 +51,7 @@ from clip_nsfw_spark.storage.filesystem import (accessing, canonical, canonical_
 log = logging.getLogger(__name__)
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 # Footers and npy headers are read this many at a time on a remote store, where each is one request whose
-# latency (~20 ms on S3) would dominate: then the S3 client's CPU bounds it (2,000 footers: 6.6 s instead of
-# 55 s one at a time on 2 vCPUs, docs/scale.md).
+# latency (~20 ms on S3) would dominate: then the S3 client's CPU bounds it (docs/scale.md).
 PLAN_THREADS = 32
 # Above this many footers to read on a remote store, a run on Spark reads them in Spark tasks of
 # FOOTERS_PER_SPARK_TASK each (as Spark's own parallel partition discovery does above
@@ -60,6 +60,12 @@ PLAN_THREADS = 32
 EXECUTOR_PLANNING_FILES = 5000
 FOOTERS_PER_SPARK_TASK = 1000
 PLAN_LOG_SECONDS = 10.0
+# A footer is read as one ranged GET of the file's last FOOTER_TAIL bytes (pyarrow's own first footer read;
+# a second GET only for a larger footer), FOOTER_BATCH files per batched call of an async store's client
+# (s3fs, gcsfs: coroutines on its event loop, PLAN_THREADS in flight, no file objects): 2.5 times less
+# client CPU per footer than opening each file, which is what bounds planning on S3 (docs/scale.md).
+FOOTER_TAIL = 64 * 1024
+FOOTER_BATCH = 2000
 NPY_NUMBER = re.compile(r"(\d+)\.npy$")
 PARQUET_NUMBER = re.compile(r"(\d+)\.(?:parquet|parq|pq)$")
 # Table formats whose folders hold files of removed versions: listing their files would read stale rows.
@@ -318,20 +324,13 @@ def _decode_footer(value: list) -> Footer:
 
 
 def read_footers_here(input_url: str, storage_options: dict, items: list) -> list[dict]:
-    """The footers of ``items`` (``(path, listing info)``) read in this process, PLAN_THREADS at a time: what a
+    """The footers of ``items`` (``(path, listing info)``) read in this process (``read_footers``): what a
     Spark task runs when the footers are read on executors. ``[{"footer": …} | {"error": message}]``, in
     order (``footers_from_executors`` decodes them)."""
     fs, _ = filesystem(input_url, storage_options)
-
-    def one(item) -> dict:
-        path, info = item
-        try:
-            return {"footer": _encode_footer(_footer(info, _read_footer(fs, path)))}
-        except InputError as err:
-            return {"error": str(err)}
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
-        return list(pool.map(one, items))
+    found = read_footers(fs, dict(items), [path for path, _ in items])
+    return [{"error": str(footer)} if isinstance(footer, InputError) else {"footer": _encode_footer(footer)}
+            for footer in found]
 
 
 def footers_from_executors(results: list[dict], paths: list[str]) -> dict:
@@ -377,8 +376,105 @@ def _read_footer(fs, path: str) -> pq.FileMetaData:
         with fs.open(path, "rb") as handle:
             return pq.ParquetFile(handle).metadata
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for corrupt files
-        raise InputError(f"cannot read parquet file {unstrip(fs, path)}: {err}. The file is truncated or not "
-                         "parquet; fix or remove it and run again.") from err
+        raise _unreadable(fs, path, err) from err
+
+
+def _unreadable(fs, path: str, err: BaseException) -> InputError:
+    return InputError(f"cannot read parquet file {unstrip(fs, path)}: {err}. The file is truncated or not "
+                      "parquet; fix or remove it and run again.")
+
+
+def read_footers(fs, files: dict, paths: list[str]) -> list:
+    """The ``Footer`` of each of ``paths`` (``files``: ``{path: listing info}``), in order; an unreadable
+    file gives its ``InputError`` in its place (the caller raises the first, in path order).
+
+    A local disk reads them one after the other (nothing waits); an async store's client reads each as one
+    ranged GET of its tail, FOOTER_BATCH files per batched call (``_footers_batched``); other stores open
+    the files PLAN_THREADS at a time. A progress line every PLAN_LOG_SECONDS."""
+
+    def one(path):
+        try:
+            return _footer(files[path], _read_footer(fs, path))
+        except InputError as err:
+            return err
+
+    sizes_known = all(isinstance(files[path].get("size"), int) for path in paths)
+    if getattr(fs, "async_impl", False) and sizes_known and len(paths) > 1:
+        found, started = [], time.monotonic()
+        for begin in range(0, len(paths), FOOTER_BATCH):
+            found += _footers_batched(fs, files, paths[begin:begin + FOOTER_BATCH])
+            if time.monotonic() - started >= PLAN_LOG_SECONDS and len(found) < len(paths):
+                log.info("planning: %s of %s parquet footers read (%.0f/s)", f"{len(found):,}", f"{len(paths):,}",
+                         len(found) / (time.monotonic() - started))
+        return found
+    return _concurrently(fs, one, paths, "parquet footers")
+
+
+def _footers_batched(fs, files: dict, paths: list[str]) -> list:
+    """``read_footers`` on an async store: one batched call for the tails, a second for footers longer than
+    FOOTER_TAIL (rare: thousands of columns)."""
+    sizes = [files[path]["size"] for path in paths]
+    starts = [max(0, size - FOOTER_TAIL) for size in sizes]
+    tails = fs.cat_ranges(paths, starts, sizes, batch_size=PLAN_THREADS, on_error="return")
+    longer = [i for i, tail in enumerate(tails) if isinstance(tail, bytes) and _footer_start(sizes[i], tail) < starts[i]]
+    if longer:
+        starts_longer = [_footer_start(sizes[i], tails[i]) for i in longer]
+        more = fs.cat_ranges([paths[i] for i in longer], starts_longer, [sizes[i] for i in longer],
+                             batch_size=PLAN_THREADS, on_error="return")
+        for i, start, tail in zip(longer, starts_longer, more):
+            tails[i], starts[i] = tail, start
+    found = []
+    for path, size, start, tail in zip(paths, sizes, starts, tails):
+        try:
+            if not isinstance(tail, bytes):
+                raise tail if isinstance(tail, BaseException) else OSError(f"read {type(tail).__name__}")
+            if len(tail) != size - start:  # changed since it was listed: what is read would not be this file
+                raise OSError(f"{size - start} bytes expected at offset {start}, {len(tail)} read: the file "
+                              "changed while the input was listed")
+            found.append(_footer(files[path], pq.ParquetFile(_FileTail(size, tail)).metadata))
+        except Exception as err:  # noqa: BLE001 - the store's and pyarrow's many error types, as _read_footer
+            found.append(_unreadable(fs, path, err))
+    return found
+
+
+def _footer_start(size: int, tail: bytes) -> int:
+    """Where the footer whose last bytes are ``tail`` (the end of a file of ``size`` bytes) begins; ``size``
+    when the tail does not end with a footer length and magic (pyarrow then says what is wrong)."""
+    if len(tail) < 8 or tail[-4:] != b"PAR1":
+        return size
+    return max(0, size - 8 - int.from_bytes(tail[-8:-4], "little"))
+
+
+class _FileTail(io.RawIOBase):
+    """A read-only file of ``size`` bytes of which only the last ``len(tail)`` are held: what pyarrow reads
+    to parse a footer (a read before the tail is refused, not answered with zeros)."""
+
+    def __init__(self, size: int, tail: bytes):
+        super().__init__()
+        self._size, self._tail, self._offset, self._position = size, tail, size - len(tail), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._position = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence] + offset
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        if self._position >= self._size:
+            return 0
+        if self._position < self._offset:
+            raise OSError(f"byte {self._position} is before the {len(self._tail)} bytes read of the file's end")
+        data = self._tail[self._position - self._offset:self._position - self._offset + len(buffer)]
+        buffer[:len(data)] = data
+        self._position += len(data)
+        return len(data)
 
 
 def choose_embedding_columns(schema: pa.Schema, config: JobConfig, where: str) -> tuple[str, ...]:
@@ -443,8 +539,11 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None) -> 
             results = read_remotely(config.input, config.storage_options, [(path, files[path]) for path in unread])
             footers |= footers_from_executors(results, unread)
         else:
-            footers |= dict(zip(unread, _concurrently(fs, lambda path: _footer(files[path], _read_footer(fs, path)),
-                                                      unread, "parquet footers")))
+            found = read_footers(fs, files, unread)
+            for footer in found:
+                if isinstance(footer, InputError):
+                    raise footer
+            footers |= dict(zip(unread, found))
         for path, info in files.items():
             footer = footers[path]
             schema, first = _same_schema(fs, schema, first, path, footer.schema)
