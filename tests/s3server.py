@@ -213,7 +213,8 @@ METHODS = (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")
 
 
 def parse_request(data: bytes) -> tuple[str, str, int] | None:
-    """``(kind, path, content length)`` of an HTTP request starting ``data``, or None if it is not one."""
+    """``(kind, path, content length)`` of an HTTP request starting ``data``, or None if it is not one. A
+    LIST's path keeps its query (the prefix and delimiter listed)."""
     head, _, _ = data.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
@@ -225,7 +226,8 @@ def parse_request(data: bytes) -> tuple[str, str, int] | None:
         headers[name.strip().lower().decode(errors="replace")] = value.strip().decode(errors="replace")
     method, target = parts[0].decode(), parts[1].decode(errors="replace")
     path, _, query = target.partition("?")
-    return request_kind(method, path, query, headers), path, int(headers.get("content-length") or 0)
+    kind = request_kind(method, path, query, headers)
+    return kind, target if kind == "LIST" else path, int(headers.get("content-length") or 0)
 
 
 def request_kind(method: str, path: str, query: str, headers: dict) -> str:

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -134,6 +135,14 @@ def test_a_resume_on_s3_reads_one_batch_per_spark_task_not_a_state_per_task(s3_s
         proxy.close()
     assert again["tasks_resumed"] == FILES and again["rows"] == first["rows"]
     gets = [path for kind, path, _ in proxy.log if kind == "GET" and f"/{TASKS_DIR}/" in path]
+    # The output is listed whole once (after the lease is held; its state is judged from that listing), its
+    # top level not at all: at 100,000 tasks a listing of the output is 200+ pages.
+    lists = [path for kind, path, _ in proxy.log if kind == "LIST"]
+    assert len([path for path in lists if "prefix=out" in path and "delimiter=%2F" not in path]) == 1, lists
+    # Nor is the top level of the input or the output listed page by page (s3fs's isdir() would): a folder's
+    # kind is one HEAD and a one-key listing.
+    top = [path for path in lists if re.search(r"prefix=(in|out)%2F&delimiter=%2F&(?!max-keys=1&)", path)]
+    assert not top, top
     covered = sum(len(json.loads(fs.cat_file(p))["states"]) for p in written)
     assert len([p for p in gets if "/_batch-" in p]) == len(written)
     assert len([p for p in gets if "/_batch-" not in p and not p.endswith(("/_job.json", "/_footers.json.gz"))]) \

@@ -263,8 +263,10 @@ def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = Fa
     """
     target = validate_output(config)
     with RunLease(target.fs, target.root) as lease:
-        refuse_nested_runs(target)  # with this run's lease in place: a run started at once above or below shows
-        return _run_job(config, target, lease, runner, progress)
+        # With this run's lease in place: a run started at once above or below shows. A resume judges its
+        # state from this same listing (nothing but this run writes there while it holds the lease).
+        listing = refuse_nested_runs(target)
+        return _run_job(config, target, lease, runner, progress, listing if config.resume else None)
 
 
 def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str, targets: tuple[ScoreTarget, ...],
@@ -298,7 +300,7 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> d
 
 
 def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: Runner | None,
-             progress: bool) -> dict:
+             progress: bool, listing: dict | None = None) -> dict:
     started = time.perf_counter()
     durations = {}
     in_fs, in_root = filesystem(config.input, config.storage_options)
@@ -327,7 +329,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     worker = Worker(tasks_config, tuple(head.payload for head in heads))
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(out_fs, out_root, fingerprint(config, tasks_config, heads),
-                                              config.resume, plan, config.mode, lease.fence)
+                                              config.resume, plan, config.mode, lease.fence, listing)
     if plan.footers:  # what a resume plans unchanged files from, without reading their footers again
         lease.fence("writing the plan's footers")
         write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(plan.footers))
@@ -394,11 +396,12 @@ _ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compres
 
 
 def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str,
-                   fence: Callable[[str], None]) -> tuple[dict, dict]:
+                   fence: Callable[[str], None], listing: dict | None = None) -> tuple[dict, dict]:
     """Create the state folder; on resume, check it is the same job and sort the completed tasks.
 
     ``fence(step)`` raises unless this run still holds the output's lease (lease.RunLease.fence); it is
-    called right before every removal and write.
+    called right before every removal and write. ``listing`` (``{path: size}`` under ``out_root``, made
+    while holding the lease) spares listing the output again.
 
     Returns ``(done, actions)``: the stats of tasks that are complete for the input as it is now, keyed
     by task id, and what the resume did. A task whose input changed (size, modification time/ETag, row
@@ -433,7 +436,7 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
         # 100,000 tasks reads a few thousand files, not 100,000. Manifests are read only for tasks not
         # complete. Everything is read and checked before anything is removed: a damaged state or a foreign
         # file refuses the resume untouched.
-        existing = find_sizes_fresh(out_fs, out_root)
+        existing = find_sizes_fresh(out_fs, out_root) if listing is None else listing
         batches = _read_batches(out_fs, existing, state_dir)
         copies = {join(state_dir, state["task_id"] + ".json"): state
                   for states in batches.values() for state in states or ()}

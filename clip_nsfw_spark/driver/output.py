@@ -19,8 +19,9 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.storage.lease import LEASE_NAME, refuse_if_held
 from clip_nsfw_spark.driver.planner import Plan
-from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, is_local, join, list_fresh, locations,
-                                                 read_many_fresh, remove, renames_atomically, unstrip, within)
+from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, find_sizes_fresh, is_local, join,
+                                                 kind_fresh, list_fresh, locations, read_many_fresh, remove,
+                                                 renames_atomically, unstrip, within)
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REJECTED_DIR, REPORT_NAME,
                                              SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths)
 
@@ -61,14 +62,19 @@ def validate_output(config: JobConfig) -> OutputTarget:
     with accessing(in_fs, in_base, "input"):  # storage errors (credentials, endpoint) name the input first
         in_fs.exists(in_base)
     with accessing(out_fs, out_root, "output"):
-        exists = exists_fresh(out_fs, out_root)
-        if exists and not out_fs.isdir(out_root):
+        kind = kind_fresh(out_fs, out_root)  # not isdir(): on S3 that lists the whole top level
+        exists = kind is not None
+        if exists and kind != "directory":
             raise OutputError(f"output {shown} is a file; it must be a folder")
         refuse_if_held(out_fs, out_root, url)
-        entries = [p for p in list_fresh(out_fs, out_root) if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME] \
-            if exists else []
-    target = OutputTarget(out_fs, out_root, url, bool(entries))
-    refuse_nested_runs(target, shown, look_below=target.non_empty)
+        # A resume's own state shows the folder is not empty without listing its top level (100,000 files).
+        ours = exists and config.resume and exists_fresh(out_fs, join(out_root, TASKS_DIR, JOB_STATE))
+        non_empty = ours or (exists and any(p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME
+                                            for p in list_fresh(out_fs, out_root)))
+    target = OutputTarget(out_fs, out_root, url, non_empty)
+    # A resume looks below only once it holds the lease (run_job): the listing it makes then is also the one
+    # its state is judged from, and listing 100,000 tasks' files on S3 takes a minute.
+    refuse_nested_runs(target, shown, look_below=target.non_empty and not config.resume)
     if not target.non_empty:
         return target
     if not (config.overwrite or config.resume):
@@ -203,12 +209,13 @@ def _refuse_nested(fs, root: str, shown: str) -> None:
             parent = parent.rsplit("/", 1)[0] if "/" in parent.strip("/") else ""
 
 
-def nested_outputs(fs, root: str) -> list[str]:
+def nested_outputs(fs, root: str, listing=None) -> list[str]:
     """Folders under ``root`` (relative paths) that are outputs of this tool or held by a run's lease, at
     any depth: found by their ``_clip_nsfw_lease.json``, ``_clip_nsfw_report.json`` or
-    ``_clip_nsfw_tasks/_job.json``. ``root``'s own files are not counted."""
+    ``_clip_nsfw_tasks/_job.json``. ``root``'s own files are not counted. ``listing``: the paths under
+    ``root`` if already listed."""
     found = set()
-    for path in find_fresh(fs, root):
+    for path in find_fresh(fs, root) if listing is None else listing:
         rel = path[len(root):].lstrip("/")
         folder, _, name = rel.rpartition("/")
         if folder.endswith(TASKS_DIR) and name == JOB_STATE:
@@ -220,20 +227,24 @@ def nested_outputs(fs, root: str) -> list[str]:
     return sorted(found)
 
 
-def refuse_nested_runs(target: OutputTarget, shown: str | None = None, look_below: bool = True) -> None:
+def refuse_nested_runs(target: OutputTarget, shown: str | None = None, look_below: bool = True) -> dict | None:
     """Refuse an output with another output of this tool (or a run's lease) above or below it, at any
     depth. Run again once this run holds its lease: two runs started together on ``out`` and ``out/sub``
     then see each other's lease (at least one of them refuses), where ``validate_output`` alone could
     let both through. ``look_below=False`` skips the listing (an output folder that was empty).
+
+    Returns the listing it looked below in (``find_sizes_fresh``: ``{path: size}``), None without one.
     """
     fs, root, shown = target.fs, target.root, shown or target.url
     _refuse_nested(fs, root, shown)
     with accessing(fs, root, "output"):
-        inner = nested_outputs(fs, root) if look_below else []
+        listing = find_sizes_fresh(fs, root) if look_below else None
+        inner = nested_outputs(fs, root, listing) if look_below else []
     if inner:
         raise OutputError(f"output {shown} holds other clip-nsfw-spark outputs or runs ({_listing(inner)}): "
                           "readers of it would get both datasets, and neither report would count the other's "
                           "rows. Choose an output folder that holds no other output, or move them out.")
+    return listing
 
 
 def _mount_points(fs, root: str) -> list[str]:

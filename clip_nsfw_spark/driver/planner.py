@@ -263,7 +263,7 @@ def list_parquet_files(fs, root: str, folders: set | None = None, suffixes: tupl
 def detect_layout(fs, root: str, config: JobConfig) -> str:
     if config.layout != "auto":
         return config.layout
-    if fs.isdir(root) and fs.isdir(join(root, config.embeddings_dir)):
+    if fs.isdir(join(root, config.embeddings_dir)):  # not isdir(root): on S3 that lists its whole top level
         return "laion-npy"
     return "parquet"
 

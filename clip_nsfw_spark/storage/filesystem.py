@@ -269,6 +269,17 @@ def find_sizes_fresh(fs, root: str) -> dict[str, int]:
             if not path.endswith("/") and info.get("type") != "directory"}
 
 
+def kind_fresh(fs, path: str) -> str | None:
+    """``"file"``, ``"directory"`` (or another type the store names) for ``path`` now, None when it does not
+    exist; past the cache. One HEAD (and a one-key listing) on S3, where ``isdir`` lists every key of the
+    folder's top level."""
+    fs.invalidate_cache(path)
+    try:
+        return fs.info(path).get("type") or "file"
+    except FileNotFoundError:
+        return None
+
+
 def exists_fresh(fs, path: str) -> bool:
     """Whether ``path`` exists now, past the cache (a file written or removed since the last listing)."""
     fs.invalidate_cache(path)
