@@ -11,8 +11,7 @@ import fsspec
 import pytest
 
 from clip_nsfw_spark.errors import ConfigError
-from clip_nsfw_spark.storage.filesystem import (canonical, find_sizes_fresh, is_local, join, location, locations, unstrip,
-                                                within)
+from clip_nsfw_spark.storage.filesystem import canonical, is_local, join, location, locations, unstrip, within
 
 
 @pytest.fixture
@@ -124,28 +123,3 @@ def test_join_skips_empty_parts_and_unstrip_gives_a_url_for_messages(root):
     local = fsspec.filesystem("file")
     assert unstrip(local, str(root / "in")) == str(root / "in")  # a local path stays a path
     assert unstrip(fsspec.filesystem("memory"), "/b/x") == "memory:///b/x"
-
-
-def test_s3_listings_by_the_native_client_are_s3fs_listings(s3_server, caplog):
-    """find_sizes_fresh on S3 lists with pyarrow's S3 client (C++): the same paths and sizes as s3fs's
-    find for names with spaces, glob characters and unicode, zero-byte folder keys left out, a missing
-    folder empty, a file written after a first listing seen; where that client fails, s3fs lists."""
-    from clip_nsfw_spark.storage import filesystem as storage
-
-    fs = s3_server.filesystem()
-    files = {"nativelist/out/a b[1]?.parquet": b"x", "nativelist/out/ü/ñ*{x}.json": b"yy",
-             "nativelist/out/_clip_nsfw_tasks/0123.json": b"zzz", "nativelist/out/deep/er/f": b"w" * 70_000}
-    fs.pipe(files | {"nativelist/out/folder/": b""})
-    assert storage._find_sizes_native(fs, "nativelist/out") is not None  # the native client was used
-    listed = find_sizes_fresh(fs, "nativelist/out")
-    fs.invalidate_cache()
-    through_s3fs = {path.rstrip("/"): info["size"] for path, info in fs.find("nativelist/out", detail=True).items()
-                    if not path.endswith("/") and info.get("type") != "directory"}
-    assert listed == through_s3fs == {path: len(data) for path, data in files.items()}
-    assert find_sizes_fresh(fs, "nativelist/missing") == {}
-    fs.pipe("nativelist/out/later.parquet", b"late")
-    assert find_sizes_fresh(fs, "nativelist/out")["nativelist/out/later.parquet"] == 4
-    wrong = s3_server.filesystem(secret="not-the-secret")  # the native client refused: s3fs lists, refuses too
-    with caplog.at_level("INFO", logger="clip_nsfw_spark.storage.filesystem"), pytest.raises(Exception):
-        find_sizes_fresh(wrong, "nativelist/out")
-    assert "with pyarrow's S3 client failed" in caplog.text

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import logging
 import os
 import posixpath
 import re
@@ -22,8 +21,6 @@ import uuid
 import fsspec
 
 from clip_nsfw_spark.errors import ClipNsfwError, ConfigError, InputError, MissingDependencyError, OutputError
-
-log = logging.getLogger(__name__)
 
 
 def filesystem(url: str, storage_options: dict | None = None):
@@ -261,15 +258,7 @@ def find_fresh(fs, root: str) -> set[str]:
 
 
 def find_sizes_fresh(fs, root: str) -> dict[str, int]:
-    """``find_fresh`` with each file's size in bytes, from the same one listing.
-
-    On S3 the listing is made by pyarrow's S3 client (the AWS SDK for C++, ``_find_sizes_native``) when it
-    can: s3fs spends ~0.15 ms of Python per key parsing listings, a minute for the 300,000 keys of a
-    100,000-task output; the C++ client ~0.01 ms. Any failure of that client falls back to s3fs, which then
-    gives the error if there is one."""
-    native = _find_sizes_native(fs, root)
-    if native is not None:
-        return native
+    """``find_fresh`` with each file's size in bytes, from the same one listing."""
     fs.invalidate_cache(root)
     try:
         found = fs.find(root, detail=True)
@@ -278,56 +267,6 @@ def find_sizes_fresh(fs, root: str) -> dict[str, int]:
     # Zero-byte "folder" keys (an S3 console's "Create folder", some writers' markers) are not files.
     return {path.rstrip("/"): info.get("size") for path, info in found.items()
             if not path.endswith("/") and info.get("type") != "directory"}
-
-
-def _native_s3(fs, bucket: str):
-    """A pyarrow (AWS SDK for C++) S3 filesystem with the credentials, endpoint and region that ``fs`` (s3fs)
-    uses now (on AWS, ``bucket``'s own region); None when ``fs`` is not s3fs or pyarrow lacks S3."""
-    try:
-        import pyarrow.fs as pafs
-        from fsspec.asyn import sync
-    except ImportError:
-        return None
-    if type(fs).__name__ != "S3FileSystem" or not hasattr(fs, "set_session") or not hasattr(pafs, "S3FileSystem"):
-        return None
-
-    async def resolved(awaitable):
-        return await awaitable
-
-    client = sync(fs.loop, fs.set_session)
-    options = {"region": client.meta.region_name or "us-east-1"}
-    scheme, _, host = client.meta.endpoint_url.partition("://")
-    if not host.endswith(".amazonaws.com"):  # a store of one's own (MinIO, SeaweedFS, Ceph …)
-        options.update(endpoint_override=host, scheme=scheme)
-    else:  # s3fs follows a bucket to its region; the SDK must be told it
-        options["region"] = pafs.resolve_s3_region(bucket)
-    credentials = None if getattr(fs, "anon", False) else client._get_credentials()
-    if hasattr(credentials, "__await__"):
-        credentials = sync(fs.loop, resolved, credentials)
-    if credentials is None:
-        options["anonymous"] = True
-    else:
-        frozen = credentials.get_frozen_credentials()
-        if hasattr(frozen, "__await__"):
-            frozen = sync(fs.loop, resolved, frozen)
-        options.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token or "")
-    return pafs.S3FileSystem(**options)
-
-
-def _find_sizes_native(fs, root: str) -> dict[str, int] | None:
-    """``find_sizes_fresh`` by pyarrow's S3 client; None when there is none or it failed (logged)."""
-    try:
-        native = _native_s3(fs, root.strip("/").split("/", 1)[0])
-        if native is None:
-            return None
-        import pyarrow.fs as pafs
-
-        infos = native.get_file_info(pafs.FileSelector(root.rstrip("/"), recursive=True, allow_not_found=True))
-    except Exception as err:  # noqa: BLE001 - TLS options, a bucket in another region …: s3fs decides
-        log.info("listing %s with pyarrow's S3 client failed (%s); listing it with s3fs", root, err)
-        return None
-    # As s3fs's find: files only (zero-byte "folder/" keys are folders), paths without a trailing "/".
-    return {info.path.rstrip("/"): info.size for info in infos if info.type == pafs.FileType.File}
 
 
 def kind_fresh(fs, path: str) -> str | None:
