@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
+import urllib.parse
 
 import pyarrow.parquet as pq
 import pytest
@@ -141,8 +141,10 @@ def test_a_resume_on_s3_reads_one_batch_per_spark_task_not_a_state_per_task(s3_s
     assert len([path for path in lists if "prefix=out" in path and "delimiter=%2F" not in path]) == 1, lists
     # Nor is the top level of the input or the output listed page by page (s3fs's isdir() would): a folder's
     # kind is one HEAD and a one-key listing.
-    top = [path for path in lists if re.search(r"prefix=(in|out)%2F&delimiter=%2F&(?!max-keys=1&)", path)]
-    assert not top, top
+    queries = [urllib.parse.parse_qs(path.partition("?")[2], keep_blank_values=True) for path in lists]
+    top = [q for q in queries if q.get("prefix") in (["in/"], ["out/"]) and q.get("delimiter") == ["/"]
+           and q.get("max-keys") != ["1"]]
+    assert not top and len(queries) == len(lists) and all("prefix" in q for q in queries), lists
     covered = sum(len(json.loads(fs.cat_file(p))["states"]) for p in written)
     assert len([p for p in gets if "/_batch-" in p]) == len(written)
     assert len([p for p in gets if "/_batch-" not in p and not p.endswith(("/_job.json", "/_footers.json.gz"))]) \

@@ -11,6 +11,7 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.errors import InputError
 from clip_nsfw_spark.spark.runner import spark_runner
+from clip_nsfw_spark.storage.filesystem import filesystem
 from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import needs_models
 
@@ -99,6 +100,17 @@ def test_footers_on_s3_are_one_ranged_get_each_and_a_long_footer_two(s3_server):
         assert [entry[0] for entry in proxy.log[logged:]].count("GET") == 4  # tail, then the whole footer
         footer = wide_plan.footers[sorted(wide_plan.footers)[0]]
         assert footer.group_rows == (15, 15, 10) and wide_plan.schema.equals(wide.schema)
+        fs.pipe("tailplan/odd/empty.parquet", b"")  # not fetched (a range 0..-1 would be the whole file)
+        fs.pipe("tailplan/odd/changed.parquet", wide_bytes)
+        odd = {path: fs.info(path) for path in ("tailplan/odd/changed.parquet", "tailplan/odd/empty.parquet")}
+        fs.pipe("tailplan/odd/changed.parquet", wide_bytes[:1000])  # rewritten after it was listed
+        proxied, _ = filesystem("s3://tailplan/odd", options)
+        logged = len(proxy.log)
+        empty, changed = planner.read_footers(proxied, odd, ["tailplan/odd/empty.parquet",
+                                                             "tailplan/odd/changed.parquet"])
+        assert [entry[1] for entry in proxy.log[logged:] if entry[0] == "GET"] == ["/tailplan/odd/changed.parquet"]
+        assert "cannot read parquet file s3://tailplan/odd/empty.parquet" in str(empty)
+        assert "changed while the input was planned: it was listed with" in str(changed) and "1,000 bytes" in str(changed)
         fs.pipe("tailplan/wide/part-00001.parquet", wide_bytes[:-20000] + wide_bytes[-8:])  # a footer cut short
         with pytest.raises(InputError, match=r"cannot read parquet file s3://tailplan/wide/part-00001\.parquet: "):
             planner.plan(JobConfig(input="s3://tailplan/wide", output="/tmp/unused", storage_options=options))

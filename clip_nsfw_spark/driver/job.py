@@ -263,10 +263,10 @@ def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = Fa
     """
     target = validate_output(config)
     with RunLease(target.fs, target.root) as lease:
-        # With this run's lease in place: a run started at once above or below shows. A resume judges its
-        # state from this same listing (nothing but this run writes there while it holds the lease).
-        listing = refuse_nested_runs(target)
-        return _run_job(config, target, lease, runner, progress, listing if config.resume else None)
+        # With this run's lease in place: a run started at once above or below shows. A resume of its own
+        # output looks below in the listing its state is judged from (_prepare_state), made after planning.
+        refuse_nested_runs(target, look_below=not (config.resume and target.non_empty))
+        return _run_job(config, target, lease, runner, progress)
 
 
 def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str, targets: tuple[ScoreTarget, ...],
@@ -300,7 +300,7 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> d
 
 
 def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: Runner | None,
-             progress: bool, listing: dict | None = None) -> dict:
+             progress: bool) -> dict:
     started = time.perf_counter()
     durations = {}
     in_fs, in_root = filesystem(config.input, config.storage_options)
@@ -329,7 +329,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     worker = Worker(tasks_config, tuple(head.payload for head in heads))
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(out_fs, out_root, fingerprint(config, tasks_config, heads),
-                                              config.resume, plan, config.mode, lease.fence, listing)
+                                              config.resume, plan, config.mode, lease.fence)
     if plan.footers:  # what a resume plans unchanged files from, without reading their footers again
         lease.fence("writing the plan's footers")
         write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(plan.footers))
@@ -395,13 +395,17 @@ _ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compres
                  and previous.get("write_columns") == [] else None}
 
 
+def _output_target(out_fs, out_root: str) -> OutputTarget:
+    return OutputTarget(out_fs, out_root, unstrip(out_fs, out_root), True)
+
+
 def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str,
-                   fence: Callable[[str], None], listing: dict | None = None) -> tuple[dict, dict]:
+                   fence: Callable[[str], None]) -> tuple[dict, dict]:
     """Create the state folder; on resume, check it is the same job and sort the completed tasks.
 
     ``fence(step)`` raises unless this run still holds the output's lease (lease.RunLease.fence); it is
-    called right before every removal and write. ``listing`` (``{path: size}`` under ``out_root``, made
-    while holding the lease) spares listing the output again.
+    called right before every removal and write. A resume lists the output once: other outputs nested in
+    it are refused from that listing (``refuse_nested_runs``), and the state is judged from it.
 
     Returns ``(done, actions)``: the stats of tasks that are complete for the input as it is now, keyed
     by task id, and what the resume did. A task whose input changed (size, modification time/ETag, row
@@ -417,8 +421,9 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     if resume:
         try:
             previous = _state_json(read_fresh(out_fs, job_file), unstrip(out_fs, job_file))
-        except FileNotFoundError:
+        except FileNotFoundError:  # gone since validate_output saw it (or never there): look below as any run
             previous = None
+            refuse_nested_runs(_output_target(out_fs, out_root))
     if previous is not None:
         for key, meaning in _ABSENT_MEANS.items():  # written by an older version, before the key existed
             if key not in previous:
@@ -436,7 +441,8 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
         # 100,000 tasks reads a few thousand files, not 100,000. Manifests are read only for tasks not
         # complete. Everything is read and checked before anything is removed: a damaged state or a foreign
         # file refuses the resume untouched.
-        existing = find_sizes_fresh(out_fs, out_root) if listing is None else listing
+        existing = find_sizes_fresh(out_fs, out_root)
+        refuse_nested_runs(_output_target(out_fs, out_root), listing=existing)
         batches = _read_batches(out_fs, existing, state_dir)
         copies = {join(state_dir, state["task_id"] + ".json"): state
                   for states in batches.values() for state in states or ()}

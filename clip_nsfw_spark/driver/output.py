@@ -19,7 +19,7 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.storage.lease import LEASE_NAME, refuse_if_held
 from clip_nsfw_spark.driver.planner import Plan
-from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, find_sizes_fresh, is_local, join,
+from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, is_local, join,
                                                  kind_fresh, list_fresh, locations, read_many_fresh, remove,
                                                  renames_atomically, unstrip, within)
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REJECTED_DIR, REPORT_NAME,
@@ -72,8 +72,8 @@ def validate_output(config: JobConfig) -> OutputTarget:
         non_empty = ours or (exists and any(p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME
                                             for p in list_fresh(out_fs, out_root)))
     target = OutputTarget(out_fs, out_root, url, non_empty)
-    # A resume looks below only once it holds the lease (run_job): the listing it makes then is also the one
-    # its state is judged from, and listing 100,000 tasks' files on S3 takes a minute.
+    # A resume looks below once it holds the lease, in the listing its state is judged from (job._prepare_state):
+    # listing 100,000 tasks' files on S3 takes a minute.
     refuse_nested_runs(target, shown, look_below=target.non_empty and not config.resume)
     if not target.non_empty:
         return target
@@ -227,24 +227,22 @@ def nested_outputs(fs, root: str, listing=None) -> list[str]:
     return sorted(found)
 
 
-def refuse_nested_runs(target: OutputTarget, shown: str | None = None, look_below: bool = True) -> dict | None:
+def refuse_nested_runs(target: OutputTarget, shown: str | None = None, look_below: bool = True,
+                       listing=None) -> None:
     """Refuse an output with another output of this tool (or a run's lease) above or below it, at any
     depth. Run again once this run holds its lease: two runs started together on ``out`` and ``out/sub``
     then see each other's lease (at least one of them refuses), where ``validate_output`` alone could
-    let both through. ``look_below=False`` skips the listing (an output folder that was empty).
-
-    Returns the listing it looked below in (``find_sizes_fresh``: ``{path: size}``), None without one.
+    let both through. ``look_below=False`` skips the listing (an output folder that was empty);
+    ``listing`` (the paths under the output) is looked in instead of listing it again.
     """
     fs, root, shown = target.fs, target.root, shown or target.url
     _refuse_nested(fs, root, shown)
     with accessing(fs, root, "output"):
-        listing = find_sizes_fresh(fs, root) if look_below else None
         inner = nested_outputs(fs, root, listing) if look_below else []
     if inner:
         raise OutputError(f"output {shown} holds other clip-nsfw-spark outputs or runs ({_listing(inner)}): "
                           "readers of it would get both datasets, and neither report would count the other's "
                           "rows. Choose an output folder that holds no other output, or move them out.")
-    return listing
 
 
 def _mount_points(fs, root: str) -> list[str]:

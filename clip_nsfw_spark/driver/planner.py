@@ -63,9 +63,10 @@ PLAN_LOG_SECONDS = 10.0
 # A footer is read as one ranged GET of the file's last FOOTER_TAIL bytes (pyarrow's own first footer read;
 # a second GET only for a larger footer), FOOTER_BATCH files per batched call of an async store's client
 # (s3fs, gcsfs: coroutines on its event loop, PLAN_THREADS in flight, no file objects): 2.5 times less
-# client CPU per footer than opening each file, which is what bounds planning on S3 (docs/scale.md).
+# client CPU per footer than opening each file, which is what bounds planning on S3 (docs/scale.md). A batch's
+# tails are held together: 256 × 64 KiB = 16 MiB.
 FOOTER_TAIL = 64 * 1024
-FOOTER_BATCH = 2000
+FOOTER_BATCH = 256
 NPY_NUMBER = re.compile(r"(\d+)\.npy$")
 PARQUET_NUMBER = re.compile(r"(\d+)\.(?:parquet|parq|pq)$")
 # Table formats whose folders hold files of removed versions: listing their files would read stale rows.
@@ -415,7 +416,11 @@ def _footers_batched(fs, files: dict, paths: list[str]) -> list:
     FOOTER_TAIL (rare: thousands of columns)."""
     sizes = [files[path]["size"] for path in paths]
     starts = [max(0, size - FOOTER_TAIL) for size in sizes]
-    tails = fs.cat_ranges(paths, starts, sizes, batch_size=PLAN_THREADS, on_error="return")
+    tails: list = [b""] * len(paths)  # an empty file is not asked for (a range 0..-1 would fetch it whole)
+    asked = [i for i, size in enumerate(sizes) if size > 0]
+    for i, tail in zip(asked, fs.cat_ranges([paths[i] for i in asked], [starts[i] for i in asked],
+                                            [sizes[i] for i in asked], batch_size=PLAN_THREADS, on_error="return")):
+        tails[i] = tail
     longer = [i for i, tail in enumerate(tails) if isinstance(tail, bytes) and _footer_start(sizes[i], tail) < starts[i]]
     if longer:
         starts_longer = [_footer_start(sizes[i], tails[i]) for i in longer]
@@ -433,8 +438,25 @@ def _footers_batched(fs, files: dict, paths: list[str]) -> list:
                               "changed while the input was listed")
             found.append(_footer(files[path], pq.ParquetFile(_FileTail(size, tail)).metadata))
         except Exception as err:  # noqa: BLE001 - the store's and pyarrow's many error types, as _read_footer
-            found.append(_unreadable(fs, path, err))
+            found.append(_changed_since_listed(fs, path, size) or _unreadable(fs, path, err))
     return found
+
+
+def _changed_since_listed(fs, path: str, size: int) -> InputError | None:
+    """An InputError if ``path`` no longer has the ``size`` it was listed with (rewritten while planning: its
+    tail read was of another file), else None."""
+    try:
+        fs.invalidate_cache(path)
+        now = fs.info(path).get("size")
+    except FileNotFoundError:
+        now = None
+    except Exception:  # noqa: BLE001 - cannot tell: the read's own error is reported
+        return None
+    if now == size:
+        return None
+    what = "was removed" if now is None else f"now has {now:,} bytes"
+    return InputError(f"input file {unstrip(fs, path)} changed while the input was planned: it was listed with "
+                      f"{size:,} bytes and {what}. Run again once nothing writes to the input.")
 
 
 def _footer_start(size: int, tail: bytes) -> int:
