@@ -328,7 +328,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids)
     worker = Worker(tasks_config, tuple(head.payload for head in heads))
     with accessing(out_fs, out_root, "output"):
-        done, resume_actions = _prepare_state(out_fs, out_root, fingerprint(config, tasks_config, heads),
+        done, resume_actions = _prepare_state(target, fingerprint(config, tasks_config, heads),
                                               config.resume, plan, config.mode, lease.fence)
     if plan.footers:  # what a resume plans unchanged files from, without reading their footers again
         lease.fence("writing the plan's footers")
@@ -395,11 +395,7 @@ _ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compres
                  and previous.get("write_columns") == [] else None}
 
 
-def _output_target(out_fs, out_root: str) -> OutputTarget:
-    return OutputTarget(out_fs, out_root, unstrip(out_fs, out_root), True)
-
-
-def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan: Plan, mode: str,
+def _prepare_state(target: OutputTarget, fingerprint: dict, resume: bool, plan: Plan, mode: str,
                    fence: Callable[[str], None]) -> tuple[dict, dict]:
     """Create the state folder; on resume, check it is the same job and sort the completed tasks.
 
@@ -412,6 +408,7 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
     count, footer) is run again, after its old outputs are removed; the outputs of a task whose input
     is gone are removed. Nothing stale survives a resume.
     """
+    out_fs, out_root = target.fs, target.root
     state_dir = join(out_root, TASKS_DIR)
     job_file = join(state_dir, JOB_STATE)
     done, actions = {}, {"reused": 0, "rerun_changed": [], "rerun_missing": [], "removed_gone": [],
@@ -423,7 +420,7 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
             previous = _state_json(read_fresh(out_fs, job_file), unstrip(out_fs, job_file))
         except FileNotFoundError:  # gone since validate_output saw it (or never there): look below as any run
             previous = None
-            refuse_nested_runs(_output_target(out_fs, out_root))
+            refuse_nested_runs(target)
     if previous is not None:
         for key, meaning in _ABSENT_MEANS.items():  # written by an older version, before the key existed
             if key not in previous:
@@ -442,7 +439,7 @@ def _prepare_state(out_fs, out_root: str, fingerprint: dict, resume: bool, plan:
         # complete. Everything is read and checked before anything is removed: a damaged state or a foreign
         # file refuses the resume untouched.
         existing = find_sizes_fresh(out_fs, out_root)
-        refuse_nested_runs(_output_target(out_fs, out_root), listing=existing)
+        refuse_nested_runs(target, listing=existing)
         batches = _read_batches(out_fs, existing, state_dir)
         copies = {join(state_dir, state["task_id"] + ".json"): state
                   for states in batches.values() for state in states or ()}

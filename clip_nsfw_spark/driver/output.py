@@ -80,7 +80,7 @@ def validate_output(config: JobConfig) -> OutputTarget:
     if not (config.overwrite or config.resume):
         raise OutputError(f"output {shown} is not empty. Use --overwrite to replace it, "
                           "--resume to finish an interrupted run, or choose another folder.")
-    if config.resume and not exists_fresh(out_fs, join(out_root, TASKS_DIR, JOB_STATE)):
+    if config.resume and not ours:
         raise OutputError(f"--resume refused: {shown} is not empty and was not written by "
                           "clip-nsfw-spark (no _clip_nsfw_tasks/_job.json). Choose another output folder.")
     links = _symlinks(out_fs, out_root)

@@ -314,14 +314,22 @@ def _footer(info: dict, meta: pq.FileMetaData) -> Footer:
 FOOTER_CACHE_VERSION = 1
 
 
+def _schema_text(schema: pa.Schema) -> str:
+    """A schema as base64 Arrow IPC (JSON-safe); ``_schema_of`` reads it back."""
+    return base64.b64encode(schema.serialize().to_pybytes()).decode()
+
+
+def _schema_of(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
 def _encode_footer(footer: Footer) -> list:
-    schema = base64.b64encode(footer.schema.serialize().to_pybytes()).decode()
-    return [footer.identity, footer.num_rows, list(footer.group_rows), footer.digest, schema]
+    return [footer.identity, footer.num_rows, list(footer.group_rows), footer.digest, _schema_text(footer.schema)]
 
 
 def _decode_footer(value: list) -> Footer:
     identity, rows, groups, digest, schema = value
-    return Footer(identity, rows, tuple(groups), digest, pa.ipc.read_schema(pa.py_buffer(base64.b64decode(schema))))
+    return Footer(identity, rows, tuple(groups), digest, _schema_of(schema))
 
 
 def read_footers_here(input_url: str, storage_options: dict, items: list) -> list[dict]:
@@ -348,9 +356,9 @@ def footer_cache(footers: dict) -> bytes:
     state so that a resume re-plans unchanged files from their listing alone (``read_footer_cache``)."""
     schemas, files = {}, {}
     for path, footer in footers.items():
-        serialized = footer.schema.serialize().to_pybytes()
-        key = hashlib.sha1(serialized).hexdigest()[:20]
-        schemas.setdefault(key, base64.b64encode(serialized).decode())
+        text = _schema_text(footer.schema)
+        key = hashlib.sha1(text.encode()).hexdigest()[:20]
+        schemas.setdefault(key, text)
         files[path] = [footer.identity, footer.num_rows, list(footer.group_rows), footer.digest, key]
     document = {"version": FOOTER_CACHE_VERSION, "schemas": schemas, "files": files}
     return gzip.compress(json.dumps(document).encode(), 1)
@@ -363,8 +371,7 @@ def read_footer_cache(data: bytes) -> dict:
         value = json.loads(gzip.decompress(data))
         if value.get("version") != FOOTER_CACHE_VERSION:
             return {}
-        schemas = {key: pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
-                   for key, text in value["schemas"].items()}
+        schemas = {key: _schema_of(text) for key, text in value["schemas"].items()}
         return {path: Footer(identity, int(rows), tuple(int(n) for n in groups), digest, schemas[key])
                 for path, (identity, rows, groups, digest, key) in value["files"].items()
                 if isinstance(identity, str) and isinstance(digest, str) and sum(groups) == rows}

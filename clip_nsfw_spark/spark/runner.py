@@ -203,18 +203,13 @@ def footer_reader(spark):
         parts = [items[i:i + FOOTERS_PER_SPARK_TASK] for i in range(0, len(items), FOOTERS_PER_SPARK_TASK)]
 
         def process_partition(batches):
-            import pickle
-            import zlib
-
             import pyarrow as pa
 
             from clip_nsfw_spark.driver.planner import read_footers_here
 
-            for batch in batches:
-                for data in batch.column(0).to_pylist():
-                    part = pickle.loads(zlib.decompress(data))
-                    found = read_footers_here(input_url, storage_options, part)
-                    yield pa.RecordBatch.from_pydict({"first": [part[0][0]], "result": [json.dumps(found)]})
+            for part in parts_in(batches):
+                found = read_footers_here(input_url, storage_options, part)
+                yield pa.RecordBatch.from_pydict({"first": [part[0][0]], "result": [json.dumps(found)]})
 
         rows = _collect(spark, task_frame(spark, parts).mapInArrow(process_partition, "first string, result string"))
         by_first = {row.first: json.loads(row.result) for row in rows}
@@ -228,35 +223,32 @@ def partition_runner(worker):
     in place on a ``TaskError``; one JSON record back (contract.sum_of_tasks, plus ``errors``)."""
 
     def process_partition(batches):
-        import pickle
         import time
-        import zlib
 
         import pyarrow as pa
 
         from clip_nsfw_spark.contract import sum_of_tasks
         from clip_nsfw_spark.errors import ClipNsfwError, TaskError
 
-        for batch in batches:
-            for data in batch.column(0).to_pylist():
-                completed, errors = [], []
-                for task in pickle.loads(zlib.decompress(data)):
-                    for attempt in range(1, TASK_ATTEMPTS + 1):
-                        try:
-                            completed.append(worker(task))
-                            break
-                        except TaskError as err:
-                            if attempt == TASK_ATTEMPTS:
-                                errors.append({"error": str(err), "error_type": type(err).__name__})
-                            else:
-                                time.sleep(attempt)
-                        except ClipNsfwError as err:
+        for part in parts_in(batches):
+            completed, errors = [], []
+            for task in part:
+                for attempt in range(1, TASK_ATTEMPTS + 1):
+                    try:
+                        completed.append(worker(task))
+                        break
+                    except TaskError as err:
+                        if attempt == TASK_ATTEMPTS:
                             errors.append({"error": str(err), "error_type": type(err).__name__})
-                            break
-                if hasattr(worker, "record_together"):  # one batch state: a resume reads it, not one per task
-                    worker.record_together(completed)
-                record = sum_of_tasks(completed) | {"errors": errors}
-                yield pa.RecordBatch.from_pydict({"result": [json.dumps(record)]})
+                        else:
+                            time.sleep(attempt)
+                    except ClipNsfwError as err:
+                        errors.append({"error": str(err), "error_type": type(err).__name__})
+                        break
+            if hasattr(worker, "record_together"):  # one batch state: a resume reads it, not one per task
+                worker.record_together(completed)
+            record = sum_of_tasks(completed) | {"errors": errors}
+            yield pa.RecordBatch.from_pydict({"result": [json.dumps(record)]})
 
     return process_partition
 
@@ -278,6 +270,15 @@ def task_frame(spark, parts: list[list], run: int | None = None):
     return (spark.range(0, count, 1, numPartitions=count)
             .join(F.broadcast(listed), F.col("id") == F.col("part"))
             .select("tasks"))
+
+
+def parts_in(batches):
+    """The parts ``task_frame`` encoded, as a ``mapInArrow`` function receives them (one per row)."""
+    import zlib
+
+    for batch in batches:
+        for data in batch.column(0).to_pylist():
+            yield pickle.loads(zlib.decompress(data))
 
 
 def _collect(spark, frame) -> list:
