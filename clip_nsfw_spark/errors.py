@@ -45,6 +45,11 @@ class InputChangedError(InputError):
     leaves nothing, and the run drops the plan's footers so that a --resume reads the file again."""
 
 
+class DamagedInputError(InputError):
+    """An input file's bytes are damaged (a page CRC mismatch, a page that does not decompress to its
+    stated size, a truncated chunk …): permanent, never retried; the task fails and writes nothing."""
+
+
 class OutputError(ClipNsfwError):
     """The output location cannot be used (not empty, inside the input, not writable)."""
 

@@ -25,6 +25,7 @@ from clip_nsfw_spark.parquet.pages import (
 )
 
 COL = "embedding"
+LEFT_TO_PYARROW = ("brotli", "lz4")  # codecs pages.py does not decode (module docstring)
 UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -121,6 +122,9 @@ def test_page_versions_and_codecs(tmp_path, version, compression, dtype):
     assert ("DATA_PAGE_V2" if version == "2.0" else "DATA_PAGE") in kinds
     if dtype == np.float32:
         assert data_encodings(path) == {"RLE_DICTIONARY", "PLAIN"}
+    if compression in LEFT_TO_PYARROW:  # no decompressed length in the stream to check a page by
+        refused(path)
+        return
     assert_all_row_groups(path)
 
 
@@ -351,8 +355,8 @@ def test_hadoop_lz4_is_refused(tmp_path):
     patched = str(tmp_path / "hadoop.parquet")
     Path(patched).write_bytes(bytes(data))
     assert pq.read_metadata(patched).row_group(0).column(1).compression != "LZ4"
-    assert decode(path, 0) is not None  # the unpatched file decodes: the refusal is the codec's
     refused(patched)
+    refused(path)  # LZ4_RAW is pyarrow's too (no length in the stream to check a page by)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -536,6 +540,10 @@ def test_stream_equals_whole_chunk_and_pyarrow(tmp_path, version, compression, d
                  data_page_version=version, data_page_size=4096,
                  dictionary_pagesize_limit=(1 << 20) if dtype == np.float16 else 4096)
     assert data_encodings(path) == ({"RLE_DICTIONARY"} if dtype == np.float16 else {"RLE_DICTIONARY", "PLAIN"})
+    if compression in LEFT_TO_PYARROW:
+        with open(path, "rb") as f:
+            assert open_float_list_stream(f, pq.read_metadata(path), 0, COL) is None
+        return
     page = rows_per_page(path, 48)
     assert 1 < page < 700
     for batch_rows in (1, 7, page, page + 1, 3 * page - 1, 699, 700, 10_000):

@@ -18,7 +18,7 @@ import pytest
 
 from clip_nsfw_spark.contract import HeadPayload, ScoreOutput, ScoreTarget, TaskConfig
 from clip_nsfw_spark.driver.config import JobConfig
-from clip_nsfw_spark.errors import InputChangedError, InputError, OutputError, TaskError
+from clip_nsfw_spark.errors import DamagedInputError, InputChangedError, InputError, OutputError, TaskError
 from clip_nsfw_spark.driver.planner import plan
 from clip_nsfw_spark.storage.filesystem import filesystem
 from clip_nsfw_spark.scoring.weights import PortableWeights
@@ -227,8 +227,8 @@ def test_a_corrupt_page_fails_the_task_naming_the_file_and_leaves_nothing(tmp_pa
     data[page:page + 64] = b"\xab" * 64  # a page header no reader can decode
     path.write_bytes(bytes(data))
     worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory())
-    # pyarrow reports a corrupt page as an OSError, as it does a failed read: a TaskError, which Spark retries.
-    with pytest.raises(TaskError, match=rf"^task a.parquet \({tmp_path}/in/a.parquet\) failed: OSError: "):
+    # pyarrow's own verdict on the bytes (not a failed read): permanent, one line naming file and row group
+    with pytest.raises(DamagedInputError, match=rf"^{tmp_path}/in/a.parquet is damaged: row group 2: .*thrift"):
         worker(tasks[0])
     # Rows of the first row groups were written to temp files before the error: all aborted.
     assert files_under(tmp_path / "out") == []

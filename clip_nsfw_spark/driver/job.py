@@ -43,6 +43,7 @@ from clip_nsfw_spark.models.registry import fitting_model_hint
 from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fresh, filesystem, find_sizes_fresh,
                                                  join, location, read_fresh, read_many_fresh, remove, unstrip,
                                                  write_whole)
+from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file
 from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,
                                              SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths)
@@ -69,17 +70,32 @@ def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
     widths = {}
     with in_fs.open(first.path, "rb") as handle:
         # Buffered, no pre-buffering: the driver reads a few pages, not the whole first column chunk.
-        parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
+        parquet = parquet_file(handle)
         for column in plan.embedding_columns:
-            for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
-                values = batch.column(0)
-                lengths = np.array([values.type.list_size]) if pa.types.is_fixed_size_list(values.type) \
-                    else values.value_lengths().drop_null().to_numpy(zero_copy_only=False)
-                lengths = lengths[lengths > 0]
-                if len(lengths):
-                    widths[column] = int(np.bincount(lengths).argmax())
+            width = None
+            for group in range(parquet.metadata.num_row_groups):
+                try:
+                    width = _first_width(parquet.iter_batches(batch_size=1024, row_groups=[group], columns=[column]))
+                except Exception as err:
+                    if is_damage(err):
+                        raise damaged(unstrip(in_fs, first.path), group, err) from err
+                    raise
+                if width is not None:
+                    widths[column] = width
                     break
     return widths
+
+
+def _first_width(batches) -> int | None:
+    """The commonest non-zero list length in the first batch that has one (None: no such batch)."""
+    for batch in batches:
+        values = batch.column(0)
+        lengths = np.array([values.type.list_size]) if pa.types.is_fixed_size_list(values.type) \
+            else values.value_lengths().drop_null().to_numpy(zero_copy_only=False)
+        lengths = lengths[lengths > 0]
+        if len(lengths):
+            return int(np.bincount(lengths).argmax())
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
-from clip_nsfw_spark.errors import InputChangedError, InputError
-from clip_nsfw_spark.parquet.pages import Unsupported, open_float_list_stream, read_float_list_column
+from clip_nsfw_spark.errors import DamagedInputError, InputChangedError, InputError
+from clip_nsfw_spark.parquet.pages import Damaged, Unsupported, open_float_list_stream, read_float_list_column
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.storage.filesystem import unstrip
 
@@ -43,6 +43,7 @@ class OpenParquet:
 
     file: pq.ParquetFile
     handle: object
+    where: str  # the file as the user wrote its URL, for messages
 
     @property
     def schema(self) -> pa.Schema:
@@ -53,8 +54,37 @@ class OpenParquet:
 def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
     """The task's parquet file (data, or LAION metadata), open for ``task_batches``."""
     with fs.open(task.path, "rb") as handle:
-        # Buffered reads, no pre-buffering: memory stays at about one row group whatever the file size.
-        yield OpenParquet(pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20), handle)
+        yield OpenParquet(parquet_file(handle), handle, unstrip(fs, task.path))
+
+
+def parquet_file(handle) -> pq.ParquetFile:
+    """pyarrow's reader of an open parquet file as the job reads every file: buffered reads, no
+    pre-buffering (memory about one row group whatever the file size), and every page that records a
+    CRC-32 checked against it (a damaged page is an error, never a wrong value)."""
+    return pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20, page_checksum_verification=True)
+
+
+def is_damage(err: BaseException) -> bool:
+    """True when ``err`` is pyarrow's own verdict on a file's bytes (a checksum, decompression or
+    decoding failure raised by its C++ reader), not an error of the storage it reads through: those
+    reach pyarrow from the Python file object and are re-raised as they were (their traceback ends
+    outside pyarrow), or carry an errno."""
+    if isinstance(err, Damaged):
+        return True
+    if type(err) not in (OSError, pa.ArrowInvalid, pa.ArrowIOError) or getattr(err, "errno", None):
+        return False
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and "pyarrow" in frame.tb_frame.f_code.co_filename
+
+
+def damaged(where: str, group: int, err: BaseException) -> DamagedInputError:
+    """The one-line error for a damaged row group of ``where``."""
+    cause = " ".join(str(err).split()).rstrip(".")
+    return DamagedInputError(f"{where} is damaged: row group {group}: {cause}. No reader should accept it (pyarrow "
+                             "with page checksum verification refuses it too); rewrite or re-copy the file from "
+                             "its source, or leave it out of the input")
 
 
 def input_schema(task: Task, fs) -> pa.Schema:
@@ -123,22 +153,40 @@ def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: li
     Float-list columns pages.py can decode come from it (whole row group then sliced, or streamed when
     the chunk is large); the other columns from pyarrow, whose batch sizes the float-list columns follow.
     """
-    names = source.schema.names if columns is None else columns
     for group in groups:
-        decoded = _decoded_float_lists(source, group, names, batch_rows) if own_decoder else {}
-        if not decoded:
-            yield from source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
-            continue
-        rest = [name for name in names if name not in decoded]
-        others = source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=rest) if rest else None
-        rows, start = source.file.metadata.row_group(group).num_rows, 0
-        while start < rows:
-            other = next(others) if others is not None else None
-            n = other.num_rows if other is not None else min(batch_rows, rows - start)
-            fields = [source.schema.field(name) if name in decoded else other.schema.field(name) for name in names]
-            arrays = [decoded[name].slice(start, n) if name in decoded else other.column(name) for name in names]
-            yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
-            start += n
+        try:
+            yield from _group_batches(source, group, batch_rows, columns, own_decoder)
+        except Exception as err:
+            if is_damage(err):
+                raise damaged(source.where, group, err) from err
+            raise
+
+
+def _group_batches(source: OpenParquet, group: int, batch_rows: int, columns: list[str] | None, own_decoder: bool):
+    """``_row_group_batches`` of one row group."""
+    names = source.schema.names if columns is None else columns
+    rows = source.file.metadata.row_group(group).num_rows
+    decoded = _decoded_float_lists(source, group, names, batch_rows) if own_decoder else {}
+    if not decoded:
+        got = 0
+        for batch in source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+            got += batch.num_rows
+            yield batch
+        if got != rows:  # pyarrow skips pages of a type it does not know: rows would vanish unnoticed
+            raise Damaged(f"its columns hold {got} rows, the footer says {rows}")
+        return
+    rest = [name for name in names if name not in decoded]
+    others = source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=rest) if rest else None
+    start = 0
+    while start < rows:
+        other = next(others, None) if others is not None else None
+        if others is not None and other is None:
+            raise Damaged(f"its columns {rest} hold {start} rows, the footer says {rows}")
+        n = other.num_rows if other is not None else min(batch_rows, rows - start)
+        fields = [source.schema.field(name) if name in decoded else other.schema.field(name) for name in names]
+        arrays = [decoded[name].slice(start, n) if name in decoded else other.column(name) for name in names]
+        yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+        start += n
 
 
 def _decoded_float_lists(source: OpenParquet, group: int, names: list[str], batch_rows: int) -> dict:
@@ -205,7 +253,9 @@ class _StreamedColumn:
         pieces = []
         while n > 0:
             if self.pending is None or len(self.pending) == 0:
-                self.pending = next(self.fallback)
+                self.pending = next(self.fallback, None)
+                if self.pending is None:
+                    raise Damaged(f"column {self.name!r} ends before the row group's last row")
             piece = self.pending.slice(0, n)
             self.pending = self.pending.slice(len(piece))
             if keep:

@@ -135,8 +135,10 @@ class AtomicParquet:
             self.tmp = join(root, TMP_DIR, uuid.uuid4().hex + ".parquet")
             fs.makedirs(join(root, TMP_DIR), exist_ok=True)
             self._handle = fs.open(self.tmp, "wb")
+        # every page carries its CRC-32: a reader that checks them (pyarrow's page_checksum_verification,
+        # this job's own reader) refuses a page damaged after it was written instead of reading wrong values
         options = {"compression": compression, "use_dictionary": scalar_columns(schema),
-                   "write_statistics": scalar_columns(schema)}
+                   "write_statistics": scalar_columns(schema), "write_page_checksum": True}
         # uncompressed embedding columns are encoded by splice.py (several times faster than pyarrow)
         spliced = SplicedParquetWriter(self._handle, schema, columns=float_list_columns(schema), **options) \
             if own_encoder else None

@@ -31,9 +31,17 @@ What is decoded (anything else → ``None``):
 * data pages v1 and v2; a dictionary page (PLAIN) with RLE_DICTIONARY / PLAIN_DICTIONARY indices, PLAIN and
   BYTE_STREAM_SPLIT data pages, mixed in one chunk (pyarrow's and parquet-mr's fallback from dictionary to
   PLAIN once the dictionary is full);
-* codecs UNCOMPRESSED, SNAPPY, GZIP, BROTLI, ZSTD and LZ4_RAW (pyarrow's metadata calls it ``LZ4``; the
-  deprecated Hadoop-framed LZ4 shows as ``UNKNOWN`` there and is refused, and a page that looks
-  Hadoop-framed is refused too).
+* codecs UNCOMPRESSED, SNAPPY, GZIP and ZSTD, each page's decompressed length checked independently of
+  the codec call (``pyarrow.decompress`` returns the size it is told whatever the data held): SNAPPY's
+  length preamble, GZIP decompressed by zlib (its CRC-32 and length trailer checked), ZSTD by its own
+  frame check. BROTLI and LZ4_RAW streams carry no length to check them by: those chunks are pyarrow's.
+
+Validation (the rule: never a different answer from pyarrow reading with ``page_checksum_verification``;
+on a damaged file at least as strict as it): a page's CRC-32, when its header has one, is checked against
+its bytes before anything is decoded, and a mismatch raises ``Damaged`` (the file is damaged: no other
+reader would accept it either); anything else that does not add up (sizes, counts, levels, dictionary
+indices, truncation) makes this module step aside (``None`` / ``Unsupported``) and pyarrow, reading with
+checksum verification, decides.
 
 Memory: the chunk's compressed bytes plus the decoded values (4 bytes per float32 value) are held at once.
 
@@ -52,11 +60,13 @@ are checked at global positions; pyarrow's writer never splits rows across pages
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_nsfw_spark.parquet.thrift import STRUCT, ThriftError, decode_struct
+from clip_nsfw_spark.parquet.thrift import BOOL, I32, STRUCT, ThriftError, decode_struct
 
 try:  # numba is a core dependency; without it every call returns None (pyarrow then reads)
     import numba
@@ -65,7 +75,7 @@ try:  # numba is a core dependency; without it every call returns None (pyarrow 
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
-__all__ = ["FloatListStream", "Unsupported", "iter_float_list_column", "open_float_list_stream",
+__all__ = ["Damaged", "FloatListStream", "Unsupported", "iter_float_list_column", "open_float_list_stream",
            "page_summary", "read_float_list_column"]
 
 # parquet.thrift enum values used here
@@ -73,14 +83,29 @@ _DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
 _PLAIN, _PLAIN_DICTIONARY, _RLE, _RLE_DICTIONARY, _BYTE_STREAM_SPLIT = 0, 2, 3, 8, 9
 
 # pyarrow's names of the codecs (ColumnChunkMetaData.compression) → pyarrow.decompress codec; None: stored.
-# "LZ4" is LZ4_RAW: Arrow maps the deprecated Hadoop-framed LZ4 (thrift codec 5) to LZ4_HADOOP, which
-# pyarrow prints as "UNKNOWN" (refused below, like LZO).
-_CODECS = {"UNCOMPRESSED": None, "SNAPPY": "snappy", "GZIP": "gzip", "BROTLI": "brotli", "ZSTD": "zstd",
-           "LZ4": "lz4_raw", "LZ4_RAW": "lz4_raw"}
+# BROTLI and LZ4_RAW (pyarrow says "LZ4") are left to pyarrow: their streams hold no decompressed length to
+# check a page by, and pyarrow.decompress returns the length it is told whatever the data held.
+_CODECS = {"UNCOMPRESSED": None, "SNAPPY": "snappy", "GZIP": "gzip", "ZSTD": "zstd"}
+
+
+class Damaged(Exception):
+    """A page's bytes do not match the CRC-32 its header records: the file is damaged (pyarrow with
+    ``page_checksum_verification`` refuses it too). Raised, never answered with ``None``: a caller must
+    not read the chunk another way."""
 
 
 class _Unsupported(Exception):
     """Internal: the chunk is outside what this module decodes; the public function returns None."""
+
+
+# The wire type of every PageHeader field read here, and of the fields of its nested page headers (by the
+# PageHeader field holding them), with the fields parquet.thrift requires: a field of another type is one a
+# generated Thrift reader skips, and a required field missing makes it refuse the header: so do we.
+_HEADER_TYPES = {1: I32, 2: I32, 3: I32, 4: I32, 5: STRUCT, 6: STRUCT, 7: STRUCT, 8: STRUCT}
+_HEADER_REQUIRED = {1, 2, 3}
+_SUB_HEADERS = {5: ({1: I32, 2: I32, 3: I32, 4: I32, 5: STRUCT}, {1, 2, 3, 4}),  # DataPageHeader
+                7: ({1: I32, 2: I32, 3: BOOL}, {1, 2}),  # DictionaryPageHeader
+                8: ({1: I32, 2: I32, 3: I32, 4: I32, 5: I32, 6: I32, 7: BOOL, 8: STRUCT}, {1, 2, 3, 4, 5, 6})}  # V2
 
 
 def _as_dict(fields: list) -> dict:
@@ -88,14 +113,28 @@ def _as_dict(fields: list) -> dict:
     return {f.id: _as_dict(f.value) if f.type == STRUCT else f.value for f in fields}
 
 
+def _check_types(fields: list, types: dict, required: set, what: str) -> None:
+    """``_Unsupported`` when a field in ``types`` has another wire type or a ``required`` field is missing."""
+    for f in fields:
+        if f.id in types and f.type != types[f.id]:
+            raise _Unsupported(f"{what} field {f.id} has wire type {f.type}, expected {types[f.id]}")
+        if f.id in _SUB_HEADERS and what == "page header":
+            _check_types(f.value, *_SUB_HEADERS[f.id], f"page header field {f.id}")
+    missing = required - {f.id for f in fields}
+    if missing:
+        raise _Unsupported(f"{what} without its required field(s) {sorted(missing)}")
+
+
 def _page_header(buf, pos: int) -> tuple[dict, int]:
     """Decode one PageHeader at ``buf[pos:]``; returns (fields by thrift id, position after the header).
     Unknown fields are decoded too, i.e. skipped correctly whatever their type; ``_Unsupported`` when the
-    bytes run out or are not a Thrift struct (a truncated or damaged header)."""
+    bytes run out or are not a Thrift struct (a truncated or damaged header), or a field read here has
+    another wire type than parquet.thrift gives it."""
     try:
         fields, end = decode_struct(buf, pos)
     except ThriftError as err:
         raise _Unsupported(f"page header: {err}") from err
+    _check_types(fields, _HEADER_TYPES, _HEADER_REQUIRED, "page header")
     return _as_dict(fields), end
 
 
@@ -361,8 +400,9 @@ def _bit_width(max_level: int) -> int:
     return int(max_level).bit_length()
 
 
-def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict:
-    """What the chunk must be, from the footer: arrow type, leaf index, levels, d, value dtype, codec."""
+def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str, decoding: bool = True) -> dict:
+    """What the chunk must be, from the footer: arrow type, leaf index, levels, d, value dtype, codec
+    (``decoding=False``: any codec, for reading page headers only)."""
     schema = metadata.schema.to_arrow_schema()  # applies the stored ARROW:schema (large/fixed-size lists)
     if schema.get_field_index(column) < 0:  # missing, or the name is duplicated
         raise _Unsupported(f"no single top-level column {column!r}")
@@ -393,7 +433,7 @@ def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict
     if chunk.file_path:  # the chunk lives in another file (external column chunk), not in ``source``
         raise _Unsupported(f"column chunk in {chunk.file_path!r}")
     codec = chunk.compression
-    if codec not in _CODECS:
+    if codec not in _CODECS and decoding:
         raise _Unsupported(f"codec {codec}")
     n_rows = metadata.row_group(row_group).num_rows
     n_levels = chunk.num_values
@@ -407,7 +447,7 @@ def _column_plan(metadata: pq.FileMetaData, row_group: int, column: str) -> dict
     start = chunk.data_page_offset
     if chunk.has_dictionary_page and chunk.dictionary_page_offset:  # 0: unset by some old writers
         start = min(start, chunk.dictionary_page_offset)
-    return {"arrow_type": arrow_type, "value_type": value_type, "storage": storage, "codec": _CODECS[codec],
+    return {"arrow_type": arrow_type, "value_type": value_type, "storage": storage, "codec": _CODECS.get(codec, codec),
             "list_nullable": schema.field(column).nullable, "item_nullable": arrow_type.value_field.nullable,
             "n_rows": n_rows, "d": d, "n_levels": n_levels, "max_def": desc.max_definition_level,
             "start": start, "size": chunk.total_compressed_size, "leaf": leaf}
@@ -451,24 +491,51 @@ def _read_into(source, start: int, out: np.ndarray) -> int:
     return got
 
 
+def _snappy_length(body: np.ndarray) -> int:
+    """The uncompressed length a snappy block states in its ULEB128 preamble (-1: none readable)."""
+    n, shift = 0, 0
+    for k in range(min(5, body.shape[0])):
+        b = int(body[k])
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n
+        shift += 7
+    return -1
+
+
 def _decompress(body: np.ndarray, size: int, codec: str | None) -> np.ndarray:
+    """A page's ``size`` decompressed bytes, their length established independently of the header's
+    ``size`` (``_Unsupported`` when it differs or the data does not decompress)."""
     if codec is None:
         if body.shape[0] != size:
             raise _Unsupported("stored page of the wrong size")
         return body
-    if codec == "lz4_raw" and body.shape[0] >= 8:
-        # Hadoop framing: big-endian uncompressed and compressed block lengths first. A raw LZ4 page whose
-        # first bytes happen to say exactly that is refused too (pyarrow then reads it): never guess.
-        head = body[:8].tobytes()
-        if int.from_bytes(head[:4], "big") == size and int.from_bytes(head[4:], "big") == body.shape[0] - 8:
-            raise _Unsupported("Hadoop-framed LZ4")
-    try:
+    if codec == "gzip":  # zlib says how long the data really is, and checks gzip's CRC-32 and length trailer
+        inflater = zlib.decompressobj(wbits=47)  # a gzip or zlib header, as Arrow's codec accepts
+        try:
+            out = inflater.decompress(body, size + 1)
+        except zlib.error as err:
+            raise _Unsupported(f"gzip page does not decompress: {err}") from err
+        if len(out) != size or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
+            raise _Unsupported(f"gzip page of {len(out)}+ bytes, its header says {size}")
+        return np.frombuffer(out, np.uint8)
+    if codec == "snappy" and _snappy_length(body) != size:
+        raise _Unsupported(f"snappy page of {_snappy_length(body)} bytes, its header says {size}")
+    try:  # zstd: the decoder itself refuses a frame that does not end at exactly ``size`` bytes
         out = pa.decompress(body, decompressed_size=size, codec=codec, asbytes=False)
     except (pa.ArrowException, ValueError) as err:
         raise _Unsupported(f"{codec} page does not decompress: {err}") from err
     if out.size != size:
         raise _Unsupported("decompressed page of the wrong size")
     return np.frombuffer(out, np.uint8)
+
+
+def _check_crc(header: dict, body: np.ndarray) -> None:
+    """``Damaged`` when the page header records a CRC-32 (field 4) that its bytes do not have."""
+    recorded = header.get(4)
+    if recorded is not None and zlib.crc32(body) != recorded & 0xFFFFFFFF:
+        raise Damaged(f"page CRC-32 mismatch: the header records {recorded & 0xFFFFFFFF:#010x}, the "
+                      f"{body.shape[0]} bytes have {zlib.crc32(body):#010x}")
 
 
 def _levels_v1(page: np.ndarray, p: int, encoding) -> tuple[np.ndarray, int]:
@@ -550,6 +617,7 @@ def _data_pages(pages, plan: dict):
     filled = 0
     while filled < n_total:
         header, body = next(pages)
+        _check_crc(header, body)
         ptype, usize, csize = header.get(1), header.get(2), body.shape[0]
         if ptype == _DICTIONARY_PAGE:
             dph = header.get(7) or {}
@@ -962,7 +1030,7 @@ def page_summary(source, metadata: pq.FileMetaData, row_group: int, column: str)
     encodings = {_PLAIN: "PLAIN", _PLAIN_DICTIONARY: "PLAIN_DICTIONARY", _RLE: "RLE",
                  _RLE_DICTIONARY: "RLE_DICTIONARY", _BYTE_STREAM_SPLIT: "BYTE_STREAM_SPLIT"}
     try:
-        plan = _column_plan(metadata, row_group, column)
+        plan = _column_plan(metadata, row_group, column, decoding=False)
         raw = _read_exact(source, plan["start"], plan["size"])
         mv, pos, pages = memoryview(raw), 0, []
         while pos < raw.shape[0]:

@@ -21,6 +21,7 @@ tests/test_splice.py, bench/writer_compat.py).
 
 from __future__ import annotations
 
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -143,17 +144,20 @@ class SplicedParquetWriter:
 
     sink: a binary file object (only ``write`` is used; it is not closed here). compression: one codec (None:
     none), or a codec per parquet leaf path (writer.column_compression); use_dictionary / write_statistics:
-    a bool or column names / leaf paths, as for pyarrow. ``columns``: the float-list columns to encode here
+    a bool or column names / leaf paths, as for pyarrow; write_page_checksum: every page (pyarrow's and
+    this module's) records the CRC-32 of its bytes, as pyarrow's option of that name. ``columns``: the float-list columns to encode here
     (list / large_list / fixed_size_list of halffloat / float / double, one leaf). A column is encoded here
     only where pyarrow would write it the same way: uncompressed, without dictionary, without statistics;
     ``encoded`` names those, the others are pyarrow's. ``pages_written`` counts this module's pages.
     """
 
     def __init__(self, sink, schema: pa.Schema, *, compression: str | dict[str, str] | None,
-                 use_dictionary: bool | list[str], write_statistics: bool | list[str], columns: list[str]):
+                 use_dictionary: bool | list[str], write_statistics: bool | list[str], columns: list[str],
+                 write_page_checksum: bool = False):
         self.sink, self.schema = sink, schema
         self._options = {"compression": compression, "use_dictionary": use_dictionary,
-                         "write_statistics": write_statistics}
+                         "write_statistics": write_statistics, "write_page_checksum": write_page_checksum}
+        self._checksums = write_page_checksum
         template_file = _write_parquet(schema.empty_table(), self._options)
         template = self._template = _footer(template_file)
         self._leaf_counts = _leaf_counts(get(template, 2).items)
@@ -274,8 +278,9 @@ class SplicedParquetWriter:
             body = values[first * d:(first + n) * d]
             levels = _levels(n, d, leaf.max_def)
             size = len(levels) + body.nbytes
+            crc = [Field(4, I32, _signed32(zlib.crc32(body, zlib.crc32(levels))))] if self._checksums else []
             header = encode_struct([
-                Field(1, I32, _DATA_PAGE), Field(2, I32, size), Field(3, I32, size),
+                Field(1, I32, _DATA_PAGE), Field(2, I32, size), Field(3, I32, size), *crc,
                 Field(5, STRUCT, [Field(1, I32, n * d), Field(2, I32, _PLAIN), Field(3, I32, _RLE),
                                   Field(4, I32, _RLE)])])
             self._write(header + levels)
@@ -299,6 +304,11 @@ class SplicedParquetWriter:
         footer = encode_struct(with_fields(self._template, {
             3: (I64, self._rows), 4: (LIST, ThriftList(STRUCT, self._row_groups))}))
         self._write(footer + len(footer).to_bytes(4, "little") + MAGIC)
+
+
+def _signed32(crc: int) -> int:
+    """A CRC-32 as the Thrift i32 a page header stores it in."""
+    return crc - (1 << 32) if crc >= 1 << 31 else crc
 
 
 def _path(chunk: list[Field]) -> list[str]:
