@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_nsfw_spark.driver.config import JobConfig
-from clip_nsfw_spark.errors import InputError, ModelError
+from clip_nsfw_spark.errors import DamagedInputError, InputError, ModelError
 from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.tools.sample import embedding_array, metadata, write_laion_sample, write_parquet_sample
@@ -70,6 +70,40 @@ def test_corrupt_parquet_names_the_file(tmp_path, damage):
     with pytest.raises(InputError, match=r"cannot read parquet file .*part-00001.parquet: .*truncated or not parquet"):
         run(tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _with_checksums_and_a_flipped_value(path, row_group: int) -> None:
+    """Rewrite ``path`` with page CRCs (row groups of 100 rows), then flip one byte inside a value of the
+    embedding column's first data page of ``row_group``: what a bad disk or a bad copy does."""
+    pq.write_table(pq.read_table(path), path, row_group_size=100, write_page_checksum=True)
+    chunk = pq.read_metadata(path).row_group(row_group).column(3)
+    assert chunk.path_in_schema.startswith("embedding")
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+@needs_models
+@pytest.mark.parametrize("mode", ["annotate", "filter"])
+def test_a_damaged_page_fails_its_file_once_with_one_line_naming_file_and_row_group(tmp_path, mode):
+    write_parquet_sample(str(tmp_path / "in"), rows=400, files=2)
+    _with_checksums_and_a_flipped_value(tmp_path / "in" / "part-00001.parquet", row_group=1)
+    with pytest.raises(DamagedInputError) as caught:
+        run(tmp_path / "in", tmp_path / "out", mode=mode, rows_per_task=10_000)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{tmp_path}/in/part-00001.parquet is damaged: row group 1: " in message and "CRC" in message
+    # the damaged file's task left nothing; the run is not marked complete
+    assert not list((tmp_path / "out").rglob("part-00001*.parquet"))
+    assert not (tmp_path / "out" / SUCCESS_NAME).exists()
+
+
+@needs_models
+def test_damage_met_by_the_drivers_width_probe_names_the_file(tmp_path):
+    write_parquet_sample(str(tmp_path / "in"), rows=400, files=2)
+    _with_checksums_and_a_flipped_value(tmp_path / "in" / "part-00000.parquet", row_group=0)
+    with pytest.raises(DamagedInputError, match=rf"^{tmp_path}/in/part-00000.parquet is damaged: row group 0: .*CRC"):
+        run(tmp_path / "in", tmp_path / "out")
 
 
 @needs_models
