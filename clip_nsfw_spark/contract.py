@@ -16,6 +16,9 @@ Layout = Literal["auto", "parquet", "laion-npy"]
 Keep = Literal["safe", "unsafe"]
 # Who decodes and encodes embedding pages: this package (parquet/pages.py, parquet/splice.py) or pyarrow alone.
 ParquetCodec = Literal["own", "pyarrow"]
+# The value type of the embeddings an output keeps: as read ("input"), or float32 (Spark ≤ 4.x cannot read
+# FLOAT16 parquet at all: an output meant for Spark readers widens float16 to float32, exactly).
+EmbeddingType = Literal["input", "float32"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,7 @@ class TaskConfig:
     run_id: str | None = None
     embedding_compression: str = "none"
     parquet_codec: ParquetCodec = "own"
+    embedding_type: EmbeddingType = "input"
 
     @property
     def score_columns(self) -> tuple[str, ...]:

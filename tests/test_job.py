@@ -325,3 +325,38 @@ def test_parquet_codec_pyarrow_turns_the_own_page_codec_off_with_the_same_values
     other = run(source, tmp_path / "pyarrow", parquet_codec="pyarrow")
     assert other["rows"] == own["rows"]
     assert read_dir(tmp_path / "pyarrow").equals(read_dir(tmp_path / "own"))
+
+
+@needs_models
+def test_float16_embeddings_kept_as_float32_for_spark_readers(tmp_path, spark, caplog):
+    """Spark (3.5 to 4.x) cannot read FLOAT16 parquet: a run keeping float16 embeddings says so, and
+    embedding_type float32 writes them widened (exactly: float32 holds every float16), which Spark reads."""
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=600, files=2, dim=768)  # fixed_size_list<halffloat>[768]
+    with caplog.at_level("WARNING", logger="clip_nsfw_spark.driver.job"):
+        kept = run(source, tmp_path / "half")
+    assert "keep embedding as float16 parquet, which Spark (3.5 to 4.x) cannot read" in caplog.text
+    assert "--embedding-type float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clip_nsfw_spark.driver.job"):
+        wide = run(source, tmp_path / "wide", mode="filter", embedding_type="float32")
+    assert "float16 parquet" not in caplog.text
+    original = read_dir(source)
+    widened = read_dir(tmp_path / "wide")
+    assert widened.schema.field("embedding").type == pa.list_(pa.float32(), 768)
+    half = read_dir(tmp_path / "half")
+    safe = half.filter(pa.compute.less(half.column("punsafe"), 0.5))
+    assert widened.num_rows == safe.num_rows == wide["rows"]["written"]["kept"]
+    assert np.array_equal(np.stack(widened.column("embedding").to_numpy(zero_copy_only=False)),
+                          np.stack(safe.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32))
+    assert widened.column("punsafe").equals(safe.column("punsafe"))  # scores come from the float16 values
+    assert kept["rows"]["read"] == 600 and original.num_rows == 600
+    rows = spark.read.parquet(str(tmp_path / "wide")).orderBy("key").collect()
+    by_key = {k: i for i, k in enumerate(widened.column("key").to_pylist())}
+    assert len(rows) == widened.num_rows
+    stored = np.stack(widened.column("embedding").to_numpy(zero_copy_only=False))
+    for row in rows[:50]:
+        assert np.array_equal(np.array(row["embedding"], np.float32), stored[by_key[row["key"]]])
+    # and a resume keeps to the type the output was written with
+    with pytest.raises(OutputError, match="embedding_type"):
+        run(source, tmp_path / "wide", mode="filter", resume=True)

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from clip_nsfw_spark.driver.config import DEFAULT_MODEL, KEEP, LAYOUTS, MODES, PARQUET_CODECS, JobConfig
+from clip_nsfw_spark.driver.config import DEFAULT_MODEL, EMBEDDING_TYPES, KEEP, LAYOUTS, MODES, PARQUET_CODECS, JobConfig
 from clip_nsfw_spark.errors import Terminated
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def _storage_option(text: str) -> tuple[str, object]:
 OPTION_KEYS = ("input", "output", "layout", "embedding_columns", "score_columns", "models", "mode", "id_columns",
                "columns", "drop_columns", "threshold", "keep", "replace_scores", "overwrite", "resume", "master",
                "rows_per_task", "batch_rows", "storage_options", "parquet_codec", "input_suffixes",
-               "allow_incomplete_input")
+               "allow_incomplete_input", "embedding_type")
 assert set(OPTION_KEYS) <= set(JobConfig.keys()), set(OPTION_KEYS) - set(JobConfig.keys())
 
 
@@ -78,6 +78,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parquet-codec", dest="parquet_codec", choices=PARQUET_CODECS,
                         help="own: embedding pages decoded and written by this package (default, several times "
                              "faster); pyarrow: by pyarrow alone, the same values (a way out of a codec problem)")
+    parser.add_argument("--embedding-type", dest="embedding_type", choices=EMBEDDING_TYPES,
+                        help="value type of the embeddings an output keeps: input (as read, the default) or "
+                             "float32 (float16 widened exactly: Spark cannot read float16 parquet)")
     parser.add_argument("--input-suffix", dest="input_suffixes", action="append",
                         help="also read input files ending so as parquet (repeat; e.g. .snappy); files skipped for "
                              "their suffix are listed in the report")

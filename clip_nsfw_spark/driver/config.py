@@ -17,13 +17,14 @@ from typing import Any, Literal
 
 import yaml
 
-from clip_nsfw_spark.contract import Keep, Layout, Mode, ParquetCodec
+from clip_nsfw_spark.contract import EmbeddingType, Keep, Layout, Mode, ParquetCodec
 from clip_nsfw_spark.errors import ConfigError
 
 MODES = typing.get_args(Mode)
 LAYOUTS = typing.get_args(Layout)
 KEEP = typing.get_args(Keep)
 PARQUET_CODECS = typing.get_args(ParquetCodec)
+EMBEDDING_TYPES = typing.get_args(EmbeddingType)
 # Parquet codecs pyarrow writes (checked before any work: a typo must not fail inside every task).
 COMPRESSIONS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
@@ -94,6 +95,7 @@ class JobConfig:
     embedding_compression: str = "none"
     histogram_bins: int = 20
     parquet_codec: ParquetCodec = "own"
+    embedding_type: EmbeddingType = "input"
     input_suffixes: tuple[str, ...] = ()
     allow_incomplete_input: bool = False
 

@@ -45,8 +45,9 @@ from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fre
                                                  write_whole)
 from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file
 from clip_nsfw_spark.executor.worker import Worker
+from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,
-                                             SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths)
+                                             SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths, output_schemas)
 
 # A runner runs a worker over tasks and returns, in any order, each task's stats or sums of several tasks'
 # (contract.sum_of_tasks: what the Spark runner returns per Spark partition); spark.spark_runner, or None:
@@ -294,7 +295,17 @@ def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str
         write_columns=None if write_columns is None else tuple(write_columns), row_ids=row_ids,
         write_embeddings=config.write_embeddings, compression=config.compression,
         embedding_compression=config.embedding_compression, batch_rows=config.batch_rows,
-        histogram_bins=config.histogram_bins, run_id=run_id, parquet_codec=config.parquet_codec)
+        histogram_bins=config.histogram_bins, run_id=run_id, parquet_codec=config.parquet_codec,
+        embedding_type=config.embedding_type)
+
+
+def float16_kept(tasks: TaskConfig, plan: Plan) -> list[str]:
+    """The float16 embedding columns the outputs keep as float16 (Spark cannot read them)."""
+    if plan.schema is None:
+        return []
+    schemas = output_schemas(plan.schema, tasks, plan.npy_width or 0)
+    return sorted({f.name for schema in schemas.values() for f in schema
+                   if is_embedding_type(f.type) and f.type.value_type == pa.float16()})
 
 
 def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> dict:
@@ -308,6 +319,7 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> d
         "keep": config.keep, "rows_per_task": config.rows_per_task, "write_embeddings": config.write_embeddings,
         "compression": config.compression, "embedding_compression": config.embedding_compression,
         "replace_scores": config.replace_scores, "histogram_bins": config.histogram_bins,
+        "embedding_type": config.embedding_type,
         "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
         "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads],
         # Row ids' source_file spelling: canonical folders since #23 (as typed before): never mixed in one output.
@@ -355,6 +367,12 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
              config.input, len(plan.tasks) - len(pending), ", ".join(h.name for h in heads))
     for path, why in plan.skipped[:20]:
         log.warning("skipped %s: %s", path, why)
+    half = float16_kept(tasks_config, plan)
+    if half:
+        log.warning("the outputs keep %s as float16 parquet, which Spark (3.5 to 4.x) cannot read "
+                    "(PARQUET_TYPE_ILLEGAL); pyarrow, DuckDB and polars can. For Spark readers rerun with "
+                    "--embedding-type float32 (exact, twice the bytes) or --drop-columns %s",
+                    ", ".join(half), ",".join(half))
 
     t0 = time.perf_counter()
     watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, {t.task_id: t.rows for t in plan.tasks}, set(done),
@@ -407,6 +425,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
 # output written with another value and resumed with 20 could still mix histogram widths).
 _ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compression"),
                  "histogram_bins": lambda previous: 20,
+                 "embedding_type": lambda previous: "input",
                  "source_file": lambda previous: "as typed" if previous.get("mode") == "scores"
                  and previous.get("write_columns") == [] else None}
 

@@ -88,6 +88,18 @@ def _with_column(schema: pa.Schema, field: pa.Field) -> pa.Schema:
     return schema.append(field) if index < 0 else schema.set(index, field)
 
 
+def widened(field: pa.Field) -> pa.Field:
+    """``field`` with float16 embedding values as float32 (the list kind, size, item field name and
+    nullability kept); any other field as it is. float32 holds every float16 value exactly."""
+    if not is_embedding_type(field.type) or field.type.value_type != pa.float16():
+        return field
+    item = field.type.value_field.with_type(pa.float32())
+    kind = field.type
+    wide = pa.list_(item, kind.list_size) if pa.types.is_fixed_size_list(kind) else \
+        pa.large_list(item) if pa.types.is_large_list(kind) else pa.list_(item)
+    return field.with_type(wide)
+
+
 def output_schemas(input_schema: pa.Schema, config: TaskConfig, dim: int) -> dict[Stream, pa.Schema]:
     """The schema of each output stream: the input's fields and metadata, plus scores (+ reason).
 
@@ -103,6 +115,8 @@ def output_schemas(input_schema: pa.Schema, config: TaskConfig, dim: int) -> dic
                            + list(schema), metadata=schema.metadata)
     if config.layout == "laion-npy" and config.write_embeddings:
         schema = _with_column(schema, pa.field("embedding", pa.list_(pa.float16(), dim)))
+    if config.embedding_type == "float32":
+        schema = pa.schema([widened(f) for f in schema], metadata=schema.metadata)
     for name in config.score_columns:
         schema = _with_column(schema, pa.field(name, pa.float32()))
     with_reason = _with_column(schema, pa.field(config.reason_column, pa.string()))
@@ -214,7 +228,9 @@ class OutputFiles:
 
     def write(self, stream: Stream, table: pa.Table) -> None:
         schema = self.schemas[stream]
-        self._file(stream).write(pa.Table.from_arrays([table.column(name) for name in schema.names], schema=schema))
+        columns = [table.column(field.name) for field in schema]
+        columns = [c if c.type == f.type else c.cast(f.type) for c, f in zip(columns, schema)]  # embedding_type
+        self._file(stream).write(pa.Table.from_arrays(columns, schema=schema))
 
     @property
     def rows(self) -> dict[Stream, int]:
