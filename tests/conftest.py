@@ -74,6 +74,24 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hdfs_server(tmp_path_factory):
+    """A real HDFS (NameNode + DataNode, WebHDFS on) on 127.0.0.1, for the whole test run. Skipped with the
+    reason where Java or Hadoop's jars are missing (a laptop); with CLIP_NSFW_REQUIRE_HDFS=1 (.ci/run) that
+    is an error instead: CI must run every HDFS test."""
+    from hdfsserver import MiniHDFS, missing
+
+    why = missing()
+    if why:
+        if os.environ.get("CLIP_NSFW_REQUIRE_HDFS") == "1":
+            pytest.fail(f"HDFS is required here (CLIP_NSFW_REQUIRE_HDFS=1) but cannot start: {why}")
+        pytest.skip(f"no real HDFS: {why}")
+    server = MiniHDFS(tmp_path_factory.mktemp("hdfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def spark():
     """One local[2] Spark session for the whole run (stopped at the end)."""
     from clip_nsfw_spark.spark.runner import spark_session

@@ -123,3 +123,17 @@ def test_join_skips_empty_parts_and_unstrip_gives_a_url_for_messages(root):
     local = fsspec.filesystem("file")
     assert unstrip(local, str(root / "in")) == str(root / "in")  # a local path stays a path
     assert unstrip(fsspec.filesystem("memory"), "/b/x") == "memory:///b/x"
+
+
+def test_hdfs_paths_are_absolute_and_their_location_names_the_namenode():
+    # WebHDFS (and hdfs://) paths are POSIX paths on one NameNode: normalised like a local path (never a
+    # bucket/key), and the NameNode is part of both the location compared and the URL executors open
+    from clip_nsfw_spark.storage.filesystem import canonical, location, unstrip
+
+    fs, path = canonical("webhdfs://nn.example:9870//data/./in/../out/", {"user": "alice"})
+    assert path == "/data/out"
+    assert location(fs, path) == "webhdfs://nn.example:9870/data/out"
+    assert unstrip(fs, path) == "webhdfs://nn.example:9870/data/out"
+    other, same = canonical("webhdfs://other:9870/data/out")
+    assert location(other, same) != location(fs, path)  # two NameNodes are two places
+    assert canonical("webhdfs://nn.example:9870/")[1] == "/"

@@ -72,6 +72,8 @@ def canonical_path(fs, path: str) -> str:
     ``//``, ``.`` and ``..`` normalised on an object store."""
     if is_local(fs):
         return os.path.realpath(os.path.expanduser(path))
+    if is_hierarchical(fs):  # HDFS: absolute POSIX paths, no bucket
+        return posixpath.normpath("/" + re.sub("/+", "/", path).lstrip("/"))  # (normpath keeps a leading //)
     bucket, _, key = re.sub("/+", "/", path).lstrip("/").partition("/")
     key = posixpath.normpath("/" + key).lstrip("/")
     return join(bucket, key) if key else bucket
@@ -124,7 +126,16 @@ def locations(url: str, storage_options: dict | None = None, glob_base: bool = F
 def location(fs, path: str) -> str:
     """A key that differs between two canonical locations unless they are the same store and path."""
     protocol = "file" if is_local(fs) else (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
+    if is_hierarchical(fs):  # the NameNode is part of the location (and of the URL executors open)
+        return f"{protocol}://{name_node(fs)}{path.rstrip('/') or '/'}"
     return f"{protocol}://{path.rstrip('/')}"
+
+
+def name_node(fs) -> str:
+    """``host:port`` of an HDFS filesystem's NameNode as its URL gave them (``host`` alone without a port)."""
+    options = getattr(fs, "storage_options", {}) or {}
+    host, port = options.get("host") or "", options.get("port")
+    return f"{host}:{port}" if port else host
 
 
 def within(fs_a, a: str, fs_b, b: str) -> bool:
@@ -155,6 +166,16 @@ def is_local(fs) -> bool:
     return protocol in ("file", "local")
 
 
+HIERARCHICAL_PROTOCOLS = ("hdfs", "webhdfs", "swebhdfs", "viewfs")
+
+
+def is_hierarchical(fs) -> bool:
+    """Whether ``fs`` is a remote filesystem of real folders and absolute paths (HDFS, by RPC or WebHDFS),
+    not an object store of ``bucket/key`` names."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & set(HIERARCHICAL_PROTOCOLS))
+
+
 def renames_atomically(fs) -> bool:
     """Whether ``fs.mv`` of a file is one atomic rename (local disks, HDFS/WebHDFS), not a copy and a
     delete (object stores: S3, GCS, Azure …)."""
@@ -168,6 +189,8 @@ def join(*parts: str) -> str:
 
 def unstrip(fs, path: str) -> str:
     """A full URL for messages: path with its protocol (s3://bucket/key), or the local path."""
+    if is_hierarchical(fs):  # fsspec leaves the NameNode out (webhdfs:///path): a URL no other process opens
+        return location(fs, path) if path.startswith("/") else f"{location(fs, '/')}{path}"
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
@@ -186,6 +209,8 @@ def accessing(fs, path: str, role: str = "input"):
             raise  # a data or programming error must not be blamed on credentials
         error = InputError if role == "input" else OutputError
         check = ("Check the path and its permissions." if is_local(fs) else
+                 "Check the path, the HDFS user the job acts as (--storage-option user=NAME) and its permissions "
+                 "(hdfs dfs -ls / -chmod / -chown), and the NameNode's address." if is_hierarchical(fs) else
                  "Check the path, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
                  "--storage-option) and the endpoint (AWS_ENDPOINT_URL or --storage-option endpoint_url=…).")
         raise error(f"cannot access {role} {unstrip(fs, path)}: {type(err).__name__}: {err}. {check}") from err

@@ -1,0 +1,154 @@
+"""The job on a real HDFS (tests/hdfsserver.py: NameNode + DataNode on 127.0.0.1), through WebHDFS.
+
+Input and output on HDFS, with the sequential runner and with Spark (executors open webhdfs:// themselves);
+outputs equal to a run on the local disk, byte for byte in their rows; the LAION npy layout; a run stopped
+mid-way and resumed (no row lost, none twice); the lease refusing a second run; commits by HDFS's rename; an
+output folder the user may not write; Spark reading the output through its JVM's own hdfs:// client.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.errors import OutputError
+from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
+from clip_nsfw_spark.storage.filesystem import filesystem, renames_atomically
+from clip_nsfw_spark.storage.lease import RunLease
+from clip_nsfw_spark.tools.sample import write_laion_sample, write_parquet_sample
+from conftest import needs_models
+
+pytestmark = needs_models
+
+
+def run(hdfs, source: str, output: str, runner=None, user: str | None = None, **options) -> dict:
+    options.setdefault("storage_options", hdfs.storage_options(*([user] if user else [])))
+    return run_job(JobConfig(input=source, output=output, **options), runner=runner)
+
+
+def tables_on_hdfs(fs, root: str) -> dict[str, pa.Table]:
+    """{relative path: table} of the output's data files (not the job's _ files)."""
+    found = {}
+    for path in sorted(fs.find(root)):
+        rel = path[len(root):].lstrip("/")
+        if rel.endswith(".parquet") and not rel.startswith("_"):
+            with fs.open(path, "rb") as handle:
+                found[rel] = pq.read_table(io.BytesIO(handle.read()))
+    return found
+
+
+def tables_on_disk(root) -> dict[str, pa.Table]:
+    return {str(p.relative_to(root)): pq.read_table(p) for p in sorted(root.rglob("*.parquet"))
+            if not str(p.relative_to(root)).startswith("_")}
+
+
+@pytest.fixture(scope="module")
+def parquet_input(hdfs_server, tmp_path_factory):
+    """A 6-file parquet dataset, on the local disk and the same bytes on HDFS (/data/in)."""
+    local = tmp_path_factory.mktemp("hdfs-input") / "in"
+    write_parquet_sample(str(local), rows=3000, files=6, row_group_rows=250)
+    fs = hdfs_server.filesystem()
+    fs.mkdir("/data")
+    fs.put(str(local), "/data/in", recursive=True)
+    return local, f"{hdfs_server.webhdfs_url}/data/in"
+
+
+@pytest.mark.parametrize("mode", ["annotate", "filter", "split", "scores"])
+def test_every_mode_from_hdfs_to_hdfs_equals_the_local_run(hdfs_server, parquet_input, tmp_path, mode):
+    local, source = parquet_input
+    output = f"{hdfs_server.webhdfs_url}/runs/{mode}"
+    report = run(hdfs_server, source, output, mode=mode, rows_per_task=500)
+    reference = run_job(JobConfig(input=str(local), output=str(tmp_path / "out"), mode=mode, rows_per_task=500))
+    assert report["rows"] == reference["rows"] and report["rows"]["read"] == 3000
+    fs = hdfs_server.filesystem()
+    on_hdfs, on_disk = tables_on_hdfs(fs, f"/runs/{mode}"), tables_on_disk(tmp_path / "out")
+    assert sorted(on_hdfs) == sorted(on_disk) and on_hdfs
+    for rel in on_disk:
+        assert on_hdfs[rel].equals(on_disk[rel]), rel
+    assert fs.exists(f"/runs/{mode}/{SUCCESS_NAME}") and fs.exists(f"/runs/{mode}/{REPORT_NAME}")
+    assert not fs.exists(f"/runs/{mode}/_clip_nsfw_tmp") and not fs.exists(f"/runs/{mode}/_clip_nsfw_lease")
+    assert renames_atomically(filesystem(output, hdfs_server.storage_options())[0])  # commits are renames
+
+
+def test_spark_executors_read_and_write_hdfs_and_spark_reads_the_output_over_hdfs_rpc(
+        hdfs_server, parquet_input, spark):
+    from clip_nsfw_spark.spark.runner import spark_runner
+
+    _, source = parquet_input
+    report = run(hdfs_server, source, f"{hdfs_server.webhdfs_url}/runs/spark", spark_runner(spark),
+                 mode="annotate", embedding_type="float32", rows_per_task=500)
+    assert report["rows"]["written"] == {"annotated": 3000}
+    # what a user does next: Spark's JVM reads the output with its own HDFS client (RPC, not WebHDFS)
+    frame = spark.read.parquet(f"{hdfs_server.hdfs_url}/runs/spark")
+    assert frame.count() == 3000
+    unsafe = frame.filter(frame.punsafe >= 0.5).count()
+    assert unsafe == report["rows"]["unsafe"]
+    first = frame.orderBy("key").first()
+    assert len(first["embedding"]) == 768
+
+
+def test_laion_npy_layout_on_hdfs(hdfs_server, tmp_path):
+    local = tmp_path / "laion"
+    write_laion_sample(str(local), rows=1200, files=2)
+    fs = hdfs_server.filesystem()
+    fs.put(str(local), "/laion", recursive=True)
+    report = run(hdfs_server, f"{hdfs_server.webhdfs_url}/laion", f"{hdfs_server.webhdfs_url}/runs/laion")
+    reference = run_job(JobConfig(input=str(local), output=str(tmp_path / "out")))
+    assert report["rows"] == reference["rows"] and report["rows"]["read"] == 1200
+    on_hdfs, on_disk = tables_on_hdfs(fs, "/runs/laion"), tables_on_disk(tmp_path / "out")
+    assert sorted(on_hdfs) == sorted(on_disk) == ["metadata_0.parquet", "metadata_1.parquet"]
+    for rel in on_disk:
+        assert on_hdfs[rel].equals(on_disk[rel]), rel
+
+
+def test_a_run_stopped_mid_way_resumes_with_every_row_once(hdfs_server, parquet_input):
+    _, source = parquet_input
+    output = f"{hdfs_server.webhdfs_url}/runs/stopped"
+
+    def stops_after_three(tasks, worker):
+        for task in tasks[:3]:
+            worker(task)
+        raise KeyboardInterrupt  # Ctrl-C / an orchestrator's kill after three tasks committed
+
+    with pytest.raises(KeyboardInterrupt):
+        run(hdfs_server, source, output, stops_after_three, mode="split", rows_per_task=500)
+    fs = hdfs_server.filesystem()
+    assert not fs.exists(f"/runs/stopped/{SUCCESS_NAME}")
+    report = run(hdfs_server, source, output, mode="split", rows_per_task=500, resume=True)
+    assert report["rows"]["read"] == 3000
+    tables = tables_on_hdfs(fs, "/runs/stopped")
+    keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
+    assert len(keys) == len(set(keys)) == 3000  # none lost, none twice
+    assert fs.exists(f"/runs/stopped/{SUCCESS_NAME}")
+
+
+def test_the_lease_refuses_a_second_run(hdfs_server, parquet_input):
+    _, source = parquet_input
+    output = f"{hdfs_server.webhdfs_url}/runs/leased"
+    fs, root = filesystem(output, hdfs_server.storage_options())
+    fs.makedirs(root, exist_ok=True)
+    with RunLease(fs, root):  # another run is writing this output
+        with pytest.raises(OutputError, match=r"held|running|lease"):
+            run(hdfs_server, source, output)
+    assert not hdfs_server.filesystem().exists(f"/runs/leased/{SUCCESS_NAME}")
+
+
+def test_an_output_the_user_may_not_write_is_one_clear_error_and_the_input_is_untouched(hdfs_server, parquet_input):
+    _, source = parquet_input
+    admin = hdfs_server.filesystem()
+    admin.mkdir("/locked")
+    admin._call("SETPERMISSION", method="put", path="/locked", permission="755")
+    before = {p: admin.info(p)["modificationTime"] for p in admin.find("/data/in")}
+    with pytest.raises(OutputError, match=r"Permission denied: user=alice, access=WRITE, inode=\"/locked\"") as caught:
+        run(hdfs_server, source.replace("/data/in", "/data/in"), f"{hdfs_server.webhdfs_url}/locked/out",
+            user="alice")
+    assert {p: admin.info(p)["modificationTime"] for p in admin.find("/data/in")} == before
+    assert not admin.exists("/locked/out")
+    assert "\n" not in str(caught.value) and "/locked/out" in str(caught.value)
+    assert "user=NAME" in str(caught.value) and "AWS" not in str(caught.value)
