@@ -360,3 +360,22 @@ def test_float16_embeddings_kept_as_float32_for_spark_readers(tmp_path, spark, c
     # and a resume keeps to the type the output was written with
     with pytest.raises(OutputError, match="embedding_type"):
         run(source, tmp_path / "wide", mode="filter", resume=True)
+
+
+@needs_models
+def test_laion_embeddings_as_float32_come_from_the_npy_values(tmp_path, caplog):
+    # a float32 npy written with embedding_type float32: its values, never rounded through float16
+    root = tmp_path / "l"
+    write_laion_sample(str(root), rows=300, files=1)
+    values = np.random.default_rng(5).normal(size=(300, 768)).astype(np.float32)
+    np.save(root / "img_emb" / "img_emb_0.npy", values)
+    with caplog.at_level("WARNING", logger="clip_nsfw_spark.driver.job"):
+        run(root, tmp_path / "half", write_embeddings=True)
+    assert "write_embeddings: false" in caplog.text and "--drop-columns" not in caplog.text
+    run(root, tmp_path / "wide", write_embeddings=True, embedding_type="float32")
+    wide = pq.read_table(tmp_path / "wide" / "metadata_0.parquet")
+    assert wide.schema.field("embedding").type == pa.list_(pa.float32(), 768)
+    assert np.array_equal(np.stack(wide.column("embedding").to_numpy(zero_copy_only=False)), values)
+    # asking for float32 where nothing is float16 changes no output: a resume without it is the same job
+    run(root, tmp_path / "plain", embedding_type="float32")
+    run(root, tmp_path / "plain", resume=True)

@@ -43,7 +43,7 @@ from clip_nsfw_spark.models.registry import fitting_model_hint
 from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fresh, filesystem, find_sizes_fresh,
                                                  join, location, read_fresh, read_many_fresh, remove, unstrip,
                                                  write_whole)
-from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file
+from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file, unreadable
 from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,
@@ -80,6 +80,9 @@ def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
                 except Exception as err:
                     if is_damage(err):
                         raise damaged(unstrip(in_fs, first.path), group, err) from err
+                    refused = unreadable(unstrip(in_fs, first.path), group, err)
+                    if refused is not None:
+                        raise refused from err
                     raise
                 if width is not None:
                     widths[column] = width
@@ -288,8 +291,10 @@ def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = Fa
 
 def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str, targets: tuple[ScoreTarget, ...],
                 write_columns: list[str] | None, row_ids: bool) -> TaskConfig:
-    """The frozen, typed config every task of this run receives."""
-    return TaskConfig(
+    """The frozen, typed config every task of this run receives. ``embedding_type`` is the effective one:
+    "float32" only where it widens a kept float16 embedding (a resume compares it: asking for float32 on
+    float32 input, or with the embeddings left out, changes no output and is not a different job)."""
+    tasks = TaskConfig(
         input=config.input, output=target.url, storage_options=dict(config.storage_options), layout=plan.layout,
         mode=config.mode, keep=config.keep, targets=targets, reason_column=config.reason_column,
         write_columns=None if write_columns is None else tuple(write_columns), row_ids=row_ids,
@@ -297,15 +302,26 @@ def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str
         embedding_compression=config.embedding_compression, batch_rows=config.batch_rows,
         histogram_bins=config.histogram_bins, run_id=run_id, parquet_codec=config.parquet_codec,
         embedding_type=config.embedding_type)
+    if tasks.embedding_type != "input":
+        as_read = dataclasses.replace(tasks, embedding_type="input")
+        if float16_kept(tasks, plan) == float16_kept(as_read, plan):  # nothing widened
+            tasks = as_read
+    return tasks
 
 
 def float16_kept(tasks: TaskConfig, plan: Plan) -> list[str]:
-    """The float16 embedding columns the outputs keep as float16 (Spark cannot read them)."""
+    """The columns the outputs keep with float16 values anywhere in their type (Spark cannot read them):
+    embeddings unless ``embedding_type: float32`` widens them, and any other float16 column."""
     if plan.schema is None:
         return []
     schemas = output_schemas(plan.schema, tasks, plan.npy_width or 0)
-    return sorted({f.name for schema in schemas.values() for f in schema
-                   if is_embedding_type(f.type) and f.type.value_type == pa.float16()})
+    return sorted({f.name for schema in schemas.values() for f in schema if _holds_float16(f.type)})
+
+
+def _holds_float16(arrow_type: pa.DataType) -> bool:
+    if arrow_type == pa.float16():
+        return True
+    return any(_holds_float16(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
 
 
 def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> dict:
@@ -319,7 +335,7 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> d
         "keep": config.keep, "rows_per_task": config.rows_per_task, "write_embeddings": config.write_embeddings,
         "compression": config.compression, "embedding_compression": config.embedding_compression,
         "replace_scores": config.replace_scores, "histogram_bins": config.histogram_bins,
-        "embedding_type": config.embedding_type,
+        "embedding_type": tasks.embedding_type,
         "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
         "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads],
         # Row ids' source_file spelling: canonical folders since #23 (as typed before): never mixed in one output.
@@ -369,10 +385,12 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
         log.warning("skipped %s: %s", path, why)
     half = float16_kept(tasks_config, plan)
     if half:
+        embeddings = [name for name in half if name in tasks_config.embedding_columns or plan.layout == "laion-npy"]
+        way_out = ("write_embeddings: false" if plan.layout == "laion-npy" else f"--drop-columns {','.join(half)}")
         log.warning("the outputs keep %s as float16 parquet, which Spark (3.5 to 4.x) cannot read "
-                    "(PARQUET_TYPE_ILLEGAL); pyarrow, DuckDB and polars can. For Spark readers rerun with "
-                    "--embedding-type float32 (exact, twice the bytes) or --drop-columns %s",
-                    ", ".join(half), ",".join(half))
+                    "(PARQUET_TYPE_ILLEGAL); pyarrow, DuckDB and polars can. For Spark readers rerun with %s",
+                    ", ".join(half), (f"--embedding-type float32 (exact, twice the bytes) or {way_out}"
+                                      if embeddings == half else way_out))
 
     t0 = time.perf_counter()
     watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, {t.task_id: t.rows for t in plan.tasks}, set(done),

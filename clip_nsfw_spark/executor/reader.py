@@ -73,10 +73,28 @@ def is_damage(err: BaseException) -> bool:
         return True
     if type(err) not in (OSError, pa.ArrowInvalid, pa.ArrowIOError) or getattr(err, "errno", None):
         return False
+    if _unsupported(err):  # a sound file in a codec or encoding pyarrow does not read (LZO …)
+        return False
     frame = err.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
     return frame is not None and "pyarrow" in frame.tb_frame.f_code.co_filename
+
+
+def _unsupported(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "not supported" in text or "not implemented" in text or "unsupported" in text
+
+
+def unreadable(where: str, group: int, err: BaseException) -> InputError | None:
+    """The one-line error for a row group pyarrow cannot read though it may be sound (a codec or encoding
+    its C++ reader does not implement, such as LZO), or None for any other error."""
+    if type(err) not in (OSError, pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError) \
+            or not _unsupported(err):
+        return None
+    cause = " ".join(str(err).split()).rstrip(".")
+    return InputError(f"cannot read {where}: row group {group}: {cause}. The job reads with pyarrow, which does not "
+                      "support this; rewrite the file with snappy, gzip, zstd, lz4 or no compression")
 
 
 def damaged(where: str, group: int, err: BaseException) -> DamagedInputError:
@@ -159,6 +177,9 @@ def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: li
         except Exception as err:
             if is_damage(err):
                 raise damaged(source.where, group, err) from err
+            refused = unreadable(source.where, group, err)
+            if refused is not None:
+                raise refused from err
             raise
 
 

@@ -182,13 +182,15 @@ def _process_task(task: Task, worker: Worker) -> dict:
 def _with_added_columns(table: pa.Table, npy: np.ndarray | None, first_row: int, source_file: str,
                         config: TaskConfig) -> pa.Table:
     """The batch plus the columns the task adds before scoring: row ids (a sidecar without id columns:
-    the join key) and, in the LAION layout with ``write_embeddings``, the npy rows as float16."""
+    the join key) and, in the LAION layout with ``write_embeddings``, the npy rows as float16 (float32 with
+    ``embedding_type: float32``: straight from the npy's values, never through float16)."""
     if config.row_ids:
         table = table.append_column(ROW_ID_COLUMNS[0], pa.array([source_file] * table.num_rows, pa.string()))
         table = table.append_column(ROW_ID_COLUMNS[1], pa.array(np.arange(first_row, first_row + table.num_rows)))
     if npy is not None and config.write_embeddings:
+        dtype = np.float32 if config.embedding_type == "float32" else np.float16
         table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
-            pa.array(npy.astype(np.float16).reshape(-1)), npy.shape[1]))
+            pa.array(npy.astype(dtype).reshape(-1)), npy.shape[1]))
     return table
 
 

@@ -118,6 +118,8 @@ def _check_types(fields: list, types: dict, required: set, what: str) -> None:
     for f in fields:
         if f.id in types and f.type != types[f.id]:
             raise _Unsupported(f"{what} field {f.id} has wire type {f.type}, expected {types[f.id]}")
+        if what != "page header" and types.get(f.id) == I32 and f.value < 0:  # counts, lengths, enums
+            raise _Unsupported(f"{what} field {f.id} is negative ({f.value})")
         if f.id in _SUB_HEADERS and what == "page header":
             _check_types(f.value, *_SUB_HEADERS[f.id], f"page header field {f.id}")
     missing = required - {f.id for f in fields}
