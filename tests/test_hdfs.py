@@ -152,3 +152,20 @@ def test_an_output_the_user_may_not_write_is_one_clear_error_and_the_input_is_un
     assert not admin.exists("/locked/out")
     assert "\n" not in str(caught.value) and "/locked/out" in str(caught.value)
     assert "user=NAME" in str(caught.value) and "AWS" not in str(caught.value)
+
+
+def test_an_hdfs_url_is_routed_through_webhdfs_where_libhdfs_is_missing(hdfs_server, parquet_input, spark):
+    # The cluster's own URL (hdfs://namenode:8020/…, which Spark's JVM reads) works from Python without
+    # libhdfs given the NameNode's HTTP port: one URL for a laptop, an Airflow worker and YARN's nodes
+    _, webhdfs_source = parquet_input
+    source = f"{hdfs_server.hdfs_url}/data/in"
+    output = f"{hdfs_server.hdfs_url}/runs/routed"
+    options = dict(hdfs_server.storage_options(), webhdfs_port=hdfs_server.http_port)
+    report = run_job(JobConfig(input=source, output=output, storage_options=options, embedding_type="float32"))
+    assert report["rows"]["read"] == 3000
+    assert spark.read.parquet(output).count() == 3000  # the same URL, read by the JVM's HDFS client
+    # without the route (and without libhdfs here) one line says how to reach the NameNode
+    with pytest.raises(Exception, match=r"webhdfs_port=9870") as caught:
+        run_job(JobConfig(input=source, output=f"{hdfs_server.hdfs_url}/runs/unrouted",
+                          storage_options=hdfs_server.storage_options()))
+    assert "\n" not in str(caught.value)

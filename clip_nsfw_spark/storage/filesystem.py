@@ -33,6 +33,8 @@ def filesystem(url: str, storage_options: dict | None = None):
         raise ConfigError(f"cannot use {url}: a file URL names a path on this machine (file:///path or "
                           f"file://localhost/path), not on host {host!r}; mount that host's share and give its "
                           "local path, or use its own protocol (hdfs://, s3:// …)")
+    if "webhdfs_port" in options and url.lower().startswith("hdfs://"):
+        url = _through_webhdfs(url, options.pop("webhdfs_port"))
     if "endpoint_url" in options and url.startswith("s3"):
         options.setdefault("client_kwargs", {})
         options["client_kwargs"] = dict(options["client_kwargs"], endpoint_url=options.pop("endpoint_url"))
@@ -44,9 +46,28 @@ def filesystem(url: str, storage_options: dict | None = None):
     except ValueError as err:  # "Protocol not known: foo"
         raise ConfigError(f"cannot use {url}: {err}. Use a local path, file://, s3://, gs://, hdfs:// …") from err
     except OSError as err:  # hdfs:// without libhdfs/libjvm, an unreachable NameNode …
+        hint = (" Without libhdfs, reach the same NameNode through WebHDFS: --storage-option webhdfs_port=9870 (its "
+                "HTTP port; the hdfs:// URL stays as it is), or give the URL as webhdfs://host:9870/path."
+                if url.lower().startswith("hdfs://") else "")
         raise InputError(f"cannot open the filesystem of {url}: {type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:300]}") from err
+                         f"{' '.join(str(err).split())[:300]}.{hint}") from err
     return fs, path.rstrip("/") if path not in ("/",) else path
+
+
+def _through_webhdfs(url: str, port) -> str:
+    """``hdfs://host[:rpc port]/path`` as ``webhdfs://host:port/path``: the same NameNode and path through its
+    WebHDFS (HTTP) port, for machines without libhdfs: one URL for a laptop and a YARN cluster's nodes."""
+    try:
+        port = int(port)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"storage option webhdfs_port must be the NameNode's HTTP port (e.g. 9870); "
+                          f"found {port!r}") from err
+    rest = url[len("hdfs://"):]
+    netloc, slash, path = rest.partition("/")
+    host = netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+    if not host:
+        raise ConfigError(f"cannot route {url} through WebHDFS: it names no NameNode host (hdfs://host:8020/path)")
+    return f"webhdfs://{host}:{port}{slash}{path}"
 
 
 def canonical(url: str, storage_options: dict | None = None, glob_base: bool = False):
