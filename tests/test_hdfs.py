@@ -9,6 +9,11 @@ output folder the user may not write; Spark reading the output through its JVM's
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +27,8 @@ from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.storage.filesystem import filesystem, renames_atomically
 from clip_nsfw_spark.storage.lease import RunLease
 from clip_nsfw_spark.tools.sample import write_laion_sample, write_parquet_sample
-from conftest import needs_models
+from conftest import ROOT, needs_models
+from hdfsserver import SUPERUSER
 
 pytestmark = needs_models
 
@@ -107,25 +113,37 @@ def test_laion_npy_layout_on_hdfs(hdfs_server, tmp_path):
         assert on_hdfs[rel].equals(on_disk[rel]), rel
 
 
-def test_a_run_stopped_mid_way_resumes_with_every_row_once(hdfs_server, parquet_input):
+def test_a_run_killed_mid_way_resumes_with_every_row_once(hdfs_server, parquet_input):
+    # the whole job (driver, JVM, Python workers) SIGKILLed after two tasks committed: nothing cleans up,
+    # its lease and temp files stay on HDFS; --resume takes the dead run's lease over and finishes
     _, source = parquet_input
-    output = f"{hdfs_server.webhdfs_url}/runs/stopped"
-
-    def stops_after_three(tasks, worker):
-        for task in tasks[:3]:
-            worker(task)
-        raise KeyboardInterrupt  # Ctrl-C / an orchestrator's kill after three tasks committed
-
-    with pytest.raises(KeyboardInterrupt):
-        run(hdfs_server, source, output, stops_after_three, mode="split", rows_per_task=500)
+    output = f"{hdfs_server.webhdfs_url}/runs/killed"
+    args = ["--input", source, "--output", output, "--storage-option", f"user={SUPERUSER}", "--mode", "split",
+            "--rows-per-task", "500", "--batch-rows", "50"]
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    killed = subprocess.Popen([sys.executable, str(ROOT / "tests" / "faults.py"), "--fault",
+                               "point=write,after=1,action=sleep,seconds=0.02", *args, "--master", "local[1]"],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
     fs = hdfs_server.filesystem()
-    assert not fs.exists(f"/runs/stopped/{SUCCESS_NAME}")
-    report = run(hdfs_server, source, output, mode="split", rows_per_task=500, resume=True)
-    assert report["rows"]["read"] == 3000
-    tables = tables_on_hdfs(fs, "/runs/stopped")
+    states = lambda: [p for p in (fs.find("/runs/killed/_clip_nsfw_tasks") if fs.exists("/runs/killed") else [])
+                      if p.rsplit("/", 1)[-1][0] != "_"]  # noqa: E731
+    deadline = time.time() + 300
+    while time.time() < deadline and len(states()) < 2 and killed.poll() is None:
+        time.sleep(0.5)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    done = len(states())
+    assert 2 <= done < 6, (done, killed.stderr.read()[-2000:])
+    assert not fs.exists(f"/runs/killed/{SUCCESS_NAME}")
+    resumed = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args, "--resume", "--local-runner"],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"({done} resumed)" in resumed.stdout
+    tables = tables_on_hdfs(fs, "/runs/killed")
     keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
     assert len(keys) == len(set(keys)) == 3000  # none lost, none twice
-    assert fs.exists(f"/runs/stopped/{SUCCESS_NAME}")
+    assert not fs.exists("/runs/killed/_clip_nsfw_tmp") and fs.exists(f"/runs/killed/{SUCCESS_NAME}")
 
 
 def test_the_lease_refuses_a_second_run(hdfs_server, parquet_input):
