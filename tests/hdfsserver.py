@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUPERUSER = os.environ.get("USER") or "root"  # the user that starts the NameNode is HDFS's superuser
+SUPERUSER = "clip-nsfw-admin"  # HADOOP_USER_NAME of the NameNode's process: HDFS's superuser
 
 
 def jars_folder() -> Path:
@@ -37,10 +37,16 @@ def missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (held together while chosen, so never the same one twice)."""
+    probes = [socket.socket() for _ in range(n)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 class MiniHDFS:
@@ -60,7 +66,7 @@ class MiniHDFS:
         return f"webhdfs://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 120.0) -> None:
-        self.rpc_port, self.http_port = _free_port(), _free_port()
+        self.rpc_port, self.http_port = _free_ports(2)
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         details = self.workdir / "details.json"
@@ -78,7 +84,10 @@ class MiniHDFS:
             args += ["-D", f"{key}={value}"]
         self.log_path = self.workdir / "namenode.log"
         self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        # the user that starts the NameNode is HDFS's superuser: named, not guessed from $USER
+        env = dict(os.environ, HADOOP_USER_NAME=SUPERUSER)
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

@@ -24,7 +24,7 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
-from clip_nsfw_spark.storage.filesystem import filesystem, renames_atomically
+from clip_nsfw_spark.storage.filesystem import filesystem
 from clip_nsfw_spark.storage.lease import RunLease
 from clip_nsfw_spark.tools.sample import write_laion_sample, write_parquet_sample
 from conftest import ROOT, needs_models
@@ -47,6 +47,12 @@ def tables_on_hdfs(fs, root: str) -> dict[str, pa.Table]:
             with fs.open(path, "rb") as handle:
                 found[rel] = pq.read_table(io.BytesIO(handle.read()))
     return found
+
+
+def assert_nothing_left(fs, root: str) -> None:
+    """No temp folder, no lease, no file written aside (each would mean a rename that did not happen)."""
+    names = [p[len(root):] for p in fs.find(root, withdirs=True)]
+    assert not [n for n in names if "_clip_nsfw_tmp" in n or "_clip_nsfw_aside" in n or "_clip_nsfw_lease" in n], names
 
 
 def tables_on_disk(root) -> dict[str, pa.Table]:
@@ -78,8 +84,7 @@ def test_every_mode_from_hdfs_to_hdfs_equals_the_local_run(hdfs_server, parquet_
     for rel in on_disk:
         assert on_hdfs[rel].equals(on_disk[rel]), rel
     assert fs.exists(f"/runs/{mode}/{SUCCESS_NAME}") and fs.exists(f"/runs/{mode}/{REPORT_NAME}")
-    assert not fs.exists(f"/runs/{mode}/_clip_nsfw_tmp") and not fs.exists(f"/runs/{mode}/_clip_nsfw_lease")
-    assert renames_atomically(filesystem(output, hdfs_server.storage_options())[0])  # commits are renames
+    assert_nothing_left(fs, f"/runs/{mode}")
 
 
 def test_spark_executors_read_and_write_hdfs_and_spark_reads_the_output_over_hdfs_rpc(
@@ -113,7 +118,7 @@ def test_laion_npy_layout_on_hdfs(hdfs_server, tmp_path):
         assert on_hdfs[rel].equals(on_disk[rel]), rel
 
 
-def test_a_run_killed_mid_way_resumes_with_every_row_once(hdfs_server, parquet_input):
+def test_a_run_killed_mid_way_resumes_with_every_row_once(hdfs_server, parquet_input, tmp_path):
     # the whole job (driver, JVM, Python workers) SIGKILLed after two tasks committed: nothing cleans up,
     # its lease and temp files stay on HDFS; --resume takes the dead run's lease over and finishes
     _, source = parquet_input
@@ -121,9 +126,10 @@ def test_a_run_killed_mid_way_resumes_with_every_row_once(hdfs_server, parquet_i
     args = ["--input", source, "--output", output, "--storage-option", f"user={SUPERUSER}", "--mode", "split",
             "--rows-per-task", "500", "--batch-rows", "50"]
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    log = open(tmp_path / "killed.log", "w")
     killed = subprocess.Popen([sys.executable, str(ROOT / "tests" / "faults.py"), "--fault",
                                "point=write,after=1,action=sleep,seconds=0.02", *args, "--master", "local[1]"],
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     fs = hdfs_server.filesystem()
     states = lambda: [p for p in (fs.find("/runs/killed/_clip_nsfw_tasks") if fs.exists("/runs/killed") else [])
@@ -133,8 +139,10 @@ def test_a_run_killed_mid_way_resumes_with_every_row_once(hdfs_server, parquet_i
         time.sleep(0.5)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=60)
+    log.close()
     done = len(states())
-    assert 2 <= done < 6, (done, killed.stderr.read()[-2000:])
+    assert 2 <= done < 6, (done, (tmp_path / "killed.log").read_text()[-2000:])
+    assert fs.exists("/runs/killed/_clip_nsfw_lease.json")  # the dead run's, left behind
     assert not fs.exists(f"/runs/killed/{SUCCESS_NAME}")
     resumed = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args, "--resume", "--local-runner"],
                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -143,7 +151,41 @@ def test_a_run_killed_mid_way_resumes_with_every_row_once(hdfs_server, parquet_i
     tables = tables_on_hdfs(fs, "/runs/killed")
     keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
     assert len(keys) == len(set(keys)) == 3000  # none lost, none twice
-    assert not fs.exists("/runs/killed/_clip_nsfw_tmp") and fs.exists(f"/runs/killed/{SUCCESS_NAME}")
+    assert fs.exists(f"/runs/killed/{SUCCESS_NAME}")
+    assert_nothing_left(fs, "/runs/killed")
+    # a second resume of the finished output rewrites its state files in place (HDFS rename2 over them)
+    job = fs.info("/runs/killed/_clip_nsfw_tasks/_job.json")["modificationTime"]
+    again = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args, "--resume", "--local-runner"],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert fs.info("/runs/killed/_clip_nsfw_tasks/_job.json")["modificationTime"] > job
+    assert_nothing_left(fs, "/runs/killed")
+
+
+def test_a_lease_being_rewritten_is_never_read_half_written(hdfs_server):
+    # heartbeats rewrite the lease while tasks and other runs read it: on WebHDFS (create + append, and a
+    # read that asks the size first) that needs writing aside + rename2 and one-request reads
+    import threading
+
+    from clip_nsfw_spark.storage.lease import read_lease
+
+    fs, root = filesystem(f"{hdfs_server.webhdfs_url}/runs/heartbeat", hdfs_server.storage_options())
+    with RunLease(fs, root) as lease:
+        stop = threading.Event()
+
+        def beat():
+            while not stop.is_set():
+                lease._write()
+
+        writer = threading.Thread(target=beat)
+        writer.start()
+        try:
+            seen = [read_lease(fs, root) for _ in range(150)]
+        finally:
+            stop.set()
+            writer.join()
+        assert all(s is not None and s["run_id"] == lease.run_id for s in seen), [s for s in seen][:3]
+        assert [p for p in fs.find(root) if "_clip_nsfw_aside" in p] == []
 
 
 def test_the_lease_refuses_a_second_run(hdfs_server, parquet_input):

@@ -57,6 +57,12 @@ def _jars_or_skip() -> str:
 @needs_models
 def test_spark_reads_the_jobs_s3_output_through_s3a(s3_server, tmp_path):
     jars = _jars_or_skip()
+    import pyspark
+
+    bundled = {n.split("-")[-1][:-4] for n in os.listdir(os.path.join(os.path.dirname(pyspark.__file__), "jars"))
+               if n.startswith("hadoop-client-api-")}
+    aws = {n.split("-")[-1][:-4] for n in os.listdir(jars) if n.startswith("hadoop-aws-")}
+    assert bundled == aws, f"pyspark bundles Hadoop {bundled}, tests/s3a/pom.xml pins hadoop-aws {aws}: make them match"
     fs = s3_server.filesystem()
     fs.mkdir("s3a-data")
     options = s3_server.storage_options()

@@ -24,7 +24,7 @@ from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.parquet.splice import SplicedParquetWriter, leaf_paths
 from clip_nsfw_spark.scoring.batch import set_column
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
-from clip_nsfw_spark.storage.filesystem import join, renames_atomically
+from clip_nsfw_spark.storage.filesystem import join, rename_file, renames_atomically
 
 TMP_DIR = "_clip_nsfw_tmp"
 TASKS_DIR = "_clip_nsfw_tasks"
@@ -176,7 +176,7 @@ class AtomicParquet:
             return
         parent = self.final.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        self.fs.mv(self.tmp, self.final)
+        rename_file(self.fs, self.tmp, self.final, replace=True)  # a retried task's commit replaces its own file
 
     def abort(self) -> None:
         try:

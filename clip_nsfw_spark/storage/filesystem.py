@@ -65,8 +65,9 @@ def _through_webhdfs(url: str, port) -> str:
     rest = url[len("hdfs://"):]
     netloc, slash, path = rest.partition("/")
     host = netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
-    if not host:
-        raise ConfigError(f"cannot route {url} through WebHDFS: it names no NameNode host (hdfs://host:8020/path)")
+    if not host or "[" in netloc or netloc.count(":") > 1:
+        raise ConfigError(f"cannot route {url} through WebHDFS: it names no NameNode host name (hdfs://host:8020/path; "
+                          "an IPv6 address: give webhdfs://[address]:9870/path instead)")
     return f"webhdfs://{host}:{port}{slash}{path}"
 
 
@@ -148,14 +149,14 @@ def location(fs, path: str) -> str:
     """A key that differs between two canonical locations unless they are the same store and path."""
     protocol = "file" if is_local(fs) else (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
     if is_hierarchical(fs):  # the NameNode is part of the location (and of the URL executors open)
-        return f"{protocol}://{name_node(fs)}{path.rstrip('/') or '/'}"
+        return f"{protocol}://{name_node(fs)}{path.rstrip('/')}"  # the root: "webhdfs://nn:9870"
     return f"{protocol}://{path.rstrip('/')}"
 
 
 def name_node(fs) -> str:
     """``host:port`` of an HDFS filesystem's NameNode as its URL gave them (``host`` alone without a port)."""
     options = getattr(fs, "storage_options", {}) or {}
-    host, port = options.get("host") or "", options.get("port")
+    host, port = (options.get("host") or "").lower(), options.get("port")  # host names ignore case
     return f"{host}:{port}" if port else host
 
 
@@ -197,6 +198,40 @@ def is_hierarchical(fs) -> bool:
     return bool(protocols & set(HIERARCHICAL_PROTOCOLS))
 
 
+def is_webhdfs(fs) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"webhdfs", "swebhdfs"})
+
+
+def rename_file(fs, source: str, target: str, replace: bool) -> None:
+    """Rename the file ``source`` to ``target`` in one atomic step: ``replace`` puts it over an existing
+    ``target`` (never a moment without one); otherwise FileExistsError when ``target`` exists (an exclusive
+    create of a file written aside). Local disks and WebHDFS (HDFS's rename2: ``renameoptions=OVERWRITE`` /
+    ``NONE``; fsspec's ``mv`` uses the old rename, which answers "false" and leaves both files as they were
+    when the target exists). Other stores with renames: ``fs.mv``, the old target removed first."""
+    if is_local(fs):
+        if replace:
+            fs.mv(source, target)  # rename(2): replaces the target in one step
+        else:
+            os.link(source, target)  # EEXIST when taken: exclusive
+            os.remove(source)
+        return
+    if is_webhdfs(fs):
+        try:
+            fs._call("RENAME", method="put", path=source, destination=target,
+                     renameoptions="OVERWRITE" if replace else "NONE")
+        except RuntimeError as err:  # fsspec's rendering of HDFS's FileAlreadyExistsException
+            if "exists" in str(err).lower():
+                raise FileExistsError(f"{target} exists: {err}") from err
+            raise OSError(f"cannot rename {source} to {target}: {err}") from err
+        return
+    if fs.exists(target):
+        if not replace:
+            raise FileExistsError(target)
+        remove(fs, target)
+    fs.mv(source, target)
+
+
 def renames_atomically(fs) -> bool:
     """Whether ``fs.mv`` of a file is one atomic rename (local disks, HDFS/WebHDFS), not a copy and a
     delete (object stores: S3, GCS, Azure …)."""
@@ -211,7 +246,7 @@ def join(*parts: str) -> str:
 def unstrip(fs, path: str) -> str:
     """A full URL for messages: path with its protocol (s3://bucket/key), or the local path."""
     if is_hierarchical(fs):  # fsspec leaves the NameNode out (webhdfs:///path): a URL no other process opens
-        return location(fs, path) if path.startswith("/") else f"{location(fs, '/')}{path}"
+        return location(fs, "/") + "/" + path.strip("/") if path.strip("/") else location(fs, "/") + "/"
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
@@ -255,6 +290,8 @@ FRESH_ATTEMPTS = 4
 def read_fresh(fs, path: str) -> bytes:
     """The bytes of ``path`` as the store holds them now. FileNotFoundError when it does not exist; a
     FileExpired (rewritten while read) is retried fresh, never passed on."""
+    if is_webhdfs(fs):  # one OPEN: fsspec's cat_file asks the size first, then reads (a rename in between cuts it)
+        return fs._call("OPEN", path=path, redirect=True).content
     for attempt in range(FRESH_ATTEMPTS):
         fs.invalidate_cache(path)
         try:
@@ -342,6 +379,13 @@ def remove(fs, path: str, recursive: bool = False) -> None:
         elif os.path.isdir(path):
             shutil.rmtree(path) if recursive else os.rmdir(path)
         return
+    if is_webhdfs(fs):  # DELETE takes the path literally (no glob) and a whole folder at once
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(path)
+        return
     files = sorted(find_fresh(fs, path)) if recursive else []
     for name in files or [path]:
         try:
@@ -375,14 +419,7 @@ def write_whole(fs, path: str, data: bytes | str) -> None:
     try:
         with fs.open(aside, "wb") as handle:
             handle.write(data)
-        if is_local(fs):
-            fs.mv(aside, path)  # rename(2): replaces the old file in one step
-        else:
-            try:
-                fs.mv(aside, path)
-            except (FileExistsError, OSError):  # HDFS renames onto a free name only: the old one goes first
-                remove(fs, path)
-                fs.mv(aside, path)
+        rename_file(fs, aside, path, replace=True)  # rename(2) / HDFS rename2: the old file replaced in one step
     except BaseException:
         with contextlib.suppress(Exception):
             remove(fs, aside)

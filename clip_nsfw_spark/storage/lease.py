@@ -40,7 +40,8 @@ import time
 import uuid
 
 from clip_nsfw_spark.errors import LeaseLostError, OutputError
-from clip_nsfw_spark.storage.filesystem import accessing, is_local, join, read_fresh, remove, unstrip
+from clip_nsfw_spark.storage.filesystem import (accessing, is_local, is_webhdfs, join, read_fresh, remove, rename_file,
+                                                unstrip)
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_clip_nsfw_lease.json"
@@ -253,7 +254,11 @@ class RunLease:
             with open(aside, "w") as handle:
                 handle.write(data)
             os.replace(aside, self.path)
-        else:
+        elif is_webhdfs(self.fs):  # WebHDFS writes a file in two requests (create, append): aside, then rename2
+            aside = join(self.root, f"_clip_nsfw_aside.{self.run_id}.lease")
+            self.fs.pipe_file(aside, data.encode())
+            rename_file(self.fs, aside, self.path, replace=True)
+        else:  # an object appears whole
             self.fs.pipe_file(self.path, data.encode())
 
     def refresh(self) -> None:
@@ -306,6 +311,7 @@ class RunLease:
             if lease is not None and lease.get("run_id") == self.run_id:
                 remove(self.fs, self.path)
             if self._created and not self.fs.ls(self.root, detail=False):
-                self.fs.rmdir(self.root)  # a run that failed before writing leaves no output folder
+                # a run that failed before writing leaves no output folder (WebHDFS: fsspec's rmdir does nothing)
+                self.fs.rm(self.root) if is_webhdfs(self.fs) else self.fs.rmdir(self.root)
         except Exception as err:  # noqa: BLE001 - the run's own error (if any) matters more
             log.warning("could not release the lease of %s: %s", self.url, err)
