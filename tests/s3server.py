@@ -57,7 +57,11 @@ class SeaweedS3:
         (self.workdir / "data").mkdir(exist_ok=True)
         args = [weed, "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-master.telemetry=false", "-admin.ui=false", f"-s3.config={config}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0"] + [f"-{name}.port={port}" for name, port in ports.items()]
+                "-s3.port.iceberg=0", "-s3.port.lance=0",
+                # Each bucket takes a volume of its own, and by default the volume count is free disk / 1 GiB:
+                # on a fuller disk the tests' ~40 buckets ran out and every later PUT got InternalError.
+                # Volumes are sparse files, so a high cap costs no disk.
+                "-volume.max=1000"] + [f"-{name}.port={port}" for name, port in ports.items()]
         self.log = open(self.workdir / "weed.log", "ab")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 60
