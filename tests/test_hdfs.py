@@ -30,7 +30,7 @@ from clip_nsfw_spark.tools.sample import write_laion_sample, write_parquet_sampl
 from conftest import ROOT, needs_models
 from hdfsserver import SUPERUSER
 
-pytestmark = needs_models
+pytestmark = [needs_models, pytest.mark.slow]  # a NameNode and a DataNode, whole runs over WebHDFS (~5 min)
 
 
 def run(hdfs, source: str, output: str, runner=None, user: str | None = None, **options) -> dict:

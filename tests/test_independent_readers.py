@@ -26,6 +26,8 @@ import duckdb
 import fastparquet.cencoding as fastparquet_thrift
 import polars
 
+pytestmark = pytest.mark.slow  # every writer policy through four readers (~1 min)
+
 ROWS, DIM = 700, 24
 # (name, scalar codec, embedding codec, own encoder)
 POLICIES = [("default", "zstd", "none", True), ("pyarrow-codec", "zstd", "none", False),

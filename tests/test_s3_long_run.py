@@ -27,6 +27,8 @@ from clip_nsfw_spark.driver.output import TASK_RECORD
 from conftest import ROOT, needs_models
 from s3server import LatencyProxy
 
+pytestmark = pytest.mark.slow  # 2,000 files through a 20 ms proxy, a killed run resumed
+
 
 def _bucket(fs, name):
     if not fs.exists(name):

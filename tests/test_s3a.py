@@ -24,6 +24,8 @@ from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import ROOT, needs_models
 from s3server import ACCESS_KEY, SECRET_KEY
 
+pytestmark = pytest.mark.slow  # a fresh Spark with hadoop-aws (~1.5 min)
+
 JARS = os.environ.get("CLIP_NSFW_S3A_JARS", str(ROOT / ".cache" / "s3a-jars"))
 
 READER = r"""
