@@ -9,7 +9,6 @@ cold (the Debian root file system, the wheelhouse, two builds, eight runs), then
 removed (the Debian root file system image is kept for the next run).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import pytest
 
 from clip_nsfw_spark.driver.config import JobConfig
