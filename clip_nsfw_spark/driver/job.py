@@ -25,7 +25,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clip_nsfw_spark.contract import (TASKS_SUMMED, HeadPayload, ScoreOutput, ScoreTarget, Task, TaskConfig,
                                       add_figures)
@@ -45,7 +44,6 @@ from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fre
                                                  write_whole)
 from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file, unreadable
 from clip_nsfw_spark.executor.worker import Worker
-from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,
                                              SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths, output_schemas)
 

@@ -170,7 +170,7 @@ def _walk_back(nodes, ref: str, op: str):
         ref = node.input[0]
 
 
-# The agreement rule (docs/exactness.md, tests/test_parity.py): TensorFlow itself is not reproducible to
+# The agreement rule (docs/exactness.md, tests/models/test_convert.py): TensorFlow itself is not reproducible to
 # the last bit (its MatMul order depends on the CPU, the batch size and oneDNN), so the numpy scores must be
 # within twice TensorFlow's own spread on the same rows, and never need to be closer than 2e-6.
 AGREEMENT_FLOOR = 2e-6

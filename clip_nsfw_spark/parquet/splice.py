@@ -16,7 +16,7 @@ for an empty table: parquet schema, stored Arrow schema, column orders), with th
 here (thrift.py). A batch whose embedding column is not uniform (null rows, empty or ragged lists, null
 items, or a row too long for one page) has that column encoded by pyarrow too: the file is exact
 whatever the data, and every reader sees an ordinary file (pyarrow, Spark 3.5–4.x, DuckDB:
-tests/test_splice.py, bench/writer_compat.py).
+tests/parquet/test_splice.py, bench/writer_compat.py).
 """
 
 from __future__ import annotations

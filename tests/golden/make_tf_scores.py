@@ -1,16 +1,16 @@
 """Re-make the committed TensorFlow scores: python tests/golden/make_tf_scores.py (needs TensorFlow and the
 real models; run from the checkout root). Only the scores are stored; the rows come from
-tests/test_parity.py ``golden_rows`` (seeded)."""
+tests/models/test_convert.py ``golden_rows`` (seeded)."""
 
 import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "models")]
 
 import conftest  # noqa: E402,F401  (sets up the model cache like the tests)
-from test_parity import make_golden  # noqa: E402
+from test_convert import make_golden  # noqa: E402
 
 from clip_nsfw_spark import load_scorer  # noqa: E402
 

@@ -17,7 +17,7 @@ from clip_nsfw_spark.executor.writer import JOB_STATE, REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.storage.filesystem import filesystem, read_fresh, write_whole
 from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import needs_models
-from test_lease import assert_same, snapshot
+from helpers import assert_same, snapshot
 
 DAMAGES = {"truncated": lambda data: data[: len(data) // 2], "empty": lambda data: b"",
            "a list": lambda data: b"[1, 2]", "no task id": lambda data: b'{"rows_read": 1000}'}

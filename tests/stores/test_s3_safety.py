@@ -1,5 +1,5 @@
 """Issue #23 on S3: fencing, ownership from manifests and reconciliation, where the store has no rename
-and no exclusive create (the local twins are in test_lease.py and test_manifest.py)."""
+and no exclusive create (the local twins are in storage/test_lease.py and driver/test_output_manifest.py)."""
 
 import json
 import os
@@ -21,7 +21,7 @@ from clip_nsfw_spark.tools.sample import write_parquet_sample
 from clip_nsfw_spark.driver.output import TASK_RECORD
 from conftest import ROOT, needs_models
 from faults import Fault
-from test_lease import _stopped
+from helpers import stopped
 
 
 def _bucket(fs, name):
@@ -43,7 +43,7 @@ def _paused_while_another_takes_over(s3_server, bucket: str, paused_flags: list,
     command = [sys.executable, str(ROOT / "tests" / "faults.py"), *common]
     paused = subprocess.Popen([*command, *paused_flags], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _stopped(paused)
+    stopped(paused)
     time.sleep(4.5)  # past the --stale 4 the runs are given
     other = subprocess.run([*command, "--threshold", "0.3"], env=env, cwd=ROOT, capture_output=True, text=True,
                            timeout=600)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from clip_nsfw_spark.driver.config import JobConfig
@@ -25,6 +24,7 @@ from clip_nsfw_spark.storage.lease import LEASE_NAME, STALE_SECONDS, RunLease, r
 from clip_nsfw_spark.storage.filesystem import filesystem
 from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import ROOT, needs_models
+from helpers import assert_same, snapshot, stopped, wait_for
 
 INTERRUPTED = "clip-nsfw-spark: interrupted; the output is incomplete: rerun with --resume"
 
@@ -38,31 +38,10 @@ def write_lease(out, run_id="0th3rrun", host="elsewhere", pid=4242, age=0.0, pid
     os.replace(aside, out / LEASE_NAME)
 
 
-def data_files(root):
-    """{relative path: table} of the data files (no _ state), for comparing two runs."""
-    return {str(p.relative_to(root)): pq.read_table(p) for p in sorted(root.rglob("*.parquet"))
-            if not str(p.relative_to(root)).startswith("_")}
-
-
-def assert_same(a, b):
-    left, right = data_files(a), data_files(b)
-    assert sorted(left) == sorted(right) and left
-    for name in left:
-        assert left[name].equals(right[name]), name
-
-
 def _cli(args, **kwargs):
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
     return subprocess.Popen([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def _wait_for(predicate, process, seconds=300):
-    deadline = time.time() + seconds
-    while time.time() < deadline and not predicate():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.1)
-    assert predicate()
 
 
 @needs_models
@@ -139,7 +118,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_completes(tmp_
     run_job(JobConfig(input=str(source), output=str(tmp_path / "clean")))
     out = tmp_path / "out"
     first = _cli(["--input", str(source), "--output", str(out), "--master", "local[1]", "--batch-rows", "20"])
-    _wait_for(lambda: (out / LEASE_NAME).exists() and any((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json")),
+    wait_for(lambda: (out / LEASE_NAME).exists() and any((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json")),
               first)
     lease = json.loads((out / LEASE_NAME).read_text())
     for flag in ("--overwrite", "--resume"):
@@ -169,7 +148,7 @@ def test_ctrl_c_or_sigterm_ends_with_one_line_and_resume_completes(tmp_path, sig
     out = tmp_path / "out"
     process = _cli(["--input", str(source), "--output", str(out), "--master", "local[1]", "--batch-rows", "20"],
                    start_new_session=True)
-    _wait_for(lambda: any((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json")), process)
+    wait_for(lambda: any((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json")), process)
     os.killpg(process.pid, signum)  # what Ctrl-C in a terminal (or a scheduler) does: the whole group
     _, err = process.communicate(timeout=300)
     assert process.returncode == status, err[-3000:]
@@ -257,21 +236,6 @@ def _faults(args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def _process_state(pid: int) -> str:
-    """The letter /proc gives a process's state: "T" when stopped."""
-    with open(f"/proc/{pid}/stat") as handle:
-        return handle.read().rsplit(")", 1)[1].split()[0]
-
-
-def snapshot(root):
-    """{relative path: bytes} of every file under ``root``: a run that changed nothing leaves it equal."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _stopped(process):
-    _wait_for(lambda: _process_state(process.pid) == "T", process, seconds=300)
-
-
 @needs_models
 @pytest.mark.parametrize("step, flag", [("clear", "--overwrite"), ("prepare", "--resume"), ("report", "--overwrite")])
 def test_a_paused_run_whose_output_was_taken_over_stops_without_touching_it(tmp_path, step, flag):
@@ -282,7 +246,7 @@ def test_a_paused_run_whose_output_was_taken_over_stops_without_touching_it(tmp_
     run_job(JobConfig(input=str(source), output=str(out)))
     common = ["--input", str(source), "--output", str(out), "--local-runner", "--stale", "4"]
     paused = _faults([*common, flag, "--heartbeat", "0.5", "--stop-before", step], start_new_session=True)
-    _stopped(paused)
+    stopped(paused)
     time.sleep(4.5)  # its lease goes stale for the next run
     other = _faults([*common, "--overwrite", "--threshold", "0.3"])
     _, err = other.communicate(timeout=600)
@@ -307,7 +271,7 @@ def test_a_run_paused_past_half_its_stale_time_stops_even_if_nobody_took_over(tm
     before = snapshot(out)
     paused = _faults(["--input", str(source), "--output", str(out), "--local-runner", "--overwrite", "--stale", "4",
                       "--heartbeat", "0.5", "--stop-before", "clear"], start_new_session=True)
-    _stopped(paused)
+    stopped(paused)
     time.sleep(3)  # more than half of 4 s: another run may be about to take the lease over
     os.kill(paused.pid, signal.SIGCONT)
     _, err = paused.communicate(timeout=300)
@@ -418,7 +382,7 @@ def test_a_run_paused_between_two_files_of_a_commit_stops_before_the_next(tmp_pa
               "--overwrite"]
     paused = _faults([*common, "--fault", f"point=commit,match=part-00001,after=1,action=stop,once={tmp_path}/once"],
                      start_new_session=True)
-    _stopped(paused)
+    stopped(paused)
     time.sleep(4.5)
     other = _faults([*common, "--threshold", "0.05"])
     _, err = other.communicate(timeout=600)

@@ -30,6 +30,7 @@ from clip_nsfw_spark.scoring.prompts import BELOW_HALF, PromptScorer, argmax_rul
 from clip_nsfw_spark.scoring.scorer import NumpyScorer
 from clip_nsfw_spark.models.torch_weights import H14_KEYS, read_state_dict
 from conftest import ROOT, SHARED_MODELS, needs_models
+from helpers import h14_module
 
 torch = pytest.importorskip("torch", reason="!!! torch (the 'test' extra) is needed as the reference here !!!")
 nn = torch.nn
@@ -49,25 +50,11 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-class H14(nn.Module):
-    """clip-retrieval's H14_NSFW_Detector architecture (same Sequential, same key names)."""
-
-    def __init__(self):
-        super().__init__()
-        blocks = []
-        for a, b in ((1024, 1024), (1024, 2048), (2048, 1024), (1024, 256), (256, 128)):
-            blocks += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(0.2)]
-        self.layers = nn.Sequential(*blocks, nn.Linear(128, 16), nn.Linear(16, 1))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
 @pytest.fixture(scope="module")
 def h14(tmp_path_factory):
     """(torch model, path of its state dict saved by torch.save as h14_nsfw.pth)."""
     torch.manual_seed(0)
-    model = H14().eval()
+    model = h14_module().eval()
     with torch.no_grad():  # He-normal weights: scores spread over ~0.35..0.65 on unit-norm rows, not ~1e-4
         for layer in model.layers:
             if isinstance(layer, nn.Linear):

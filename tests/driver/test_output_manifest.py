@@ -22,7 +22,7 @@ from clip_nsfw_spark.executor.writer import MANIFEST_DIR, REPORT_NAME, SUCCESS_N
 from clip_nsfw_spark.tools.sample import write_parquet_sample
 from conftest import needs_models
 from faults import Fault
-from test_lease import snapshot
+from helpers import snapshot
 
 
 def rows_on_disk(out):

@@ -18,7 +18,7 @@ from clip_nsfw_spark.errors import ConfigError, OutputError
 from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.tools.sample import write_parquet_sample
-from conftest import needs_models
+from conftest import ROOT, needs_models
 
 REFUSED_AS_INPUT = r"(is the input|is inside the input|contains the input) "
 
@@ -112,7 +112,7 @@ def test_a_bind_mount_of_the_input_is_the_input(tree):
              "except Exception as err:\n    print(err)")
     script = f'mount --bind "$1" "$2" && exec "{sys.executable}" -c "$3" "$1" "$2/scored"'
     result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(tree / "in"), str(tree / "mnt"), check],
-                            capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert re.search(r"output .*mnt/scored is inside the input .*in: choose", result.stdout), \
         result.stdout + result.stderr
     assert sorted(snapshot(tree / "in")) == ["part-00000.parquet", "part-00001.parquet"]

@@ -21,7 +21,7 @@ from clip_nsfw_spark.models.convert import AGREEMENT_FLOOR, agreement_bound, tf_
 from conftest import ROOT, needs_models
 
 SHARED_GOLDEN = ROOT.parent / "shared" / "golden"
-FIXTURES = Path(__file__).resolve().parent / "golden"
+FIXTURES = ROOT / "tests" / "golden"
 REALISTIC = ("l2-normalised float32", "float16", "vocabulary hits", "rounding ties", "-0.0 and NaN")
 
 
@@ -126,7 +126,7 @@ def make_golden(model: str, tf_scorer, weights) -> dict:
                 if line.startswith("model name")), platform.processor())
     import tensorflow as tf
 
-    return {"model": model, "made_with": f"tensorflow {tf.__version__}, {cpu}", "rows": "tests/test_parity.py "
+    return {"model": model, "made_with": f"tensorflow {tf.__version__}, {cpu}", "rows": "tests/models/test_convert.py "
             "golden_rows", "kinds": kinds}
 
 

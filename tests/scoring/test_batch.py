@@ -2,7 +2,7 @@
 
 The scorers here are tiny deterministic stand-ins (a row's score is one of its own values), so each row's
 fate is chosen by the test data: this is a test of the batch logic, not of a model (the real models are
-tested in test_models.py, test_parity.py and the job tests).
+tested in models/test_cache.py, models/test_convert.py and the job tests).
 """
 
 from collections import Counter

@@ -16,7 +16,7 @@ from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
 from clip_nsfw_spark.tools.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
 from clip_nsfw_spark.scoring.weights import PortableWeights
-from conftest import needs_models
+from conftest import ROOT, needs_models
 
 
 @pytest.fixture
@@ -210,7 +210,7 @@ def test_cli_run_and_spark_submit_entry_point(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=1000, files=2)
     conf = root / "conf" / "score_embeddings.yaml"

@@ -2,7 +2,7 @@
 conflicting options, and the messages that say what was expected and what was found.
 
 Pure Python: no Spark, no model. The per-field type messages (booleans, integers, enums …) are in
-test_safety_paths.py::test_config_values_are_typed; the conf/ files in test_ops.py.
+driver/test_output.py::test_config_values_are_typed; the conf/ files in ops/test_packaging.py.
 """
 
 import dataclasses

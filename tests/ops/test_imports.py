@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "clip_nsfw_spark"
+PACKAGE = Path(__file__).resolve().parents[2] / "clip_nsfw_spark"
 SHARED = {"errors", "models.registry"}
 ALLOWED = {
     "errors": set(),

@@ -465,7 +465,7 @@ def test_dictionary_index_kernels_stay_inside_the_page(tmp_path):
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "dictionary_index_kernel_every or dictionary_index_kernel_long"],
-                         env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+                         env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 

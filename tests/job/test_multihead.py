@@ -124,10 +124,10 @@ def test_cli_repeats_model(dataset, tmp_path):
 def test_a_raw_output_head_in_the_job(tmp_path):
     """A ViT-H/14-architecture state dict (random weights) as a user head: raw scores, not clipped."""
     torch = pytest.importorskip("torch", reason="!!! torch (the 'test' extra) writes the .pth here !!!")
-    from test_heads import H14
+    from helpers import h14_module
 
     torch.manual_seed(1)
-    model = H14().eval()
+    model = h14_module().eval()
     with torch.no_grad():
         model.layers[16].bias += 3.0  # raw outputs well above 1: a probability would be clipped or squashed
     path = tmp_path / "h14_like.pth"
