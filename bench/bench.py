@@ -85,7 +85,7 @@ class ConstantScorer:
 
 
 def constant_scorer(head) -> ConstantScorer:
-    """A worker's ``make_scorer`` (HeadPayload → scorer) for the IO floor."""
+    """A worker's ``make_scorer`` (Head → scorer) for the IO floor."""
     from clip_nsfw_spark.scoring.scorer import scorer_from_portable
 
     return ConstantScorer(scorer_from_portable(head.data).dim)
@@ -150,10 +150,10 @@ def cold_start_code(model: str) -> str:
     from clip_nsfw_spark.models.cache import prepare_model
 
     resolved = prepare_model(model)
-    return ("import numpy as np; from clip_nsfw_spark.driver.config import HeadPayload; "
+    return ("import numpy as np; from clip_nsfw_spark.contract import Head; "
             "from clip_nsfw_spark.executor.worker import scorer_for; "
             f"data = open({str(resolved.portable)!r}, 'rb').read(); "
-            f"s = scorer_for(HeadPayload({model!r}, {resolved.sha256!r}, data)); "
+            f"s = scorer_for(Head({model!r}, {resolved.sha256!r}, data)); "
             "s(np.random.default_rng(0).normal(size=(1024, s.dim)).astype(np.float16))")
 
 

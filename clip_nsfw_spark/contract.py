@@ -1,4 +1,4 @@
-"""What the driver hands executors: one task, the run's frozen task config, the heads' payloads.
+"""What the driver hands executors: one task, the run's frozen task config, the heads.
 
 Everything here is plain frozen data (strings, numbers, bytes, tuples) that pickles as it is: the driver
 builds it once (driver/), Spark or the local runner ships it, executors (executor/) only read it. Nothing
@@ -54,13 +54,22 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadPayload:
-    """A head as executors receive it: its portable-weights bytes (numpy only to load), their sha256 (the
-    per-process scorer cache key) and its name. Built once per run on the driver (heads.head_payload)."""
+class Head:
+    """One safety head, the same value from the registry to the executor (models/heads.resolve_head makes it
+    once per run on the driver; executors build their scorer from ``data`` alone, numpy only).
+
+    ``sha256`` of the portable weights is the per-process scorer cache key; ``score_column`` and
+    ``threshold`` are the head's own (a row is unsafe for it when ``score >= threshold``); ``dim`` the
+    embedding width it takes; ``source`` where the driver's cache holds it (for the report).
+    """
 
     name: str
     sha256: str
     data: bytes = dataclasses.field(repr=False)
+    score_column: str = "punsafe"
+    threshold: float = 0.5
+    dim: int = 0
+    source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

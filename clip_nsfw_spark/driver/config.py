@@ -19,6 +19,7 @@ import yaml
 
 from clip_nsfw_spark.contract import EmbeddingType, Keep, Layout, Mode, ParquetCodec
 from clip_nsfw_spark.errors import ConfigError
+from clip_nsfw_spark.models.registry import HeadSpec
 
 MODES = typing.get_args(Mode)
 LAYOUTS = typing.get_args(Layout)
@@ -31,36 +32,25 @@ SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
 DEFAULT_MODEL = "vit-l-14"
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelChoice:
-    """One head of a run (``models:`` in YAML, ``--model`` repeated): a registry name or a path, and
-    optionally its own score column (default: the head's, ``punsafe`` or ``pviolence``) and threshold
-    (default: the run's ``threshold``)."""
-
-    model: str
-    score_column: str | None = None
-    threshold: float | None = None
-
-    @classmethod
-    def parse(cls, item: Any, where: str = "models") -> "ModelChoice":
-        """A YAML/CLI item: ``"violence-l-14"`` or ``{model: …, score_column: …, threshold: …}``."""
-        if isinstance(item, cls):
-            return item
-        if isinstance(item, str) and item:
-            return cls(item)
-        if not isinstance(item, collections.abc.Mapping):
-            raise ConfigError(f"each entry of {where} must be a model name or a mapping with 'model' "
-                              f"(and optionally 'score_column', 'threshold'); found {_found(item)}")
-        unknown = sorted(set(item) - {"model", "score_column", "threshold"})
-        if unknown or not isinstance(item.get("model"), str) or not item.get("model"):
-            raise ConfigError(f"an entry of {where} must have 'model' (a name or path) and may have "
-                              f"'score_column', 'threshold'; found {dict(item)!r}")
-        column, threshold = item.get("score_column"), item.get("threshold")
-        if column is not None and (not isinstance(column, str) or not column):
-            raise ConfigError(f"score_column of {item['model']} in {where} must be a column name; found {_found(column)}")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise ConfigError(f"threshold of {item['model']} in {where} must be a number; found {_found(threshold)}")
-        return cls(item["model"], column, None if threshold is None else float(threshold))
+def parse_head_spec(item: Any, where: str = "models") -> HeadSpec:
+    """A YAML/CLI item of ``models``: ``"violence-l-14"`` or ``{model: …, score_column: …, threshold: …}``."""
+    if isinstance(item, HeadSpec):
+        return item
+    if isinstance(item, str) and item:
+        return HeadSpec(item)
+    if not isinstance(item, collections.abc.Mapping):
+        raise ConfigError(f"each entry of {where} must be a model name or a mapping with 'model' "
+                          f"(and optionally 'score_column', 'threshold'); found {_found(item)}")
+    unknown = sorted(set(item) - {"model", "score_column", "threshold"})
+    if unknown or not isinstance(item.get("model"), str) or not item.get("model"):
+        raise ConfigError(f"an entry of {where} must have 'model' (a name or path) and may have "
+                          f"'score_column', 'threshold'; found {dict(item)!r}")
+    column, threshold = item.get("score_column"), item.get("threshold")
+    if column is not None and (not isinstance(column, str) or not column):
+        raise ConfigError(f"score_column of {item['model']} in {where} must be a column name; found {_found(column)}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise ConfigError(f"threshold of {item['model']} in {where} must be a number; found {_found(threshold)}")
+    return HeadSpec(item["model"], column, None if threshold is None else float(threshold))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +64,7 @@ class JobConfig:
     score_columns: tuple[str, ...] = ()
     reason_column: str = "nsfw_reject_reason"
     model: str = DEFAULT_MODEL
-    models: tuple[ModelChoice, ...] = ()
+    models: tuple[HeadSpec, ...] = ()
     mode: Mode = "annotate"
     id_columns: tuple[str, ...] = ()
     columns: tuple[str, ...] = ()
@@ -106,7 +96,7 @@ class JobConfig:
         if isinstance(self.models, (str, collections.abc.Mapping)):
             object.__setattr__(self, "models", (self.models,))
         if isinstance(self.models, (list, tuple)):
-            object.__setattr__(self, "models", tuple(ModelChoice.parse(item) for item in self.models))
+            object.__setattr__(self, "models", tuple(parse_head_spec(item) for item in self.models))
         if not self.input:
             raise ConfigError("'input' is required: a parquet file, folder, glob, or a LAION embedding folder")
         if not self.output:
@@ -164,9 +154,9 @@ class JobConfig:
                 raise ConfigError(f"{key} must be one of {', '.join(COMPRESSIONS)}; found {getattr(self, key)!r}")
             object.__setattr__(self, key, codec)  # one spelling: resume compares them
 
-    def choices(self) -> tuple[ModelChoice, ...]:
+    def choices(self) -> tuple[HeadSpec, ...]:
         """The heads of this run, in order: ``models`` if given, else the one ``model``."""
-        return self.models or (ModelChoice(self.model),)
+        return self.models or (HeadSpec(self.model),)
 
     @classmethod
     def keys(cls) -> list[str]:

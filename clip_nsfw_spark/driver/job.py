@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from clip_nsfw_spark.contract import (TASKS_SUMMED, HeadPayload, ScoreOutput, ScoreTarget, Task, TaskConfig,
+from clip_nsfw_spark.contract import (TASKS_SUMMED, Head, ScoreOutput, ScoreTarget, Task, TaskConfig,
                                       add_figures)
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputChangedError, InputError, OutputError
@@ -100,35 +100,14 @@ def _first_width(batches) -> int | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class RunHead:
-    """A head as the driver resolved it: what executors need (``payload``) and what the report says."""
+def resolve_heads(config: JobConfig) -> list[Head]:
+    """Fetch, verify and convert every head of the run once (cache.py); their widths, columns, thresholds."""
+    from clip_nsfw_spark.models.heads import resolve_head
 
-    name: str
-    sha256: str
-    source: str
-    dim: int
-    score_column: str  # before any per-embedding-column suffix
-    threshold: float
-    payload: HeadPayload
+    return [resolve_head(choice, config.threshold) for choice in config.choices()]
 
 
-def resolve_heads(config: JobConfig) -> list[RunHead]:
-    """Fetch, verify and convert every head of the run once (models.py); read their widths."""
-    from clip_nsfw_spark.models.heads import head_defaults, head_payload
-    from clip_nsfw_spark.scoring.scorer import scorer_from_portable
-
-    heads = []
-    for choice in config.choices():
-        payload, resolved = head_payload(choice.model)
-        column, _ = head_defaults(choice.model)
-        heads.append(RunHead(payload.name, payload.sha256, str(resolved.source), scorer_from_portable(payload.data).dim,
-                             choice.score_column or column,
-                             float(config.threshold if choice.threshold is None else choice.threshold), payload))
-    return heads
-
-
-def score_targets(config: JobConfig, plan: Plan, heads: list[RunHead]) -> tuple[ScoreTarget, ...]:
+def score_targets(config: JobConfig, plan: Plan, heads: list[Head]) -> tuple[ScoreTarget, ...]:
     """One score column per head and embedding column. One embedding column: the head's column
     (``punsafe``, ``pviolence`` or its own); several: ``<column>_<embedding column>``; a single head may be
     named per column by ``score_columns``."""
@@ -146,7 +125,7 @@ def score_targets(config: JobConfig, plan: Plan, heads: list[RunHead]) -> tuple[
     return tuple(targets)
 
 
-def check_widths(widths: dict[str, int], heads: list[RunHead]) -> None:
+def check_widths(widths: dict[str, int], heads: list[Head]) -> None:
     """Fail early (before any task runs) when a head does not fit the data's embedding width."""
     for column, width in widths.items():
         for head in heads:
@@ -322,7 +301,7 @@ def _holds_float16(arrow_type: pa.DataType) -> bool:
     return any(_holds_float16(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
 
 
-def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[RunHead]) -> dict:
+def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[Head]) -> dict:
     """What the output was written for, as stored in ``_job.json`` (JSON values): a ``--resume`` with any
     difference would mix two datasets. The input in its one canonical spelling ("in/", "./in" and
     "/abs/in" resume the same run)."""
@@ -368,7 +347,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     if config.overwrite and target.non_empty:
         clear_output(target, lease.fence)
     tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids)
-    worker = Worker(tasks_config, tuple(head.payload for head in heads))
+    worker = Worker(tasks_config, tuple(heads))
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(target, fingerprint(config, tasks_config, heads),
                                               config.resume, plan, config.mode, lease.fence)

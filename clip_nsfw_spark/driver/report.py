@@ -15,7 +15,7 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
                  resume_actions=None) -> dict:
     """The JSON report: config (secrets redacted), heads, row counts by stream and reason, per-head unsafe
     counts and score histograms, timing. ``totals`` is every task's stats summed (contract.add_figures);
-    ``heads`` are job.RunHead (name, sha256, dim, source, threshold); ``model`` describes the first head (as
+    ``heads`` are contract.Head (name, sha256, dim, source, threshold); ``model`` describes the first head (as
     when a run had one)."""
     bins = config.histogram_bins
     written: dict[str, int] = dict(totals.get("rows_written") or {})

@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from clip_nsfw_spark.scoring.batch import score_batch
 from clip_nsfw_spark.scoring.outcomes import rows_unaccounted
-from clip_nsfw_spark.contract import HeadPayload, Task, TaskConfig
+from clip_nsfw_spark.scoring.scorer import scorer_for
+from clip_nsfw_spark.contract import Head, Task, TaskConfig
 from clip_nsfw_spark.errors import ClipNsfwError, InputError, OutputError, TaskError
 from clip_nsfw_spark.storage.lease import FENCE_REUSE_SECONDS, check_owner
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches
@@ -35,32 +36,17 @@ from clip_nsfw_spark.executor.writer import (MANIFEST_DIR, ROW_ID_COLUMNS, TASKS
                                              output_schemas, route)
 
 log = logging.getLogger(__name__)
-_SCORERS: dict[str, object] = {}
-
-
-def scorer_for(head: HeadPayload):
-    """The scorer for a head, built once per process (the cache holds while Python workers are reused):
-    an MLP head (NumpyScorer) or a prompt head (PromptScorer), numpy only, never torch or TensorFlow."""
-    from clip_nsfw_spark.scoring.scorer import scorer_from_portable
-
-    scorer = _SCORERS.get(head.sha256)
-    if scorer is None:
-        scorer = scorer_from_portable(head.data, name=head.name, sha256=head.sha256)
-        _SCORERS[head.sha256] = scorer
-    return scorer
-
-
 @dataclasses.dataclass(frozen=True)
 class Worker:
     """``worker(task) → stats``: runs ``process_task`` with the run's config and heads.
 
-    ``make_scorer`` (HeadPayload → scorer) and ``open_filesystem`` (url, storage_options → (fs, root))
+    ``make_scorer`` (Head → scorer) and ``open_filesystem`` (url, storage_options → (fs, root))
     are the seams a test or a benchmark replaces, e.g. by a constant scorer or a filesystem that fails
     on purpose; the job always uses the defaults. Picklable: it crosses to Spark executors.
     """
 
     config: TaskConfig
-    heads: tuple[HeadPayload, ...]
+    heads: tuple[Head, ...]
     make_scorer: Callable = scorer_for
     open_filesystem: Callable = filesystem
 

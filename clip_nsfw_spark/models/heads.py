@@ -22,7 +22,7 @@ every violence head ``pviolence``. One embedding column has one width, so at mos
 violence head fit it; two heads with the same column (e.g. a user NSFW head beside vit-l-14) need an
 explicit ``score_column`` for one of them, or ``MultiScorer`` raises a ConfigError that says so.
 
-Executors build heads from the portable bytes alone (``scorer_from_portable``): numpy only, never torch,
+Executors build scorers from a head's portable bytes alone (``scoring.scorer.scorer_for``): numpy only, never torch,
 TensorFlow or Spark.
 """
 
@@ -34,46 +34,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from clip_nsfw_spark.contract import HeadPayload
+from clip_nsfw_spark.contract import Head
 from clip_nsfw_spark.errors import ConfigError, DimensionError
 from clip_nsfw_spark.models.cache import prepare_model
-from clip_nsfw_spark.models.registry import REGISTRY, canonical_name, fitting_model_hint
-from clip_nsfw_spark.scoring.scorer import scorer_from_portable
+from clip_nsfw_spark.models.registry import REGISTRY, HeadSpec, canonical_name, fitting_model_hint
+from clip_nsfw_spark.scoring.scorer import portable_dim, scorer_for
 
 DEFAULT_SCORE_COLUMN = "punsafe"
 DEFAULT_THRESHOLD = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadSpec:
-    """What a configuration asks for: a model (registry name or path), optionally its column and threshold."""
-
-    model: str
-    score_column: str | None = None
-    threshold: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Head:
-    """A loaded head: ``scorer(x)`` maps (n, dim) float16/32/64 to float32 (n,)."""
-
-    name: str
-    score_column: str
-    threshold: float
-    scorer: object
-    sha256: str | None
-
-    @property
-    def dim(self) -> int:
-        return self.scorer.dim
-
-
-def head_payload(model: str | os.PathLike):
-    """Prepare a head on the driver (fetch, verify and convert it once, models.py) and return
-    ``(HeadPayload, resolved)``: what executors need (the portable bytes), and the cache's record of it."""
-    resolved = prepare_model(model)
-    name = canonical_name(os.fspath(model)) or resolved.name
-    return HeadPayload(name, resolved.sha256, resolved.portable.read_bytes()), resolved
 
 
 def head_defaults(model: str) -> tuple[str, float]:
@@ -82,27 +50,41 @@ def head_defaults(model: str) -> tuple[str, float]:
     return (spec.score_column, spec.threshold) if spec else (DEFAULT_SCORE_COLUMN, DEFAULT_THRESHOLD)
 
 
+def resolve_head(spec: str | os.PathLike | HeadSpec, run_threshold: float | None = None) -> Head:
+    """The one way a head is made, for the job, the DataFrame functions and ``load_head`` alike: fetch,
+    verify and convert the model once (cache.py), read its width without building a scorer, and settle its
+    column and threshold. The threshold rule, here only: the head's own, else the run's (``run_threshold``:
+    the job's ``threshold``), else the registry's default."""
+    if not isinstance(spec, HeadSpec):
+        spec = HeadSpec(os.fspath(spec))
+    resolved = prepare_model(spec.model)
+    name = canonical_name(os.fspath(spec.model)) or resolved.name
+    column, registry_threshold = head_defaults(spec.model)
+    threshold = next(t for t in (spec.threshold, run_threshold, registry_threshold) if t is not None)
+    data = resolved.portable.read_bytes()
+    return Head(name, resolved.sha256, data, spec.score_column or column, float(threshold), portable_dim(data),
+                str(resolved.source))
+
+
 def load_head(model: str | os.PathLike | HeadSpec, score_column: str | None = None,
               threshold: float | None = None) -> Head:
-    """Fetch/verify/convert ``model`` once (models.py) and load it as a Head with its defaults filled in."""
-    if isinstance(model, HeadSpec):
-        model, score_column, threshold = model.model, model.score_column or score_column, \
-            model.threshold if model.threshold is not None else threshold
-    resolved = prepare_model(model)
-    name = canonical_name(os.fspath(model)) or resolved.name
-    column, default_threshold = head_defaults(model)
-    scorer = scorer_from_portable(resolved.portable, name=name, sha256=resolved.sha256)
-    return Head(name, score_column or column, float(default_threshold if threshold is None else threshold),
-                scorer, resolved.sha256)
+    """``resolve_head`` for the Python API: ``model`` with ``score_column``/``threshold`` where the spec has none."""
+    if not isinstance(model, HeadSpec):
+        model = HeadSpec(os.fspath(model))
+    model = dataclasses.replace(model, score_column=model.score_column or score_column,
+                                threshold=threshold if model.threshold is None else model.threshold)
+    return resolve_head(model)
 
 
-def load_heads(models: Iterable[str | os.PathLike | HeadSpec]) -> "MultiScorer":
+def load_heads(models: Iterable[str | os.PathLike | HeadSpec | Head]) -> "MultiScorer":
     """``load_heads(["vit-l-14", "violence-l-14"])``: every head loaded, checked to share one width."""
     return MultiScorer([m if isinstance(m, Head) else load_head(m) for m in models])
 
 
 class MultiScorer:
     """Several heads over one embedding width; pure numpy once built (picklable: holds arrays only).
+
+    ``heads`` are ``contract.Head`` values; each one's scorer is built from its bytes once per process.
 
     ``scorer(x)`` → dict score column → float32 (n,) scores, in head order; ``scores(x)`` → float32 (n, h);
     ``unsafe(x_or_scores)`` → bool (n,): any head at or over its threshold.
@@ -124,6 +106,7 @@ class MultiScorer:
             raise ConfigError(f"two heads write the same score column ({who}); give one of them its own "
                               "score_column")
         self.dim = widths.pop()
+        self._scorers = tuple(scorer_for(h) for h in self.heads)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -150,8 +133,8 @@ class MultiScorer:
         """float16/32/64 (n, dim) → float32 (n, h), column j from head j."""
         array = self._check(embeddings)
         out = np.empty((len(array), len(self.heads)), dtype=np.float32)
-        for j, head in enumerate(self.heads):
-            out[:, j] = head.scorer(array)
+        for j, scorer in enumerate(self._scorers):
+            out[:, j] = scorer(array)
         return out
 
     def __call__(self, embeddings) -> dict[str, np.ndarray]:

@@ -24,6 +24,18 @@ KINDS = (KIND_KERAS_ZIP, KIND_TORCH, KIND_PROMPTS)
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """One head as a user asks for it (``models:`` in YAML, ``--model`` repeated, ``load_head``): a registry
+    name or a path, and optionally its own score column (default: the registry's, ``punsafe`` or
+    ``pviolence``) and threshold (default: the run's ``threshold``, else the registry's). heads.resolve_head
+    turns it into the one ``contract.Head`` executors receive."""
+
+    model: str
+    score_column: str | None = None
+    threshold: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A registry model: what it is, where it comes from and what its file must hash to.
 

@@ -99,6 +99,26 @@ def portable_format(source: str | os.PathLike | bytes) -> str:
         return str(npz["format"])
 
 
+def portable_dim(source: str | os.PathLike | bytes) -> int:
+    """The embedding width a portable file's head takes, read without building its scorer (no packing)."""
+    if portable_format(source) == PROMPT_FORMAT:
+        return PromptHead.load(source).dim
+    return PortableWeights.load(source).dim
+
+
+_SCORERS: dict[str, object] = {}
+
+
+def scorer_for(head):
+    """The scorer of a ``contract.Head``, built once per process from its bytes (the cache holds while
+    Python workers are reused): an MLP head (NumpyScorer) or a prompt head (PromptScorer), numpy only."""
+    scorer = _SCORERS.get(head.sha256)
+    if scorer is None:
+        scorer = scorer_from_portable(head.data, name=head.name, sha256=head.sha256)
+        _SCORERS[head.sha256] = scorer
+    return scorer
+
+
 def scorer_from_portable(source: str | os.PathLike | bytes, name: str | None = None, sha256: str | None = None):
     """A NumpyScorer (MLP heads) or PromptScorer (prompt heads) for a portable file's path or bytes."""
     if portable_format(source) == PROMPT_FORMAT:

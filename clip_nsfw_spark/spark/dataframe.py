@@ -5,12 +5,12 @@ from __future__ import annotations
 
 def _score_arrow(array, head):
     """Arrow list array (n,) → float32 Arrow array (n,), null where the row cannot be scored.
-    ``head`` is the HeadPayload made once on the driver (heads.head_payload)."""
+    ``head`` is the contract.Head made once on the driver (heads.resolve_head)."""
     import numpy as np
     import pyarrow as pa
 
     from clip_nsfw_spark.scoring.embeddings import decode
-    from clip_nsfw_spark.executor.worker import scorer_for
+    from clip_nsfw_spark.scoring.scorer import scorer_for
 
     scorer = scorer_for(head)
     matrix, ok, _ = decode(array, scorer.dim)
@@ -34,15 +34,15 @@ def _scoring_udf(model: str):
     """A vectorised UDF ``array<float|double> → float`` with the same scores and nulls on every Spark."""
     from pyspark.sql.types import FloatType
 
-    from clip_nsfw_spark.models.heads import head_payload
+    from clip_nsfw_spark.models.heads import resolve_head
 
-    payload, _ = head_payload(model)
+    head = resolve_head(model)
     if has_arrow_udf():
         from pyspark.sql.functions import arrow_udf
 
         @arrow_udf(FloatType())
         def score(array):
-            return _score_arrow(array, payload)
+            return _score_arrow(array, head)
 
         return score
 
@@ -53,7 +53,7 @@ def _scoring_udf(model: str):
         """pandas Series of arrays (n,) → pandas Series of float32 (n,), NaN (null to Spark) if unscorable."""
         import pyarrow as pa
 
-        return _score_arrow(pa.array(series, from_pandas=True), payload).to_pandas()
+        return _score_arrow(pa.array(series, from_pandas=True), head).to_pandas()
 
     # Real classes: PySpark reads the type hints, and this module's annotations are strings.
     score_pandas.__annotations__ = {"series": pd.Series, "return": pd.Series}

@@ -1,4 +1,4 @@
-"""config.py: JobConfig and ModelChoice — YAML loading, defaults, unknown keys with "did you mean",
+"""config.py: JobConfig and the heads it asks for (HeadSpec) — YAML loading, defaults, unknown keys with "did you mean",
 conflicting options, and the messages that say what was expected and what was found.
 
 Pure Python: no Spark, no model. The per-field type messages (booleans, integers, enums …) are in
@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from clip_nsfw_spark.driver.config import JobConfig, ModelChoice
+from clip_nsfw_spark.driver.config import JobConfig, parse_head_spec
+from clip_nsfw_spark.models.registry import HeadSpec
 from clip_nsfw_spark.errors import ClipNsfwError, ConfigError
 
 
@@ -25,7 +26,7 @@ def test_defaults_and_normalised_containers():
     assert config.embedding_columns == ("a", "b") and config.score_columns == ("pa", "pb")  # lists → tuples
     assert (config.mode, config.layout, config.keep, config.threshold, config.model) == \
            ("annotate", "auto", "safe", 0.5, "vit-l-14")
-    assert config.choices() == (ModelChoice("vit-l-14"),)
+    assert config.choices() == (HeadSpec("vit-l-14"),)
     assert config.storage_options == {} and config.storage_options is not JobConfig("i", "o").storage_options
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.threshold = 0.1
@@ -118,15 +119,15 @@ def test_config_errors_are_value_errors_of_this_package():
 
 
 @pytest.mark.parametrize("item, expected", [
-    ("violence-l-14", ModelChoice("violence-l-14")),
-    ({"model": "violence-l-14"}, ModelChoice("violence-l-14")),
+    ("violence-l-14", HeadSpec("violence-l-14")),
+    ({"model": "violence-l-14"}, HeadSpec("violence-l-14")),
     ({"model": "violence-l-14", "score_column": "violent", "threshold": 0.8},
-     ModelChoice("violence-l-14", "violent", 0.8)),
-    ({"model": "/models/mine.nsfw.npz", "threshold": 1}, ModelChoice("/models/mine.nsfw.npz", None, 1.0)),
-    (ModelChoice("vit-l-14", "p"), ModelChoice("vit-l-14", "p")),
+     HeadSpec("violence-l-14", "violent", 0.8)),
+    ({"model": "/models/mine.nsfw.npz", "threshold": 1}, HeadSpec("/models/mine.nsfw.npz", None, 1.0)),
+    (HeadSpec("vit-l-14", "p"), HeadSpec("vit-l-14", "p")),
 ])
 def test_model_choices_parse_names_mappings_and_choices(item, expected):
-    parsed = ModelChoice.parse(item)
+    parsed = parse_head_spec(item)
     assert parsed == expected
     assert parsed.threshold is None or type(parsed.threshold) is float
 
@@ -150,16 +151,16 @@ def test_model_choices_parse_names_mappings_and_choices(item, expected):
 ])
 def test_bad_model_choices_say_what_was_expected_and_found(item, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        ModelChoice.parse(item)
+        parse_head_spec(item)
 
 
 def test_models_from_yaml_one_or_several(tmp_path):
     several = JobConfig.load(write(tmp_path, "input: a\noutput: b\nmodels:\n  - vit-l-14\n"
                                              "  - {model: violence-l-14, threshold: 0.6}\n"))
-    assert several.models == (ModelChoice("vit-l-14"), ModelChoice("violence-l-14", None, 0.6))
+    assert several.models == (HeadSpec("vit-l-14"), HeadSpec("violence-l-14", None, 0.6))
     assert several.choices() == several.models
-    assert JobConfig(input="a", output="b", models="violence-l-14").models == (ModelChoice("violence-l-14"),)
-    assert JobConfig(input="a", output="b", models={"model": "x.npz"}).models == (ModelChoice("x.npz"),)
+    assert JobConfig(input="a", output="b", models="violence-l-14").models == (HeadSpec("violence-l-14"),)
+    assert JobConfig(input="a", output="b", models={"model": "x.npz"}).models == (HeadSpec("x.npz"),)
 
 
 def test_redacted_hides_secret_looking_options_at_any_depth():

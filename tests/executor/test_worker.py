@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_nsfw_spark.contract import HeadPayload, ScoreOutput, ScoreTarget, TaskConfig
+from clip_nsfw_spark.contract import Head, ScoreOutput, ScoreTarget, TaskConfig
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import DamagedInputError, InputChangedError, InputError, OutputError, TaskError
 from clip_nsfw_spark.driver.planner import plan
@@ -25,7 +25,7 @@ from clip_nsfw_spark.scoring.weights import PortableWeights
 from clip_nsfw_spark.executor.worker import Worker, process_task, scorer_for
 from clip_nsfw_spark.executor.writer import MANIFEST_DIR, TASKS_DIR
 
-HEAD = HeadPayload("first-value", "0" * 64, b"")
+HEAD = Head("first-value", "0" * 64, b"")
 # First embedding value of each row → its score (threshold 0.5); None: a null embedding.
 FIRST = [0.0, 0.15, 0.25, 0.55, 0.65, 1.0, -0.5, 1.5, None, 0.5]  # 0 and 1 are inside [0, 1]
 STATE_KEYS = {"task_id", "rel", "source", "rows_planned", "outputs", "rows_read", "rows_written", "rows_unsafe",
@@ -47,7 +47,7 @@ class FirstValueFactory:
 
     dim: int = 4
 
-    def __call__(self, head: HeadPayload) -> FirstValue:
+    def __call__(self, head: Head) -> FirstValue:
         return FirstValue(self.dim)
 
 
@@ -269,7 +269,7 @@ def test_process_task_is_the_workers_call(tmp_path):
 # -------------------------------------------------------------------------------- the default scorer seam
 
 
-def tiny_head(tmp_path, weight: float) -> HeadPayload:
+def tiny_head(tmp_path, weight: float) -> Head:
     """A portable one-layer head: score = sigmoid(weight × first value)."""
     kernel = np.zeros((4, 1), np.float32)
     kernel[0, 0] = weight
@@ -278,7 +278,7 @@ def tiny_head(tmp_path, weight: float) -> HeadPayload:
     path = tmp_path / f"tiny-{weight}.npz"
     weights.save(path)
     data = path.read_bytes()
-    return HeadPayload("tiny", hashlib.sha256(data).hexdigest(), data)
+    return Head("tiny", hashlib.sha256(data).hexdigest(), data)
 
 
 def test_scorer_for_builds_each_head_once_per_process(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from clip_nsfw_spark import load_scorer
-from clip_nsfw_spark.driver.config import JobConfig, ModelChoice
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.models.registry import HeadSpec
 from clip_nsfw_spark.errors import ConfigError, DimensionError
 from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.tools.sample import embedding_array, embeddings, metadata, write_parquet_sample
@@ -86,7 +87,7 @@ def test_filter_and_split_flag_a_row_when_any_head_is_at_or_over_its_threshold(d
     assert report["rows"]["unsafe"] == unsafe.num_rows
 
     run_job(JobConfig(input=str(dataset), output=str(tmp_path / "filter"), mode="filter", threshold=nsfw_cut,
-                      models=(ModelChoice("vit-l-14"), ModelChoice("violence-l-14", "violent", 0.8))),
+                      models=(HeadSpec("vit-l-14"), HeadSpec("violence-l-14", "violent", 0.8))),
             runner=spark_runner)
     assert read_dir(tmp_path / "filter").equals(safe)
 

@@ -514,3 +514,26 @@ def test_evaluate_violence_next_to_vit_l_14(tmp_path, violence):
     assert porn["mean_score"] == pytest.approx(float(expected[data.classes == "porn"].mean()), abs=1e-6)
     assert porn["flagged"]["0.5"] == pytest.approx(float(np.mean(expected[data.classes == "porn"] >= 0.5)))
     assert "| violence-l-14 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+@needs_models
+def test_one_head_type_and_one_threshold_rule_from_registry_to_executor(monkeypatch):
+    """The head's own threshold, else the run's, else the registry's; the job, load_head and the DataFrame
+    functions all get the same contract.Head, whose bytes alone rebuild the scorer on an executor."""
+    from clip_nsfw_spark.contract import Head
+    from clip_nsfw_spark.driver.config import JobConfig
+    from clip_nsfw_spark.driver.job import resolve_heads
+    from clip_nsfw_spark.models.heads import resolve_head
+    from clip_nsfw_spark.scoring.scorer import scorer_from_portable
+
+    monkeypatch.setitem(REGISTRY, "vit-l-14", dataclasses.replace(REGISTRY["vit-l-14"], threshold=0.7))
+    assert resolve_head("vit-l-14").threshold == 0.7  # the registry's
+    assert resolve_head("vit-l-14", run_threshold=0.3).threshold == 0.3  # the run's over the registry's
+    assert resolve_head(HeadSpec("vit-l-14", threshold=0.9), run_threshold=0.3).threshold == 0.9  # its own
+    assert load_head("vit-l-14").threshold == 0.7 and load_head("vit-l-14", threshold=0.2).threshold == 0.2
+    (job_head,) = resolve_heads(JobConfig(input="in", output="out", threshold=0.4))
+    assert isinstance(job_head, Head) and job_head == resolve_head("vit-l-14", 0.4)
+    assert (job_head.name, job_head.score_column, job_head.dim) == ("vit-l-14", "punsafe", 768)
+    assert scorer_from_portable(job_head.data).dim == job_head.dim  # the width read without packing agrees
+    restored = pickle.loads(pickle.dumps(job_head))
+    assert restored == job_head and restored.data == job_head.data

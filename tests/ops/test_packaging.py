@@ -82,7 +82,7 @@ def _field_default(name: str):
 
 
 def _plain(value):
-    """Tuples and lists compare equal (YAML has only lists); ModelChoice as the mapping it came from."""
+    """Tuples and lists compare equal (YAML has only lists); HeadSpec as the mapping it came from."""
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     if dataclasses.is_dataclass(value):
