@@ -28,15 +28,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_nsfw_spark.parquet.spec import (FLOAT_LEAVES, ColumnChunk, ColumnMetaData, CompressionCodec, DataPageHeader,
+                                          Encoding, FileMetaData, PageEncodingStats, PageHeader, PageType, RowGroup,
+                                          SchemaElement)
 from clip_nsfw_spark.parquet.thrift import (I32, I64, LIST, STRUCT, Field, ThriftList, decode_struct, encode_struct, get,
                                             uleb128, with_fields)
 
 MAGIC = b"PAR1"
 PAGE_BYTES = 1 << 20  # values per data page, as pyarrow's default data page size: readers hold a page at once
 MAX_ROW_GROUP_ROWS = 1 << 20  # a longer batch is cut into row groups of this many rows, as pyarrow's writer cuts it
-_DATA_PAGE, _PLAIN, _RLE = 0, 0, 3  # parquet.thrift enum values
-# parquet physical type of a float-list leaf → numpy dtype of the values' bits, by Arrow value type
-_PHYSICAL = {pa.float16(): (7, np.dtype("<u2")), pa.float32(): (4, np.dtype("<u4")), pa.float64(): (5, np.dtype("<u8"))}
 
 
 def _footer(data: bytes) -> list[Field]:
@@ -57,8 +57,8 @@ def leaf_paths(schema: pa.Schema) -> list[list[str]]:
     """The parquet leaf paths (``"emb.list.element"``) of each top-level field, as pyarrow's writer names
     them: taken from the footer it writes for an empty table, by position (never by splitting names)."""
     template = _footer(_write_parquet(schema.empty_table(), {}))
-    chunks = get(get(template, 4).items[0], 1).items
-    counts = _leaf_counts(get(template, 2).items)
+    chunks = get(get(template, FileMetaData.ROW_GROUPS).items[0], RowGroup.COLUMNS).items
+    counts = _leaf_counts(get(template, FileMetaData.SCHEMA).items)
     return [[".".join(_path(chunk)) for chunk in chunks[end - n:end]] for n, end in zip(counts, np.cumsum(counts))]
 
 
@@ -68,7 +68,7 @@ def _leaf_counts(schema_elements: list) -> list[int]:
     counts, pos = [], 1
 
     def walk(pos: int) -> tuple[int, int]:  # (leaves in the subtree at pos, position after it)
-        children = get(schema_elements[pos], 5)
+        children = get(schema_elements[pos], SchemaElement.NUM_CHILDREN)
         if not children:
             return 1, pos + 1
         leaves, pos = 0, pos + 1
@@ -77,7 +77,7 @@ def _leaf_counts(schema_elements: list) -> list[int]:
             leaves += n
         return leaves, pos
 
-    for _ in range(get(schema_elements[0], 5) or 0):
+    for _ in range(get(schema_elements[0], SchemaElement.NUM_CHILDREN) or 0):
         n, pos = walk(pos)
         counts.append(n)
     return counts
@@ -160,9 +160,10 @@ class SplicedParquetWriter:
         self._checksums = write_page_checksum
         template_file = _write_parquet(schema.empty_table(), self._options)
         template = self._template = _footer(template_file)
-        self._leaf_counts = _leaf_counts(get(template, 2).items)
+        self._leaf_counts = _leaf_counts(get(template, FileMetaData.SCHEMA).items)
         starts = np.concatenate([[0], np.cumsum(self._leaf_counts)]).astype(int)
-        chunks = get(get(template, 4).items[0], 1).items  # the empty table's one row group: a chunk per leaf
+        # the empty table's one row group: a chunk per leaf
+        chunks = get(get(template, FileMetaData.ROW_GROUPS).items[0], RowGroup.COLUMNS).items
         parquet_schema = pq.read_metadata(pa.BufferReader(template_file)).schema  # max levels per leaf
         self._leaves: dict[int, _EmbeddingLeaf] = {}
         for name in columns:
@@ -173,16 +174,17 @@ class SplicedParquetWriter:
             value_type = getattr(field.type, "value_type", None)
             path = ".".join(_path(chunks[leaf]))
             codec = compression.get(path) if isinstance(compression, dict) else compression
-            if value_type not in _PHYSICAL or str(codec).lower() not in ("none", "uncompressed"):
+            if value_type not in FLOAT_LEAVES or str(codec).lower() not in ("none", "uncompressed"):
                 continue  # a leaf missing from a codec mapping is one pyarrow leaves uncompressed
             if any(option is True or (not isinstance(option, bool) and {name, path} & set(option or ()))
                    for option in (use_dictionary, write_statistics)):
                 continue  # pyarrow would give it a dictionary or statistics
-            physical, dtype = _PHYSICAL[value_type]
+            physical, dtype = FLOAT_LEAVES[value_type]
             column = parquet_schema.column(leaf)
-            if column.max_repetition_level != 1 or get(get(chunks[leaf], 3), 1) != physical:
+            meta = get(chunks[leaf], ColumnChunk.META_DATA)
+            if column.max_repetition_level != 1 or get(meta, ColumnMetaData.TYPE) != physical:
                 continue
-            self._leaves[index] = _EmbeddingLeaf(get(chunks[leaf], 3), column.max_definition_level, dtype)
+            self._leaves[index] = _EmbeddingLeaf(meta, column.max_definition_level, dtype)
         self.encoded = [schema.field(i).name for i in sorted(self._leaves)]
         self._subset_options: dict[frozenset, dict] = {}
         self._row_groups: list[list[Field]] = []
@@ -235,10 +237,10 @@ class SplicedParquetWriter:
             kept = pa.Table.from_arrays([table.column(i) for i in others], schema=pa.schema(
                 [self.schema.field(i) for i in others], metadata=self.schema.metadata))
             mini = _write_parquet(kept, self._options_without(skipped))
-            row_groups = get(_footer(mini), 4).items
+            row_groups = get(_footer(mini), FileMetaData.ROW_GROUPS).items
             if len(row_groups) != 1:
                 raise ValueError(f"pyarrow wrote {len(row_groups)} row groups for one batch")
-            mini_chunks = list(get(row_groups[0], 1).items)
+            mini_chunks = list(get(row_groups[0], RowGroup.COLUMNS).items)
         chunks: list[list[Field]] = []
         start = self._pos
         for index in range(len(self.schema)):
@@ -247,26 +249,34 @@ class SplicedParquetWriter:
                 continue
             for _ in range(self._leaf_counts[index]):
                 chunks.append(self._copy_chunk(mini, mini_chunks.pop(0)))
-        uncompressed = sum(get(get(c, 3), 6) for c in chunks)
-        compressed = sum(get(get(c, 3), 7) for c in chunks)
-        self._row_groups.append([Field(1, LIST, ThriftList(STRUCT, chunks)), Field(2, I64, uncompressed),
-                                 Field(3, I64, table.num_rows), Field(5, I64, start), Field(6, I64, compressed)])
+        metas = [get(c, ColumnChunk.META_DATA) for c in chunks]
+        uncompressed = sum(get(m, ColumnMetaData.TOTAL_UNCOMPRESSED_SIZE) for m in metas)
+        compressed = sum(get(m, ColumnMetaData.TOTAL_COMPRESSED_SIZE) for m in metas)
+        self._row_groups.append([Field(RowGroup.COLUMNS, LIST, ThriftList(STRUCT, chunks)),
+                                 Field(RowGroup.TOTAL_BYTE_SIZE, I64, uncompressed),
+                                 Field(RowGroup.NUM_ROWS, I64, table.num_rows), Field(RowGroup.FILE_OFFSET, I64, start),
+                                 Field(RowGroup.TOTAL_COMPRESSED_SIZE, I64, compressed)])
         self._rows += table.num_rows
 
     def _copy_chunk(self, mini: bytes, chunk: list[Field]) -> list[Field]:
         """Copy one of pyarrow's column chunks from the in-memory file; its metadata with offsets moved."""
-        meta = get(chunk, 3)
-        offsets = [o for o in (get(meta, 9), get(meta, 10), get(meta, 11)) if o]  # 0: no such page
+        meta = get(chunk, ColumnChunk.META_DATA)
+        page_offsets = (ColumnMetaData.DATA_PAGE_OFFSET, ColumnMetaData.INDEX_PAGE_OFFSET,
+                        ColumnMetaData.DICTIONARY_PAGE_OFFSET)
+        offsets = [o for o in (get(meta, k) for k in page_offsets) if o]  # 0: no such page
         begin = min(offsets) if offsets else self._pos  # no page at all: an empty chunk of an empty row group
-        size = get(meta, 7)
+        size = get(meta, ColumnMetaData.TOTAL_COMPRESSED_SIZE)
         shift = self._pos - begin
         self._write(mini[begin:begin + size])
-        moved = {k: (I64, get(meta, k) + shift) for k in (9, 10, 11) if get(meta, k)}
-        moved |= {14: None, 15: None}  # bloom filters are not copied (pyarrow writes none by default)
-        file_offset = get(chunk, 2)  # deprecated; pyarrow writes 0
-        return with_fields(chunk, {2: (I64, file_offset + shift if file_offset else 0),
-                                   3: (STRUCT, with_fields(meta, moved)),
-                                   4: None, 5: None, 6: None, 7: None})  # page indexes are not copied
+        moved = {k: (I64, get(meta, k) + shift) for k in page_offsets if get(meta, k)}
+        # bloom filters are not copied (pyarrow writes none by default)
+        moved |= {ColumnMetaData.BLOOM_FILTER_OFFSET: None, ColumnMetaData.BLOOM_FILTER_LENGTH: None}
+        file_offset = get(chunk, ColumnChunk.FILE_OFFSET)  # deprecated; pyarrow writes 0
+        return with_fields(chunk, {ColumnChunk.FILE_OFFSET: (I64, file_offset + shift if file_offset else 0),
+                                   ColumnChunk.META_DATA: (STRUCT, with_fields(meta, moved)),
+                                   # page indexes are not copied
+                                   ColumnChunk.OFFSET_INDEX_OFFSET: None, ColumnChunk.OFFSET_INDEX_LENGTH: None,
+                                   ColumnChunk.COLUMN_INDEX_OFFSET: None, ColumnChunk.COLUMN_INDEX_LENGTH: None})
 
     def _write_embedding_chunk(self, leaf: _EmbeddingLeaf, values: np.ndarray, d: int) -> list[Field]:
         """Write one uniform float-list column chunk as PLAIN v1 data pages of whole rows; its ColumnChunk."""
@@ -278,22 +288,32 @@ class SplicedParquetWriter:
             body = values[first * d:(first + n) * d]
             levels = _levels(n, d, leaf.max_def)
             size = len(levels) + body.nbytes
-            crc = [Field(4, I32, _signed32(zlib.crc32(body, zlib.crc32(levels))))] if self._checksums else []
+            crc = [Field(PageHeader.CRC, I32, _signed32(zlib.crc32(body, zlib.crc32(levels))))] \
+                if self._checksums else []
             header = encode_struct([
-                Field(1, I32, _DATA_PAGE), Field(2, I32, size), Field(3, I32, size), *crc,
-                Field(5, STRUCT, [Field(1, I32, n * d), Field(2, I32, _PLAIN), Field(3, I32, _RLE),
-                                  Field(4, I32, _RLE)])])
+                Field(PageHeader.TYPE, I32, PageType.DATA_PAGE), Field(PageHeader.UNCOMPRESSED_PAGE_SIZE, I32, size),
+                Field(PageHeader.COMPRESSED_PAGE_SIZE, I32, size), *crc,
+                Field(PageHeader.DATA_PAGE_HEADER, STRUCT, [
+                    Field(DataPageHeader.NUM_VALUES, I32, n * d), Field(DataPageHeader.ENCODING, I32, Encoding.PLAIN),
+                    Field(DataPageHeader.DEFINITION_LEVEL_ENCODING, I32, Encoding.RLE),
+                    Field(DataPageHeader.REPETITION_LEVEL_ENCODING, I32, Encoding.RLE)])])
             self._write(header + levels)
             self._write(memoryview(body).cast("B"))
             pages += 1
         total = self._pos - start
         self.pages_written += pages
-        meta = [Field(1, I32, get(leaf.meta, 1)), Field(2, LIST, ThriftList(I32, [_RLE, _PLAIN])),
-                Field(3, LIST, get(leaf.meta, 3)), Field(4, I32, 0), Field(5, I64, rows * d),
-                Field(6, I64, total), Field(7, I64, total), Field(9, I64, start),
-                Field(13, LIST, ThriftList(STRUCT, [[Field(1, I32, _DATA_PAGE), Field(2, I32, _PLAIN),
-                                                     Field(3, I32, pages)]]))]
-        return [Field(2, I64, 0), Field(3, STRUCT, meta)]
+        stats = [Field(PageEncodingStats.PAGE_TYPE, I32, PageType.DATA_PAGE),
+                 Field(PageEncodingStats.ENCODING, I32, Encoding.PLAIN), Field(PageEncodingStats.COUNT, I32, pages)]
+        meta = [Field(ColumnMetaData.TYPE, I32, get(leaf.meta, ColumnMetaData.TYPE)),
+                Field(ColumnMetaData.ENCODINGS, LIST, ThriftList(I32, [Encoding.RLE, Encoding.PLAIN])),
+                Field(ColumnMetaData.PATH_IN_SCHEMA, LIST, get(leaf.meta, ColumnMetaData.PATH_IN_SCHEMA)),
+                Field(ColumnMetaData.CODEC, I32, CompressionCodec.UNCOMPRESSED),
+                Field(ColumnMetaData.NUM_VALUES, I64, rows * d),
+                Field(ColumnMetaData.TOTAL_UNCOMPRESSED_SIZE, I64, total),
+                Field(ColumnMetaData.TOTAL_COMPRESSED_SIZE, I64, total),
+                Field(ColumnMetaData.DATA_PAGE_OFFSET, I64, start),
+                Field(ColumnMetaData.ENCODING_STATS, LIST, ThriftList(STRUCT, [stats]))]
+        return [Field(ColumnChunk.FILE_OFFSET, I64, 0), Field(ColumnChunk.META_DATA, STRUCT, meta)]
 
     def close(self) -> None:
         """Write the footer (the sink stays open); a second call does nothing."""
@@ -302,7 +322,8 @@ class SplicedParquetWriter:
         self._closed = True
         self._start()
         footer = encode_struct(with_fields(self._template, {
-            3: (I64, self._rows), 4: (LIST, ThriftList(STRUCT, self._row_groups))}))
+            FileMetaData.NUM_ROWS: (I64, self._rows),
+            FileMetaData.ROW_GROUPS: (LIST, ThriftList(STRUCT, self._row_groups))}))
         self._write(footer + len(footer).to_bytes(4, "little") + MAGIC)
 
 
@@ -312,4 +333,4 @@ def _signed32(crc: int) -> int:
 
 
 def _path(chunk: list[Field]) -> list[str]:
-    return [part.decode() for part in get(get(chunk, 3), 3).items]
+    return [part.decode() for part in get(get(chunk, ColumnChunk.META_DATA), ColumnMetaData.PATH_IN_SCHEMA).items]
