@@ -65,18 +65,19 @@ def jvm_pid() -> int | None:
 
 
 def one_count(count: int, run_partitions: int, master: str, ways: list[str]) -> dict:
-    from clip_nsfw_spark.spark.runner import _cores, pack_tasks, partition_runner, spark_session, task_frame
+    from clip_nsfw_spark.spark.runner import (PARTITION_RESULT, _cores, pack_tasks, partition_runner, spark_session,
+                                              task_frame)
 
     row = {"tasks": count}
     with spark_session(master, conf={"spark.ui.enabled": "false"}) as spark:
         warm = pack_tasks(tasks(8), _cores(spark))  # start the Python workers before timing
-        task_frame(spark, warm).mapInArrow(partition_runner(NoOpWorker()), "result string").collect()
+        task_frame(spark, warm).mapInArrow(partition_runner(NoOpWorker()), PARTITION_RESULT).collect()
         listed = tasks(count)
         for way in ways:
             started = time.perf_counter()
             parts = pack_tasks(listed, _cores(spark)) if way == "packed" else [[task] for task in listed]
             run = min(len(parts), run_partitions)
-            frame = task_frame(spark, parts, run=run).mapInArrow(partition_runner(NoOpWorker()), "result string")
+            frame = task_frame(spark, parts, run=run).mapInArrow(partition_runner(NoOpWorker()), PARTITION_RESULT)
             shipped = time.perf_counter()
             try:
                 results = [json.loads(r.result) for r in frame.collect()]

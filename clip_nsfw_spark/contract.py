@@ -43,15 +43,6 @@ class Task:
     def task_id(self) -> str:
         return hashlib.sha1(self.rel.encode()).hexdigest()[:20]
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Task":
-        data = dict(data)
-        data["row_groups"] = tuple(data.get("row_groups") or ())
-        return cls(**data)
-
 
 @dataclasses.dataclass(frozen=True)
 class Head:

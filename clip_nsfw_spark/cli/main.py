@@ -12,52 +12,14 @@ import logging
 import sys
 
 from clip_nsfw_spark.errors import ClipNsfwError
-from clip_nsfw_spark.models.cache import prepare_model
-from clip_nsfw_spark.models.registry import REGISTRY, canonical_name
-
-
-def _model_info(name: str) -> dict:
-    from clip_nsfw_spark.models.heads import head_defaults
-    from clip_nsfw_spark.scoring.scorer import portable_format
-    from clip_nsfw_spark.scoring.prompts import PROMPT_FORMAT, PromptHead
-    from clip_nsfw_spark.scoring.weights import PortableWeights
-
-    resolved = prepare_model(name)
-    spec = REGISTRY.get(canonical_name(name) or "")
-    column, threshold = head_defaults(name)
-    info = {
-        "name": canonical_name(name) or resolved.name,
-        "kind": spec.kind if spec else None,
-        "clip_model": spec.clip_model if spec else None,
-        "dim": None,
-        "sha256": resolved.sha256,
-        "pin": dict([spec.pin]) if spec else None,
-        "source": str(resolved.source),
-        "url": spec.url if spec else None,
-        "portable_weights": str(resolved.portable),
-        "saved_model": str(resolved.saved_model) if resolved.saved_model else None,
-        "score": spec.score if spec else None,
-        "score_column": column,
-        "threshold": threshold,
-    }
-    if portable_format(resolved.portable) == PROMPT_FORMAT:
-        head = PromptHead.load(resolved.portable)
-        info |= {"dim": head.dim, "prompts": list(head.prompts.shape), "logit_scale": head.logit_scale}
-        return info
-    weights = PortableWeights.load(resolved.portable)
-    info |= {
-        "dim": weights.dim,
-        "categorical_columns": [c.column for c in weights.categorical],
-        "layers": [list(k.shape) for k in weights.kernels],
-        "activations": list(weights.activations),
-        "summation_order": weights.order,
-    }
-    return info
+from clip_nsfw_spark.models.registry import REGISTRY
 
 
 def _cmd_model(args) -> int:
+    from clip_nsfw_spark.models.heads import describe_head
+
     names = args.names or list(REGISTRY)
-    infos = [_model_info(name) for name in names]
+    infos = [describe_head(name) for name in names]
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
         return 0

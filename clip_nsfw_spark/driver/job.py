@@ -39,9 +39,9 @@ from clip_nsfw_spark.driver.planner import Plan, footer_cache, plan as plan_inpu
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
 from clip_nsfw_spark.models.registry import fitting_model_hint
-from clip_nsfw_spark.storage.filesystem import (accessing, canonical, exists_fresh, filesystem, find_sizes_fresh,
-                                                 join, location, read_fresh, read_many_fresh, remove, unstrip,
-                                                 write_whole)
+from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, canonical_in, exists_fresh, filesystem,
+                                                 find_sizes_fresh, join, location, open_run_stores, read_fresh,
+                                                 read_many_fresh, remove, unstrip, write_whole)
 from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file, unreadable
 from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,
@@ -258,12 +258,13 @@ def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = Fa
     The output is validated first (``validate_output``, before planning and model conversion), then the
     run holds the output's lease (lease.py) until it ends: another run cannot write the same output.
     """
-    target = validate_output(config)
+    stores = open_run_stores(config.input, config.output, config.storage_options)  # the run's one each
+    target = validate_output(config, stores)
     with RunLease(target.fs, target.root) as lease:
         # With this run's lease in place: a run started at once above or below shows. A resume of its own
         # output looks below in the listing its state is judged from (_prepare_state), made after planning.
         refuse_nested_runs(target, look_below=not (config.resume and target.non_empty))
-        return _run_job(config, target, lease, runner, progress)
+        return _run_job(config, stores, target, lease, runner, progress)
 
 
 def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str, targets: tuple[ScoreTarget, ...],
@@ -301,12 +302,13 @@ def _holds_float16(arrow_type: pa.DataType) -> bool:
     return any(_holds_float16(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
 
 
-def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[Head]) -> dict:
+def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[Head], stores: RunStores | None = None) -> dict:
     """What the output was written for, as stored in ``_job.json`` (JSON values): a ``--resume`` with any
     difference would mix two datasets. The input in its one canonical spelling ("in/", "./in" and
-    "/abs/in" resume the same run)."""
+    "/abs/in" resume the same run; a glob is kept whole). ``stores``: the run's filesystems, opened once."""
+    opened = (stores.in_fs, stores.in_root) if stores else filesystem(config.input, config.storage_options)
     values = {
-        "input": location(*canonical(config.input, config.storage_options)), "layout": tasks.layout,
+        "input": location(*canonical_in(*opened)), "layout": tasks.layout,
         "embedding_columns": list(tasks.embedding_columns), "score_columns": list(tasks.score_columns),
         "reason_column": config.reason_column, "mode": config.mode, "threshold": config.threshold,
         "keep": config.keep, "rows_per_task": config.rows_per_task, "write_embeddings": config.write_embeddings,
@@ -320,13 +322,13 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[Head]) -> dict
     return json.loads(json.dumps(values))
 
 
-def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: Runner | None,
+def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: RunLease, runner: Runner | None,
              progress: bool) -> dict:
     started = time.perf_counter()
     durations = {}
-    in_fs, in_root = filesystem(config.input, config.storage_options)
+    in_fs = stores.in_fs
     plan = plan_input(config, known=_last_footers(target) if config.resume else None,
-                      read_remotely=getattr(runner, "read_footers", None))
+                      read_remotely=getattr(runner, "read_footers", None), stores=stores)
     if config.score_columns and len(config.score_columns) != len(plan.embedding_columns):
         raise ConfigError(f"score_columns {list(config.score_columns)} must name one column per embedding column "
                           f"{list(plan.embedding_columns)}")
@@ -349,7 +351,7 @@ def _run_job(config: JobConfig, target: OutputTarget, lease: RunLease, runner: R
     tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids)
     worker = Worker(tasks_config, tuple(heads))
     with accessing(out_fs, out_root, "output"):
-        done, resume_actions = _prepare_state(target, fingerprint(config, tasks_config, heads),
+        done, resume_actions = _prepare_state(target, fingerprint(config, tasks_config, heads, stores),
                                               config.resume, plan, config.mode, lease.fence)
     if plan.footers:  # what a resume plans unchanged files from, without reading their footers again
         lease.fence("writing the plan's footers")

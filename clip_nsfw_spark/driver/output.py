@@ -19,8 +19,8 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import OutputError
 from clip_nsfw_spark.storage.lease import LEASE_NAME, refuse_if_held
 from clip_nsfw_spark.driver.planner import Plan
-from clip_nsfw_spark.storage.filesystem import (accessing, exists_fresh, find_fresh, is_local, join,
-                                                 kind_fresh, list_fresh, locations, read_many_fresh, remove,
+from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, exists_fresh, find_fresh, is_local, join,
+                                                 kind_fresh, list_fresh, open_run_stores, read_many_fresh, remove,
                                                  renames_atomically, unstrip, within)
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REJECTED_DIR, REPORT_NAME,
                                              SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths)
@@ -39,17 +39,18 @@ class OutputTarget:
     non_empty: bool
 
 
-def validate_output(config: JobConfig) -> OutputTarget:
+def validate_output(config: JobConfig, stores: RunStores | None = None) -> OutputTarget:
     """Check the output folder before any work, deleting nothing: the first step of ``run_job``.
 
     Refuses: an output that is the input, lies inside it or contains it (compared in canonical form, so no
     spelling, symlink or ``file://`` aliases them); a file; a folder another live run is writing (its lease);
     a non-empty folder without ``overwrite``/``resume``; ``resume`` on a folder this tool did not write; and
     ``overwrite`` of a folder this tool did not write, or that holds files it does not write (see
-    ``foreign_files``).
+    ``foreign_files``). ``stores``: the run's filesystems, opened once (``open_run_stores``).
     """
-    out_fs, out_paths = locations(config.output, config.storage_options)
-    in_fs, in_paths = locations(config.input, config.storage_options, glob_base=True)
+    stores = stores or open_run_stores(config.input, config.output, config.storage_options)
+    out_fs, out_paths = stores.out_fs, stores.out_paths
+    in_fs, in_paths = stores.in_fs, stores.in_paths
     out_root, in_base = out_paths[0], in_paths[0]
     url = unstrip(out_fs, out_root)
     shown = url if config.output.rstrip("/") == url else f"{config.output} (that is {url})"

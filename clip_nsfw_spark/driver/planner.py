@@ -45,8 +45,8 @@ from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.executor.reader import npy_header
 from clip_nsfw_spark.executor.writer import JOB_STATE, SUCCESS_NAME, TASKS_DIR
 from clip_nsfw_spark.storage.lease import LEASE_NAME
-from clip_nsfw_spark.storage.filesystem import (accessing, canonical, canonical_path, filesystem, glob_root, is_local,
-                                                join, location, unstrip)
+from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, canonical, canonical_path, filesystem, glob_root,
+                                                is_local, join, location, unstrip)
 
 log = logging.getLogger(__name__)
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
@@ -527,17 +527,22 @@ def choose_embedding_columns(schema: pa.Schema, config: JobConfig, where: str) -
                      "--embedding-column (one or several).")
 
 
-def plan(config: JobConfig, known: dict | None = None, read_remotely=None) -> Plan:
+def plan(config: JobConfig, known: dict | None = None, read_remotely=None, stores: RunStores | None = None) -> Plan:
     """Discover the input and cut it into tasks. Reads only footers/headers, never data.
 
     ``known`` (``{path: Footer}``, from ``read_footer_cache``) spares the footer reads of files whose listing
     identity (size, modification time or ETag) is the one recorded: a resume of 100,000 files lists them
     instead of reading 100,000 footers. ``read_remotely(input, storage_options, [(path, info)])`` (the Spark
     runner's ``read_footers``) reads them on executors when there are more than EXECUTOR_PLANNING_FILES
-    to read on a remote store."""
-    fs, root = filesystem(config.input, config.storage_options)
+    to read on a remote store. ``stores``: the run's filesystems, opened once (a planning-only call opens
+    the input here)."""
+    if stores is None:
+        fs, root = filesystem(config.input, config.storage_options)
+        output = _output_location(config)
+    else:
+        fs, root, output = stores.in_fs, stores.in_root, stores.out_location
     with accessing(fs, root):
-        return _plan(fs, root, config, known or {}, read_remotely)
+        return _plan(fs, root, config, known or {}, read_remotely, output)
 
 
 def _output_location(config: JobConfig) -> str | None:
@@ -548,14 +553,14 @@ def _output_location(config: JobConfig) -> str | None:
         return None
 
 
-def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None) -> Plan:
+def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, output: str | None = None) -> Plan:
     layout = detect_layout(fs, root, config)
     if layout == "laion-npy":
         result = _plan_laion(fs, root, config)
     else:
         folders: set = set()
         files, base, skipped = list_parquet_files(fs, root, folders, config.input_suffixes,
-                                                  config.allow_incomplete_input, _output_location(config))
+                                                  config.allow_incomplete_input, output)
         tasks, schema, first, total = [], None, None, 0
         footers = {path: known[path] for path, info in files.items()
                    if path in known and known[path].identity == file_identity(info)}

@@ -2,7 +2,8 @@
 
 Watching the output's ``_clip_nsfw_tasks/`` folder works the same for every runner (in-process, classic
 Spark, Spark Connect) and every store (local, S3, HDFS): a task's state file appears when it is complete.
-On a terminal the line is redrawn in place; otherwise a log line is written every ``log_every`` seconds.
+On a terminal a tqdm bar (rows, tasks, rows/s, ETA) is redrawn in place; otherwise (a log, a file, Airflow)
+a plain log line is written every ``log_every`` seconds, which reads well where ``\r`` does not.
 
 Cost: a poll is one fresh listing of that folder (past fsspec's listing cache, which would otherwise show
 the folder as it was at the first poll) and nothing else: a task's rows come from the plan, not from its
@@ -17,6 +18,8 @@ import logging
 import sys
 import threading
 import time
+
+from tqdm import tqdm
 
 from clip_nsfw_spark.storage.filesystem import join, list_fresh
 
@@ -34,26 +37,33 @@ class ProgressWatcher:
 
     ``rows_by_task`` maps the id of every planned task to its rows; ``already`` holds the ids complete
     before this run (a resume) and ``rows_before`` their rows. State files of tasks not in the plan are
-    not counted.
+    not counted. ``interactive`` (default: whether ``stream`` is a terminal) draws a tqdm bar on ``stream``
+    (default: standard error).
     """
 
     def __init__(self, fs, root: str, state_dir: str, rows_by_task: dict[str, int], already: set,
                  rows_before: int = 0, interactive: bool | None = None, poll_seconds: float = 1.0,
-                 log_every: float = 30.0):
+                 log_every: float = 30.0, stream=None):
         self.fs, self.state_dir = fs, join(root, state_dir)
         self.rows_by_task = dict(rows_by_task)
         self.total_tasks, self.total_rows = len(self.rows_by_task), sum(self.rows_by_task.values())
         self.seen = set(already)
         self.rows_done = 0  # rows of tasks completed during this run (the rate counts only these)
         self.rows_before = rows_before  # rows of tasks completed by an earlier, resumed run
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty() if interactive is None else interactive
         self.poll_seconds, self.log_every = poll_seconds, log_every
+        self._bar = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clip-nsfw-progress", daemon=True)
         self._started = time.monotonic()
         self._last_log = self._started
 
     def __enter__(self):
+        if self.interactive:
+            self._bar = tqdm(total=self.total_rows, initial=self._rows_total(), unit="rows", unit_scale=True,
+                             file=self.stream, dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
+            self._draw()
         self._thread.start()
         return self
 
@@ -62,11 +72,16 @@ class ProgressWatcher:
         self._thread.join(timeout=10)
         if exc[0] is None:
             self.poll()  # the last line shows where the run ended, not the poll before it
-        if self.interactive:
-            sys.stderr.write("\r" + self.line() + "\n")
-            sys.stderr.flush()
+        if self._bar is not None:
+            self._draw()
+            self._bar.close()
         else:
             log.info("progress %s", self.line())
+
+    def _draw(self) -> None:
+        """The bar to the rows counted so far, with the task count beside it."""
+        self._bar.set_postfix_str(f"{len(self.seen)}/{self.total_tasks} tasks", refresh=False)
+        self._bar.update(self._rows_total() - self._bar.n)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self._started, 1e-9)
@@ -101,9 +116,8 @@ class ProgressWatcher:
             self.poll()
             now = time.monotonic()
             wait = max(self.poll_seconds, (now - started) * (1 - POLL_DUTY) / POLL_DUTY)
-            if self.interactive:
-                sys.stderr.write("\r" + self.line())
-                sys.stderr.flush()
+            if self._bar is not None:
+                self._draw()
             elif now - self._last_log >= self.log_every:
                 self._last_log = now
                 log.info("progress %s", self.line())

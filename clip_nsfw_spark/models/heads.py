@@ -38,7 +38,9 @@ from clip_nsfw_spark.contract import Head
 from clip_nsfw_spark.errors import ConfigError, DimensionError
 from clip_nsfw_spark.models.cache import prepare_model
 from clip_nsfw_spark.models.registry import REGISTRY, HeadSpec, canonical_name, fitting_model_hint
-from clip_nsfw_spark.scoring.scorer import portable_dim, scorer_for
+from clip_nsfw_spark.scoring.prompts import PROMPT_FORMAT, PromptHead
+from clip_nsfw_spark.scoring.scorer import portable_dim, portable_format, scorer_for
+from clip_nsfw_spark.scoring.weights import PortableWeights
 
 DEFAULT_SCORE_COLUMN = "punsafe"
 DEFAULT_THRESHOLD = 0.5
@@ -79,6 +81,42 @@ def load_head(model: str | os.PathLike | HeadSpec, score_column: str | None = No
 def load_heads(models: Iterable[str | os.PathLike | HeadSpec | Head]) -> "MultiScorer":
     """``load_heads(["vit-l-14", "violence-l-14"])``: every head loaded, checked to share one width."""
     return MultiScorer([m if isinstance(m, Head) else load_head(m) for m in models])
+
+
+def describe_head(name: str) -> dict:
+    """What ``clip-nsfw-spark model info`` shows of a head (fetched, verified and converted first): the
+    registry's record, the cache's files, its defaults and the portable weights' shapes (JSON values)."""
+    resolved = prepare_model(name)
+    spec = REGISTRY.get(canonical_name(name) or "")
+    column, threshold = head_defaults(name)
+    info = {
+        "name": canonical_name(name) or resolved.name,
+        "kind": spec.kind if spec else None,
+        "clip_model": spec.clip_model if spec else None,
+        "dim": None,
+        "sha256": resolved.sha256,
+        "pin": dict([spec.pin]) if spec else None,
+        "source": str(resolved.source),
+        "url": spec.url if spec else None,
+        "portable_weights": str(resolved.portable),
+        "saved_model": str(resolved.saved_model) if resolved.saved_model else None,
+        "score": spec.score if spec else None,
+        "score_column": column,
+        "threshold": threshold,
+    }
+    if portable_format(resolved.portable) == PROMPT_FORMAT:
+        head = PromptHead.load(resolved.portable)
+        info |= {"dim": head.dim, "prompts": list(head.prompts.shape), "logit_scale": head.logit_scale}
+        return info
+    weights = PortableWeights.load(resolved.portable)
+    info |= {
+        "dim": weights.dim,
+        "categorical_columns": [c.column for c in weights.categorical],
+        "layers": [list(k.shape) for k in weights.kernels],
+        "activations": list(weights.activations),
+        "summation_order": weights.order,
+    }
+    return info
 
 
 class MultiScorer:

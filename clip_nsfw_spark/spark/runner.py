@@ -180,14 +180,13 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
         # one-row-per-partition range as a broadcast (built once per executor, as the closure was shipped),
         # partition i holds the tasks of part i and nothing else, on classic Spark and Spark Connect alike.
         rows = _collect(spark, task_frame(spark, pack_tasks(list(tasks), _cores(spark), partition_rows))
-                        .mapInArrow(partition_runner(worker), "result string"))
-        results = [json.loads(row.result) for row in rows]
+                        .mapInArrow(partition_runner(worker), PARTITION_RESULT))
+        results = [pickle.loads(row.result) for row in rows]
         failed = [error for result in results for error in result.pop("errors")]
         if failed:
             more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
-            raise _error_class(failed[0]["error_type"])(
-                f"{failed[0]['error'].rstrip('.')}{more}. The output is incomplete: fix the cause and rerun with "
-                "--resume.")
+            raise type(failed[0])(f"{str(failed[0]).rstrip('.')}{more}. The output is incomplete: fix the cause "
+                                  "and rerun with --resume.")
         return results
 
     run.read_footers = footer_reader(spark)
@@ -218,14 +217,21 @@ def footer_reader(spark):
     return read
 
 
+# What a Spark partition of job tasks sends back: one pickled record, contract.sum_of_tasks plus ``errors``,
+# the tasks' exceptions themselves (errors.py's classes, each made from its one-line message): typed values,
+# so the driver raises the same class, never a class looked up by its name.
+PARTITION_RESULT = "result binary"
+
+
 def partition_runner(worker):
     """The function ``mapInArrow`` runs in each Spark partition: its tasks, one after the other, each retried
-    in place on a ``TaskError``; one JSON record back (contract.sum_of_tasks, plus ``errors``)."""
+    in place on a ``TaskError``; one record back (``PARTITION_RESULT``)."""
 
     def process_partition(batches):
         import time
 
         import pyarrow as pa
+        from pyspark import cloudpickle
 
         from clip_nsfw_spark.contract import sum_of_tasks
         from clip_nsfw_spark.errors import ClipNsfwError, TaskError
@@ -239,16 +245,17 @@ def partition_runner(worker):
                         break
                     except TaskError as err:
                         if attempt == TASK_ATTEMPTS:
-                            errors.append({"error": str(err), "error_type": type(err).__name__})
+                            errors.append(_as_value(err))
                         else:
                             time.sleep(attempt)
                     except ClipNsfwError as err:
-                        errors.append({"error": str(err), "error_type": type(err).__name__})
+                        errors.append(_as_value(err))
                         break
             if hasattr(worker, "record_together"):  # one batch state: a resume reads it, not one per task
                 worker.record_together(completed)
             record = sum_of_tasks(completed) | {"errors": errors}
-            yield pa.RecordBatch.from_pydict({"result": [json.dumps(record)]})
+            yield pa.RecordBatch.from_pydict({"result": [cloudpickle.dumps(record)]},
+                                             schema=pa.schema([("result", pa.binary())]))
 
     return process_partition
 
@@ -290,11 +297,20 @@ def _collect(spark, frame) -> list:
         raise _spark_failure(err) from None
 
 
-def _error_class(name: str):
-    from clip_nsfw_spark import errors
+def _as_value(err: Exception) -> Exception:
+    """``err`` as a value to send back: its class and message, not its traceback or cause (they may not
+    pickle, and the message already names the task's file and the cause in one line). A class that cannot
+    be made again from its message comes back as a TaskError carrying its name and message."""
+    from pyspark import cloudpickle
 
-    found = getattr(errors, name, None)
-    return found if isinstance(found, type) and issubclass(found, errors.ClipNsfwError) else errors.TaskError
+    from clip_nsfw_spark.errors import TaskError
+
+    try:
+        copy = type(err)(str(err))
+        cloudpickle.dumps(copy)
+        return copy
+    except Exception:  # noqa: BLE001 - any class whose instances do not survive the trip
+        return TaskError(f"{type(err).__name__}: {err}")
 
 
 def _spark_failure(err: Exception):

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import posixpath
 import re
 import shutil
 import time
 import uuid
+from typing import Any
 
 import fsspec
 
@@ -83,7 +85,11 @@ def canonical(url: str, storage_options: dict | None = None, glob_base: bool = F
     could be the input is never used as the output. ``glob_base`` cuts a glob at its first part holding
     ``*``, ``?`` or ``[``: the folder every match lies under (``/d/in/*.parquet`` → ``/d/in``).
     """
-    fs, path = filesystem(url, storage_options)
+    return canonical_in(*filesystem(url, storage_options), glob_base)
+
+
+def canonical_in(fs, path: str, glob_base: bool = False):
+    """``canonical`` for a filesystem already open: ``(fs, path)`` as ``filesystem`` gave them."""
     if glob_base and not _exists(fs, path):  # a path that exists is literal, even with glob characters
         path = glob_root(path)
     return fs, canonical_path(fs, path)
@@ -132,10 +138,14 @@ def locations(url: str, storage_options: dict | None = None, glob_base: bool = F
     every pair: a folder holding a symlink to the input holds the input's path, and deleting it would take
     that path away, even though the data lives elsewhere.
     """
-    fs, resolved = canonical(url, storage_options, glob_base)
+    return locations_in(*filesystem(url, storage_options), glob_base)
+
+
+def locations_in(fs, raw: str, glob_base: bool = False):
+    """``locations`` for a filesystem already open: ``(fs, path)`` as ``filesystem`` gave them."""
+    fs, resolved = canonical_in(fs, raw, glob_base)
     paths = [resolved]
     if is_local(fs):
-        raw = filesystem(url, storage_options)[1]
         raw = os.path.expanduser(glob_root(raw) if glob_base and not _exists(fs, raw) else raw).rstrip("/")
         head, _, tail = raw.rpartition("/")
         if tail not in ("", ".", ".."):
@@ -143,6 +153,35 @@ def locations(url: str, storage_options: dict | None = None, glob_base: bool = F
             if link != resolved:
                 paths.append(link)
     return fs, paths
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStores:
+    """A run's input and output, each turned into a filesystem once (``open_run_stores``), with the
+    spellings every check compares: ``in_root`` as the URL gives it (maybe a glob: what the planner lists),
+    ``in_paths``/``out_paths`` as ``locations`` gives them (canonical first; the input cut at its glob)."""
+
+    in_fs: Any
+    in_root: str
+    in_paths: tuple[str, ...]
+    out_fs: Any
+    out_paths: tuple[str, ...]
+
+    @property
+    def in_location(self) -> str:
+        return location(self.in_fs, self.in_paths[0])
+
+    @property
+    def out_location(self) -> str:
+        return location(self.out_fs, self.out_paths[0])
+
+
+def open_run_stores(input_url: str, output_url: str, storage_options: dict | None = None) -> RunStores:
+    """The driver's one ``filesystem`` call per URL of a run (see ``RunStores``)."""
+    in_fs, in_root = filesystem(input_url, storage_options)
+    out_fs, out_raw = filesystem(output_url, storage_options)
+    return RunStores(in_fs, in_root, tuple(locations_in(in_fs, in_root, glob_base=True)[1]),
+                     out_fs, tuple(locations_in(out_fs, out_raw)[1]))
 
 
 def location(fs, path: str) -> str:

@@ -34,18 +34,6 @@ SPARK_LINES = {
 }
 
 
-def spark_line(version: str) -> str:
-    """The ``SPARK_LINES`` key for a Spark version string ("3.5.6" → "3.5", "4.0.2" → "4.0", "4.3.0" → "4.1+")."""
-    major, minor = (int(part) for part in version.split(".")[:2])
-    if (major, minor) == (3, 5):
-        return "3.5"
-    if (major, minor) == (4, 0):
-        return "4.0"
-    if (major, minor) > (4, 0):
-        return "4.1+"
-    raise ClipNsfwError(f"Spark {version} is not supported: this job runs on Spark 3.5, 4.0 and 4.1 or newer")
-
-
 def default_archive_name(line: str, python: str = sys.executable) -> str:
     version = subprocess.run([python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
                              capture_output=True, text=True, check=True).stdout.strip()

@@ -2,8 +2,8 @@
 of what they read; skipped files named with a reason; LAION files paired by number."""
 
 import gzip
-import json
 import os
+import pickle
 import re
 import shutil
 
@@ -87,14 +87,14 @@ def test_task_ids_are_unique_stable_and_name_safe(tmp_path):
     assert [t.task_id for t in plan_of(tmp_path / "moved").tasks] == ids
 
 
-def test_tasks_cross_to_executors_as_plain_json(tmp_path):
+def test_tasks_cross_to_executors_as_they_are(tmp_path):
+    """A Task is plain frozen data: it pickles as it is (no dict on the way), equal and with its id."""
     write_groups(tmp_path / "in" / "a.parquet", [3, 3])
     write_laion_sample(str(tmp_path / "laion"), rows=40, files=1)
     tasks = plan_of(tmp_path / "in", rows_per_task=3).tasks + plan_of(tmp_path / "laion", rows_per_task=15).tasks
     for task in tasks:
-        wire = json.loads(json.dumps(task.to_dict()))
-        assert Task.from_dict(wire) == task and Task.from_dict(wire).task_id == task.task_id
-        assert isinstance(Task.from_dict(wire).row_groups, tuple)
+        shipped = pickle.loads(pickle.dumps(task))
+        assert shipped == task and shipped.task_id == task.task_id and isinstance(shipped.row_groups, tuple)
 
 
 def test_file_identity_changes_with_size_version_and_footer():

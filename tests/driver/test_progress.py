@@ -38,3 +38,23 @@ def test_the_wait_between_polls_grows_with_the_time_a_poll_takes(tmp_path, monke
     monkeypatch.setattr(watcher._stop, "wait", lambda seconds: waits.append(seconds) or len(waits) > 3)
     watcher._run()
     assert len(polls) == 3 and waits[0] == 0.01 and all(w >= 0.05 * 4 * 0.9 for w in waits[1:])
+
+
+def test_on_a_terminal_a_tqdm_bar_counts_rows_and_tasks(tmp_path, caplog):
+    """Interactive: a tqdm bar on the stream (rows, rate, tasks), no log lines; it ends at the run's end."""
+    import io
+
+    fs, root = filesystem(str(tmp_path))
+    state = tmp_path / "_clip_nsfw_tasks"
+    state.mkdir()
+    stream = io.StringIO()
+    watcher = ProgressWatcher(fs, root, "_clip_nsfw_tasks", {"old": 1000, "aaa": 1000, "bbb": 2000}, already={"old"},
+                              rows_before=1000, interactive=True, poll_seconds=0.05, stream=stream)
+    with caplog.at_level(logging.INFO, logger="clip_nsfw_spark.driver.progress"):
+        with watcher:
+            (state / "aaa.json").write_text("{}")
+            time.sleep(0.3)
+            (state / "bbb.json").write_text("{}")
+    drawn = stream.getvalue()
+    assert "rows" in drawn and "3/3 tasks" in drawn and "4.00k/4.00k" in drawn and "100%" in drawn
+    assert not [m for m in caplog.messages if m.startswith("progress")]

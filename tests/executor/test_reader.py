@@ -10,7 +10,7 @@ import pytest
 
 from clip_nsfw_spark.errors import InputChangedError, InputError
 from clip_nsfw_spark.contract import Task
-from clip_nsfw_spark.executor.reader import input_schema, read_npy_rows, task_batches
+from clip_nsfw_spark.executor.reader import open_parquet, read_npy_rows, task_batches
 
 LOCAL = fsspec.filesystem("file")
 
@@ -78,10 +78,11 @@ def test_read_seconds_are_counted(tmp_path):
     assert timings["read"] > 0 and set(timings) == {"read"}
 
 
-def test_input_schema_is_the_files_arrow_schema(tmp_path):
+def test_the_opened_files_schema_is_its_arrow_schema(tmp_path):
     path = str(tmp_path / "a.parquet")
     table = numbered_parquet(path, 5, row_group=5)
-    schema = input_schema(Task("parquet", path, "a.parquet", (0,)), LOCAL)
+    with open_parquet(Task("parquet", path, "a.parquet", (0,)), LOCAL) as source:
+        schema = source.schema
     assert schema.remove_metadata().equals(table.schema.remove_metadata())
     assert schema.metadata[b"origin"] == b"reader-test"  # carried into the outputs (writer.output_schemas)
 

@@ -254,11 +254,11 @@ def test_executors_never_import_tensorflow(tmp_path, spark, spark_runner, prepar
 
         import pyarrow as pa
 
-        from clip_nsfw_spark.executor import worker
+        from clip_nsfw_spark.scoring import scorer
 
         for _ in batches:
             heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
-            yield pa.RecordBatch.from_pydict({"heavy": [",".join(heavy)], "scorers": [",".join(worker._SCORERS)]})
+            yield pa.RecordBatch.from_pydict({"heavy": [",".join(heavy)], "scorers": [",".join(scorer._SCORERS)]})
 
     def probe():
         return spark.range(0, 2, 1, numPartitions=2).mapInArrow(modules, "heavy string, scorers string").collect()
@@ -379,3 +379,31 @@ def test_laion_embeddings_as_float32_come_from_the_npy_values(tmp_path, caplog):
     # asking for float32 where nothing is float16 changes no output: a resume without it is the same job
     run(root, tmp_path / "plain", embedding_type="float32")
     run(root, tmp_path / "plain", resume=True)
+
+
+@needs_models
+@pytest.mark.parametrize("resume", [False, True])
+def test_the_driver_turns_each_url_into_a_filesystem_once_per_run(tmp_path, monkeypatch, resume):
+    """storage.open_run_stores opens the input and the output once; validation, planning, the fingerprint
+    and the state all use those (executors open their own)."""
+    import collections
+
+    import clip_nsfw_spark.storage.filesystem as storage
+    from clip_nsfw_spark.driver import job, output, planner
+
+    write_parquet_sample(str(tmp_path / "in"), rows=200, files=4)
+    config = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    if resume:
+        run_job(config)
+        config = dataclasses.replace(config, resume=True)
+    opened, real = collections.Counter(), storage.filesystem
+
+    def counting(url, storage_options=None):
+        opened[url] += 1
+        return real(url, storage_options)
+
+    for module in (storage, job, planner, output):
+        if hasattr(module, "filesystem"):
+            monkeypatch.setattr(module, "filesystem", counting)
+    run_job(config)
+    assert opened == {str(tmp_path / "in"): 1, str(tmp_path / "out"): 1}

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from clip_nsfw_spark import load_scorer
-from clip_nsfw_spark.cli.main import _model_info, main
+from clip_nsfw_spark.cli.main import main
 from clip_nsfw_spark.errors import ChecksumError, ConfigError, DimensionError, ModelError, UnsafeModelFileError
-from clip_nsfw_spark.models.heads import HeadSpec, MultiScorer, load_head, load_heads
+from clip_nsfw_spark.models.heads import HeadSpec, MultiScorer, describe_head, load_head, load_heads
 from clip_nsfw_spark.models.cache import file_digests, prepare_model
 from clip_nsfw_spark.models.registry import REGISTRY
 from clip_nsfw_spark.scoring.prompts import BELOW_HALF, PromptScorer, argmax_rule, score_from_similarities
@@ -437,9 +437,9 @@ def test_score_from_similarities_on_ties_near_ties_and_non_finite():
 
 
 @needs_prompts
-def test_prompt_head_portable_bytes_and_model_info(violence):
+def test_prompt_head_portable_bytes_anddescribe_head(violence):
     for name, file in PROMPT_FILES.items():
-        info = _model_info(name)
+        info = describe_head(name)
         assert info["kind"] == "prompts" and info["score_column"] == "pviolence" and info["threshold"] == 0.5
         assert info["pin"] == {"sha256": REGISTRY[name].sha256} and info["dim"] == violence[name].dim
         assert info["url"] == f"https://github.com/LAION-AI/CLIP-based-NSFW-Detector/raw/main/{file}"
@@ -485,7 +485,7 @@ def test_multi_scorer_errors_name_heads_and_widths(h14_cache):
 @needs_models
 @needs_prompts
 def test_model_info_and_cli_for_each_head(h14_cache, capsys):
-    info = _model_info("ViT-H/14")
+    info = describe_head("ViT-H/14")
     assert info["name"] == "vit-h-14" and info["kind"] == "torch-state-dict" and info["dim"] == 1024
     assert info["pin"] == {"git blob id": h14_cache[1]} and info["score_column"] == "punsafe"
     assert info["layers"] == [[1024, 1024], [1024, 2048], [2048, 1024], [1024, 256], [256, 128], [128, 16], [16, 1]]

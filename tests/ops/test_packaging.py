@@ -156,9 +156,8 @@ def test_job_runs_from_the_packed_environment_with_a_clean_spark_submit(tmp_path
     archive = tmp_path / "env.tar.gz"
     import pyspark
 
-    from clip_nsfw_spark.tools.package import spark_line
-
-    line = spark_line(pyspark.__version__)  # the archive for the Spark this test runs (3.5, 4.0 or 4.1+)
+    major, minor = (int(part) for part in pyspark.__version__.split(".")[:2])
+    line = {(3, 5): "3.5", (4, 0): "4.0"}.get((major, minor), "4.1+")  # the archive for the Spark this test runs
     result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "package", "--out", str(archive),
                              "--spark", line],
                             capture_output=True, text=True, timeout=900, cwd=ROOT)

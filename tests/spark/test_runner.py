@@ -9,7 +9,7 @@ import pytest
 from pyspark import cloudpickle
 
 from clip_nsfw_spark.contract import REPORT_FIGURES, TASKS_SUMMED, Task, add_figures, sum_of_tasks
-from clip_nsfw_spark.errors import InputError, TaskError
+from clip_nsfw_spark.errors import DamagedInputError, InputError, OutputError, TaskError
 from clip_nsfw_spark.spark.runner import PARTITIONS_PER_CORE, TASK_COST_ROWS, pack_tasks, spark_runner
 
 
@@ -70,12 +70,17 @@ def test_sums_of_sums_are_the_sum_and_the_peak_memory_is_the_largest():
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Spark's Python workers cannot import tests/
 
 
+class StoreQuotaError(OutputError):
+    """An error class that errors.py does not define: found by no name lookup, kept by value."""
+
+
 class Recorder:
     """A worker: writes a marker per task run, reports the Spark partition it ran in as a stage, fails on
     demand (``InputError`` for names in ``bad``, a ``TaskError`` once for names in ``flaky``)."""
 
-    def __init__(self, folder, bad=(), flaky=()):
+    def __init__(self, folder, bad=(), flaky=(), damaged=(), quota=()):
         self.folder, self.bad, self.flaky = str(folder), set(bad), set(flaky)
+        self.damaged, self.quota = set(damaged), set(quota)
 
     def __call__(self, task):
         from pyspark import TaskContext
@@ -87,6 +92,10 @@ class Recorder:
         open(marker, "a").write("run\n")
         if task.rel in self.bad:
             raise InputError(f"cannot read {task.path}: injected")
+        if task.rel in self.damaged:
+            raise DamagedInputError(f"{task.path} is damaged: injected")
+        if task.rel in self.quota:
+            raise StoreQuotaError(f"no room for {task.rel}: injected")
         partition = TaskContext.get().partitionId()
         return stats(task.task_id, task.rows, [task.rows, 0]) | {"stage_seconds": {f"partition {partition}": 1.0}}
 
@@ -111,3 +120,14 @@ def test_an_input_error_in_one_task_lets_the_others_of_its_spark_task_finish(spa
     with pytest.raises(InputError, match=r"^cannot read /in/f0007.parquet: injected\. The output is incomplete"):
         spark_runner(spark)(listed, Recorder(tmp_path, bad={"f0007.parquet"}))
     assert sorted(os.listdir(tmp_path)) == sorted(t.rel for t in listed)  # all 40 ran
+
+
+def test_an_executors_error_comes_back_as_a_value_of_its_own_class(spark, tmp_path):
+    """Errors cross back as typed values (the exception pickled with its message), not as class names in
+    text: a subclass stays itself (DamagedInputError, not its base InputError or a TaskError)."""
+    with pytest.raises(DamagedInputError) as raised:
+        spark_runner(spark)(tasks([10] * 4), Recorder(tmp_path, damaged={"f0002.parquet"}))
+    assert type(raised.value) is DamagedInputError
+    assert str(raised.value).startswith("/in/f0002.parquet is damaged: injected. The output is incomplete")
+    with pytest.raises(StoreQuotaError, match=r"^no room for f0001.parquet: injected\. The output is incomplete"):
+        spark_runner(spark)(tasks([10] * 4), Recorder(tmp_path, quota={"f0001.parquet"}))

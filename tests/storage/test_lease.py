@@ -343,8 +343,8 @@ def test_two_runs_started_together_above_and_below_do_not_both_write(tmp_path, m
     write_parquet_sample(str(tmp_path / "in"), rows=40, files=2)
     validate = job.validate_output
 
-    def validate_then_inner_run_starts(config):
-        target = validate(config)
+    def validate_then_inner_run_starts(config, stores):
+        target = validate(config, stores)
         (tmp_path / "out" / "sub").mkdir(parents=True)
         write_lease(tmp_path / "out" / "sub")
         return target
