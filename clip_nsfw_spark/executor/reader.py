@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.errors import DamagedInputError, InputChangedError, InputError
-from clip_nsfw_spark.parquet.pages import Damaged, Unsupported, open_float_list_stream, read_float_list_column
+from clip_nsfw_spark.parquet.decode import read_float_list_column
+from clip_nsfw_spark.parquet.errors import Damaged, Unsupported
+from clip_nsfw_spark.parquet.stream import open_float_list_stream
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.storage.filesystem import unstrip
 

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_nsfw_spark.parquet import splice
-from clip_nsfw_spark.parquet.pages import page_summary, read_float_list_column
+from clip_nsfw_spark.parquet.decode import read_float_list_column
 from clip_nsfw_spark.parquet.splice import SplicedParquetWriter
 from clip_nsfw_spark.parquet.thrift import Field, ThriftList, decode_struct, encode_struct, get, with_fields
 from clip_nsfw_spark.executor.writer import column_compression, float_list_columns, scalar_columns
+from float_list_files import page_summary
 
 BITS = {pa.float16(): np.uint16, pa.float32(): np.uint32, pa.float64(): np.uint64}
 NUMPY = {pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64}
