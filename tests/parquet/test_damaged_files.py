@@ -26,6 +26,7 @@ import pytest
 from clip_nsfw_spark.errors import DamagedInputError
 from clip_nsfw_spark.executor import reader
 from clip_nsfw_spark.executor.reader import OpenParquet, parquet_file
+from clip_nsfw_spark.parquet.spec import DataPageHeader, DataPageHeaderV2, PageHeader, PageType
 from clip_nsfw_spark.parquet.thrift import I32, STRUCT, decode_struct, encode_struct, get, with_fields
 
 COLUMN = "emb"
@@ -55,7 +56,7 @@ def pages(data: bytes, row_group: int = 0) -> list[tuple[int, int, list]]:
     while pos < end:
         fields, body = decode_struct(data, pos)
         found.append((pos, body, fields))
-        pos = body + get(fields, 3)
+        pos = body + get(fields, PageHeader.COMPRESSED_PAGE_SIZE)
     return found
 
 
@@ -79,7 +80,7 @@ def pyarrow_read(data: bytes):
 
 
 def job_read(data: bytes, stream: bool, monkeypatch):
-    """The job's reader (reader.py: pages.py first, pyarrow as it falls back): the column, or the exception."""
+    """The job's reader (reader.py: decode.py / stream.py, pyarrow as it falls back): the column, or the exception."""
     monkeypatch.setattr(reader, "DECODE_CHUNK_MAX_BYTES", 0 if stream else 1 << 30)
     handle = io.BytesIO(data)
     try:
@@ -126,7 +127,8 @@ def with_header(data: bytes, page: tuple, changes: dict) -> bytes | None:
 def with_sub(data: bytes, page: tuple, field_id: int, delta: int) -> bytes | None:
     """The page's data/dictionary page header field ``field_id`` moved by ``delta`` (None: not present)."""
     fields = page[2]
-    sub_id = {0: 5, 2: 7, 3: 8}[get(fields, 1)]
+    sub_id = {PageType.DATA_PAGE: PageHeader.DATA_PAGE_HEADER, PageType.DATA_PAGE_V2: PageHeader.DATA_PAGE_HEADER_V2,
+              PageType.DICTIONARY_PAGE: PageHeader.DICTIONARY_PAGE_HEADER}[get(fields, PageHeader.TYPE)]
     sub = get(fields, sub_id)
     if not isinstance(get(sub, field_id), int):  # absent, or a struct (statistics)
         return None
@@ -140,34 +142,41 @@ def flipped(data: bytes, at: int, bit: int = 0x10) -> bytes:
 def damages(data: bytes):
     """(name, damaged bytes) for the systematic damages of one file's first embedding chunk."""
     found = pages(data)
-    first, last_end = found[0][0], found[-1][1] + get(found[-1][2], 3)
+    first, last_end = found[0][0], found[-1][1] + get(found[-1][2], PageHeader.COMPRESSED_PAGE_SIZE)
     yield "file cut inside the chunk", data[:(first + last_end) // 2]
     yield "chunk bytes zeroed", data[:first] + bytes(last_end - first) + data[last_end:]
     for index, page in enumerate(found):
         start, body, fields = page
-        size = get(fields, 3)
-        kind = {0: "v1", 2: "dictionary", 3: "v2"}[get(fields, 1)]
+        size, recorded = get(fields, PageHeader.COMPRESSED_PAGE_SIZE), get(fields, PageHeader.CRC)
+        kind = {PageType.DATA_PAGE: "v1", PageType.DICTIONARY_PAGE: "dictionary", PageType.DATA_PAGE_V2: "v2"}[
+            get(fields, PageHeader.TYPE)]
         name = f"page {index} ({kind})"
         yield f"{name}: header byte flipped", flipped(data, start + 1)
         for at, where in ((body, "first"), (body + size // 2, "middle"), (body + size - 1, "last")):
             yield f"{name}: {where} body byte flipped", flipped(data, at)
         yield f"{name}: body zeroed", data[:body] + bytes(size) + data[body + size:]
         for delta in (-4, -1, 1, 4):
-            yield f"{name}: uncompressed size {delta:+}", with_header(data, page, {2: (I32, get(fields, 2) + delta)})
-            yield f"{name}: compressed size {delta:+}", with_header(data, page, {3: (I32, size + delta)})
-            yield f"{name}: value count {delta:+}", with_sub(data, page, 1, delta)
-        if get(fields, 1) == 3:
-            yield f"{name}: null count +1", with_sub(data, page, 2, 1)
-            yield f"{name}: row count -1", with_sub(data, page, 3, -1)
-            yield f"{name}: row count negative", with_sub(data, page, 3, -(get(get(fields, 8), 3) + 5))
-            yield f"{name}: definition levels length +1", with_sub(data, page, 5, 1)
-        if get(fields, 4) is not None:
-            yield f"{name}: CRC off by one", with_header(data, page, {4: (I32, get(fields, 4) ^ 1)})
+            yield f"{name}: uncompressed size {delta:+}", with_header(data, page, {
+                PageHeader.UNCOMPRESSED_PAGE_SIZE: (I32, get(fields, PageHeader.UNCOMPRESSED_PAGE_SIZE) + delta)})
+            yield f"{name}: compressed size {delta:+}", with_header(
+                data, page, {PageHeader.COMPRESSED_PAGE_SIZE: (I32, size + delta)})
+            # NUM_VALUES has one id in the three page headers (data v1, dictionary, data v2)
+            yield f"{name}: value count {delta:+}", with_sub(data, page, DataPageHeader.NUM_VALUES, delta)
+        if get(fields, PageHeader.TYPE) == PageType.DATA_PAGE_V2:
+            v2 = get(fields, PageHeader.DATA_PAGE_HEADER_V2)
+            yield f"{name}: null count +1", with_sub(data, page, DataPageHeaderV2.NUM_NULLS, 1)
+            yield f"{name}: row count -1", with_sub(data, page, DataPageHeaderV2.NUM_ROWS, -1)
+            yield f"{name}: row count negative", with_sub(data, page, DataPageHeaderV2.NUM_ROWS,
+                                                          -(get(v2, DataPageHeaderV2.NUM_ROWS) + 5))
+            yield f"{name}: definition levels length +1", with_sub(
+                data, page, DataPageHeaderV2.DEFINITION_LEVELS_BYTE_LENGTH, 1)
+        if recorded is not None:
+            yield f"{name}: CRC off by one", with_header(data, page, {PageHeader.CRC: (I32, recorded ^ 1)})
             # the body damaged *and* the CRC made to match it: only the decoders' own checks are left
             damaged = flipped(data, body + size - 1)
             crc = zlib.crc32(damaged[body:body + size])
             yield f"{name}: last body byte flipped, CRC recomputed", with_header(
-                damaged, page, {4: (I32, crc - (1 << 32) if crc >= 1 << 31 else crc)})
+                damaged, page, {PageHeader.CRC: (I32, crc - (1 << 32) if crc >= 1 << 31 else crc)})
 
 
 @pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary"])
@@ -200,7 +209,9 @@ def test_damage_without_crcs_is_refused_or_read_as_pyarrow_reads_it(codec, dicti
 def test_a_page_that_overstates_its_decompressed_size_is_refused(codec, monkeypatch):
     # pyarrow.decompress returns the size it is told whatever the data held: the job checks it otherwise
     data = sample(codec, "1.0", False, crc=False)
-    damaged = with_header(data, pages(data)[1], {2: (I32, get(pages(data)[1][2], 2) + 4)})
+    first_data_page = pages(data)[1]
+    size = get(first_data_page[2], PageHeader.UNCOMPRESSED_PAGE_SIZE)
+    damaged = with_header(data, first_data_page, {PageHeader.UNCOMPRESSED_PAGE_SIZE: (I32, size + 4)})
     assert isinstance(pyarrow_read(damaged), OSError)
     for stream in (False, True):
         got = job_read(damaged, stream, monkeypatch)
@@ -234,14 +245,16 @@ def test_seeded_fuzz_of_page_headers_and_bytes(monkeypatch):
         page = rng.choice(found)
         start, body, fields = page
         if rng.random() < 0.5:
-            field = rng.choice([2, 3, 4] if get(fields, 4) is not None else [2, 3])
+            field = rng.choice([PageHeader.UNCOMPRESSED_PAGE_SIZE, PageHeader.COMPRESSED_PAGE_SIZE, PageHeader.CRC]
+                               if get(fields, PageHeader.CRC) is not None
+                               else [PageHeader.UNCOMPRESSED_PAGE_SIZE, PageHeader.COMPRESSED_PAGE_SIZE])
             value = get(fields, field) + rng.choice([-100, -8, -2, -1, 1, 2, 8, 100, rng.randrange(-2**31, 2**31)])
             damaged = with_header(data, page, {field: (I32, max(-2**31, min(2**31 - 1, value)))})
             if damaged is None:
-                sub_field = rng.choice([1, 2, 3, 4, 5, 6])
+                sub_field = rng.choice([1, 2, 3, 4, 5, 6])  # any of the page's own header's first fields
                 damaged = with_sub(data, page, sub_field, rng.choice([-1, 1, 2, -100, -2**20, 2**20]))
         else:
-            end = body + get(fields, 3)
+            end = body + get(fields, PageHeader.COMPRESSED_PAGE_SIZE)
             damaged = data
             for _ in range(rng.choice([1, 1, 2, 8])):
                 damaged = flipped(damaged, rng.randrange(start, end), 1 << rng.randrange(8))
@@ -279,10 +292,11 @@ def test_outputs_carry_page_crcs_that_pyarrow_verifies(tmp_path):
                 end, seen = pos + chunk.total_compressed_size, 0
                 while pos < end:
                     fields, body = decode_struct(data, pos)
-                    assert get(fields, 1) in (0, 2, 3), fields
-                    size, seen = get(fields, 3), seen + 1
-                    assert get(fields, 4) is not None, (own, column, "page without CRC")
-                    assert get(fields, 4) & 0xFFFFFFFF == zlib.crc32(data[body:body + size])
+                    assert get(fields, PageHeader.TYPE) in (PageType.DATA_PAGE, PageType.DICTIONARY_PAGE,
+                                                            PageType.DATA_PAGE_V2), fields
+                    size, seen = get(fields, PageHeader.COMPRESSED_PAGE_SIZE), seen + 1
+                    assert get(fields, PageHeader.CRC) is not None, (own, column, "page without CRC")
+                    assert get(fields, PageHeader.CRC) & 0xFFFFFFFF == zlib.crc32(data[body:body + size])
                     pos = body + size
                 assert seen and pos == end
         read = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True).read()
