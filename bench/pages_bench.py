@@ -1,4 +1,4 @@
-"""pyarrow vs ``clip_nsfw_spark.parquet.pages`` reading one embedding column of one row group, per writer setting.
+"""pyarrow vs ``clip_nsfw_spark.parquet.decode`` reading one embedding column of one row group, per writer setting.
 
     python bench/pages_bench.py [--rows 100000] [--dim 768] [--out bench/results/pages_bench.json]
     python bench/pages_bench.py --stream [--rows 1000000] [--batch-rows 16384] [--file F.parquet]
@@ -25,7 +25,7 @@ subprocess (``--rounds`` times, best wall time; peak RSS = that subprocess's ``V
 imports and warm-up, before reading, and ``ru_maxrss``, which on Linux also counts the resident size of
 the bench process that started it — so the file is written in a subprocess too): ``pyarrow`` (``ParquetFile(pre_buffer=False, buffer_size=1 MiB)
 .iter_batches``: what reader.py did for chunks over its budget), ``stream``
-(``pages.iter_float_list_column``), ``reader`` (``reader.task_batches``, the job's path: streams this
+(``stream.iter_float_list_column``), ``reader`` (``reader.task_batches``, the job's path: streams this
 chunk) and ``whole`` (``read_float_list_column`` then sliced: the whole-chunk path, for reference). The
 stream is first checked equal to pyarrow batch by batch (bits of every value, type, row counts).
 """
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clip_nsfw_spark.parquet.pages import read_float_list_column  # noqa: E402
+from clip_nsfw_spark.parquet.decode import read_float_list_column  # noqa: E402
 
 COLUMN = "embedding"
 
@@ -131,7 +131,7 @@ def stream_child(reader: str, path: str, batch_rows: int) -> dict:
 
     import fsspec
 
-    from clip_nsfw_spark.parquet.pages import iter_float_list_column
+    from clip_nsfw_spark.parquet.stream import iter_float_list_column
     from clip_nsfw_spark.contract import Task
     from clip_nsfw_spark.executor.reader import task_batches
 
@@ -186,7 +186,7 @@ def stream_write(path: str, rows: int, dim: int) -> None:
 
 def stream_check(path: str, batch_rows: int) -> int:
     """The stream's batches equal pyarrow's, batch by batch (memory: two batches). Returns the batch count."""
-    from clip_nsfw_spark.parquet.pages import iter_float_list_column
+    from clip_nsfw_spark.parquet.stream import iter_float_list_column
 
     meta = pq.read_metadata(path)
     with open(path, "rb") as f, open(path, "rb") as g:

@@ -14,7 +14,7 @@ from typing import Literal
 Mode = Literal["annotate", "filter", "split", "scores"]
 Layout = Literal["auto", "parquet", "laion-npy"]
 Keep = Literal["safe", "unsafe"]
-# Who decodes and encodes embedding pages: this package (parquet/pages.py, parquet/splice.py) or pyarrow alone.
+# Who decodes and encodes embedding pages: this package (parquet/decode.py, stream.py, splice.py) or pyarrow alone.
 ParquetCodec = Literal["own", "pyarrow"]
 # The value type of the embeddings an output keeps: as read ("input"), or float32 (Spark ≤ 4.x cannot read
 # FLOAT16 parquet at all: an output meant for Spark readers widens float16 to float32, exactly).

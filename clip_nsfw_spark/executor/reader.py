@@ -1,7 +1,7 @@
 """The executor's reader: one task → batches of rows (parquet row groups, or LAION metadata + npy slices).
 
 Reads only what the task's outputs need (``columns``), one row group at a time, so memory stays at about
-one row group whatever the file size. Float-list (embedding) columns are decoded by pages.py when it can
+one row group whatever the file size. Float-list (embedding) columns are decoded by parquet/ (decode.py, stream.py) when it can
 (the same arrays as pyarrow's, several times faster on the dictionary-encoded float16 that pyarrow's
 default writer makes; a large row group's column streamed batch by batch), by pyarrow otherwise. The
 driver's counterpart, which makes the tasks, is planner.py.
@@ -32,7 +32,7 @@ _log = logging.getLogger(__name__)
 NPY_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
 NPY_HEADER_BLOCK = 1 << 16
 
-# Float-list column chunks that decode to more than this are streamed (pages.py, batch by batch) rather
+# Float-list column chunks that decode to more than this are streamed (parquet/stream.py, batch by batch) rather
 # than decoded whole: the worker's memory must stay bounded (a 1M-row group of 768-d float16 is 1.5 GB).
 # Smaller chunks are decoded whole: that path also decodes null rows and ragged lists, which the stream
 # leaves to pyarrow (bench/pages_bench.py --stream: on uniform rows the two are about as fast).
@@ -107,12 +107,6 @@ def damaged(where: str, group: int, err: BaseException) -> DamagedInputError:
                              "its source, or leave it out of the input")
 
 
-def input_schema(task: Task, fs) -> pa.Schema:
-    """The Arrow schema of the task's parquet file (data, or LAION metadata)."""
-    with open_parquet(task, fs) as source:
-        return source.schema
-
-
 def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: list[str] | None = None,
                  source: OpenParquet | None = None,
                  own_decoder: bool = True) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None, int]]:
@@ -123,7 +117,7 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
     (batch rows, width) float array of the same rows; ``first_row`` the index, in its file, of the batch's
     first row. Seconds spent reading are added to ``timings["read"]``. ``source``: the file already open
     (``open_parquet``), else it is opened here. ``own_decoder=False`` reads every column with pyarrow
-    (``parquet_codec: pyarrow``), never with pages.py.
+    (``parquet_codec: pyarrow``), never with parquet/'s decoder.
     """
     if source is None:
         with open_parquet(task, fs) as opened:
@@ -170,7 +164,7 @@ def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: li
 
     One ``iter_batches`` call over many row groups kept every buffer it had read until it finished
     (measured: 1.6 GB of RSS after 800k rows of a 2M-row file); one reader per group peaks at ~0.5 GB.
-    Float-list columns pages.py can decode come from it (whole row group then sliced, or streamed when
+    Float-list columns parquet/ can decode come from it (whole row group then sliced, or streamed when
     the chunk is large); the other columns from pyarrow, whose batch sizes the float-list columns follow.
     """
     for group in groups:
@@ -213,7 +207,7 @@ def _group_batches(source: OpenParquet, group: int, batch_rows: int, columns: li
 
 
 def _decoded_float_lists(source: OpenParquet, group: int, names: list[str], batch_rows: int) -> dict:
-    """``{column: its rows}`` for the float-list columns among ``names`` that pages.py decodes: the row
+    """``{column: its rows}`` for the float-list columns among ``names`` that parquet/ decodes: the row
     group's whole column (a ``pa.Array``) when it decodes to at most ``DECODE_CHUNK_MAX_BYTES``, else a
     ``_StreamedColumn``; both are read with ``.slice(start, n)``. The other columns are pyarrow's."""
     meta = source.file.metadata.row_group(group)
@@ -243,7 +237,7 @@ def _decoded_float_lists(source: OpenParquet, group: int, names: list[str], batc
 
 class _StreamedColumn:
     """A float-list column of one row group read in order, ``slice(start, n)`` after ``slice(…, start)``:
-    from pages.py's stream, or — once the stream meets a page it cannot decode (``pages.Unsupported``) —
+    from parquet/stream.py's stream, or — once the stream meets a page it cannot decode (``parquet.errors.Unsupported``) —
     from pyarrow for the rest of the row group (rows before ``start`` read again and dropped: slower,
     memory still one batch)."""
 

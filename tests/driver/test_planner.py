@@ -14,7 +14,6 @@ import pytest
 
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import InputError
-from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.driver.planner import file_identity, footer_cache, plan, read_footer_cache
 from clip_nsfw_spark.tools.sample import write_laion_sample, write_parquet_sample
 

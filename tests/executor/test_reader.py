@@ -187,19 +187,20 @@ def test_float_list_chunks_over_the_budget_are_streamed_in_the_other_columns_bat
 
 def test_a_page_the_stream_cannot_decode_mid_row_group_falls_back_to_pyarrow_for_the_rest(tmp_path, streamed,
                                                                                           monkeypatch, caplog):
-    from clip_nsfw_spark.parquet import pages
+    from clip_nsfw_spark.parquet import stream as stream_module
+    from clip_nsfw_spark.parquet.errors import Undecodable
 
     path = str(tmp_path / "a.parquet")
     table = embedding_parquet(path, 3000, 32, row_group=2000)
-    real, calls = pages._decode_values, []
+    real, calls = stream_module.decode_values, []
 
     def seventh_page_fails(values, encoding, n, dictionary, out):
         calls.append(n)
         if len(calls) == 7:
-            raise pages._Unsupported("a page this test made undecodable")
+            raise Undecodable("a page this test made undecodable")
         return real(values, encoding, n, dictionary, out)
 
-    monkeypatch.setattr(pages, "_decode_values", seventh_page_fails)
+    monkeypatch.setattr(stream_module, "decode_values", seventh_page_fails)
     batches = read(Task("parquet", path, "a.parquet", (0, 1), rows=3000), 100)
     got = pa.Table.from_batches([b for b, _, _ in batches])
     assert got.equals(table.replace_schema_metadata(got.schema.metadata))
