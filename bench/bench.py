@@ -151,7 +151,7 @@ def cold_start_code(model: str) -> str:
 
     resolved = prepare_model(model)
     return ("import numpy as np; from clip_nsfw_spark.contract import Head; "
-            "from clip_nsfw_spark.executor.worker import scorer_for; "
+            "from clip_nsfw_spark.scoring.scorer import scorer_for; "
             f"data = open({str(resolved.portable)!r}, 'rb').read(); "
             f"s = scorer_for(Head({model!r}, {resolved.sha256!r}, data)); "
             "s(np.random.default_rng(0).normal(size=(1024, s.dim)).astype(np.float16))")

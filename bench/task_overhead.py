@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import os
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def one_count(count: int, run_partitions: int, master: str, ways: list[str]) -> 
             frame = task_frame(spark, parts, run=run).mapInArrow(partition_runner(NoOpWorker()), PARTITION_RESULT)
             shipped = time.perf_counter()
             try:
-                results = [json.loads(r.result) for r in frame.collect()]
+                results = [pickle.loads(r.result) for r in frame.collect()]
             except Exception as err:  # noqa: BLE001 - e.g. the driver's JVM cannot broadcast the task table
                 row[way] = {"spark_tasks": len(parts), "failed": str(err).strip().splitlines()[-1][:300]
                             if "SparkException" not in str(err) else next(

@@ -1,6 +1,6 @@
 """One task, start to finish, on whatever process runs it: read a slice, score it, write it atomically.
 
-No Spark here: a ``Worker`` is a picklable callable ``Task → stats``; Spark's runner (spark.py) calls it
+No Spark here: a ``Worker`` is a picklable callable ``Task → stats``; Spark's runner (spark/runner.py) calls it
 in its Python workers, the sequential runner (job.py) in the driver, which is how the tests prove both
 give the same output. Heads arrive as portable-weights bytes and are loaded once per process
 (``scorer_for``), then reused by every task the process runs.

@@ -132,9 +132,10 @@ class MultiScorer:
         self.heads = tuple(heads)
         if not self.heads:
             raise ConfigError("no heads: give at least one model (e.g. 'vit-l-14')")
-        widths = {h.dim for h in self.heads}
+        self._scorers = tuple(scorer_for(h) for h in self.heads)
+        widths = {s.dim for s in self._scorers}  # the scorers' own: a Head made by hand may not say its width
         if len(widths) != 1:
-            listed = ", ".join(f"{h.name} expects {h.dim}-d" for h in self.heads)
+            listed = ", ".join(f"{h.name} expects {s.dim}-d" for h, s in zip(self.heads, self._scorers))
             raise DimensionError(f"heads scored in one pass must share the embedding width; {listed}. Score "
                                  "each embedding column with the heads of its CLIP model.")
         columns = [h.score_column for h in self.heads]
@@ -144,7 +145,6 @@ class MultiScorer:
             raise ConfigError(f"two heads write the same score column ({who}); give one of them its own "
                               "score_column")
         self.dim = widths.pop()
-        self._scorers = tuple(scorer_for(h) for h in self.heads)
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -185,8 +185,9 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
         failed = [error for result in results for error in result.pop("errors")]
         if failed:
             more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
-            raise type(failed[0])(f"{str(failed[0]).rstrip('.')}{more}. The output is incomplete: fix the cause "
-                                  "and rerun with --resume.")
+            first = _error_from(failed[0])
+            raise type(first)(f"{str(first).rstrip('.')}{more}. The output is incomplete: fix the cause "
+                              "and rerun with --resume.")
         return results
 
     run.read_footers = footer_reader(spark)
@@ -218,8 +219,9 @@ def footer_reader(spark):
 
 
 # What a Spark partition of job tasks sends back: one pickled record, contract.sum_of_tasks plus ``errors``,
-# the tasks' exceptions themselves (errors.py's classes, each made from its one-line message): typed values,
-# so the driver raises the same class, never a class looked up by its name.
+# each task's exception as a typed value (the exception itself, pickled apart, with its class name and
+# message beside it): the driver raises the same class, never a class looked up by its name, and a class
+# it cannot load (a module only executors have) still comes back as a TaskError with its name and message.
 PARTITION_RESULT = "result binary"
 
 
@@ -297,7 +299,7 @@ def _collect(spark, frame) -> list:
         raise _spark_failure(err) from None
 
 
-def _as_value(err: Exception) -> Exception:
+def _as_value(err: Exception) -> dict:
     """``err`` as a value to send back: its class and message, not its traceback or cause (they may not
     pickle, and the message already names the task's file and the cause in one line). A class that cannot
     be made again from its message comes back as a TaskError carrying its name and message."""
@@ -305,12 +307,23 @@ def _as_value(err: Exception) -> Exception:
 
     from clip_nsfw_spark.errors import TaskError
 
+    text = str(err)
     try:
-        copy = type(err)(str(err))
-        cloudpickle.dumps(copy)
-        return copy
+        data = cloudpickle.dumps(type(err)(text))
     except Exception:  # noqa: BLE001 - any class whose instances do not survive the trip
-        return TaskError(f"{type(err).__name__}: {err}")
+        data = cloudpickle.dumps(TaskError(f"{type(err).__name__}: {text}"))
+    return {"exception": data, "class": type(err).__name__, "message": text}
+
+
+def _error_from(sent: dict) -> Exception:
+    """The exception ``_as_value`` sent, loaded on the driver; a TaskError naming it if it cannot be loaded."""
+    from clip_nsfw_spark.errors import TaskError
+
+    try:
+        error = pickle.loads(sent["exception"])
+    except Exception:  # noqa: BLE001 - e.g. a class from a module only executors have
+        return TaskError(f"{sent['class']}: {sent['message']}")
+    return error if isinstance(error, Exception) else TaskError(f"{sent['class']}: {sent['message']}")
 
 
 def _spark_failure(err: Exception):

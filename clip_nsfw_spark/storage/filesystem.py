@@ -178,10 +178,10 @@ class RunStores:
 
 def open_run_stores(input_url: str, output_url: str, storage_options: dict | None = None) -> RunStores:
     """The driver's one ``filesystem`` call per URL of a run (see ``RunStores``)."""
+    out_fs, out_raw = filesystem(output_url, storage_options)  # the output first: its errors show first
+    out_paths = tuple(locations_in(out_fs, out_raw)[1])
     in_fs, in_root = filesystem(input_url, storage_options)
-    out_fs, out_raw = filesystem(output_url, storage_options)
-    return RunStores(in_fs, in_root, tuple(locations_in(in_fs, in_root, glob_base=True)[1]),
-                     out_fs, tuple(locations_in(out_fs, out_raw)[1]))
+    return RunStores(in_fs, in_root, tuple(locations_in(in_fs, in_root, glob_base=True)[1]), out_fs, out_paths)
 
 
 def location(fs, path: str) -> str:

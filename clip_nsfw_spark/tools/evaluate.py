@@ -242,7 +242,7 @@ def evaluate(models: list[str], data_path: str, out: str | Path, thresholds=DEFA
 
     ``scores_fn(model, embeddings) → scores`` replaces in-process scoring (the Spark path uses it);
     ``labelled`` gives the data in memory (``data_path`` is then only its description). ``runner`` (a
-    Spark runner, see spark.py) scores parquet data with the job instead of in this process.
+    Spark runner, see spark/runner.py) scores parquet data with the job instead of in this process.
     """
     from clip_nsfw_spark.api import load_scorer
 

@@ -86,7 +86,7 @@ def test_the_image_runs_as_a_non_root_user_without_tensorflow_and_reports_its_ve
     assert not modules["tensorflow"] and not modules["keras"] and not modules["torch"], modules
     assert modules["pyspark"] and modules["pandas"] and modules["s3fs"] and modules["numba"], modules
     assert results["java_home"] == "/opt/java/openjdk", results  # where the official (Temurin) base has it
-    assert 0.5 * 2**30 < results["image_bytes"] < 4 * 2**30, results["image_bytes"]  # reported in README
+    assert 0.5 * 2**30 < results["image_bytes"] < 4 * 2**30, results["image_bytes"]  # reported in docs/operations.md and docker/README.md
 
 
 @needs_models

@@ -1,6 +1,6 @@
 """Damaged parquet files: the job's reader is at least as strict as pyarrow with checksum verification.
 
-The rule (README, "What the reader guarantees"), checked on every damaged file here: when pyarrow reading
+The rule (docs/faults.md, "What the parquet reader and writer guarantee"), checked on every damaged file here: when pyarrow reading
 with ``page_checksum_verification=True`` refuses the file, the job's reader refuses it too, with one
 ``DamagedInputError`` (permanent: never retried) naming the file and the row group; when pyarrow reads it,
 the job's reader either refuses it or returns pyarrow's values bit for bit. Never a third answer.

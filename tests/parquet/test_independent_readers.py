@@ -170,7 +170,7 @@ def test_every_writer_policy_reads_back_bit_exact_in_independent_readers(tmp_pat
 
 
 def test_spark_reads_every_output_it_can(spark, tmp_path):
-    # Spark (parquet-mr) reads float32/float64 outputs of every policy; float16 it cannot (see README)
+    # Spark (parquet-mr) reads float32/float64 outputs of every policy; float16 it cannot (see docs/usage.md)
     for dtype in (np.float32, np.float64):
         for kind in KINDS:
             schema, tables = batches(kind, dtype)

@@ -131,3 +131,15 @@ def test_an_executors_error_comes_back_as_a_value_of_its_own_class(spark, tmp_pa
     assert str(raised.value).startswith("/in/f0002.parquet is damaged: injected. The output is incomplete")
     with pytest.raises(StoreQuotaError, match=r"^no room for f0001.parquet: injected\. The output is incomplete"):
         spark_runner(spark)(tasks([10] * 4), Recorder(tmp_path, quota={"f0001.parquet"}))
+
+
+def test_an_error_the_driver_cannot_load_comes_back_as_a_task_error_with_its_name():
+    """A class from a module only executors have cannot be unpickled on the driver: its name and message
+    still reach the user, as a TaskError, and nothing else of the record is lost."""
+    from clip_nsfw_spark.spark.runner import _as_value, _error_from
+
+    sent = _as_value(DamagedInputError("/in/a.parquet is damaged: injected"))
+    assert type(_error_from(sent)) is DamagedInputError
+    unloadable = dict(sent, exception=b"\x80\x04\x95not a pickle", **{"class": "QuotaError"})
+    error = _error_from(unloadable)
+    assert type(error) is TaskError and str(error) == "QuotaError: /in/a.parquet is damaged: injected"

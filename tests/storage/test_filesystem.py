@@ -1,4 +1,4 @@
-"""storage.py: one spelling per location (canonical, locations), containment (within), join and unstrip.
+"""storage/filesystem.py: one spelling per location (canonical, locations), containment (within), join and unstrip.
 
 Local paths on a real filesystem in tmp_path (symlinks included); object-store keys are normalised without
 any server (s3fs makes no request until it is used). No Spark, no model.
