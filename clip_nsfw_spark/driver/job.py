@@ -353,7 +353,7 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(target, fingerprint(config, tasks_config, heads, stores),
                                               config.resume, plan, config.mode, lease.fence)
-    if plan.footers:  # what a resume plans unchanged files from, without reading their footers again
+    if plan.footers and plan.footers_changed:  # what a resume plans unchanged files from, without reading them
         lease.fence("writing the plan's footers")
         write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(plan.footers))
     # Largest first: with uneven tasks the cores stay busy to the end instead of waiting on one big task.
@@ -372,8 +372,9 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
                                       if embeddings == half else way_out))
 
     t0 = time.perf_counter()
+    # Nothing to run (a resume of a finished output): no watcher, whose last poll would list every task's state.
     watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, {t.task_id: t.rows for t in plan.tasks}, set(done),
-                              rows_before=sum(s["rows_read"] for s in done.values())) if progress \
+                              rows_before=sum(s["rows_read"] for s in done.values())) if progress and pending \
         else contextlib.nullcontext()
     try:
         with watcher:

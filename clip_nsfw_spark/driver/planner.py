@@ -91,6 +91,7 @@ class Plan:
     folders: tuple[str, ...] = ()  # local folders walked (real paths, symlinked ones included)
     partition_keys: tuple[str, ...] = ()  # hive ``key=value`` folder keys: readers make them columns
     footers: dict = dataclasses.field(default_factory=dict, repr=False)  # {path: Footer}: see footer_cache
+    footers_changed: bool = True  # whether ``footers`` differ from the ``known`` ones planned from
 
 
 def _is_glob(path: str) -> bool:
@@ -588,7 +589,8 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
         columns = choose_embedding_columns(schema, config, unstrip(fs, first))
         keys = sorted({part.split("=", 1)[0] for task in tasks for part in task.rel.split("/")[:-1] if "=" in part})
         result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped), folders=tuple(sorted(folders)),
-                      partition_keys=tuple(keys), footers=footers)
+                      partition_keys=tuple(keys), footers=footers,
+                      footers_changed=bool(unread) or len(footers) != len(known))  # footers ⊆ known unless read
     _check_unique(fs, result.tasks)
     return result
 

@@ -198,6 +198,9 @@ def test_a_resume_plans_unchanged_files_from_the_last_plans_footers(tmp_path):
         _same_size_garbage(path)
     again = plan(config, known=known)  # no footer read: the files could not be parsed any more
     assert again.tasks == first.tasks and again.schema.equals(first.schema) and again.total_rows == 900
+    assert first.footers_changed and not again.footers_changed  # the job writes the kept footers only if changed
+    os.remove(sorted(known)[0])  # a file gone: the kept footers name one file too many
+    assert plan(config, known=known).footers_changed
     with pytest.raises(InputError, match="cannot read parquet file"):
         plan(config)
 
@@ -211,6 +214,7 @@ def test_a_changed_file_is_read_again_and_a_damaged_cache_is_no_cache(tmp_path):
     pq.write_table(pq.read_table(changed).slice(0, 40), changed, row_group_size=20)
     again = plan(config, known=known)
     assert again.footers[changed].num_rows == 40 and again.footers[changed].group_rows == (20, 20)
+    assert again.footers_changed
     assert [t.rows for t in again.tasks if t.path == changed] == [40]
     assert again.tasks == plan(config).tasks
     for damaged in (b"", b"not gzip", gzip.compress(b"{}"), gzip.compress(b'{"version": 99}'),

@@ -1,10 +1,15 @@
 """Progress from the tasks' state files: counts, rows and the rendered line."""
 
+import dataclasses
 import logging
 import time
 
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.storage.filesystem import filesystem
+from clip_nsfw_spark.tools.sample import write_parquet_sample
+from conftest import needs_models
 
 
 def test_watcher_counts_completed_tasks_and_rows(tmp_path, caplog):
@@ -58,3 +63,17 @@ def test_on_a_terminal_a_tqdm_bar_counts_rows_and_tasks(tmp_path, caplog):
     drawn = stream.getvalue()
     assert "rows" in drawn and "3/3 tasks" in drawn and "4.00k/4.00k" in drawn and "100%" in drawn
     assert not [m for m in caplog.messages if m.startswith("progress")]
+
+
+@needs_models
+def test_a_resume_with_nothing_to_run_lists_no_state_folder(tmp_path, monkeypatch):
+    """A finished output's resume starts no watcher: its last poll would list every task's state (100,000
+    names on a 100,000-task output) to say what the summary says. A run with tasks to do is still watched."""
+    polls = []
+    monkeypatch.setattr(ProgressWatcher, "poll", lambda self: polls.append(self.total_tasks))
+    write_parquet_sample(str(tmp_path / "in"), rows=60, files=3)
+    config = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    first = run_job(config, progress=True)
+    assert first["input"]["tasks"] == 3 and polls == [3]  # the last poll, at the end of the run
+    again = run_job(dataclasses.replace(config, resume=True), progress=True)
+    assert again["tasks_resumed"] == 3 and polls == [3]

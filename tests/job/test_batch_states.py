@@ -153,6 +153,12 @@ def test_a_resume_on_s3_reads_one_batch_per_spark_task_not_a_state_per_task(s3_s
     # driver learns the embedding width from its first rows).
     read = [path for kind, path, _ in proxy.log if kind == "GET" and path.startswith("/batches/in/")]
     assert set(read) == {"/batches/in/part-00000.parquet"} and len(read) <= 2
+    # Each state file is one GET (s3fs's cat_file would ask its size with a HEAD first), and the kept footers,
+    # unchanged, are not written again.
+    state_heads = [path for kind, path, _ in proxy.log if kind == "HEAD" and f"/{TASKS_DIR}/" in path
+                   and ("/_batch-" in path or path.endswith("/_footers.json.gz"))]
+    assert not state_heads, state_heads
+    assert not [path for kind, path, _ in proxy.log if kind == "PUT" and path.endswith("/_footers.json.gz")]
 
 
 @needs_models
