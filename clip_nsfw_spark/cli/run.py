@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -10,7 +11,7 @@ import sys
 import threading
 
 from clip_nsfw_spark.driver.config import DEFAULT_MODEL, EMBEDDING_TYPES, KEEP, LAYOUTS, MODES, PARQUET_CODECS, JobConfig
-from clip_nsfw_spark.errors import Terminated
+from clip_nsfw_spark.errors import ConfigError, Terminated
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +168,26 @@ def run_from_args(args, default_master: str | None, wrap_worker=None) -> int:
         if args.local_runner:
             report = run_job(config, runner=_wrapped(run_sequentially, wrap_worker), progress=True)
         else:
-            from clip_nsfw_spark.spark.runner import spark_runner, spark_session
+            from clip_nsfw_spark.spark.runner import lazy_spark_runner, spark_session
 
-            with spark_session(config.master or default_master) as spark:
-                if main_thread:  # PySpark's own handler calls the JVM from inside the signal handler
-                    signal.signal(signal.SIGINT, _raise_interrupted)
-                report = run_job(config, runner=_wrapped(spark_runner(spark), wrap_worker), progress=True)
+            with contextlib.ExitStack() as stack:
+                def start_spark():
+                    master = config.master or default_master
+                    try:
+                        spark = stack.enter_context(spark_session(master))
+                    except Exception as err:  # noqa: BLE001 - py4j/pyspark raise many types for a JVM that did not start
+                        first = (str(err).strip().splitlines() or [""])[0].rstrip(".")
+                        raise ConfigError(
+                            f"Spark did not start (master {master!r}): {type(err).__name__}: {first}. Check --master "
+                            "(local[*], yarn, k8s://https://host:443, spark://host:7077, sc://host:15002) and that "
+                            "Java 17+ is installed; Spark's own message, if any, is above. The output is as it "
+                            "was: rerun with --resume.") from err
+                    if main_thread:  # PySpark's own handler calls the JVM from inside the signal handler
+                        signal.signal(signal.SIGINT, _raise_interrupted)
+                    return spark
+
+                # Spark starts when there is work for it: a resume with nothing left to run needs none.
+                report = run_job(config, runner=_wrapped(lazy_spark_runner(start_spark), wrap_worker), progress=True)
     except Terminated:
         print(TERMINATED, file=sys.stderr)
         return 143

@@ -194,6 +194,25 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
     return run
 
 
+def lazy_spark_runner(start_session, partition_rows: int = PARTITION_ROWS):
+    """``spark_runner`` over a session that ``start_session()`` creates when first needed: when there are
+    tasks to run, or footers to read on executors. A resume of a finished output then starts no Spark at
+    all (locally a JVM, ~8 s; on a cluster, its executors) for a run that has nothing to give it."""
+    started = []
+
+    def runner():
+        if not started:
+            started.append(spark_runner(start_session(), partition_rows))
+        return started[0]
+
+    def run(tasks, worker):
+        return runner()(tasks, worker) if tasks else []
+
+    run.read_footers = lambda *args: runner().read_footers(*args)
+    run.started = lambda: bool(started)
+    return run
+
+
 def footer_reader(spark):
     """``read_remotely`` for planner.plan: parquet footers read in Spark tasks, FOOTERS_PER_SPARK_TASK each."""
 

@@ -230,6 +230,31 @@ def test_cli_run_and_spark_submit_entry_point(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@needs_models
+def test_spark_starts_only_when_there_is_work_for_it(tmp_path):
+    """A resume of a finished output runs no task: the command line starts no Spark for it (a master URL
+    Spark cannot parse proves it: starting a session with it fails). With a task to run, Spark is started
+    and its failure to start is one clear line; the output stays resumable."""
+    import subprocess
+    import sys
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    write_parquet_sample(str(source), rows=300, files=3)
+    run_job(JobConfig(input=str(source), output=str(out)))
+    cli = [sys.executable, "-m", "clip_nsfw_spark.cli", "run", "--input", str(source), "--output", str(out),
+           "--resume", "--master", "no-such-master://x"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 resumed" in done.stdout and (out / SUCCESS_NAME).exists()
+    states = sorted((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json"))
+    states[0].unlink()  # one task to run again: now Spark is needed
+    failed = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2 and "Spark did not start (master 'no-such-master://x')" in failed.stderr \
+        and "rerun with --resume" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    again = run_job(JobConfig(input=str(source), output=str(out), resume=True))
+    assert again["tasks_resumed"] == 2 and again["rows"]["read"] == 300
+
+
 def test_schema_that_differs_between_files_is_named(tmp_path):
     source = tmp_path / "in"
     write_parquet_sample(str(source), rows=200, files=2)
