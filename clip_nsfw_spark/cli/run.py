@@ -104,7 +104,8 @@ def summary(report: dict) -> str:
     rows = report["rows"]
     lines = [
         f"clip-nsfw-spark: {report['config']['mode']} done in {report['durations_seconds']['total']:.1f} s "
-        f"({report['throughput_rows_per_second'] or 0:,.0f} rows/s while scoring)",
+        + (f"({report['throughput_rows_per_second']:,.0f} rows/s while scoring)"
+           if report.get("throughput_rows_per_second") else "(nothing left to score)"),
         *[f"  {'model' if i == 0 else '':9} {h['name']} (sha256 {h['sha256'][:12]}…): "
           + ", ".join(f"{col} ≥ {h['threshold']} on {c['unsafe']:,} rows" for col, c in h["score_columns"].items())
           for i, h in enumerate(report["heads"])],

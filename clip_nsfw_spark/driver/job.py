@@ -409,7 +409,8 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
         remove(out_fs, join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started
     report = build_report(config, tasks_config, plan, heads, totals, durations,
-                          resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions)
+                          resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions,
+                          rows_run=sum(task.rows for task in pending))
     lease.fence("writing the report")
     write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))
     lease.fence("writing _SUCCESS")

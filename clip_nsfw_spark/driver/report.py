@@ -12,11 +12,12 @@ from clip_nsfw_spark.models.registry import REGISTRY, canonical_name
 
 
 def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, totals: dict, durations, resumed,
-                 resume_actions=None) -> dict:
+                 resume_actions=None, rows_run: int | None = None) -> dict:
     """The JSON report: config (secrets redacted), heads, row counts by stream and reason, per-head unsafe
-    counts and score histograms, timing. ``totals`` is every task's stats summed (contract.add_figures);
-    ``heads`` are contract.Head (name, sha256, dim, source, threshold); ``model`` describes the first head (as
-    when a run had one)."""
+    counts and score histograms, timing. ``totals`` is every task's stats summed (contract.add_figures), the
+    resumed ones' included; ``rows_run`` the rows of the tasks this run ran (all, when not given), which
+    the throughput counts; ``heads`` are contract.Head (name, sha256, dim, source, threshold); ``model``
+    describes the first head (as when a run had one)."""
     bins = config.histogram_bins
     written: dict[str, int] = dict(totals.get("rows_written") or {})
     rejected: dict[str, int] = dict(totals.get("rejected_by_reason") or {})
@@ -58,7 +59,9 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
         "score_histogram": {"edges": edges, "counts": sum(histograms.values(), np.zeros(bins, np.int64)).tolist()},
         "durations_seconds": {k: round(v, 3) for k, v in durations.items()},
         "task_stage_seconds": {k: round(v, 3) for k, v in stages.items()},
-        "throughput_rows_per_second": round(rows_read / durations["run"], 1) if durations.get("run") else None,
+        # Rows scored by this run over its task phase: a resume's earlier rows are not this run's work.
+        "throughput_rows_per_second": round((rows_read if rows_run is None else rows_run) / durations["run"], 1)
+        if durations.get("run") and (rows_run is None or rows_run > 0) else None,
         "tasks_resumed": resumed,
         "resume": resume_actions,
         "worker_max_rss_mb": totals.get("worker_max_rss_mb", 0),

@@ -246,6 +246,8 @@ def test_spark_starts_only_when_there_is_work_for_it(tmp_path):
     done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 resumed" in done.stdout and (out / SUCCESS_NAME).exists()
+    assert "(nothing left to score)" in done.stdout  # not the earlier run's rows over a task phase of no tasks
+    assert json.loads((out / REPORT_NAME).read_text())["throughput_rows_per_second"] is None
     states = sorted((out / "_clip_nsfw_tasks").glob("[0-9a-f]*.json"))
     states[0].unlink()  # one task to run again: now Spark is needed
     failed = subprocess.run(cli, capture_output=True, text=True, timeout=600)
@@ -253,6 +255,8 @@ def test_spark_starts_only_when_there_is_work_for_it(tmp_path):
         and "rerun with --resume" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     again = run_job(JobConfig(input=str(source), output=str(out), resume=True))
     assert again["tasks_resumed"] == 2 and again["rows"]["read"] == 300
+    # This run's 100 rows over its task phase (the report rounds seconds to the millisecond).
+    assert 100 / again["throughput_rows_per_second"] == pytest.approx(again["durations_seconds"]["run"], abs=0.001)
 
 
 def test_schema_that_differs_between_files_is_named(tmp_path):
