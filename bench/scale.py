@@ -161,10 +161,28 @@ class Phase:
         print(json.dumps(self.result), flush=True)
 
 
-def run_cli(args: list[str], env: dict) -> tuple[int, str]:
-    process = subprocess.run([sys.executable, "-m", "clip_nsfw_spark.cli", "run", *args], env=env, cwd=ROOT,
+# Runs the command line in this interpreter and, on the way out, prints the driver's peak RSS: its Python
+# process, and its largest child (the JVM that PySpark starts, if it started one).
+_RSS_LAUNCHER = """
+import resource, runpy, sys
+sys.argv = ["clip-nsfw-spark", *sys.argv[1:]]
+try:
+    runpy.run_module("clip_nsfw_spark.cli", run_name="__main__")
+finally:
+    mine, child = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"driver peak RSS: python {mine // 1024} MB, jvm {child // 1024} MB", file=sys.stderr)
+"""
+PEAK_RSS = re.compile(r"driver peak RSS: python (\d+) MB, jvm (\d+) MB")
+
+
+def run_cli(args: list[str], env: dict) -> tuple[int, str, dict]:
+    """``clip-nsfw-spark run *args`` → (exit status, standard error, {driver_python_peak_rss_mb,
+    driver_jvm_peak_rss_mb})."""
+    process = subprocess.run([sys.executable, "-c", _RSS_LAUNCHER, "run", *args], env=env, cwd=ROOT,
                              capture_output=True, text=True)
-    return process.returncode, process.stderr
+    rss = PEAK_RSS.search(process.stderr)
+    peaks = {"driver_python_peak_rss_mb": int(rss.group(1)), "driver_jvm_peak_rss_mb": int(rss.group(2))} if rss else {}
+    return process.returncode, process.stderr, peaks
 
 
 def main(argv=None) -> int:
@@ -220,9 +238,9 @@ def main(argv=None) -> int:
             for name, extra in (("run", []), ("resume", ["--resume"])):
                 proxy.delay = args.latency if args.run_latency is None or name != "run" else args.run_latency
                 with Phase(proxy, name, args.files) as phase:
-                    status, err = run_cli(common + extra, env)
+                    status, err, peaks = run_cli(common + extra, env)
                 progress = re.findall(r"progress \[[#.]+\] (\d+)/(\d+) tasks", err)
-                phase.result |= {"exit": status, "progress_lines": len(progress),
+                phase.result |= peaks | {"exit": status, "progress_lines": len(progress),
                                  "progress_seen": [int(done) for done, _ in progress][:50]}
                 results["phases"].append(phase.result)
                 if status != 0:
