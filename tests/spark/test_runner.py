@@ -10,7 +10,8 @@ from pyspark import cloudpickle
 
 from clip_nsfw_spark.contract import REPORT_FIGURES, TASKS_SUMMED, Task, add_figures, sum_of_tasks
 from clip_nsfw_spark.errors import DamagedInputError, InputError, OutputError, TaskError
-from clip_nsfw_spark.spark.runner import PARTITIONS_PER_CORE, TASK_COST_ROWS, pack_tasks, spark_runner
+from clip_nsfw_spark.spark.runner import (PARTITIONS_PER_CORE, TASK_COST_ROWS, lazy_spark_runner, pack_tasks,
+                                          spark_runner)
 
 
 def tasks(rows: list[int]) -> list[Task]:
@@ -113,6 +114,21 @@ def test_small_tasks_share_spark_tasks_and_come_back_summed(spark, tmp_path):
     assert sorted(per_partition["stage_seconds"].values()) == [5.0] * (cores * PARTITIONS_PER_CORE)
     for task in listed:  # every task ran once; the flaky one again in place after its failure
         assert open(tmp_path / task.rel).read() == "run\n"
+
+
+def test_the_lazy_runner_starts_its_session_only_for_work_and_once(spark, tmp_path):
+    starts = []
+
+    def start():
+        starts.append(1)
+        return spark
+
+    run = lazy_spark_runner(start)
+    assert run([], Recorder(tmp_path)) == [] and not starts and not run.started()  # nothing to run: no Spark
+    listed = tasks([10] * 6)
+    assert sorted(i for r in run(listed, Recorder(tmp_path)) for i in r[TASKS_SUMMED]) == sorted(t.task_id for t in listed)
+    (tmp_path / "again").mkdir()
+    assert run(listed[:2], Recorder(tmp_path / "again")) and starts == [1] and run.started()
 
 
 def test_an_input_error_in_one_task_lets_the_others_of_its_spark_task_finish(spark, tmp_path):
