@@ -584,7 +584,8 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
             schema, first = _same_schema(fs, schema, first, path, footer.schema)
             rel = path[len(base):].lstrip("/") or path.rsplit("/", 1)[-1]
             source = file_identity(info, footer.digest)
-            tasks.extend(_slice_row_groups(path, rel, footer.group_rows, config.rows_per_task, source))
+            tasks.extend(_slice_row_groups(path, rel, footer.group_rows, config.rows_per_task, source,
+                                           _size(info)))
             total += footer.num_rows
         columns = choose_embedding_columns(schema, config, unstrip(fs, first))
         keys = sorted({part.split("=", 1)[0] for task in tasks for part in task.rel.split("/")[:-1] if "=" in part})
@@ -634,8 +635,14 @@ def _stem(rel: str) -> str:
     return rel
 
 
+def _size(info: dict) -> int:
+    """A listing's size in bytes, -1 when the store gave none."""
+    size = info.get("size")
+    return size if isinstance(size, int) and size >= 0 else -1
+
+
 def _slice_row_groups(path: str, rel: str, group_rows: tuple[int, ...], rows_per_task: int,
-                      source: str) -> list[Task]:
+                      source: str, size: int = -1) -> list[Task]:
     groups, current, rows = [], [], 0
     for index, n in enumerate(group_rows):
         if current and rows + n > rows_per_task:
@@ -647,8 +654,8 @@ def _slice_row_groups(path: str, rel: str, group_rows: tuple[int, ...], rows_per
         groups.append(current)
     counts = [sum(group_rows[i] for i in group) for group in groups]
     if len(groups) == 1:
-        return [Task("parquet", path, rel, tuple(groups[0]), rows=counts[0], source=source)]
-    return [Task("parquet", path, f"{_stem(rel)}.slice-{i:05d}.parquet", tuple(g), rows=n, source=source)
+        return [Task("parquet", path, rel, tuple(groups[0]), rows=counts[0], source=source, size=size)]
+    return [Task("parquet", path, f"{_stem(rel)}.slice-{i:05d}.parquet", tuple(g), rows=n, source=source, size=size)
             for i, (g, n) in enumerate(zip(groups, counts))]
 
 
@@ -721,6 +728,7 @@ def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
         for i, start in enumerate(starts):
             stop = min(start + config.rows_per_task, shape[0])
             rel = name if len(starts) == 1 else f"{_stem(name)}.slice-{i:05d}.parquet"
-            tasks.append(Task("laion-npy", metas[number], rel, (), start, stop, npys[number], stop - start, source))
+            tasks.append(Task("laion-npy", metas[number], rel, (), start, stop, npys[number], stop - start, source,
+                              _size(meta_info)))
         total += shape[0]
     return Plan(tuple(tasks), "laion-npy", ("embedding",), schema, total, tuple(skipped), width)
