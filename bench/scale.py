@@ -11,7 +11,8 @@ parquet files (``--rows`` rows of 768-d float16 each), then measures, each as it
   also with s3fs's default 50 MiB read-ahead on npy headers (the old planner's);
 - run: ``clip-nsfw-spark run`` S3 → S3 on ``--master`` (annotate), with its progress lines;
 - resume: ``--resume`` of the completed output (nothing left to do: the cost of checking);
-and prints per phase: seconds, S3 requests and MB through the proxy, tasks/s and requests per task.
+and prints per phase: seconds, S3 requests and MB through the proxy, tasks/s and requests per task, and for
+the run and resume the driver's peak RSS (its Python process).
 
     python bench/scale.py --files 2000 --latency 0.02 --json bench/results/scale.json
     python bench/scale.py --files 20000 --skip-run --skip-serial --executor-plan   # planning alone, larger N
@@ -161,27 +162,31 @@ class Phase:
         print(json.dumps(self.result), flush=True)
 
 
-# Runs the command line in this interpreter and, on the way out, prints the driver's peak RSS: its Python
-# process, and its largest child (the JVM that PySpark starts, if it started one).
+# Runs the command line in a fresh interpreter and, on the way out, prints that process's peak RSS: the
+# driver's Python side (Linux's VmHWM, which starts again at exec; getrusage's ru_maxrss would also count
+# this benchmark's own memory at the fork). The JVM PySpark starts is a process of its own, not counted.
 _RSS_LAUNCHER = """
-import resource, runpy, sys
+import runpy, sys
 sys.argv = ["clip-nsfw-spark", *sys.argv[1:]]
 try:
     runpy.run_module("clip_nsfw_spark.cli", run_name="__main__")
 finally:
-    mine, child = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    print(f"driver peak RSS: python {mine // 1024} MB, jvm {child // 1024} MB", file=sys.stderr)
+    try:
+        peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(f"driver peak RSS: python {peak // 1024} MB", file=sys.stderr)
+    except (OSError, StopIteration):
+        pass
 """
-PEAK_RSS = re.compile(r"driver peak RSS: python (\d+) MB, jvm (\d+) MB")
+PEAK_RSS = re.compile(r"driver peak RSS: python (\d+) MB")
 
 
 def run_cli(args: list[str], env: dict) -> tuple[int, str, dict]:
-    """``clip-nsfw-spark run *args`` → (exit status, standard error, {driver_python_peak_rss_mb,
-    driver_jvm_peak_rss_mb})."""
+    """``clip-nsfw-spark run *args`` → (exit status, standard error, {driver_python_peak_rss_mb} where the
+    system tells it)."""
     process = subprocess.run([sys.executable, "-c", _RSS_LAUNCHER, "run", *args], env=env, cwd=ROOT,
                              capture_output=True, text=True)
     rss = PEAK_RSS.search(process.stderr)
-    peaks = {"driver_python_peak_rss_mb": int(rss.group(1)), "driver_jvm_peak_rss_mb": int(rss.group(2))} if rss else {}
+    peaks = {"driver_python_peak_rss_mb": int(rss.group(1))} if rss else {}
     return process.returncode, process.stderr, peaks
 
 
