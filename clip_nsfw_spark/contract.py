@@ -38,7 +38,7 @@ class Task:
     npy_path: str = ""
     rows: int = 0
     source: str = ""
-    size: int = -1  # bytes of ``path`` when planned (-1: not known): a small remote file is read in one GET
+    size: int = -1  # bytes of ``path`` as listed, when the task reads all of it (else -1): see reader.open_parquet
 
     @property
     def task_id(self) -> str:

@@ -104,8 +104,8 @@ def summary(report: dict) -> str:
     rows = report["rows"]
     lines = [
         f"clip-nsfw-spark: {report['config']['mode']} done in {report['durations_seconds']['total']:.1f} s "
-        + (f"({report['throughput_rows_per_second']:,.0f} rows/s while scoring)"
-           if report.get("throughput_rows_per_second") else "(nothing left to score)"),
+        + ("(nothing left to score)" if report.get("tasks_resumed") == report["input"]["tasks"]
+           else f"({report.get('throughput_rows_per_second') or 0:,.0f} rows/s while scoring)"),
         *[f"  {'model' if i == 0 else '':9} {h['name']} (sha256 {h['sha256'][:12]}…): "
           + ", ".join(f"{col} ≥ {h['threshold']} on {c['unsafe']:,} rows" for col, c in h["score_columns"].items())
           for i, h in enumerate(report["heads"])],
@@ -169,7 +169,7 @@ def run_from_args(args, default_master: str | None, wrap_worker=None) -> int:
         if args.local_runner:
             report = run_job(config, runner=_wrapped(run_sequentially, wrap_worker), progress=True)
         else:
-            from clip_nsfw_spark.spark.runner import lazy_spark_runner, spark_session
+            from clip_nsfw_spark.spark.runner import lazy_spark_runner, spark_runner, spark_session
 
             with contextlib.ExitStack() as stack:
                 def start_spark():
@@ -178,17 +178,20 @@ def run_from_args(args, default_master: str | None, wrap_worker=None) -> int:
                         spark = stack.enter_context(spark_session(master))
                     except Exception as err:  # noqa: BLE001 - py4j/pyspark raise many types for a JVM that did not start
                         first = (str(err).strip().splitlines() or [""])[0].rstrip(".")
+                        after = ("the tasks already complete are kept: rerun with --resume" if config.resume
+                                 else "nothing was written: run again")
                         raise ConfigError(
                             f"Spark did not start (master {master!r}): {type(err).__name__}: {first}. Check --master "
                             "(local[*], yarn, k8s://https://host:443, spark://host:7077, sc://host:15002) and that "
-                            "Java 17+ is installed; Spark's own message, if any, is above. The output is as it "
-                            "was: rerun with --resume.") from err
+                            f"Java 17+ is installed; Spark's own message, if any, is above. Fix it and {after}.") from err
                     if main_thread:  # PySpark's own handler calls the JVM from inside the signal handler
                         signal.signal(signal.SIGINT, _raise_interrupted)
                     return spark
 
-                # Spark starts when there is work for it: a resume with nothing left to run needs none.
-                report = run_job(config, runner=_wrapped(lazy_spark_runner(start_spark), wrap_worker), progress=True)
+                # A new run starts Spark first, before it touches the output; a resume may find nothing left to
+                # run (a finished output), so Spark starts only when a task or a footer read needs it.
+                runner = lazy_spark_runner(start_spark) if config.resume else spark_runner(start_spark())
+                report = run_job(config, runner=_wrapped(runner, wrap_worker), progress=True)
     except Terminated:
         print(TERMINATED, file=sys.stderr)
         return 143

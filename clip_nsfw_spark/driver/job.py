@@ -386,7 +386,11 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
             lease.fence("removing the plan's footers")
             remove(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE))
         raise
-    durations["run"] = time.perf_counter() - t0
+    # A Spark started lazily for this phase (spark.runner.lazy_spark_runner) is reported apart, not as task time.
+    startup = getattr(runner, "startup_seconds", 0.0) or 0.0
+    durations["run"] = time.perf_counter() - t0 - startup
+    if startup:
+        durations["spark_start"] = startup
 
     # Sums, not every task's stats: a million tasks' stats would fill the driver (~4.5 kB each).
     completed, totals, whole = set(done), {}, list(done.values())

@@ -653,9 +653,9 @@ def _slice_row_groups(path: str, rel: str, group_rows: tuple[int, ...], rows_per
     if current or not groups:
         groups.append(current)
     counts = [sum(group_rows[i] for i in group) for group in groups]
-    if len(groups) == 1:
+    if len(groups) == 1:  # the task reads the whole file: its size lets a reader fetch it in one request
         return [Task("parquet", path, rel, tuple(groups[0]), rows=counts[0], source=source, size=size)]
-    return [Task("parquet", path, f"{_stem(rel)}.slice-{i:05d}.parquet", tuple(g), rows=n, source=source, size=size)
+    return [Task("parquet", path, f"{_stem(rel)}.slice-{i:05d}.parquet", tuple(g), rows=n, source=source)
             for i, (g, n) in enumerate(zip(groups, counts))]
 
 
@@ -729,6 +729,6 @@ def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
             stop = min(start + config.rows_per_task, shape[0])
             rel = name if len(starts) == 1 else f"{_stem(name)}.slice-{i:05d}.parquet"
             tasks.append(Task("laion-npy", metas[number], rel, (), start, stop, npys[number], stop - start, source,
-                              _size(meta_info)))
+                              _size(meta_info) if len(starts) == 1 else -1))  # size: read whole (open_parquet)
         total += shape[0]
     return Plan(tuple(tasks), "laion-npy", ("embedding",), schema, total, tuple(skipped), width)

@@ -27,7 +27,7 @@ from clip_nsfw_spark.parquet.decode import read_float_list_column
 from clip_nsfw_spark.parquet.errors import Damaged, Unsupported
 from clip_nsfw_spark.parquet.stream import open_float_list_stream
 from clip_nsfw_spark.contract import Task
-from clip_nsfw_spark.storage.filesystem import is_local, read_fresh, unstrip
+from clip_nsfw_spark.storage.filesystem import read_fresh, unstrip
 
 _log = logging.getLogger(__name__)
 NPY_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
@@ -53,9 +53,10 @@ class OpenParquet:
         return self.file.schema_arrow
 
 
-# A remote parquet file up to this size is fetched whole, in one GET, and read from memory: a file object on
-# S3 costs a HEAD (its size and ETag) and a GET per read pyarrow makes (footer tail, footer, data): 4
-# requests of ~20 ms each instead of 1, for the typical small files of img2dataset outputs (docs/scale.md).
+# A small file on an object store, read whole by one task, is fetched in one GET and read from memory: a file
+# object on S3 costs a HEAD (its size and ETag) and a GET per read pyarrow makes (footer tail, footer, data):
+# 4 requests of ~20 ms each instead of 1, for the typical small files of img2dataset outputs (docs/scale.md).
+# The planner gives a task the file's size (Task.size) only when the task reads all of it.
 WHOLE_FILE_BYTES = 32 << 20
 
 
@@ -63,14 +64,17 @@ WHOLE_FILE_BYTES = 32 << 20
 def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
     """The task's parquet file (data, or LAION metadata), open for ``task_batches``.
 
-    A remote file of at most WHOLE_FILE_BYTES (as planned: ``task.size``) is read whole in one request, a
-    consistent copy of one version of the object; if it no longer has the planned size it changed since
-    planning (InputChangedError, before anything is written). Other files are opened as file objects."""
+    A file on an object store (an async fsspec store: s3fs, gcsfs, adlfs) of 1 to WHOLE_FILE_BYTES bytes that
+    the task reads whole (``task.size`` set by the planner) is read in one ranged request of one byte more
+    than planned, a consistent copy of one version of the object; if that does not give exactly the planned
+    size the file changed since planning (InputChangedError, before anything is written; memory stays
+    bounded however large it grew). Other files, and every file elsewhere, are opened as file objects."""
     where = unstrip(fs, task.path)
-    if 0 <= task.size <= WHOLE_FILE_BYTES and not is_local(fs):
-        data = read_fresh(fs, task.path)
+    if 0 < task.size <= WHOLE_FILE_BYTES and getattr(fs, "async_impl", False):
+        data = read_fresh(fs, task.path, max_bytes=task.size + 1)
         if len(data) != task.size:
-            raise InputChangedError(f"cannot read {where}: it has {len(data):,} bytes, the plan listed {task.size:,}: "
+            found = f"{len(data):,} bytes" if len(data) <= task.size else f"more than {task.size:,} bytes"
+            raise InputChangedError(f"cannot read {where}: it has {found}, the plan listed {task.size:,}: "
                                     "the file changed since it was planned. Rerun with --resume (tasks whose "
                                     "input changed run again)")
         handle = io.BytesIO(data)

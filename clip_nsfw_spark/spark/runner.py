@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import sys
+import time
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,9 @@ def lazy_spark_runner(start_session, partition_rows: int = PARTITION_ROWS):
 
     def runner():
         if not started:
+            began = time.perf_counter()
             started.append(spark_runner(start_session(), partition_rows))
+            run.startup_seconds = time.perf_counter() - began  # not the tasks' time: the job reports it apart
         return started[0]
 
     def run(tasks, worker):
@@ -210,6 +213,7 @@ def lazy_spark_runner(start_session, partition_rows: int = PARTITION_ROWS):
 
     run.read_footers = lambda *args: runner().read_footers(*args)
     run.started = lambda: bool(started)
+    run.startup_seconds = 0.0
     return run
 
 

@@ -341,15 +341,18 @@ def _one_request(fs) -> dict:
     return {"max_concurrency": 1} if takes else {}
 
 
-def read_fresh(fs, path: str) -> bytes:
-    """The bytes of ``path`` as the store holds them now. FileNotFoundError when it does not exist; a
-    FileExpired (rewritten while read) is retried fresh, never passed on."""
+def read_fresh(fs, path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path`` as the store holds them now (at most its first ``max_bytes``: one ranged
+    request, whatever the file has grown to). FileNotFoundError when it does not exist; a FileExpired
+    (rewritten while read) is retried fresh, never passed on."""
+    limits = {} if max_bytes is None else {"start": 0, "end": max_bytes}
     if is_webhdfs(fs):  # one OPEN: fsspec's cat_file asks the size first, then reads (a rename in between cuts it)
-        return fs._call("OPEN", path=path, redirect=True).content
+        length = {} if max_bytes is None else {"offset": 0, "length": max_bytes}
+        return fs._call("OPEN", path=path, redirect=True, **length).content
     for attempt in range(FRESH_ATTEMPTS):
         fs.invalidate_cache(path)
         try:
-            return fs.cat_file(path, **_one_request(fs))
+            return fs.cat_file(path, **limits, **_one_request(fs))
         except OSError as err:
             if not is_expired(err) or attempt == FRESH_ATTEMPTS - 1:
                 raise

@@ -5,8 +5,9 @@ each. A listing carries one ``LastModified`` per key and a GET one ``Last-Modifi
 100,000-file input this parser was ~75% of the CPU a listing costs the driver (137 µs of 183 µs per key,
 measured on 2026-12-06, Intel Xeon: docs/scale.md). S3 writes only two forms: ISO 8601 in UTC with a ``Z``
 (XML bodies) and RFC 7231's HTTP date in GMT (headers). ``parse_s3_timestamp`` reads those two forms
-directly and gives botocore's own parser everything else, returning what botocore returns for them: a
-``datetime`` in UTC with dateutil's ``tzutc`` (equal, and printed the same).
+directly and gives botocore's own parser everything else, returning equal datetimes (in UTC, with dateutil's
+``tzutc``; botocore's own may carry ``tzlocal`` on a machine whose zone is UTC: the same instant, printed the
+same). Nothing in s3fs or the job depends on the tzinfo's type (a file's identity uses its ETag first).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def parse_s3_timestamp(value):
                 return datetime.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
                                          int((fraction or "0").ljust(6, "0")), tzinfo=tzutc())
             http = _HTTP_DATE.match(value)
-            if http:
+            if http and int(http.group(3)) >= 100:  # dateutil reads years 0001-0099 as 19xx/20xx: botocore decides
                 day, month, year, hour, minute, second = http.groups()
                 return datetime.datetime(int(year), _MONTHS[month], int(day), int(hour), int(minute), int(second),
                                          tzinfo=tzutc())

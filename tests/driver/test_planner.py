@@ -205,6 +205,16 @@ def test_a_resume_plans_unchanged_files_from_the_last_plans_footers(tmp_path):
         plan(config)
 
 
+def test_a_task_knows_its_files_size_only_when_it_reads_the_whole_file(tmp_path):
+    """Task.size lets a reader fetch a small file whole in one request: only for a task that reads all of it
+    (a slice would fetch the whole file once per slice)."""
+    write_parquet_sample(str(tmp_path / "in"), rows=900, files=3, row_group_rows=100)
+    whole = plan(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    assert [t.size for t in whole.tasks] == [os.path.getsize(t.path) for t in whole.tasks]
+    sliced = plan(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_task=250))
+    assert len(sliced.tasks) > 3 and {t.size for t in sliced.tasks} == {-1}
+
+
 def test_a_changed_file_is_read_again_and_a_damaged_cache_is_no_cache(tmp_path):
     write_parquet_sample(str(tmp_path / "in"), rows=900, files=3, row_group_rows=100)
     config = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_task=250)

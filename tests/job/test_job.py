@@ -255,6 +255,11 @@ def test_spark_starts_only_when_there_is_work_for_it(tmp_path):
         and "rerun with --resume" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     again = run_job(JobConfig(input=str(source), output=str(out), resume=True))
     assert again["tasks_resumed"] == 2 and again["rows"]["read"] == 300
+    # A new run starts Spark first: a master it cannot start with is refused before the output is touched.
+    fresh = subprocess.run(cli[:cli.index("--output") + 1] + [str(tmp_path / "new"), "--master", "no-such-master://x"],
+                           capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 2 and "nothing was written: run again" in fresh.stderr, fresh.stderr[-3000:]
+    assert not (tmp_path / "new").exists()
     # This run's 100 rows over its task phase (the report rounds seconds to the millisecond).
     assert 100 / again["throughput_rows_per_second"] == pytest.approx(again["durations_seconds"]["run"], abs=0.001)
 

@@ -49,6 +49,8 @@ def test_http_dates_in_headers_parse_as_botocore_does():
     "2026-12-06 06:00:00Z",
     "Sun, 06 Dec 2026 06:00:00 +0000",
     "Sunday, 06-Dec-26 06:00:00 GMT",  # RFC 850
+    "Fri, 01 Jan 0099 00:00:00 GMT",  # dateutil reads a year below 100 as 19xx/20xx: so must we
+    "Mon, 01 Jan 0001 00:00:00 GMT",
     "1765000000",  # epoch seconds as text
     1765000000,
     1765000000.5,
