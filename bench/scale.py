@@ -5,8 +5,9 @@ Starts the tests' SeaweedFS server on 127.0.0.1 and a proxy that holds every req
 every process goes through it: driver, JVM, Python workers). Writes ``--files`` small
 parquet files (``--rows`` rows of 768-d float16 each), then measures, each as its own phase:
 
-- plan: the planner alone, with one thread (the old serial planner) and with ``planner.PLAN_THREADS``, and
-  (``--executor-plan``) with the footers read in Spark tasks on ``--master``;
+- plan: the planner alone: reading every footer with one thread (the old serial planner) and with
+  ``planner.PLAN_THREADS``, from the listing (small files above ``planner.LISTING_PLAN_FILES``: the default),
+  and (``--executor-plan``) with the footers read in Spark tasks on ``--master``;
 - plan-laion: the same on ``--files / 10`` LAION npy/metadata pairs of ``--npy-rows`` rows, the serial case
   also with s3fs's default 50 MiB read-ahead on npy headers (the old planner's);
 - run: ``clip-nsfw-spark run`` S3 → S3 on ``--master`` (annotate), with its progress lines;
@@ -16,6 +17,7 @@ the run and resume the driver's peak RSS (its Python process).
 
     python bench/scale.py --files 2000 --latency 0.02 --json bench/results/scale.json
     python bench/scale.py --files 20000 --skip-run --skip-serial --executor-plan   # planning alone, larger N
+    python bench/scale.py --files 100000 --skip-run --skip-serial --npy-rows 10 --json bench/results/plan-100k.json
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench import _cpu_model as cpu_name  # noqa: E402
 
 S3FS_DEFAULT_BLOCK = 50 * 2**20  # what s3fs reads ahead when told nothing: the old planner's npy header read
+LISTING_PLAN_FILES = planner.LISTING_PLAN_FILES
 
 
 def parquet_bytes(rows: int, seed: int, dim: int = 768) -> bytes:
@@ -68,19 +71,27 @@ def npy_bytes(rows: int, dim: int = 768) -> bytes:
     return sink.getvalue()
 
 
-def plan_once(proxy, options, url, layout, threads, npy_block, count, read_remotely=None) -> dict:
+def plan_once(proxy, options, url, layout, threads, npy_block, count, read_remotely=None,
+              from_listing: bool = False) -> dict:
+    """One planning case; ``from_listing``: small files planned from the listing above
+    planner.LISTING_PLAN_FILES (the planner's default), else every footer read (the planner before it)."""
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # nothing cached from an earlier case
     planner.PLAN_THREADS, reader.NPY_HEADER_BLOCK = threads, npy_block
+    planner.LISTING_PLAN_FILES = LISTING_PLAN_FILES if from_listing else sys.maxsize
     name = f"plan-{layout} threads={threads}" + (f" npy_block={npy_block >> 10} KiB" if layout == "laion-npy" else "")
+    if layout == "parquet":
+        name += " from the listing" if from_listing else " every footer"
     if read_remotely:
         name += f" in Spark tasks of {planner.FOOTERS_PER_SPARK_TASK}"
         planner.EXECUTOR_PLANNING_FILES = 0
     with Phase(proxy, name, count) as phase:
         plan = planner.plan(JobConfig(input=url, output="/tmp/unused", layout=layout, storage_options=options),
                             read_remotely=read_remotely)
-    return phase.result | {"tasks": len(plan.tasks), "files_per_s": round(count / phase.result["seconds"], 1),
+    planner.LISTING_PLAN_FILES = LISTING_PLAN_FILES
+    return phase.result | {"tasks": len(plan.tasks), "planned_from_listing": plan.listed,
+                           "files_per_s": round(count / phase.result["seconds"], 1),
                            "minutes_for_100k_files": round(100_000 * phase.result["seconds"] / count / 60, 1)}
 
 
@@ -202,6 +213,9 @@ def main(argv=None) -> int:
     parser.add_argument("--run-latency", type=float, help="the run phase's latency, if not --latency (a large N's "
                                                           "run made quickly, to measure its resume)")
     parser.add_argument("--executor-plan", action="store_true", help="also plan with the footers read in Spark tasks")
+    parser.add_argument("--plan-from", choices=("both", "listing", "footers"), default="both",
+                        help="parquet planning cases: from the listing (the default above %d files), reading every "
+                             "footer (the planner before it), or both" % LISTING_PLAN_FILES)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     results = {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -218,9 +232,11 @@ def main(argv=None) -> int:
             fs.pipe({f"scale/in/part-{i:06d}.parquet": parquet_bytes(args.rows, i) for i in range(args.files)})
             options = dict(server.storage_options(), endpoint_url=proxy.endpoint)
             threads, block = planner.PLAN_THREADS, reader.NPY_HEADER_BLOCK
-            serial = [] if args.skip_serial else [(1, block)]
-            for case in (*serial, (threads, block)):
-                results["phases"].append(plan_once(proxy, options, "s3://scale/in", "parquet", *case, args.files))
+            serial = [] if args.skip_serial or args.plan_from == "listing" else [(1, block, False)]
+            ways = {"both": (False, True), "listing": (True,), "footers": (False,)}[args.plan_from]
+            for case in (*serial, *((threads, block, way) for way in ways)):
+                results["phases"].append(plan_once(proxy, options, "s3://scale/in", "parquet", *case[:2], args.files,
+                                                   from_listing=case[2]))
             if args.executor_plan:  # the footers read by Spark's Python workers (local: this machine's cores)
                 from clip_nsfw_spark.spark.runner import spark_runner, spark_session
 

@@ -21,12 +21,21 @@ ParquetCodec = Literal["own", "pyarrow"]
 EmbeddingType = Literal["input", "float32"]
 
 
+# Task.rows of a parquet task planned from the file's listing, before anyone has read its footer.
+ROWS_FROM_FOOTER = -1
+# Bytes per row to weigh such a task by: a 512-d float16 embedding, the smallest a head takes (an estimate).
+ESTIMATED_BYTES_PER_ROW = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """One unit of work. ``rel`` is the output name relative to the output root (unique in a plan).
 
-    ``rows`` is how many rows the task must read (checked against what it read); ``source`` identifies
-    the bytes it reads (see ``file_identity``), so that ``--resume`` re-runs a task whose input changed.
+    ``rows`` is how many rows the task must read (checked against what it read), or ``ROWS_FROM_FOOTER``
+    for a parquet file planned from its listing alone (many small files on an object store, see
+    planner.LISTING_PLAN_FILES): the task then reads all of its row groups and takes their rows from the
+    footer it reads anyway (``executor.reader.with_footer_rows``). ``source`` identifies the bytes it reads
+    (see ``file_identity``), so that ``--resume`` re-runs a task whose input changed.
     """
 
     kind: str  # "parquet" | "laion-npy"
@@ -43,6 +52,16 @@ class Task:
     @property
     def task_id(self) -> str:
         return hashlib.sha1(self.rel.encode()).hexdigest()[:20]
+
+    @property
+    def rows_known(self) -> bool:
+        return self.rows >= 0
+
+    @property
+    def weight(self) -> int:
+        """Its rows, or for a task planned from the listing an estimate from its bytes (what to balance and
+        order tasks by; never a count)."""
+        return self.rows if self.rows >= 0 else max(self.size, 0) // ESTIMATED_BYTES_PER_ROW
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +128,11 @@ class TaskConfig:
     embedding_compression: str = "none"
     parquet_codec: ParquetCodec = "own"
     embedding_type: EmbeddingType = "input"
+    # The plan's input schema (arrow IPC bytes) and the file it was read from (as the user spells it), when
+    # some task was planned from the listing: such a task checks its file's schema against it, as the planner
+    # checks every footer it reads (b"": none).
+    input_schema: bytes = dataclasses.field(default=b"", repr=False)
+    input_schema_of: str = ""
 
     @property
     def score_columns(self) -> tuple[str, ...]:

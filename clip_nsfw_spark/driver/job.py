@@ -235,7 +235,8 @@ def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
     planned = {task.task_id: task for task in plan.tasks}
     for s in stats:
         task = planned[s["task_id"]]
-        problem = rows_unaccounted(task.rows, s, mode, keep)
+        # A task planned from the listing counted its rows from the footer it read (its rows_planned).
+        problem = rows_unaccounted(task.rows if task.rows_known else s.get("rows_planned", -1), s, mode, keep)
         if problem:
             raise OutputError(f"task {task.rel} ({task.path}) {problem}; the output is not trustworthy. Check that "
                               "the input did not change during the run, then rerun with --overwrite.")
@@ -279,7 +280,9 @@ def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str
         write_embeddings=config.write_embeddings, compression=config.compression,
         embedding_compression=config.embedding_compression, batch_rows=config.batch_rows,
         histogram_bins=config.histogram_bins, run_id=run_id, parquet_codec=config.parquet_codec,
-        embedding_type=config.embedding_type)
+        embedding_type=config.embedding_type,
+        input_schema=plan.schema.remove_metadata().serialize().to_pybytes() if plan.listed else b"",
+        input_schema_of=plan.schema_of if plan.listed else "")
     if tasks.embedding_type != "input":
         as_read = dataclasses.replace(tasks, embedding_type="input")
         if float16_kept(tasks, plan) == float16_kept(as_read, plan):  # nothing widened
@@ -357,8 +360,9 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
         lease.fence("writing the plan's footers")
         write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(plan.footers))
     # Largest first: with uneven tasks the cores stay busy to the end instead of waiting on one big task.
-    pending = sorted((task for task in plan.tasks if task.task_id not in done), key=lambda task: -task.rows)
-    log.info("%d tasks (%d rows) in %s; %d already complete; model %s", len(plan.tasks), plan.total_rows,
+    pending = sorted((task for task in plan.tasks if task.task_id not in done), key=lambda task: -task.weight)
+    rows = f"{plan.total_rows} rows" + (f" and {plan.listed} files whose tasks count theirs" if plan.listed else "")
+    log.info("%d tasks (%s) in %s; %d already complete; model %s", len(plan.tasks), rows,
              config.input, len(plan.tasks) - len(pending), ", ".join(h.name for h in heads))
     for path, why in plan.skipped[:20]:
         log.warning("skipped %s: %s", path, why)
@@ -393,14 +397,16 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
         durations["spark_start"] = startup
 
     # Sums, not every task's stats: a million tasks' stats would fill the driver (~4.5 kB each).
-    completed, totals, whole = set(done), {}, list(done.values())
+    completed, totals, whole, rows_run = set(done), {}, list(done.values()), 0
     for result in new_stats:
         if TASKS_SUMMED in result:  # a Spark partition's tasks: each checked by its worker, summed on the executor
             completed.update(result[TASKS_SUMMED])
             totals = add_figures(totals, result["figures"])
+            rows_run += result["figures"].get("rows_read") or 0
         else:
             completed.add(result["task_id"])
             whole.append(result)
+            rows_run += result["rows_read"]
     missing = [t.rel for t in plan.tasks if t.task_id not in completed]
     if missing:
         raise OutputError(f"{len(missing)} tasks did not report completion (first: {missing[0]}); "
@@ -414,7 +420,7 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
     durations["total"] = time.perf_counter() - started
     report = build_report(config, tasks_config, plan, heads, totals, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions,
-                          rows_run=sum(task.rows for task in pending))
+                          rows_run=rows_run)
     lease.fence("writing the report")
     write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))
     lease.fence("writing _SUCCESS")

@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.errors import InputError
-from clip_nsfw_spark.contract import Task
-from clip_nsfw_spark.executor.reader import npy_header
+from clip_nsfw_spark.contract import ESTIMATED_BYTES_PER_ROW, ROWS_FROM_FOOTER, Task
+from clip_nsfw_spark.executor.reader import WHOLE_FILE_BYTES, npy_header, schema_problem
 from clip_nsfw_spark.executor.writer import JOB_STATE, SUCCESS_NAME, TASKS_DIR
 from clip_nsfw_spark.storage.lease import LEASE_NAME
 from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, canonical, canonical_path, filesystem, glob_root,
@@ -60,6 +60,11 @@ PLAN_THREADS = 32
 EXECUTOR_PLANNING_FILES = 5000
 FOOTERS_PER_SPARK_TASK = 1000
 PLAN_LOG_SECONDS = 10.0
+# Above this many files on an object store, small files are planned from their listing, without reading their
+# footers (planned_from_listing): the footers of 100,000 files cost ~270 s of the driver's S3 client CPU
+# on 2 vCPUs, their listing ~10 s. Below it, every footer is read on the driver as before, so that a file of
+# another schema is refused before anything is written (above it, by the task that reads it).
+LISTING_PLAN_FILES = 1000
 # A footer is read as one ranged GET of the file's last FOOTER_TAIL bytes (pyarrow's own first footer read;
 # a second GET only for a larger footer), FOOTER_BATCH files per batched call of an async store's client
 # (s3fs, gcsfs: coroutines on its event loop, PLAN_THREADS in flight, no file objects): 2.5 times less
@@ -78,7 +83,8 @@ class Plan:
     """What the driver learnt: the tasks, the columns to score, the common schema, what was skipped.
 
     ``skipped`` holds ``(path, why)`` for every visible file that is not read (never silently);
-    ``widths`` the embedding width found in each npy file (laion-npy) for the dimension check.
+    ``widths`` the embedding width found in each npy file (laion-npy) for the dimension check;
+    ``total_rows`` the rows of the tasks whose rows are known (all but the ``listed`` ones).
     """
 
     tasks: tuple[Task, ...]
@@ -92,6 +98,8 @@ class Plan:
     partition_keys: tuple[str, ...] = ()  # hive ``key=value`` folder keys: readers make them columns
     footers: dict = dataclasses.field(default_factory=dict, repr=False)  # {path: Footer}: see footer_cache
     footers_changed: bool = True  # whether ``footers`` differ from the ``known`` ones planned from
+    schema_of: str = ""  # the file ``schema`` was read from, as the user spells it
+    listed: int = 0  # tasks planned from the listing (rows ROWS_FROM_FOOTER): not counted in ``total_rows``
 
 
 def _is_glob(path: str) -> bool:
@@ -565,7 +573,12 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
         tasks, schema, first, total = [], None, None, 0
         footers = {path: known[path] for path, info in files.items()
                    if path in known and known[path].identity == file_identity(info)}
-        unread = [path for path in files if path not in footers]
+        listed = planned_from_listing(fs, files, footers, config.rows_per_task)
+        unread = [path for path in files if path not in footers and path not in listed]
+        if listed:
+            log.info("planning: %s of %s files planned from their listing (small files on a remote store: each "
+                     "task reads its footer, counts its rows and checks its schema)", f"{len(listed):,}",
+                     f"{len(files):,}")
         if footers:
             log.info("planning: %s of %s footers known from the output's last plan", f"{len(footers):,}",
                      f"{len(files):,}")
@@ -580,9 +593,13 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
                     raise footer
             footers |= dict(zip(unread, found))
         for path, info in files.items():
+            rel = path[len(base):].lstrip("/") or path.rsplit("/", 1)[-1]
+            if path in listed:
+                tasks.append(Task("parquet", path, rel, rows=ROWS_FROM_FOOTER, source=file_identity(info, "listing"),
+                                  size=_size(info)))
+                continue
             footer = footers[path]
             schema, first = _same_schema(fs, schema, first, path, footer.schema)
-            rel = path[len(base):].lstrip("/") or path.rsplit("/", 1)[-1]
             source = file_identity(info, footer.digest)
             tasks.extend(_slice_row_groups(path, rel, footer.group_rows, config.rows_per_task, source,
                                            _size(info)))
@@ -590,10 +607,34 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
         columns = choose_embedding_columns(schema, config, unstrip(fs, first))
         keys = sorted({part.split("=", 1)[0] for task in tasks for part in task.rel.split("/")[:-1] if "=" in part})
         result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped), folders=tuple(sorted(folders)),
-                      partition_keys=tuple(keys), footers=footers,
+                      partition_keys=tuple(keys), footers=footers, schema_of=unstrip(fs, first), listed=len(listed),
                       footers_changed=bool(unread) or len(footers) != len(known))  # footers ⊆ known unless read
     _check_unique(fs, result.tasks)
     return result
+
+
+def planned_from_listing(fs, files: dict[str, dict], footers: dict, rows_per_task: int) -> set[str]:
+    """The files planned from their listing alone, without reading their footers: above LISTING_PLAN_FILES
+    files on an object store (an async fsspec store: s3fs, gcsfs, adlfs), every file of 1 to
+    ``listing_task_bytes(rows_per_task)`` bytes whose footer is not known from the output's last plan (a
+    resume plans each file as it was planned), except the first (whose footer gives the plan its schema).
+    A 100,000-file plan then costs its listing (~100 requests) instead of 100,000 footer GETs. Each such task
+    reads its file whole in one ranged GET (reader.open_parquet: one version of the object, its size checked
+    against the listing), footer included (docs/scale.md)."""
+    if not getattr(fs, "async_impl", False) or len(files) <= LISTING_PLAN_FILES:
+        return set()
+    bound = listing_task_bytes(rows_per_task)
+    first = next(iter(files))
+    return {path for path, info in files.items()
+            if path != first and path not in footers and 0 < _size(info) <= bound}
+
+
+def listing_task_bytes(rows_per_task: int) -> int:
+    """The largest file planned from its listing: one its task reads whole in one request
+    (reader.WHOLE_FILE_BYTES), and small enough that it cannot hold more than ``rows_per_task`` rows of the
+    narrowest embedding a head takes (ESTIMATED_BYTES_PER_ROW: a file of embeddings that compress would be
+    one larger task, never a lost row)."""
+    return min(WHOLE_FILE_BYTES, rows_per_task * ESTIMATED_BYTES_PER_ROW)
 
 
 def _check_unique(fs, tasks) -> None:
@@ -608,23 +649,10 @@ def _check_unique(fs, tasks) -> None:
 
 def _same_schema(fs, schema, first, path, file_schema: pa.Schema) -> tuple[pa.Schema, str]:
     """The dataset's schema so far (taken from the first file); raise if ``path``'s schema differs."""
-    repeated = sorted({n for n in file_schema.names if file_schema.names.count(n) > 1})
-    if repeated:
-        raise InputError(f"{unstrip(fs, path)} has several columns named {', '.join(map(repr, repeated))}; no "
-                         "reader can tell them apart. Rewrite the file with distinct column names.")
-    if schema is None:
-        return file_schema, path
-    if not file_schema.remove_metadata().equals(schema.remove_metadata()):
-        raise InputError(_schema_difference(fs, first, schema, path, file_schema))
-    return schema, first
-
-
-def _schema_difference(fs, first, schema, path, other) -> str:
-    mine, theirs = {f.name: f.type for f in schema}, {f.name: f.type for f in other}
-    changes = [f"{n}: {mine.get(n, 'missing')} vs {theirs.get(n, 'missing')}"
-               for n in dict.fromkeys(list(mine) + list(theirs)) if mine.get(n) != theirs.get(n)]
-    return (f"the schema of {unstrip(fs, path)} differs from {unstrip(fs, first)} ({'; '.join(changes) or 'field order'}). "
-            "All input files must share one schema: score them in separate runs or rewrite them.")
+    problem = schema_problem(unstrip(fs, path), file_schema, None if first is None else unstrip(fs, first), schema)
+    if problem:
+        raise InputError(problem)
+    return (file_schema, path) if schema is None else (schema, first)
 
 
 def _stem(rel: str) -> str:

@@ -37,7 +37,9 @@ class ProgressWatcher:
 
     ``rows_by_task`` maps the id of every planned task to its rows; ``already`` holds the ids complete
     before this run (a resume) and ``rows_before`` their rows. State files of tasks not in the plan are
-    not counted. ``interactive`` (default: whether ``stream`` is a terminal) draws a tqdm bar on ``stream``
+    not counted. When some task's rows are not known before it runs (negative: planned from the listing,
+    contract.ROWS_FROM_FOOTER), progress, rate and ETA are counted in tasks instead of rows.
+    ``interactive`` (default: whether ``stream`` is a terminal) draws a tqdm bar on ``stream``
     (default: standard error).
     """
 
@@ -45,11 +47,14 @@ class ProgressWatcher:
                  rows_before: int = 0, interactive: bool | None = None, poll_seconds: float = 1.0,
                  log_every: float = 30.0, stream=None):
         self.fs, self.state_dir = fs, join(root, state_dir)
-        self.rows_by_task = dict(rows_by_task)
+        self.unit = "rows" if all(rows >= 0 for rows in rows_by_task.values()) else "tasks"
+        # What a task adds to the count: its rows, or 1 when counting tasks.
+        self.rows_by_task = dict(rows_by_task) if self.unit == "rows" else dict.fromkeys(rows_by_task, 1)
         self.total_tasks, self.total_rows = len(self.rows_by_task), sum(self.rows_by_task.values())
         self.seen = set(already)
-        self.rows_done = 0  # rows of tasks completed during this run (the rate counts only these)
-        self.rows_before = rows_before  # rows of tasks completed by an earlier, resumed run
+        self.rows_done = 0  # rows (or tasks) completed during this run (the rate counts only these)
+        # rows (or tasks) completed by an earlier, resumed run
+        self.rows_before = rows_before if self.unit == "rows" else len(self.seen & set(self.rows_by_task))
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.poll_seconds, self.log_every = poll_seconds, log_every
@@ -61,7 +66,7 @@ class ProgressWatcher:
 
     def __enter__(self):
         if self.interactive:
-            self._bar = tqdm(total=self.total_rows, initial=self._rows_total(), unit="rows", unit_scale=True,
+            self._bar = tqdm(total=self.total_rows, initial=self._rows_total(), unit=self.unit, unit_scale=True,
                              file=self.stream, dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
             self._draw()
         self._thread.start()
@@ -91,6 +96,9 @@ class ProgressWatcher:
         done = len(self.seen)
         width = 24
         filled = int(width * done / self.total_tasks) if self.total_tasks else width
+        if self.unit == "tasks":
+            return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total_tasks} tasks  "
+                    f"{rate:,.1f} tasks/s  ETA {eta}")
         return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total_tasks} tasks  "
                 f"{self._rows_total():,}/{self.total_rows:,} rows  {rate:,.0f} rows/s  ETA {eta}")
 

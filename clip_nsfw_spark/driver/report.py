@@ -49,7 +49,11 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
         "output": tasks.output,  # the output's canonical URL: where the run wrote, however it was spelled
         "model": {k: first[k] for k in ("name", "sha256", "dim", "source", "clip_model")},
         "heads": head_reports,
-        "input": {"layout": plan.layout, "tasks": len(plan.tasks), "rows": plan.total_rows,
+        # Tasks planned from the listing count their rows when they run: every task is complete here, so the
+        # rows read are the input's rows.
+        "input": {"layout": plan.layout, "tasks": len(plan.tasks),
+                  "rows": rows_read if plan.listed else plan.total_rows,
+                  "tasks_planned_from_listing": plan.listed,
                   "skipped_files": len(plan.skipped), "skipped_examples": [f"{p}: {why}" for p, why in plan.skipped[:10]]},
         "rows": {"read": rows_read, "written": written, "unsafe": unsafe, "safe": rows_read - unsafe - n_rejected,
                  "rejected": n_rejected, "rejected_by_reason": rejected,

@@ -84,6 +84,40 @@ def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
         yield OpenParquet(parquet_file(handle), handle, where)
 
 
+def schema_problem(where: str, schema: pa.Schema, first_where: str | None = None,
+                   first: pa.Schema | None = None) -> str | None:
+    """Why the file ``where`` of ``schema`` cannot be read with a dataset whose schema ``first`` came from
+    ``first_where`` (None: the first file, checked alone), or None. Schema-level metadata is ignored."""
+    repeated = sorted({n for n in schema.names if schema.names.count(n) > 1})
+    if repeated:
+        return (f"{where} has several columns named {', '.join(map(repr, repeated))}; no reader can tell them "
+                "apart. Rewrite the file with distinct column names.")
+    if first is None or schema.remove_metadata().equals(first.remove_metadata()):
+        return None
+    mine, theirs = {f.name: f.type for f in first}, {f.name: f.type for f in schema}
+    changes = [f"{n}: {mine.get(n, 'missing')} vs {theirs.get(n, 'missing')}"
+               for n in dict.fromkeys(list(mine) + list(theirs)) if mine.get(n) != theirs.get(n)]
+    return (f"the schema of {where} differs from {first_where} ({'; '.join(changes) or 'field order'}). "
+            "All input files must share one schema: score them in separate runs or rewrite them.")
+
+
+def with_footer_rows(task: Task, source: OpenParquet, input_schema: bytes, schema_of: str) -> Task:
+    """``task`` as the planner would have made it from the footer just read: a task planned from the listing
+    (``rows`` is ``ROWS_FROM_FOOTER``) gets all of its file's row groups and their rows, once its schema is
+    checked against the plan's (``input_schema``, arrow IPC bytes, read from the file ``schema_of``), as the
+    planner checks each footer it reads. Another task is returned as it is."""
+    if task.rows_known or task.kind != "parquet":
+        return task
+    first = pa.ipc.read_schema(pa.py_buffer(input_schema)) if input_schema else None
+    problem = schema_problem(source.where, source.schema, schema_of, first)
+    if problem:
+        raise InputError(f"{problem} (found by the task that reads it: this file was planned from its listing, "
+                         "without reading its footer; the outputs of tasks already complete are kept, and a "
+                         "--resume after the fix runs the rest)")
+    meta = source.file.metadata
+    return dataclasses.replace(task, row_groups=tuple(range(meta.num_row_groups)), rows=meta.num_rows)
+
+
 def parquet_file(handle) -> pq.ParquetFile:
     """pyarrow's reader of an open parquet file as the job reads every file: buffered reads, no
     pre-buffering (memory about one row group whatever the file size), and every page that records a

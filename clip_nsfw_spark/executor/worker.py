@@ -29,7 +29,7 @@ from clip_nsfw_spark.scoring.scorer import scorer_for
 from clip_nsfw_spark.contract import Head, Task, TaskConfig
 from clip_nsfw_spark.errors import ClipNsfwError, InputError, OutputError, TaskError
 from clip_nsfw_spark.storage.lease import FENCE_REUSE_SECONDS, check_owner
-from clip_nsfw_spark.executor.reader import open_parquet, task_batches
+from clip_nsfw_spark.executor.reader import open_parquet, task_batches, with_footer_rows
 from clip_nsfw_spark.storage.filesystem import (canonical_file_name, filesystem, join, renames_atomically, unstrip,
                                                 write_whole)
 from clip_nsfw_spark.executor.writer import (MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, batch_state_name,
@@ -110,6 +110,7 @@ def _process_task(task: Task, worker: Worker) -> dict:
     out_fs, out_root = worker.open_filesystem(config.output, config.storage_options)
     stats = TaskStats(config)
     with open_parquet(task, in_fs) as source:  # one open and one footer read, for the schema and the rows
+        task = with_footer_rows(task, source, config.input_schema, config.input_schema_of)
         schema = source.schema
         files = OutputFiles(out_fs, out_root, task.rel, config, output_schemas(schema, config, scorers[0].dim))
         try:

@@ -135,7 +135,7 @@ def pack_tasks(tasks: list, cores: int, partition_rows: int = PARTITION_ROWS) ->
 
     if not tasks:
         return []
-    weight = {id(task): max(task.rows, 0) + TASK_COST_ROWS for task in tasks}
+    weight = {id(task): task.weight + TASK_COST_ROWS for task in tasks}
     total = sum(weight.values())
     count = min(len(tasks), max(cores * PARTITIONS_PER_CORE, -(-total // max(partition_rows, 1))))
     partitions: list[list] = [[] for _ in range(count)]

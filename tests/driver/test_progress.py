@@ -77,3 +77,18 @@ def test_a_resume_with_nothing_to_run_lists_no_state_folder(tmp_path, monkeypatc
     assert first["input"]["tasks"] == 3 and polls == [3]  # the last poll, at the end of the run
     again = run_job(dataclasses.replace(config, resume=True), progress=True)
     assert again["tasks_resumed"] == 3 and polls == [3]
+
+
+def test_tasks_whose_rows_are_not_known_are_counted_as_tasks(tmp_path):
+    """Tasks planned from the listing (rows contract.ROWS_FROM_FOOTER) have no rows before they run: progress,
+    rate and ETA count tasks."""
+    fs, root = filesystem(str(tmp_path))
+    state = tmp_path / "_clip_nsfw_tasks"
+    state.mkdir()
+    rows = {"old": 100, "aaa": -1, "bbb": -1, "ccc": -1}
+    watcher = ProgressWatcher(fs, root, "_clip_nsfw_tasks", rows, already={"old"}, rows_before=100, interactive=False)
+    (state / "aaa.json").write_text("{}")
+    watcher.poll()
+    assert watcher.unit == "tasks" and watcher.rows_done == 1 and watcher.rows_before == 1
+    line = watcher.line()
+    assert "2/4 tasks" in line and "tasks/s" in line and "rows" not in line and "ETA" in line
