@@ -83,13 +83,16 @@ def plan_once(proxy, options, url, layout, threads, npy_block, count, read_remot
     name = f"plan-{layout} threads={threads}" + (f" npy_block={npy_block >> 10} KiB" if layout == "laion-npy" else "")
     if layout == "parquet":
         name += " from the listing" if from_listing else " every footer"
+    executor_files = planner.EXECUTOR_PLANNING_FILES
     if read_remotely:
         name += f" in Spark tasks of {planner.FOOTERS_PER_SPARK_TASK}"
         planner.EXECUTOR_PLANNING_FILES = 0
-    with Phase(proxy, name, count) as phase:
-        plan = planner.plan(JobConfig(input=url, output="/tmp/unused", layout=layout, storage_options=options),
-                            read_remotely=read_remotely)
-    planner.LISTING_PLAN_FILES = LISTING_PLAN_FILES
+    try:
+        with Phase(proxy, name, count) as phase:
+            plan = planner.plan(JobConfig(input=url, output="/tmp/unused", layout=layout, storage_options=options),
+                                read_remotely=read_remotely)
+    finally:  # the planner's own thresholds for the next case
+        planner.LISTING_PLAN_FILES, planner.EXECUTOR_PLANNING_FILES = LISTING_PLAN_FILES, executor_files
     return phase.result | {"tasks": len(plan.tasks), "planned_from_listing": plan.listed,
                            "files_per_s": round(count / phase.result["seconds"], 1),
                            "minutes_for_100k_files": round(100_000 * phase.result["seconds"] / count / 60, 1)}

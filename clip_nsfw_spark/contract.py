@@ -55,13 +55,13 @@ class Task:
 
     @property
     def rows_known(self) -> bool:
-        return self.rows >= 0
+        return self.rows != ROWS_FROM_FOOTER
 
     @property
     def weight(self) -> int:
         """Its rows, or for a task planned from the listing an estimate from its bytes (what to balance and
         order tasks by; never a count)."""
-        return self.rows if self.rows >= 0 else max(self.size, 0) // ESTIMATED_BYTES_PER_ROW
+        return self.rows if self.rows_known else max(self.size, 0) // ESTIMATED_BYTES_PER_ROW
 
 
 @dataclasses.dataclass(frozen=True)

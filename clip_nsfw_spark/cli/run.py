@@ -30,7 +30,7 @@ def _storage_option(text: str) -> tuple[str, object]:
 OPTION_KEYS = ("input", "output", "layout", "embedding_columns", "score_columns", "models", "mode", "id_columns",
                "columns", "drop_columns", "threshold", "keep", "replace_scores", "overwrite", "resume", "master",
                "rows_per_task", "batch_rows", "storage_options", "parquet_codec", "input_suffixes",
-               "allow_incomplete_input", "embedding_type")
+               "allow_incomplete_input", "embedding_type", "read_every_footer")
 assert set(OPTION_KEYS) <= set(JobConfig.keys()), set(OPTION_KEYS) - set(JobConfig.keys())
 
 
@@ -87,6 +87,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                              "their suffix are listed in the report")
     parser.add_argument("--allow-incomplete-input", dest="allow_incomplete_input", action="store_true", default=None,
                         help="score an unfinished output of this tool (refused by default: it lacks rows)")
+    parser.add_argument("--read-every-footer", dest="read_every_footer", action="store_true", default=None,
+                        help="read every input file's footer on the driver, so that a file of another schema is "
+                             "refused before anything is written (by default, above 1,000 small files on an "
+                             "object store each task reads its own footer)")
     parser.add_argument("--local-runner", action="store_true",
                         help="run tasks in this process without Spark (small data, debugging)")
 

@@ -88,6 +88,7 @@ class JobConfig:
     embedding_type: EmbeddingType = "input"
     input_suffixes: tuple[str, ...] = ()
     allow_incomplete_input: bool = False
+    read_every_footer: bool = False
 
     def __post_init__(self):
         for key in ("embedding_columns", "score_columns", "id_columns", "columns", "drop_columns", "input_suffixes"):

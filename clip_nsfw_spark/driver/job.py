@@ -35,7 +35,7 @@ from clip_nsfw_spark.scoring.outcomes import rows_unaccounted
 from clip_nsfw_spark.driver.output import (OutputTarget, check_output_names, check_planned_inputs, clear_output,
                                            read_by_spark, recorded_files, refuse_nested_runs, tool_name,
                                            BATCH_RECORD, TASK_RECORD, validate_output)
-from clip_nsfw_spark.driver.planner import Plan, footer_cache, plan as plan_input, read_footer_cache
+from clip_nsfw_spark.driver.planner import Listed, Plan, footer_cache, plan as plan_input, read_footer_cache
 from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
 from clip_nsfw_spark.models.registry import fitting_model_hint
@@ -219,8 +219,9 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
 
 
 def _last_footers(target: OutputTarget) -> dict:
-    """The footers the output's last run planned with (planner.footer_cache), or {} (none, or unreadable:
-    then every footer is read again, which costs only time)."""
+    """The footers the output's last run planned with and the files it planned from their listing
+    (planner.footer_cache), or {} (none, or unreadable: then every footer is read again, and a file planned
+    from its listing before may be planned from its footer now, its task run again)."""
     try:
         return read_footer_cache(read_fresh(target.fs, join(target.root, TASKS_DIR, FOOTERS_STATE)))
     except Exception as err:  # noqa: BLE001 - a cache: any failure means reading the footers
@@ -385,10 +386,15 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
             new_stats = (runner or run_sequentially)(pending, worker)
     except InputChangedError:
         # A file is not what the plan read (changed since, or footers kept from the last plan that no longer
-        # hold): the next --resume reads every footer again instead of planning from them once more.
+        # hold): the next --resume reads every footer again instead of planning from them once more. Which
+        # files were planned from their listing is kept: those are planned so again (no task reruns for it).
+        listed = {path: how for path, how in plan.footers.items() if isinstance(how, Listed)}
         with contextlib.suppress(Exception):  # a run that lost its lease removes nothing
             lease.fence("removing the plan's footers")
-            remove(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE))
+            if listed:
+                write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(listed))
+            else:
+                remove(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE))
         raise
     # A Spark started lazily for this phase (spark.runner.lazy_spark_runner) is reported apart, not as task time.
     startup = getattr(runner, "startup_seconds", 0.0) or 0.0

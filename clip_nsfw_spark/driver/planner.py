@@ -3,8 +3,9 @@
 (reader.py is its counterpart on executors: a task → batches of rows.)
 
 A task is one slice of one input file: whole row groups of a parquet file (at most ``rows_per_task``
-rows, unless one row group is larger), or a row range of a LAION ``img_emb_N.npy`` file with the same
-rows of its ``metadata_N.parquet``. Tasks hold only strings and integers, so they cross to Spark
+rows, unless one row group is larger), a whole small parquet file planned from its listing alone
+(``planned_from_listing``: many files on an object store; its task counts its rows), or a row range of a
+LAION ``img_emb_N.npy`` file with the same rows of its ``metadata_N.parquet``. Tasks hold only strings and integers, so they cross to Spark
 executors as plain data; the executor opens the files itself (pyarrow + fsspec).
 
 Naming rules (no two tasks may ever write the same file, see ``_check_unique``):
@@ -16,8 +17,9 @@ Naming rules (no two tasks may ever write the same file, see ``_check_unique``):
   (``in/sub?/*.parquet`` → ``in``, so ``sub1/part.parquet`` and ``sub2/part.parquet`` stay apart);
 * parquet files are ``.parquet``, ``.parq``, ``.pq`` or extension-less (Hadoop part files); other
   visible files are skipped and reported; ``_``/``.`` files and folders are ignored, as Spark does;
-* a task records the identity of what it reads (size, modification time or ETag, row count, a footer
-  digest), so that a resume can tell a changed input from a finished one.
+* a task records the identity of what it reads (size, modification time or ETag, and when its footer was
+  read on the driver its row count and a footer digest), so that a resume can tell a changed input from a
+  finished one.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
 from clip_nsfw_spark.errors import InputError
 from clip_nsfw_spark.contract import ESTIMATED_BYTES_PER_ROW, ROWS_FROM_FOOTER, Task
-from clip_nsfw_spark.executor.reader import WHOLE_FILE_BYTES, npy_header, schema_problem
+from clip_nsfw_spark.executor.reader import WHOLE_FILE_BYTES, npy_header, schema_problem, unreadable_footer
 from clip_nsfw_spark.executor.writer import JOB_STATE, SUCCESS_NAME, TASKS_DIR
 from clip_nsfw_spark.storage.lease import LEASE_NAME
 from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, canonical, canonical_path, filesystem, glob_root,
@@ -151,9 +153,13 @@ def _refuse_unfinished_outputs(fs, base: str, entries: dict, allow: bool, own_ou
 def file_identity(info: dict, extra: str = "") -> str:
     """A short digest of what identifies a file's content without reading it: size, and the
     modification time or ETag that the store reports (plus ``extra``, e.g. a footer digest)."""
-    version = next((str(info[key]) for key in ("ETag", "etag", "mtime", "LastModified", "last_modified",
-                                               "modified", "created") if info.get(key) is not None), "")
-    return hashlib.sha1(f"{info.get('size')}|{version}|{extra}".encode()).hexdigest()[:20]
+    return hashlib.sha1(f"{info.get('size')}|{_version(info) or ''}|{extra}".encode()).hexdigest()[:20]
+
+
+def _version(info: dict) -> str | None:
+    """The version a listing gives a file (ETag, or a modification or creation time), or None."""
+    return next((str(info[key]) for key in ("ETag", "etag", "mtime", "LastModified", "last_modified",
+                                            "modified", "created") if info.get(key) is not None), None)
 
 
 def _footer_digest(meta: pq.FileMetaData, schema: pa.Schema | None = None) -> str:
@@ -360,30 +366,45 @@ def footers_from_executors(results: list[dict], paths: list[str]) -> dict:
     return {path: _decode_footer(result["footer"]) for path, result in zip(paths, results)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Listed:
+    """A file the last plan planned from its listing (``planned_from_listing``), with its listing identity."""
+
+    identity: str
+
+
 def footer_cache(footers: dict) -> bytes:
-    """``{path: Footer}`` as gzipped JSON (each distinct schema once, as Arrow IPC): stored with the output's
-    state so that a resume re-plans unchanged files from their listing alone (``read_footer_cache``)."""
-    schemas, files = {}, {}
+    """``{path: Footer | Listed}`` as gzipped JSON (each distinct schema once, as Arrow IPC): stored with the
+    output's state so that a resume re-plans unchanged files from their listing alone, and plans each file
+    the way it was planned before (``read_footer_cache``). Listed files are an optional ``listed`` key that
+    a reader of only ``files`` ignores."""
+    schemas, files, listed = {}, {}, {}
     for path, footer in footers.items():
+        if isinstance(footer, Listed):
+            listed[path] = footer.identity
+            continue
         text = _schema_text(footer.schema)
         key = hashlib.sha1(text.encode()).hexdigest()[:20]
         schemas.setdefault(key, text)
         files[path] = [footer.identity, footer.num_rows, list(footer.group_rows), footer.digest, key]
-    document = {"version": FOOTER_CACHE_VERSION, "schemas": schemas, "files": files}
+    document = {"version": FOOTER_CACHE_VERSION, "schemas": schemas, "files": files, "listed": listed}
     return gzip.compress(json.dumps(document).encode(), 1)
 
 
 def read_footer_cache(data: bytes) -> dict:
-    """``footer_cache``'s bytes → ``{path: Footer}``; ``{}`` for anything damaged or of another version (the
-    footers are then read again: only time is lost)."""
+    """``footer_cache``'s bytes → ``{path: Footer | Listed}``; ``{}`` for anything damaged or of another
+    version (the footers are then read again, and files are planned by the rule for a new output: a file
+    planned otherwise before runs again, see ``planned_from_listing``)."""
     try:
         value = json.loads(gzip.decompress(data))
         if value.get("version") != FOOTER_CACHE_VERSION:
             return {}
         schemas = {key: _schema_of(text) for key, text in value["schemas"].items()}
-        return {path: Footer(identity, int(rows), tuple(int(n) for n in groups), digest, schemas[key])
-                for path, (identity, rows, groups, digest, key) in value["files"].items()
-                if isinstance(identity, str) and isinstance(digest, str) and sum(groups) == rows}
+        found: dict = {path: Listed(identity) for path, identity in (value.get("listed") or {}).items()
+                       if isinstance(identity, str)}
+        return found | {path: Footer(identity, int(rows), tuple(int(n) for n in groups), digest, schemas[key])
+                        for path, (identity, rows, groups, digest, key) in value["files"].items()
+                        if isinstance(identity, str) and isinstance(digest, str) and sum(groups) == rows}
     except Exception:  # noqa: BLE001 - any damage: read the footers again
         return {}
 
@@ -397,8 +418,7 @@ def _read_footer(fs, path: str) -> pq.FileMetaData:
 
 
 def _unreadable(fs, path: str, err: BaseException) -> InputError:
-    return InputError(f"cannot read parquet file {unstrip(fs, path)}: {err}. The file is truncated or not "
-                      "parquet; fix or remove it and run again.")
+    return unreadable_footer(unstrip(fs, path), err)
 
 
 def read_footers(fs, files: dict, paths: list[str]) -> list:
@@ -571,10 +591,13 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
         files, base, skipped = list_parquet_files(fs, root, folders, config.input_suffixes,
                                                   config.allow_incomplete_input, output)
         tasks, schema, first, total = [], None, None, 0
-        footers = {path: known[path] for path, info in files.items()
-                   if path in known and known[path].identity == file_identity(info)}
-        listed = planned_from_listing(fs, files, footers, config.rows_per_task)
+        footers = {path: known[path] for path, info in files.items() if isinstance(known.get(path), Footer)
+                   and known[path].identity == file_identity(info)}
+        listed = planned_from_listing(fs, files, footers, {path for path, k in known.items() if isinstance(k, Listed)},
+                                      config.rows_per_task, config.read_every_footer)
         unread = [path for path in files if path not in footers and path not in listed]
+        if listed and next(iter(files)) in listed:  # its footer is read anyway, for the plan's schema alone
+            schema, first = _first_schema(fs, files)
         if listed:
             log.info("planning: %s of %s files planned from their listing (small files on a remote store: each "
                      "task reads its footer, counts its rows and checks its schema)", f"{len(listed):,}",
@@ -606,27 +629,52 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
             total += footer.num_rows
         columns = choose_embedding_columns(schema, config, unstrip(fs, first))
         keys = sorted({part.split("=", 1)[0] for task in tasks for part in task.rel.split("/")[:-1] if "=" in part})
+        listed_now = {path: Listed(file_identity(files[path])) for path in sorted(listed)}
+        known_listed = {path: k for path, k in known.items() if isinstance(k, Listed)}
+        known_footers = len(known) - len(known_listed)
         result = Plan(tuple(tasks), layout, columns, schema, total, tuple(skipped), folders=tuple(sorted(folders)),
-                      partition_keys=tuple(keys), footers=footers, schema_of=unstrip(fs, first), listed=len(listed),
-                      footers_changed=bool(unread) or len(footers) != len(known))  # footers ⊆ known unless read
+                      partition_keys=tuple(keys), footers=footers | listed_now, schema_of=unstrip(fs, first),
+                      listed=len(listed),  # footers ⊆ known unless read
+                      footers_changed=bool(unread) or len(footers) != known_footers or listed_now != known_listed)
     _check_unique(fs, result.tasks)
     return result
 
 
-def planned_from_listing(fs, files: dict[str, dict], footers: dict, rows_per_task: int) -> set[str]:
-    """The files planned from their listing alone, without reading their footers: above LISTING_PLAN_FILES
-    files on an object store (an async fsspec store: s3fs, gcsfs, adlfs), every file of 1 to
-    ``listing_task_bytes(rows_per_task)`` bytes whose footer is not known from the output's last plan (a
-    resume plans each file as it was planned), except the first (whose footer gives the plan its schema).
-    A 100,000-file plan then costs its listing (~100 requests) instead of 100,000 footer GETs. Each such task
+def planned_from_listing(fs, files: dict[str, dict], footers: dict, listed_before: set[str], rows_per_task: int,
+                         read_every_footer: bool = False) -> set[str]:
+    """The files planned from their listing alone, without reading their footers, on an object store (an
+    async fsspec store: s3fs, gcsfs, adlfs), among the files that qualify: 1 to
+    ``listing_task_bytes(rows_per_task)`` bytes, a version (ETag or modification time) in their listing.
+
+    Each file is planned as the output's last plan planned it, so that a resume never reruns a task for a
+    change of planning: a file in ``listed_before`` that still qualifies is planned from its listing, a
+    file whose footer is known (``footers``) from it. The others: above LISTING_PLAN_FILES files, all that
+    qualify, but the first (whose footer gives the plan its schema), unless ``read_every_footer``. A
+    100,000-file plan then costs its listing (~100 requests) instead of 100,000 footer GETs. Each such task
     reads its file whole in one ranged GET (reader.open_parquet: one version of the object, its size checked
-    against the listing), footer included (docs/scale.md)."""
-    if not getattr(fs, "async_impl", False) or len(files) <= LISTING_PLAN_FILES:
+    against the listing), footer included, and checks its schema (docs/scale.md)."""
+    if not getattr(fs, "async_impl", False):
         return set()
     bound = listing_task_bytes(rows_per_task)
+
+    def qualifies(info: dict) -> bool:
+        return 0 < _size(info) <= bound and _version(info) is not None
+
+    listed = {path for path in listed_before if path in files and path not in footers and qualifies(files[path])}
+    if read_every_footer or len(files) <= LISTING_PLAN_FILES:
+        return listed
     first = next(iter(files))
-    return {path for path, info in files.items()
-            if path != first and path not in footers and 0 < _size(info) <= bound}
+    return listed | {path for path, info in files.items() if path != first and path not in footers and qualifies(info)}
+
+
+def _first_schema(fs, files: dict) -> tuple[pa.Schema, str]:
+    """The first file's schema and path (its footer read for the schema alone: the file is planned from its
+    listing)."""
+    first = next(iter(files))
+    footer, = read_footers(fs, files, [first])
+    if isinstance(footer, InputError):
+        raise footer
+    return _same_schema(fs, None, None, first, footer.schema)
 
 
 def listing_task_bytes(rows_per_task: int) -> int:

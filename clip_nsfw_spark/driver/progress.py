@@ -85,7 +85,8 @@ class ProgressWatcher:
 
     def _draw(self) -> None:
         """The bar to the rows counted so far, with the task count beside it."""
-        self._bar.set_postfix_str(f"{len(self.seen)}/{self.total_tasks} tasks", refresh=False)
+        if self.unit == "rows":  # counting tasks, the bar itself says how many
+            self._bar.set_postfix_str(f"{len(self.seen)}/{self.total_tasks} tasks", refresh=False)
         self._bar.update(self._rows_total() - self._bar.n)
 
     def line(self) -> str:

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
-from clip_nsfw_spark.errors import DamagedInputError, InputChangedError, InputError
+from clip_nsfw_spark.errors import DamagedInputError, InputChangedError, InputError, TaskError
 from clip_nsfw_spark.parquet.decode import read_float_list_column
 from clip_nsfw_spark.parquet.errors import Damaged, Unsupported
 from clip_nsfw_spark.parquet.stream import open_float_list_stream
-from clip_nsfw_spark.contract import Task
+from clip_nsfw_spark.contract import ROWS_FROM_FOOTER, Task
 from clip_nsfw_spark.storage.filesystem import read_fresh, unstrip
 
 _log = logging.getLogger(__name__)
@@ -78,7 +78,14 @@ def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
                                     "the file changed since it was planned. Rerun with --resume (tasks whose "
                                     "input changed run again)")
         handle = io.BytesIO(data)
-        yield OpenParquet(parquet_file(handle), handle, where)
+        try:
+            opened = parquet_file(handle)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a file that is not parquet
+            if task.rows != ROWS_FROM_FOOTER:
+                raise
+            # Planned from its listing, this file's footer is read here first: its damage is the planner's error.
+            raise unreadable_footer(where, err, " (planned from its listing: its task reads its footer)") from err
+        yield OpenParquet(opened, handle, where)
         return
     with fs.open(task.path, "rb") as handle:
         yield OpenParquet(parquet_file(handle), handle, where)
@@ -101,21 +108,34 @@ def schema_problem(where: str, schema: pa.Schema, first_where: str | None = None
             "All input files must share one schema: score them in separate runs or rewrite them.")
 
 
+def unreadable_footer(where: str, err: BaseException, how: str = "") -> InputError:
+    """The one-line error for a file whose footer pyarrow cannot read (``how``: how it came to be read)."""
+    cause = " ".join(str(err).split()).rstrip(".")
+    return InputError(f"cannot read parquet file {where}{how}: {cause}. The file is truncated or not parquet; fix "
+                      "or remove it and run again.")
+
+
 def with_footer_rows(task: Task, source: OpenParquet, input_schema: bytes, schema_of: str) -> Task:
     """``task`` as the planner would have made it from the footer just read: a task planned from the listing
     (``rows`` is ``ROWS_FROM_FOOTER``) gets all of its file's row groups and their rows, once its schema is
     checked against the plan's (``input_schema``, arrow IPC bytes, read from the file ``schema_of``), as the
     planner checks each footer it reads. Another task is returned as it is."""
-    if task.rows_known or task.kind != "parquet":
+    if task.rows != ROWS_FROM_FOOTER:
         return task
-    first = pa.ipc.read_schema(pa.py_buffer(input_schema)) if input_schema else None
-    problem = schema_problem(source.where, source.schema, schema_of, first)
+    if task.kind != "parquet" or task.row_groups or not input_schema:  # never made so by the planner
+        raise TaskError(f"task {task.rel} has no planned rows but is not a whole parquet file planned from its "
+                        "listing with the plan's schema: a driver and executors of different versions?")
+    problem = schema_problem(source.where, source.schema, schema_of, pa.ipc.read_schema(pa.py_buffer(input_schema)))
     if problem:
         raise InputError(f"{problem} (found by the task that reads it: this file was planned from its listing, "
                          "without reading its footer; the outputs of tasks already complete are kept, and a "
                          "--resume after the fix runs the rest)")
     meta = source.file.metadata
-    return dataclasses.replace(task, row_groups=tuple(range(meta.num_row_groups)), rows=meta.num_rows)
+    group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    if sum(group_rows) != meta.num_rows:
+        raise DamagedInputError(f"{source.where} is damaged: its row groups hold {sum(group_rows)} rows, its footer "
+                                f"says {meta.num_rows}; rewrite or re-copy the file from its source, or leave it out")
+    return dataclasses.replace(task, row_groups=tuple(range(meta.num_row_groups)), rows=sum(group_rows))
 
 
 def parquet_file(handle) -> pq.ParquetFile:

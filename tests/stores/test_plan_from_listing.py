@@ -3,6 +3,8 @@ small file becomes one task without its footer being read on the driver; its tas
 rows and checks its schema. Real S3 server (tests/s3server.py, its proxy counts every request), real models;
 the threshold is lowered so that a few files cross it."""
 
+import dataclasses
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -37,6 +39,12 @@ def listed(s3_server, monkeypatch):
     proxy.close()
 
 
+def copy_input(fs, folder: str, files: int) -> None:
+    """The first ``files`` files of BUCKET/in copied to BUCKET/``folder``, an input of this test's own."""
+    for i in range(files):
+        fs.copy(f"{BUCKET}/in/part-{i:05d}.parquet", f"{BUCKET}/{folder}/part-{i:05d}.parquet")
+
+
 def outputs(fs, root) -> dict[str, bytes]:
     return {path[len(root):]: fs.cat_file(path) for path in sorted(find_fresh(fs, root)) if path.endswith(".parquet")}
 
@@ -61,6 +69,7 @@ def test_only_the_first_footer_is_read_and_the_other_files_are_one_task_each(lis
     monkeypatch.setattr(planner, "LISTING_PLAN_FILES", 6)
     assert planner.plan(config).listed == 0
     monkeypatch.setattr(planner, "LISTING_PLAN_FILES", 3)
+    assert planner.plan(dataclasses.replace(config, read_every_footer=True)).listed == 0  # the way out
     smallest = min(t.size for t in listed_tasks)
     assert planner.plan(JobConfig(input=config.input, output=config.output, storage_options=options,
                                   rows_per_task=smallest // 1024 - 1)).listed == 0
@@ -103,9 +112,7 @@ def test_on_spark_the_tasks_planned_from_the_listing_write_the_same_output(liste
 @needs_models
 def test_a_resume_takes_every_task_planned_from_the_listing_and_reruns_a_changed_file(listed):
     fs, options, proxy = listed
-    fs.makedirs(f"{BUCKET}/changing", exist_ok=True)
-    for i in range(5):
-        fs.copy(f"{BUCKET}/in/part-0000{i}.parquet", f"{BUCKET}/changing/part-0000{i}.parquet")
+    copy_input(fs, "changing", 5)
     config = dict(input=f"s3://{BUCKET}/changing", output=f"s3://{BUCKET}/resumed", storage_options=options)
     first = run_job(JobConfig(**config))
     proxy.log.clear()
@@ -139,21 +146,24 @@ def test_a_resume_of_an_output_planned_from_footers_keeps_planning_those_files_f
 @needs_models
 def test_a_file_of_another_schema_is_refused_by_its_task_naming_both_files_and_a_resume_finishes(listed):
     fs, options, _ = listed
-    fs.makedirs(f"{BUCKET}/mixed", exist_ok=True)
-    for i in range(4):
-        fs.copy(f"{BUCKET}/in/part-0000{i}.parquet", f"{BUCKET}/mixed/part-0000{i}.parquet")
+    copy_input(fs, "mixed", 4)
     table = pq.read_table(fs.open(f"{BUCKET}/in/part-00004.parquet"))
     with fs.open(f"{BUCKET}/mixed/part-00004.parquet", "wb") as handle:  # one more column
         pq.write_table(table.append_column("extra", pa.array(range(table.num_rows))), handle)
     config = dict(input=f"s3://{BUCKET}/mixed", output=f"s3://{BUCKET}/mixed-out", storage_options=options)
+
+    def in_name_order(tasks, worker):  # the odd file last, as Spark's other tasks go on when one fails
+        return run_sequentially(sorted(tasks, key=lambda task: task.rel), worker)
+
     with pytest.raises(InputError, match=rf"the schema of s3://{BUCKET}/mixed/part-00004\.parquet differs from "
                                          rf"s3://{BUCKET}/mixed/part-00000\.parquet \(extra: missing vs int64\)\. "
                                          r"All input files must share one schema.*planned from its listing"):
-        run_job(JobConfig(**config))
+        run_job(JobConfig(**config), runner=in_name_order)
     written = [path for path in find_fresh(fs, f"{BUCKET}/mixed-out") if path.endswith(".parquet")]
     assert not [path for path in written if "part-00004" in path] and not fs.exists(f"{BUCKET}/mixed-out/_SUCCESS")
     fs.rm(f"{BUCKET}/mixed/part-00004.parquet")  # the fix: the odd file out of the input
     report = run_job(JobConfig(resume=True, **config))
+    assert report["tasks_resumed"] == 4 and not report["resume"]["rerun_changed"]
     assert report["input"]["rows"] == 400 and report["rows"]["read"] == 400
 
 
@@ -165,9 +175,7 @@ def test_listing_task_bytes_follows_rows_per_task():
 @needs_models
 def test_a_file_rewritten_after_a_plan_from_its_listing_is_refused_before_anything_is_written(listed):
     fs, options, _ = listed
-    fs.makedirs(f"{BUCKET}/rewritten", exist_ok=True)
-    for i in range(5):
-        fs.copy(f"{BUCKET}/in/part-0000{i}.parquet", f"{BUCKET}/rewritten/part-0000{i}.parquet")
+    copy_input(fs, "rewritten", 5)
 
     def rewrite_then_run(tasks, worker):  # between the plan and the tasks: another file under the name
         fs.pipe_file(f"{BUCKET}/rewritten/part-00002.parquet", fs.cat_file(f"{BUCKET}/in/part-00005.parquet")[:-9])
@@ -178,3 +186,39 @@ def test_a_file_rewritten_after_a_plan_from_its_listing_is_refused_before_anythi
         run_job(JobConfig(input=f"s3://{BUCKET}/rewritten", output=f"s3://{BUCKET}/rewritten-out",
                           storage_options=options), runner=rewrite_then_run)
     assert not [path for path in find_fresh(fs, f"{BUCKET}/rewritten-out") if "part-00002" in path]
+    # The footers kept for a resume are dropped (one no longer holds), which files were listed is kept.
+    kept = planner.read_footer_cache(fs.cat_file(f"{BUCKET}/rewritten-out/_clip_nsfw_tasks/_footers.json.gz"))
+    assert sorted(path.rsplit("/", 1)[-1] for path in kept) == [f"part-0000{i}.parquet" for i in range(1, 5)]
+    assert all(isinstance(how, planner.Listed) for how in kept.values())
+
+
+@needs_models
+def test_a_file_planned_from_its_listing_stays_so_when_the_input_shrinks_below_the_threshold(listed, monkeypatch):
+    fs, options, _ = listed
+    copy_input(fs, "shrinking", 5)
+    config = dict(input=f"s3://{BUCKET}/shrinking", output=f"s3://{BUCKET}/shrunk", storage_options=options)
+    assert run_job(JobConfig(**config))["input"]["tasks_planned_from_listing"] == 4
+    fs.rm(f"{BUCKET}/shrinking/part-00004.parquet")
+    monkeypatch.setattr(planner, "LISTING_PLAN_FILES", 100)  # or a later version with another threshold
+    again = run_job(JobConfig(resume=True, **config))
+    assert again["tasks_resumed"] == 4 and again["input"]["tasks_planned_from_listing"] == 3
+    assert again["resume"]["removed_gone"] == ["part-00004.parquet"] and not again["resume"]["rerun_changed"]
+
+
+@needs_models
+def test_a_file_planned_from_its_listing_that_is_not_parquet_is_named_by_its_task(listed):
+    fs, options, _ = listed
+    copy_input(fs, "notparquet", 4)
+    fs.pipe_file(f"{BUCKET}/notparquet/readme", b"Permission is hereby granted, free of charge, " * 20)
+    with pytest.raises(InputError, match=rf"cannot read parquet file s3://{BUCKET}/notparquet/readme \(planned from "
+                                         r"its listing: its task reads its footer\): .* The file is truncated or not "
+                                         r"parquet; fix or remove it and run again"):
+        run_job(JobConfig(input=f"s3://{BUCKET}/notparquet", output=f"s3://{BUCKET}/notparquet-out",
+                          storage_options=options))
+
+
+def test_the_plan_cache_keeps_footers_and_listed_files_apart():
+    schema = pa.schema([("embedding", pa.list_(pa.float16()))])
+    footer = planner.Footer("id1", 30, (10, 20), "digest", schema)
+    data = planner.footer_cache({"b/x.parquet": footer, "b/y.parquet": planner.Listed("id2")})
+    assert planner.read_footer_cache(data) == {"b/y.parquet": planner.Listed("id2"), "b/x.parquet": footer}
