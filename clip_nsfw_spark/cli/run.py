@@ -88,9 +88,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-incomplete-input", dest="allow_incomplete_input", action="store_true", default=None,
                         help="score an unfinished output of this tool (refused by default: it lacks rows)")
     parser.add_argument("--read-every-footer", dest="read_every_footer", action="store_true", default=None,
-                        help="read every input file's footer on the driver, so that a file of another schema is "
-                             "refused before anything is written (by default, above 1,000 small files on an "
-                             "object store each task reads its own footer)")
+                        help="read every new input file's footer on the driver, so that a file of another schema "
+                             "is refused before anything is written (by default, above 1,000 files on an object "
+                             "store each task reads the footer of its small file; a resume plans each file as "
+                             "its output's last run did)")
     parser.add_argument("--local-runner", action="store_true",
                         help="run tasks in this process without Spark (small data, debugging)")
 

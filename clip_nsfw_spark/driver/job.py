@@ -220,13 +220,17 @@ def check_output_columns(plan: Plan, config: JobConfig, score_columns: tuple[str
 
 def _last_footers(target: OutputTarget) -> dict:
     """The footers the output's last run planned with and the files it planned from their listing
-    (planner.footer_cache), or {} (none, or unreadable: then every footer is read again, and a file planned
-    from its listing before may be planned from its footer now, its task run again)."""
+    (planner.footer_cache), or {} when there are none or they are damaged (then every footer is read again,
+    and a file planned from its listing before may be planned from its footer now: its task runs again). A
+    store that does not answer is an error, not an empty plan (that would rerun finished tasks)."""
     try:
-        return read_footer_cache(read_fresh(target.fs, join(target.root, TASKS_DIR, FOOTERS_STATE)))
-    except Exception as err:  # noqa: BLE001 - a cache: any failure means reading the footers
-        log.debug("no footers of the last plan: %r", err)
+        data = read_fresh(target.fs, join(target.root, TASKS_DIR, FOOTERS_STATE))
+    except FileNotFoundError:
         return {}
+    except Exception as err:
+        raise OutputError(f"--resume could not read {unstrip(target.fs, join(target.root, TASKS_DIR, FOOTERS_STATE))} "
+                          f"(how the last run planned each file): {err}. Nothing was changed; run again.") from err
+    return read_footer_cache(data)
 
 
 def _check_rows(plan: Plan, stats: list[dict], mode: str, keep: str) -> None:
@@ -386,15 +390,18 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
             new_stats = (runner or run_sequentially)(pending, worker)
     except InputChangedError:
         # A file is not what the plan read (changed since, or footers kept from the last plan that no longer
-        # hold): the next --resume reads every footer again instead of planning from them once more. Which
-        # files were planned from their listing is kept: those are planned so again (no task reruns for it).
-        listed = {path: how for path, how in plan.footers.items() if isinstance(how, Listed)}
+        # hold): the next --resume reads every footer again instead of planning from them once more. How each
+        # file was planned is kept (a footer marked stale, a listed file as it was): each is planned the same
+        # way again, so that no finished task runs again for a change of planning alone.
+        stale = {path: how if isinstance(how, Listed) else dataclasses.replace(how, identity="")
+                 for path, how in plan.footers.items()}
+        cache = join(out_root, TASKS_DIR, FOOTERS_STATE)
         with contextlib.suppress(Exception):  # a run that lost its lease removes nothing
-            lease.fence("removing the plan's footers")
-            if listed:
-                write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(listed))
-            else:
-                remove(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE))
+            lease.fence("marking the plan's footers stale")
+            try:
+                write_whole(out_fs, cache, footer_cache(stale))
+            except Exception:  # noqa: BLE001 - never leave the stale footers in place: a resume would trust them
+                remove(out_fs, cache)
         raise
     # A Spark started lazily for this phase (spark.runner.lazy_spark_runner) is reported apart, not as task time.
     startup = getattr(runner, "startup_seconds", 0.0) or 0.0

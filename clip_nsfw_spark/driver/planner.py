@@ -98,7 +98,7 @@ class Plan:
     npy_width: int | None = None
     folders: tuple[str, ...] = ()  # local folders walked (real paths, symlinked ones included)
     partition_keys: tuple[str, ...] = ()  # hive ``key=value`` folder keys: readers make them columns
-    footers: dict = dataclasses.field(default_factory=dict, repr=False)  # {path: Footer}: see footer_cache
+    footers: dict = dataclasses.field(default_factory=dict, repr=False)  # {path: Footer | Listed}: see footer_cache
     footers_changed: bool = True  # whether ``footers`` differ from the ``known`` ones planned from
     schema_of: str = ""  # the file ``schema`` was read from, as the user spells it
     listed: int = 0  # tasks planned from the listing (rows ROWS_FROM_FOOTER): not counted in ``total_rows``
@@ -593,8 +593,7 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
         tasks, schema, first, total = [], None, None, 0
         footers = {path: known[path] for path, info in files.items() if isinstance(known.get(path), Footer)
                    and known[path].identity == file_identity(info)}
-        listed = planned_from_listing(fs, files, footers, {path for path, k in known.items() if isinstance(k, Listed)},
-                                      config.rows_per_task, config.read_every_footer)
+        listed = planned_from_listing(fs, files, known, config.rows_per_task, config.read_every_footer)
         unread = [path for path in files if path not in footers and path not in listed]
         if listed and next(iter(files)) in listed:  # its footer is read anyway, for the plan's schema alone
             schema, first = _first_schema(fs, files)
@@ -640,16 +639,17 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
     return result
 
 
-def planned_from_listing(fs, files: dict[str, dict], footers: dict, listed_before: set[str], rows_per_task: int,
+def planned_from_listing(fs, files: dict[str, dict], known: dict, rows_per_task: int,
                          read_every_footer: bool = False) -> set[str]:
     """The files planned from their listing alone, without reading their footers, on an object store (an
     async fsspec store: s3fs, gcsfs, adlfs), among the files that qualify: 1 to
     ``listing_task_bytes(rows_per_task)`` bytes, a version (ETag or modification time) in their listing.
 
-    Each file is planned as the output's last plan planned it, so that a resume never reruns a task for a
-    change of planning: a file in ``listed_before`` that still qualifies is planned from its listing, a
-    file whose footer is known (``footers``) from it. The others: above LISTING_PLAN_FILES files, all that
-    qualify, but the first (whose footer gives the plan its schema), unless ``read_every_footer``. A
+    Each file is planned as the output's last plan planned it (``known``, from ``read_footer_cache``), so
+    that a resume never reruns a task for a change of planning: a file it listed (``Listed``) that still
+    qualifies is planned from its listing, a file whose footer it kept (``Footer``, whether or not it still
+    matches) from its footer. Files new to the output: above LISTING_PLAN_FILES files, all that qualify but
+    the first (whose footer gives the plan its schema), unless ``read_every_footer``. A
     100,000-file plan then costs its listing (~100 requests) instead of 100,000 footer GETs. Each such task
     reads its file whole in one ranged GET (reader.open_parquet: one version of the object, its size checked
     against the listing), footer included, and checks its schema (docs/scale.md)."""
@@ -660,11 +660,11 @@ def planned_from_listing(fs, files: dict[str, dict], footers: dict, listed_befor
     def qualifies(info: dict) -> bool:
         return 0 < _size(info) <= bound and _version(info) is not None
 
-    listed = {path for path in listed_before if path in files and path not in footers and qualifies(files[path])}
+    listed = {path for path, how in known.items() if isinstance(how, Listed) and path in files and qualifies(files[path])}
     if read_every_footer or len(files) <= LISTING_PLAN_FILES:
         return listed
     first = next(iter(files))
-    return listed | {path for path, info in files.items() if path != first and path not in footers and qualifies(info)}
+    return listed | {path for path, info in files.items() if path != first and path not in known and qualifies(info)}
 
 
 def _first_schema(fs, files: dict) -> tuple[pa.Schema, str]:

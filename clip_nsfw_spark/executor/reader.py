@@ -80,8 +80,8 @@ def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
         handle = io.BytesIO(data)
         try:
             opened = parquet_file(handle)
-        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a file that is not parquet
-            if task.rows != ROWS_FROM_FOOTER:
+        except (pa.ArrowException, OSError, ValueError) as err:  # pyarrow's several types for a file not parquet
+            if task.rows != ROWS_FROM_FOOTER or isinstance(err, MemoryError):
                 raise
             # Planned from its listing, this file's footer is read here first: its damage is the planner's error.
             raise unreadable_footer(where, err, " (planned from its listing: its task reads its footer)") from err

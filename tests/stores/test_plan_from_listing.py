@@ -186,10 +186,13 @@ def test_a_file_rewritten_after_a_plan_from_its_listing_is_refused_before_anythi
         run_job(JobConfig(input=f"s3://{BUCKET}/rewritten", output=f"s3://{BUCKET}/rewritten-out",
                           storage_options=options), runner=rewrite_then_run)
     assert not [path for path in find_fresh(fs, f"{BUCKET}/rewritten-out") if "part-00002" in path]
-    # The footers kept for a resume are dropped (one no longer holds), which files were listed is kept.
+    # The footers kept for a resume are marked stale (one no longer holds): a resume reads them again, but
+    # plans every file the way it was planned, the listed ones from their listing.
     kept = planner.read_footer_cache(fs.cat_file(f"{BUCKET}/rewritten-out/_clip_nsfw_tasks/_footers.json.gz"))
-    assert sorted(path.rsplit("/", 1)[-1] for path in kept) == [f"part-0000{i}.parquet" for i in range(1, 5)]
-    assert all(isinstance(how, planner.Listed) for how in kept.values())
+    kept = {path.rsplit("/", 1)[-1]: how for path, how in kept.items()}
+    assert kept["part-00000.parquet"].identity == "" and isinstance(kept["part-00000.parquet"], planner.Footer)
+    assert {name: how for name, how in kept.items() if isinstance(how, planner.Listed)}.keys() == \
+        {f"part-0000{i}.parquet" for i in range(1, 5)}
 
 
 @needs_models
@@ -222,3 +225,25 @@ def test_the_plan_cache_keeps_footers_and_listed_files_apart():
     footer = planner.Footer("id1", 30, (10, 20), "digest", schema)
     data = planner.footer_cache({"b/x.parquet": footer, "b/y.parquet": planner.Listed("id2")})
     assert planner.read_footer_cache(data) == {"b/y.parquet": planner.Listed("id2"), "b/x.parquet": footer}
+
+
+@needs_models
+def test_after_a_changed_input_a_resume_of_an_output_planned_from_footers_reruns_no_finished_task(listed, monkeypatch):
+    """The InputChangedError drops the kept footers' trust, not how each file was planned: above the threshold
+    the resume reads those footers again instead of planning the files from their listing (new sources)."""
+    fs, options, _ = listed
+    copy_input(fs, "stale", 5)
+    config = dict(input=f"s3://{BUCKET}/stale", output=f"s3://{BUCKET}/stale-out", storage_options=options)
+
+    def rewrite_then_run_in_name_order(tasks, worker):
+        fs.pipe_file(f"{BUCKET}/stale/part-00002.parquet", fs.cat_file(f"{BUCKET}/in/part-00005.parquet")[:-9])
+        return run_sequentially(sorted(tasks, key=lambda task: task.rel), worker)
+
+    monkeypatch.setattr(planner, "LISTING_PLAN_FILES", 100)  # planned from footers, as before this feature
+    with pytest.raises(InputChangedError):
+        run_job(JobConfig(**config), runner=rewrite_then_run_in_name_order)
+    copy_input(fs, "stale", 5)  # the input as it was
+    monkeypatch.setattr(planner, "LISTING_PLAN_FILES", 3)
+    again = run_job(JobConfig(resume=True, **config))
+    assert again["tasks_resumed"] == 2 and again["input"]["tasks_planned_from_listing"] == 0
+    assert not again["resume"]["rerun_changed"] and again["rows"]["read"] == 500
