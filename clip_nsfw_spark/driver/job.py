@@ -398,9 +398,12 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
         cache = join(out_root, TASKS_DIR, FOOTERS_STATE)
         with contextlib.suppress(Exception):  # a run that lost its lease removes nothing
             lease.fence("marking the plan's footers stale")
-            try:
-                write_whole(out_fs, cache, footer_cache(stale))
-            except Exception:  # noqa: BLE001 - never leave the stale footers in place: a resume would trust them
+            written = False
+            with contextlib.suppress(Exception):  # never leave the footers in place: a resume would trust them
+                if stale:  # else nothing was planned from footers or listings (the LAION layout)
+                    write_whole(out_fs, cache, footer_cache(stale))
+                    written = True
+            if not written:
                 remove(out_fs, cache)
         raise
     # A Spark started lazily for this phase (spark.runner.lazy_spark_runner) is reported apart, not as task time.

@@ -5,8 +5,9 @@
 A task is one slice of one input file: whole row groups of a parquet file (at most ``rows_per_task``
 rows, unless one row group is larger), a whole small parquet file planned from its listing alone
 (``planned_from_listing``: many files on an object store; its task counts its rows), or a row range of a
-LAION ``img_emb_N.npy`` file with the same rows of its ``metadata_N.parquet``. Tasks hold only strings and integers, so they cross to Spark
-executors as plain data; the executor opens the files itself (pyarrow + fsspec).
+LAION ``img_emb_N.npy`` file with the same rows of its ``metadata_N.parquet``. Tasks hold only strings and
+integers, so they cross to Spark executors as plain data; the executor opens the files itself (pyarrow +
+fsspec).
 
 Naming rules (no two tasks may ever write the same file, see ``_check_unique``):
 
@@ -660,7 +661,8 @@ def planned_from_listing(fs, files: dict[str, dict], known: dict, rows_per_task:
     def qualifies(info: dict) -> bool:
         return 0 < _size(info) <= bound and _version(info) is not None
 
-    listed = {path for path, how in known.items() if isinstance(how, Listed) and path in files and qualifies(files[path])}
+    listed = {path for path, how in known.items()
+              if isinstance(how, Listed) and path in files and qualifies(files[path])}
     if read_every_footer or len(files) <= LISTING_PLAN_FILES:
         return listed
     first = next(iter(files))
