@@ -31,6 +31,7 @@ from clip_nsfw_spark.contract import (TASKS_SUMMED, Head, ScoreOutput, ScoreTarg
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputChangedError, InputError, OutputError
 from clip_nsfw_spark.storage.lease import RunLease
+from clip_nsfw_spark.storage.s3_listing import sample_every
 from clip_nsfw_spark.scoring.outcomes import rows_unaccounted
 from clip_nsfw_spark.driver.output import (OutputTarget, check_output_names, check_planned_inputs, clear_output,
                                            read_by_spark, recorded_files, refuse_nested_runs, tool_name,
@@ -498,7 +499,14 @@ def _prepare_state(target: OutputTarget, fingerprint: dict, resume: bool, plan: 
         # 100,000 tasks reads a few thousand files, not 100,000. Manifests are read only for tasks not
         # complete. Everything is read and checked before anything is removed: a damaged state or a foreign
         # file refuses the resume untouched.
-        existing = find_sizes_fresh(out_fs, out_root)
+        # What a complete output holds (a sample: every step-th task's names): on S3 they cut the listing
+        # into key ranges listed at once.
+        step = sample_every(len(plan.tasks))
+        sample = plan.tasks[::step]
+        expected = [join(out_root, rel) for task in sample for rel in output_paths(task.rel, mode).values()]
+        expected += [join(folder, task.task_id + ".json") for task in sample
+                     for folder in (state_dir, join(out_root, MANIFEST_DIR))]
+        existing = find_sizes_fresh(out_fs, out_root, expected, weight=step)
         refuse_nested_runs(target, listing=existing)
         batches = _read_batches(out_fs, existing, state_dir)
         copies = {join(state_dir, state["task_id"] + ".json"): state

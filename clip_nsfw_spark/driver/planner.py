@@ -31,12 +31,14 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import threading
 import time
+from typing import Collection
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,6 +50,7 @@ from clip_nsfw_spark.contract import ESTIMATED_BYTES_PER_ROW, ROWS_FROM_FOOTER, 
 from clip_nsfw_spark.executor.reader import WHOLE_FILE_BYTES, npy_header, schema_problem, unreadable_footer
 from clip_nsfw_spark.executor.writer import JOB_STATE, SUCCESS_NAME, TASKS_DIR
 from clip_nsfw_spark.storage.lease import LEASE_NAME
+from clip_nsfw_spark.storage.s3_listing import find_in_ranges, sample_every
 from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, canonical, canonical_path, filesystem, glob_root,
                                                 is_local, join, location, unstrip)
 
@@ -189,10 +192,16 @@ def _walk_local(root: str, folders: set | None = None) -> dict[str, dict]:
     return found
 
 
-def _find_files(fs, root: str, folders: set | None = None) -> dict[str, dict]:
+def _find_files(fs, root: str, folders: set | None = None, expected: Collection[str] = ()) -> dict[str, dict]:
+    """The files under ``root`` with their listing info; ``expected`` (the last plan's files, on a resume)
+    lets an S3 listing run in key ranges at once (``s3_listing.find_in_ranges``, from a sample of them)."""
     if is_local(fs):
         return _walk_local(root, folders)
-    return {path: info for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
+    step = sample_every(len(expected))
+    found = find_in_ranges(fs, root, itertools.islice(expected, 0, None, step), step) if expected else None
+    if found is None:
+        found = fs.find(root, detail=True)
+    return {path: info for path, info in found.items() if info.get("type") != "directory"}
 
 
 def _table_format(fs, folder: str) -> str | None:
@@ -226,21 +235,22 @@ def _refuse_table_formats(fs, root: str, paths) -> None:
 
 
 def list_parquet_files(fs, root: str, folders: set | None = None, suffixes: tuple[str, ...] = (),
-                       allow_incomplete: bool = False,
-                       own_output: str | None = None) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
+                       allow_incomplete: bool = False, own_output: str | None = None,
+                       expected: Collection[str] = ()) -> tuple[dict[str, dict], str, list[tuple[str, str]]]:
     """Parquet files under ``root`` (a file, folder tree or glob) → ``({path: info}, base, skipped)``.
 
     ``base`` is the root the output names are relative to; ``skipped`` lists visible files that are
     not parquet, with the reason. Paths that exist are taken literally, before any glob expansion.
     ``suffixes`` are read as parquet too (``input_suffixes``); an unfinished output of this tool is
-    refused unless ``allow_incomplete``.
+    refused unless ``allow_incomplete``. ``expected``: files the caller expects (a resume's last plan):
+    on S3 they let the listing of a folder run in ranges at once.
     """
     if fs.exists(root):
         if fs.isfile(root):
             entries, base = {root: fs.info(root)}, root.rsplit("/", 1)[0]
             _refuse_unfinished_outputs(fs, base, entries, allow_incomplete, own_output)
             return entries, base, []
-        entries, base = _find_files(fs, root, folders), root
+        entries, base = _find_files(fs, root, folders, expected), root
     elif _is_glob(root):
         base = glob_root(root)
         entries = {}
@@ -590,7 +600,7 @@ def _plan(fs, root: str, config: JobConfig, known: dict, read_remotely=None, out
     else:
         folders: set = set()
         files, base, skipped = list_parquet_files(fs, root, folders, config.input_suffixes,
-                                                  config.allow_incomplete_input, output)
+                                                  config.allow_incomplete_input, output, expected=known)
         tasks, schema, first, total = [], None, None, 0
         footers = {path: known[path] for path, info in files.items() if isinstance(known.get(path), Footer)
                    and known[path].identity == file_identity(info)}

@@ -19,10 +19,11 @@ import re
 import shutil
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 import fsspec
 
+from clip_nsfw_spark.storage.s3_listing import find_in_ranges, use_fast_s3_listings
 from clip_nsfw_spark.storage.s3_timestamps import use_fast_s3_timestamps
 from clip_nsfw_spark.errors import ClipNsfwError, ConfigError, InputError, MissingDependencyError, OutputError
 
@@ -46,6 +47,7 @@ def filesystem(url: str, storage_options: dict | None = None):
         fs, path = fsspec.core.url_to_fs(url, **options)
         if type(fs).__module__.split(".")[0] == "s3fs":
             use_fast_s3_timestamps()  # a listing's keys and a GET's headers parsed ~4x faster (s3_timestamps.py)
+            use_fast_s3_listings()  # a listing's pages read in half the CPU (s3_listing.py)
     except ImportError as err:
         raise MissingDependencyError(f"reading {url} needs an fsspec backend: {err}. For s3:// run "
                                      "pip install 'clip-nsfw-spark[s3]'") from err
@@ -397,11 +399,15 @@ def find_fresh(fs, root: str) -> set[str]:
     return set(find_sizes_fresh(fs, root))
 
 
-def find_sizes_fresh(fs, root: str) -> dict[str, int]:
-    """``find_fresh`` with each file's size in bytes, from the same one listing."""
+def find_sizes_fresh(fs, root: str, expected: Iterable[str] = (), weight: int = 1) -> dict[str, int]:
+    """``find_fresh`` with each file's size in bytes, from the same one listing. ``expected``: paths the
+    caller expects to find (each standing for ``weight``); on S3, many make the listing run in key ranges
+    at once (``s3_listing.find_in_ranges``: the same files, found whether expected or not)."""
     fs.invalidate_cache(root)
     try:
-        found = fs.find(root, detail=True)
+        found = find_in_ranges(fs, root, expected, weight) if expected else None
+        if found is None:
+            found = fs.find(root, detail=True)
     except FileNotFoundError:
         return {}
     # Zero-byte "folder" keys (an S3 console's "Create folder", some writers' markers) are not files.
