@@ -14,7 +14,9 @@ scalars: what S3's model holds), hands botocore the page without them (so botoco
 fields as before) and puts the dicts into the parsed response, where botocore's own after-call handlers
 (the URL-decoding of keys) then see them as they would their own. Whatever the reader is not sure to read
 as botocore does (a member repeated where botocore would make a list of it, an unparseable value, a model
-with other kinds of members, a page that is not XML) leaves the page to botocore untouched.
+with other kinds of members, a page that is not XML, a ``&#13;`` outside the keys that a page written back
+would lose) leaves the page to botocore untouched. Timestamps are read with the process's default parser
+(botocore's, or s3_timestamps'), as botocore's own parser does unless a client was given another one.
 
 **Ranges.** A listing is a chain of pages, each asked for with the last one's continuation token: 400 pages
 one after the other for 400,000 keys, each paying S3's latency and its server time. When the caller knows
@@ -29,6 +31,7 @@ page, and the caller then lists the plain way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import xml.etree.ElementTree as ElementTree
 from typing import Iterable
 
@@ -37,6 +40,8 @@ try:  # s3fs's dependencies: without them there is no S3 client to speed up
     import botocore.parsers
 except ImportError:  # pragma: no cover - the core install has no s3fs
     botocore = None
+
+log = logging.getLogger(__name__)
 
 EVENT = "before-parse.s3.ListObjectsV2"
 _SCALARS = {"string": str, "character": str, "integer": int, "long": int, "boolean": bool, "timestamp": object}
@@ -115,23 +120,15 @@ def _read(reader: dict, order: tuple, node, timestamps) -> dict:
     return {name: found[name] for name in order if name in found}  # in the model's order, as botocore's
 
 
-_READERS: dict = {}
-
-
 def _contents_reader(operation_model):
-    """(element name of a listed key, its reader, member order) for this model, compiled once; None if the
-    model's listed keys hold members the reader does not handle."""
-    key = id(operation_model.output_shape)
-    if key not in _READERS:
-        compiled = None
-        contents = operation_model.output_shape.members.get("Contents")
-        if contents is not None and contents.type_name == "list" and contents.serialization.get("flattened") \
-                and contents.member.type_name == "structure":
-            reader = _compile(contents.member)
-            if reader is not None:
-                compiled = (_member_xml_name("Contents", contents), reader, tuple(contents.member.members))
-        _READERS[key] = (operation_model.output_shape, compiled)  # the shape is kept: its id stays its own
-    return _READERS[key][1]
+    """(element name of a listed key, its reader, member order) for this model; None if the model's listed
+    keys hold members the reader does not handle. (Compiled per page: ~20 µs, nothing kept per client.)"""
+    contents = operation_model.output_shape.members.get("Contents")
+    if contents is None or contents.type_name != "list" or not contents.serialization.get("flattened") \
+            or contents.member.type_name != "structure":
+        return None
+    reader = _compile(contents.member)
+    return None if reader is None else (_member_xml_name("Contents", contents), reader, tuple(contents.member.members))
 
 
 def read_contents_first(response_dict: dict, customized_response_dict: dict, operation_model, **_) -> None:
@@ -144,26 +141,27 @@ def read_contents_first(response_dict: dict, customized_response_dict: dict, ope
     if compiled is None:
         return
     element, reader, order = compiled
+    timestamps = botocore.parsers.DEFAULT_TIMESTAMP_PARSER
     try:
         parser = ElementTree.XMLParser(target=ElementTree.TreeBuilder(), encoding="utf-8")  # as botocore's
         parser.feed(body)
         root = parser.close()
-    except ElementTree.ParseError:
-        return  # botocore words the error
-    timestamps = botocore.parsers.DEFAULT_TIMESTAMP_PARSER
-    rest = ElementTree.Element(root.tag, root.attrib)
-    listed = []
-    try:
+        rest = ElementTree.Element(root.tag, root.attrib)
+        listed = []
         for child in root:
             if _tag(child) == element:
                 listed.append(_read(reader, order, child, timestamps))
             else:
                 rest.append(child)
-    except (_NotSure, ValueError, TypeError, OverflowError):
+        if not listed:
+            return
+        remainder = ElementTree.tostring(rest, encoding="utf-8")
+    except (ElementTree.ParseError, _NotSure, ValueError, TypeError, OverflowError, RecursionError):
+        return  # botocore reads it (and words the error of a page that is not XML)
+    if b"\r" in remainder:  # a &#13; in the other fields: written back raw, it would be read as \n
         return
-    if listed:
-        response_dict["body"] = ElementTree.tostring(rest, encoding="utf-8")
-        customized_response_dict["Contents"] = listed
+    response_dict["body"] = remainder
+    customized_response_dict["Contents"] = listed
 
 
 def use_fast_s3_listings() -> None:
@@ -200,9 +198,11 @@ def find_in_ranges(fs, root: str, expected: Iterable[str], weight: int = 1) -> d
 
     Why nothing is missed: each range lists the store's keys in the store's order from its start and stops
     at the first key past its end; that key must be the first the next range lists (or both none). So the
-    ranges join end to end in whatever order the store lists, and cover its whole listing. A store that
-    lists another order (SeaweedFS lists a folder's keys right after the folder's name, before ``a-`` when
-    the folder is ``a/``) fails that check or the order check of a page, and is listed the plain way.
+    ranges join end to end in whatever order the store lists, and cover its whole listing, as long as
+    ``StartAfter=k`` means "after k's place in the store's own order" (S3's; also SeaweedFS's, which lists a
+    folder's keys right after the folder's name, before ``a-`` when the folder is ``a/``). A store listing
+    out of string order also fails the order check of every whole page, and is listed the plain way, as is
+    any error met on the way (a store that refuses StartAfter, a key S3 cannot name).
     """
     if type(fs).__module__.split(".")[0] != "s3fs" or getattr(fs, "version_aware", True):
         return None
@@ -219,8 +219,9 @@ def find_in_ranges(fs, root: str, expected: Iterable[str], weight: int = 1) -> d
 
     try:
         parts = sync(fs.loop, _list_ranges, fs, bucket, prefix, list(zip(cuts, cuts[1:], sizes)))
-    except _OutOfOrder:
-        return None
+    except Exception as err:  # noqa: BLE001 - out of order, StartAfter refused (some S3-compatible stores) …
+        log.debug("listing %s in ranges failed (%s: %s): listing it the plain way", root, type(err).__name__, err)
+        return None  # the plain listing decides: the same answer, or the error it meets itself
     for (_, stop), (listed, next_stop) in zip(parts, parts[1:]):
         first = listed[0]["Key"] if listed else next_stop
         if stop != first:  # the next range does not start where this one ended: a gap or an overlap
@@ -240,7 +241,17 @@ def sample_every(count: int) -> int:
 
 
 async def _list_ranges(fs, bucket: str, prefix: str, ranges: list) -> list[tuple[list[dict], str | None]]:
-    return await asyncio.gather(*(_list_range(fs, bucket, prefix, *one) for one in ranges))
+    """Every range's ``_list_range``; the first error cancels the ranges still listing, and is raised."""
+    tasks = [asyncio.ensure_future(_list_range(fs, bucket, prefix, *one)) for one in ranges]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+    failed = [task.exception() for task in done if task.exception() is not None]
+    if failed:
+        raise failed[0]
+    return [task.result() for task in tasks]
 
 
 async def _list_range(fs, bucket: str, prefix: str, after: str | None, until: str | None,
@@ -256,14 +267,18 @@ async def _list_range(fs, bucket: str, prefix: str, after: str | None, until: st
         if until is not None:  # ask for what the range should still hold, not a full page past its end
             request["MaxKeys"] = PAGE_KEYS if len(listed) >= expected else min(PAGE_KEYS, expected - len(listed) + 50)
         page = await fs._call_s3("list_objects_v2", **request)
+        stop = None
         for item in page.get("Contents", ()):
             name = item["Key"]
             if (last is not None and name <= last) or not name.startswith(prefix):
-                raise _OutOfOrder(name)
-            if until is not None and name > until:
-                return listed, name
-            listed.append(item)
+                raise _OutOfOrder(name)  # the whole page is checked, past the range's end too
             last = name
+            if stop is None and until is not None and name > until:
+                stop = name
+            elif stop is None:
+                listed.append(item)
+        if stop is not None:
+            return listed, stop
         if not page.get("IsTruncated"):
             return listed, None
         request["ContinuationToken"] = page["NextContinuationToken"]

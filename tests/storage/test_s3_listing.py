@@ -80,6 +80,15 @@ def test_random_pages_read_as_botocore_reads_them():
         assert taken and fast == plain
 
 
+def test_a_carriage_return_outside_the_keys_reads_as_botocore_reads_it():
+    plain, fast, taken = parse_both(page("<Key>a&#13;b</Key><Size>1</Size>",
+                                         top="<Name>b</Name><Prefix>p&#13;</Prefix><CommonPrefixes><Prefix>p/a&#13;"
+                                             "b/</Prefix></CommonPrefixes>"))
+    assert not taken and fast == plain and plain["Prefix"] == "p\r" and plain["Contents"][0]["Key"] == "a\rb"
+    plain, fast, taken = parse_both(page("<Key>a&#13;b</Key><Size>1</Size>"))  # in a key: read as botocore does
+    assert taken and fast == plain and fast["Contents"][0]["Key"] == "a\rb"
+
+
 @pytest.mark.parametrize("body, status", [
     (page("<Key>a</Key><Key>b</Key><Size>1</Size>"), 200),  # a repeated member: botocore makes a list of it
     (page("<Key>a</Key><Size>one</Size>"), 200),  # not a number: botocore's own error
@@ -88,6 +97,9 @@ def test_random_pages_read_as_botocore_reads_them():
     (page("<Key>a</Key><LastModified>yesterday</LastModified>"), 200),
     (page("<Key>a</Key>")[:-5], 200),  # cut short: not XML
     (b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>", 503),
+    # A carriage return in another field: the page written back without its keys would read it as \n.
+    (page("<Key>a</Key><Size>1</Size>", top="<Name>b</Name><Prefix>p&#13;</Prefix>"), 200),
+    (page("<Key>a</Key><Size>1</Size>", top="<X>" * 1200 + "</X>" * 1200), 200),  # too deep to write back
 ])
 def test_pages_it_is_not_sure_of_are_left_to_botocore(body, status):
     response, custom = {"status_code": status, "headers": {}, "body": body}, {}
@@ -199,6 +211,26 @@ def test_a_store_listing_in_another_order_is_listed_the_plain_way(ranged):
         [f"ranges/tree/{i:03d}" for i in range(30, 39)]  # 20 keys: two ranges, cut at tree/020-
     assert find_in_ranges(fs, "ranges/tree", expected) is None
     assert sorted(find_sizes_fresh(fs, "ranges/tree", expected)) == sorted(f"ranges/{name}" for name in names)
+
+
+def test_a_store_refusing_start_after_is_listed_the_plain_way(ranged, monkeypatch):
+    """Some S3-compatible stores answer a listing with StartAfter with 404 or 400: a store's error on the way to
+    ranges never reads as an empty output (a resume would rerun everything), the plain listing decides."""
+    fs, proxy = ranged
+    fs.pipe({f"ranges/refusing/{i:03d}": b"" for i in range(60)})
+    call = type(fs)._call_s3
+    asked = []
+
+    async def refusing(self, method, *args, **kwargs):
+        if kwargs.get("StartAfter"):
+            asked.append(kwargs["StartAfter"])
+            raise FileNotFoundError("ranges/refusing")
+        return await call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "_call_s3", refusing)
+    expected = [f"ranges/refusing/{i:03d}" for i in range(60)]
+    assert find_in_ranges(fs, "ranges/refusing", expected) is None and asked
+    assert len(find_sizes_fresh(fs, "ranges/refusing", expected)) == 60
 
 
 def test_too_few_expected_keys_or_another_store_list_the_plain_way(ranged, tmp_path):
