@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=1_000)
     parser.add_argument("--seconds", type=float, default=60, help="run this long after the first progress line")
     parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--timeout", type=float, default=3600, help="give up (Ctrl-C) this long after the start")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     groups = args.tasks // args.files
@@ -101,12 +102,18 @@ def main(argv=None) -> int:
                 first_progress = time.perf_counter() - started
             jvm = [vm_hwm_mb(pid) for pid in java_children(driver.pid)]
             jvm_peak = max([m for m in jvm if m] + [jvm_peak or 0]) or None
-            if first_progress is not None and time.perf_counter() - started > first_progress + args.seconds:
+            elapsed = time.perf_counter() - started
+            if (first_progress is not None and elapsed > first_progress + args.seconds) or elapsed > args.timeout:
                 driver.send_signal(signal.SIGINT)
                 break
-        driver.wait(600)
+        try:
+            driver.wait(600)
+        except subprocess.TimeoutExpired:  # never leave the driver (and its JVM) behind
+            driver.kill()
+            driver.wait()
         log.seek(0)
         text = log.read()
+        log.close()
         done = re.findall(r"progress \[[#.]+\] ([\d,]+)/([\d,]+) tasks", text)
         rss = PEAK_RSS.search(text)
         results |= {"exit": driver.returncode, "seconds_to_first_progress": round(first_progress or -1, 1),

@@ -31,7 +31,6 @@ from clip_nsfw_spark.contract import (TASKS_SUMMED, Head, ScoreOutput, ScoreTarg
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.errors import ConfigError, DimensionError, InputChangedError, InputError, OutputError
 from clip_nsfw_spark.storage.lease import RunLease
-from clip_nsfw_spark.storage.s3_listing import sample_every
 from clip_nsfw_spark.scoring.outcomes import rows_unaccounted
 from clip_nsfw_spark.driver.output import (OutputTarget, check_output_names, check_planned_inputs, clear_output,
                                            read_by_spark, recorded_files, refuse_nested_runs, tool_name,
@@ -43,6 +42,7 @@ from clip_nsfw_spark.models.registry import fitting_model_hint
 from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, canonical_in, exists_fresh, filesystem,
                                                  find_sizes_fresh, join, location, open_run_stores, read_fresh,
                                                  read_many_fresh, remove, unstrip, write_whole)
+from clip_nsfw_spark.storage.s3_listing import sample_every
 from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file, unreadable
 from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,

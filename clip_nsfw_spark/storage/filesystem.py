@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, Collection
 
 import fsspec
 
@@ -399,10 +399,10 @@ def find_fresh(fs, root: str) -> set[str]:
     return set(find_sizes_fresh(fs, root))
 
 
-def find_sizes_fresh(fs, root: str, expected: Iterable[str] = (), weight: int = 1) -> dict[str, int]:
-    """``find_fresh`` with each file's size in bytes, from the same one listing. ``expected``: paths the
-    caller expects to find (each standing for ``weight``); on S3, many make the listing run in key ranges
-    at once (``s3_listing.find_in_ranges``: the same files, found whether expected or not)."""
+def find_sizes_fresh(fs, root: str, expected: Collection[str] = (), weight: int = 1) -> dict[str, int]:
+    """``find_fresh`` with each file's size in bytes. ``expected``: paths the caller expects to find (each
+    standing for ``weight``); on S3, many make the one listing run as key ranges at once
+    (``s3_listing.find_in_ranges``: the same files, found whether expected or not)."""
     fs.invalidate_cache(root)
     try:
         found = find_in_ranges(fs, root, expected, weight) if expected else None

@@ -1,10 +1,9 @@
 """Faster S3 listings: pages read without botocore's generic walker, and long listings in key ranges at once.
 
-**Pages.** 
-botocore parses a response by walking the service model's shapes for each XML element; with
-s3_timestamps.py in place that walk was ~80% of the CPU a listed key costs the driver (~40 of ~50 µs per
-key, 2026-12-07, Intel Xeon; docs/scale.md). A resume of 100,000 tasks lists ~400,000 keys (the input's and
-the output's), on the driver's one core that runs the listing pages.
+**Pages.** botocore parses a response by walking the service model's shapes for each XML element; with
+s3_timestamps.py in place that walk was most of the CPU a listed key costs the driver. A resume of 100,000
+tasks lists ~400,000 keys (the input's and the output's), on the one thread that runs the client's event
+loop.
 
 ``use_fast_s3_listings`` registers ``read_contents_first`` for botocore's ``before-parse`` event of
 ListObjectsV2 in every session made after it (s3fs's included). The handler reads a 200 page with
@@ -35,6 +34,8 @@ import logging
 import xml.etree.ElementTree as ElementTree
 from typing import Iterable
 
+from fsspec.asyn import sync
+
 try:  # s3fs's dependencies: without them there is no S3 client to speed up
     import botocore.handlers
     import botocore.parsers
@@ -44,7 +45,7 @@ except ImportError:  # pragma: no cover - the core install has no s3fs
 log = logging.getLogger(__name__)
 
 EVENT = "before-parse.s3.ListObjectsV2"
-_SCALARS = {"string": str, "character": str, "integer": int, "long": int, "boolean": bool, "timestamp": object}
+_SCALARS = frozenset({"string", "character", "integer", "long", "boolean", "timestamp"})
 
 
 def _member_xml_name(name: str, shape) -> str:
@@ -173,9 +174,10 @@ def use_fast_s3_listings() -> None:
         botocore.handlers.BUILTIN_HANDLERS.append((EVENT, read_contents_first))
 
 
-RANGE_KEYS = 5_000  # expected keys per range: ~5 pages, so the one page a range reads past its end wastes little
+RANGE_KEYS = 5_000  # expected keys per range: ~5 pages each, so 32 requests in flight cover 160,000 keys
 MAX_RANGES = 32  # ranges listed at once (each one request in flight)
-SAMPLE_NAMES = 10_000  # callers pass at most about this many expected names (sample_every)
+SAMPLE_NAMES = 10_000  # callers sample at most about this many tasks or files (sample_every)
+RANGE_SLACK = 50  # a range asks for this many keys more than it expects: a few unexpected ones, not a page
 PAGE_KEYS = 1_000  # S3's page size
 
 
@@ -190,9 +192,9 @@ def find_in_ranges(fs, root: str, expected: Iterable[str], weight: int = 1) -> d
     a sample of them where each stands for ``weight`` keys (every ``weight``-th, in any order: a million
     names need not be held to cut 32 ranges). They only choose where the ranges are cut (one range per
     RANGE_KEYS keys, at most MAX_RANGES), so a listing with files missing from them, or extra ones, is
-    still whole. Returns ``{path: info}`` with
-    the info s3fs's ``find`` gives a listed object (``name``, ``Key``, ``size``, ``type``, ``Size``,
-    ``ETag``, ``LastModified`` …), folder placeholders (``name`` ending ``/``) included as s3fs does.
+    still whole. Returns ``{path: info}`` with the info s3fs's ``find`` gives a listed object (``name``,
+    ``Key``, ``size``, ``type``, ``Size``, ``ETag``, ``LastModified`` …), folder placeholders (``name``
+    ending ``/``) included as s3fs does.
     None (list the plain way) for another store, a version-aware one, fewer than two ranges' keys, an empty
     listing, or a store that does not list in string order. s3fs's listing cache is not filled.
 
@@ -210,17 +212,16 @@ def find_in_ranges(fs, root: str, expected: Iterable[str], weight: int = 1) -> d
     prefix = key.strip("/") + "/" if key.strip("/") else ""
     head = bucket + "/"
     keys = sorted({path[len(head):] for path in expected if path.startswith(head + prefix)})
-    count = min(MAX_RANGES, len(keys) * weight // RANGE_KEYS)
+    count = min(MAX_RANGES, len(keys), len(keys) * weight // RANGE_KEYS)  # never two ranges cut at one key
     if count < 2:
         return None
     cuts = [None] + [keys[i * len(keys) // count] for i in range(1, count)] + [None]
     sizes = [((i + 1) * len(keys) // count - i * len(keys) // count) * weight for i in range(count)]
-    from fsspec.asyn import sync
-
     try:
         parts = sync(fs.loop, _list_ranges, fs, bucket, prefix, list(zip(cuts, cuts[1:], sizes)))
     except Exception as err:  # noqa: BLE001 - out of order, StartAfter refused (some S3-compatible stores) …
-        log.debug("listing %s in ranges failed (%s: %s): listing it the plain way", root, type(err).__name__, err)
+        log.info("listing %s in key ranges failed (%s: %s): listing it the plain way", root, type(err).__name__,
+                 err)
         return None  # the plain listing decides: the same answer, or the error it meets itself
     for (_, stop), (listed, next_stop) in zip(parts, parts[1:]):
         first = listed[0]["Key"] if listed else next_stop
@@ -255,7 +256,7 @@ async def _list_ranges(fs, bucket: str, prefix: str, ranges: list) -> list[tuple
 
 
 async def _list_range(fs, bucket: str, prefix: str, after: str | None, until: str | None,
-                      expected: int) -> tuple[list[dict], str | None]:
+                      estimated_keys: int) -> tuple[list[dict], str | None]:
     """``(objects, stop)``: the objects the store lists after key ``after`` (from the first without it) up
     to key ``until`` (to the end without it), and ``stop``, the first key it listed past ``until`` (None
     at the end of the listing). Raises _OutOfOrder for keys out of string order."""
@@ -265,7 +266,8 @@ async def _list_range(fs, bucket: str, prefix: str, after: str | None, until: st
     listed, last = [], after
     while True:
         if until is not None:  # ask for what the range should still hold, not a full page past its end
-            request["MaxKeys"] = PAGE_KEYS if len(listed) >= expected else min(PAGE_KEYS, expected - len(listed) + 50)
+            left = estimated_keys - len(listed)
+            request["MaxKeys"] = PAGE_KEYS if left <= 0 else min(PAGE_KEYS, left + RANGE_SLACK)
         page = await fs._call_s3("list_objects_v2", **request)
         stop = None
         for item in page.get("Contents", ()):

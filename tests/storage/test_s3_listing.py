@@ -4,10 +4,12 @@ that find what one listing finds. Real botocore parsers, the real S3 server (tes
 import random
 import urllib.parse
 
+import aiobotocore.session
 import botocore.handlers
 import botocore.parsers
 import botocore.session
 import pytest
+import s3fs
 
 from clip_nsfw_spark.storage import s3_listing
 from clip_nsfw_spark.storage.filesystem import filesystem, find_sizes_fresh
@@ -140,16 +142,26 @@ def test_real_listings_are_the_same_with_the_fast_pages(s3_server):
 
 
 def test_the_s3_filesystem_reads_its_pages_fast(s3_server, monkeypatch):
+    s3_server.filesystem().pipe({f"fastfs/p/{i}.json": bytes(i) for i in range(7)})
     before = list(botocore.handlers.BUILTIN_HANDLERS)
-    fs, root = filesystem("s3://fastpages/p", dict(s3_server.storage_options(), default_block_size=3 * 2**20))
+    # Options no other test uses: a filesystem of its own, whose aiobotocore session is made after the handler
+    # is registered.
+    fs, root = filesystem("s3://fastfs/p", dict(s3_server.storage_options(), default_block_size=3 * 2**20))
     use_fast_s3_listings()
     assert (s3_listing.EVENT, read_contents_first) in botocore.handlers.BUILTIN_HANDLERS
     assert len(botocore.handlers.BUILTIN_HANDLERS) - len(before) <= 1  # registered once, however often asked
-    seen = []
-    reader = s3_listing._contents_reader
-    monkeypatch.setattr(s3_listing, "_contents_reader", lambda model: seen.append(model.name) or reader(model))
-    assert len(fs.find(root)) == 7
-    assert seen == ["ListObjectsV2"]
+    read = []
+    reader = s3_listing._read
+    monkeypatch.setattr(s3_listing, "_read", lambda *args: read.append(1) or reader(*args))
+    session = aiobotocore.session.AioSession()
+    session.unregister(s3_listing.EVENT, read_contents_first)  # botocore's own reading, for comparison
+    plain = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": s3_server.endpoint},
+                              session=session, skip_instance_cache=True).find("fastfs/p", detail=True)
+    assert read == []
+    found = fs.find(root, detail=True)
+    assert len(read) == 7  # every listed key read by the handler, through s3fs's aiobotocore client
+    assert {name: (info["size"], info["ETag"], info["LastModified"]) for name, info in found.items()} == \
+        {name: (info["size"], info["ETag"], info["LastModified"]) for name, info in plain.items()}
 
 
 # ---- key ranges -----------------------------------------------------------------------------------------------------
@@ -194,14 +206,17 @@ def test_ranges_find_every_file_expected_or_not(ranged):
     assert len({dict(urllib.parse.parse_qsl(p.partition("?")[2])).get("start-after")
                 for kind, p, _ in proxy.log if kind == "LIST"}) == 29
     # find_sizes_fresh takes the same way and gives the same sizes.
+    proxy.log.clear()
     assert find_sizes_fresh(fs, "ranges/out", expected) == find_sizes_fresh(fs, "ranges/out")
+    assert len({dict(urllib.parse.parse_qsl(p.partition("?")[2])).get("start-after")
+                for kind, p, _ in proxy.log if kind == "LIST"}) == 29
 
 
 def test_a_store_listing_in_another_order_is_listed_the_plain_way(ranged):
     """SeaweedFS lists a folder's keys right after the folder's name: ``020/x`` before ``020-`` (byte order,
     S3's, puts ``-`` before ``/``). Two ranges cut at ``020-`` would miss ``020/x`` and ``020/y`` (the first
-    stops at ``020/x``, past its end; the second starts after ``020-``): the join check sees the gap, and
-    the plain listing is taken."""
+    stops at ``020/x``, past its end; the second starts after ``020-``): the order check of the first page
+    sees it, and the plain listing is taken."""
     fs, proxy = ranged
     names = [f"tree/{i:03d}" for i in range(40)] + ["tree/020-", "tree/020/x", "tree/020/y"]
     fs.pipe({f"ranges/{name}": b"" for name in names})
@@ -211,6 +226,41 @@ def test_a_store_listing_in_another_order_is_listed_the_plain_way(ranged):
         [f"ranges/tree/{i:03d}" for i in range(30, 39)]  # 20 keys: two ranges, cut at tree/020-
     assert find_in_ranges(fs, "ranges/tree", expected) is None
     assert sorted(find_sizes_fresh(fs, "ranges/tree", expected)) == sorted(f"ranges/{name}" for name in names)
+
+
+def test_ranges_that_do_not_join_are_listed_the_plain_way(ranged, monkeypatch):
+    """A store whose StartAfter skips one key too many: every page in order, every key past StartAfter, but
+    the key each range stopped at is listed by no range. Only the join check can see that."""
+    fs, proxy = ranged
+    fs.pipe({f"ranges/skipping/{i:03d}": b"" for i in range(60)})
+    call = type(fs)._call_s3
+
+    async def skipping(self, method, *args, **kwargs):
+        answer = await call(self, method, *args, **kwargs)
+        if method == "list_objects_v2" and "StartAfter" in kwargs and "ContinuationToken" not in kwargs:
+            answer["Contents"] = answer.get("Contents", [])[1:]
+        return answer
+
+    monkeypatch.setattr(type(fs), "_call_s3", skipping)
+    expected = [f"ranges/skipping/{i:03d}" for i in range(60)]
+    assert find_in_ranges(fs, "ranges/skipping", expected) is None
+    assert len(find_sizes_fresh(fs, "ranges/skipping", expected)) == 60
+
+
+def test_ranges_of_many_pages_join_page_by_page(ranged, monkeypatch):
+    """Ranges longer than a page: continuation tokens, MaxKeys asked anew per page, a stop key met on a
+    later page than the range's first."""
+    fs, proxy = ranged
+    monkeypatch.setattr(s3_listing, "PAGE_KEYS", 4)
+    monkeypatch.setattr(s3_listing, "RANGE_SLACK", 1)
+    names = [f"ranges/paged/{i:04d}" for i in range(0, 200, 2)]  # 100 keys, 5 ranges of ~20 expected
+    fs.pipe({name: b"x" for name in names + [f"ranges/paged/{i:04d}" for i in range(1, 60, 2)]})  # 30 unexpected
+    proxy.log.clear()
+    found = find_in_ranges(fs, "ranges/paged", names, weight=1)
+    assert found is not None and sorted(found) == sorted(fs.find("ranges/paged"))
+    lists = [path for kind, path, _ in proxy.log if kind == "LIST" and "prefix=paged" in path]
+    assert len({dict(urllib.parse.parse_qsl(p.partition("?")[2])).get("start-after") for p in lists}) == 10
+    assert len(lists) >= 130 // 4 and any("continuation-token=" in p for p in lists)
 
 
 def test_a_store_refusing_start_after_is_listed_the_plain_way(ranged, monkeypatch):
