@@ -9,9 +9,15 @@ Public API::
 Importing this package imports numpy only (never TensorFlow, never Spark).
 """
 
-from clip_nsfw_spark.errors import ClipNsfwError
-from clip_nsfw_spark.api import load_scorer
-from clip_nsfw_spark.scoring.scorer import NumpyScorer
+import time as _time
+
+# This process's CPU seconds when the package began to import (a Spark worker's start, apart from its
+# imports: executor/stages.process_seconds_once).
+IMPORTED_AT_CPU = _time.process_time()
+
+from clip_nsfw_spark.errors import ClipNsfwError  # noqa: E402
+from clip_nsfw_spark.api import load_scorer  # noqa: E402
+from clip_nsfw_spark.scoring.scorer import NumpyScorer  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ClipNsfwError", "NumpyScorer", "load_scorer", "__version__"]

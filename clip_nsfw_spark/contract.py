@@ -19,6 +19,9 @@ ParquetCodec = Literal["own", "pyarrow"]
 # The value type of the embeddings an output keeps: as read ("input"), or float32 (Spark ≤ 4.x cannot read
 # FLOAT16 parquet at all: an output meant for Spark readers widens float16 to float32, exactly).
 EmbeddingType = Literal["input", "float32"]
+# Whether a task reads ahead and writes behind in threads of its own while it scores (executor/overlap.py):
+# "auto" where cores or storage would otherwise wait (see driver/job.overlap_wanted), "on", "off".
+Overlap = Literal["auto", "on", "off"]
 
 
 # Task.rows of a parquet task planned from the file's listing, before anyone has read its footer.
@@ -133,6 +136,8 @@ class TaskConfig:
     # checks every footer it reads (b"": none).
     input_schema: bytes = dataclasses.field(default=b"", repr=False)
     input_schema_of: str = ""
+    # Read-ahead and write-behind threads in each task (executor/overlap.py): the job's "overlap" resolved.
+    overlap: bool = False
 
     @property
     def score_columns(self) -> tuple[str, ...]:
@@ -147,8 +152,8 @@ class TaskConfig:
 # elementwise), except the worker's peak memory (the largest). A task's stats and a sum of several have these
 # same keys, so sums of sums are sums: an executor sums the tasks of its Spark partition and the driver keeps
 # one total instead of every task's stats (~4.5 kB each, gigabytes at a million tasks).
-REPORT_FIGURES = ("rows_read", "rows_unsafe", "rows_written", "rejected_by_reason", "stage_seconds", "histograms",
-                  "outside_0_1", "unsafe_by_column", "worker_max_rss_mb")
+REPORT_FIGURES = ("rows_read", "rows_unsafe", "rows_written", "rejected_by_reason", "stage_seconds",
+                  "stage_cpu_seconds", "histograms", "outside_0_1", "unsafe_by_column", "worker_max_rss_mb")
 
 
 def add_figures(total: dict, stats: dict) -> dict:

@@ -10,7 +10,8 @@ import signal
 import sys
 import threading
 
-from clip_nsfw_spark.driver.config import DEFAULT_MODEL, EMBEDDING_TYPES, KEEP, LAYOUTS, MODES, PARQUET_CODECS, JobConfig
+from clip_nsfw_spark.driver.config import (DEFAULT_MODEL, EMBEDDING_TYPES, KEEP, LAYOUTS, MODES, OVERLAPS, PARQUET_CODECS,
+                                           JobConfig)
 from clip_nsfw_spark.errors import ConfigError, Terminated
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def _storage_option(text: str) -> tuple[str, object]:
 # The JobConfig fields the command line sets (every option's ``dest``); the others come from --config.
 OPTION_KEYS = ("input", "output", "layout", "embedding_columns", "score_columns", "models", "mode", "id_columns",
                "columns", "drop_columns", "threshold", "keep", "replace_scores", "overwrite", "resume", "master",
-               "rows_per_task", "batch_rows", "storage_options", "parquet_codec", "input_suffixes",
+               "rows_per_task", "batch_rows", "storage_options", "parquet_codec", "overlap", "input_suffixes",
                "allow_incomplete_input", "embedding_type", "read_every_footer")
 assert set(OPTION_KEYS) <= set(JobConfig.keys()), set(OPTION_KEYS) - set(JobConfig.keys())
 
@@ -79,6 +80,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parquet-codec", dest="parquet_codec", choices=PARQUET_CODECS,
                         help="own: embedding pages decoded and written by this package (default, several times "
                              "faster); pyarrow: by pyarrow alone, the same values (a way out of a codec problem)")
+    parser.add_argument("--overlap", dest="overlap", choices=OVERLAPS,
+                        help="read ahead and write behind in threads while scoring: auto (default: when the input "
+                             "or output is not a local disk, or tasks run without Spark), on, off")
     parser.add_argument("--embedding-type", dest="embedding_type", choices=EMBEDDING_TYPES,
                         help="value type of the embeddings an output keeps: input (as read, the default) or "
                              "float32 (float16 widened exactly: Spark cannot read float16 parquet)")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from clip_nsfw_spark.contract import EmbeddingType, Keep, Layout, Mode, ParquetCodec
+from clip_nsfw_spark.contract import EmbeddingType, Keep, Layout, Mode, Overlap, ParquetCodec
 from clip_nsfw_spark.errors import ConfigError
 from clip_nsfw_spark.models.registry import HeadSpec
 
@@ -25,6 +25,7 @@ MODES = typing.get_args(Mode)
 LAYOUTS = typing.get_args(Layout)
 KEEP = typing.get_args(Keep)
 PARQUET_CODECS = typing.get_args(ParquetCodec)
+OVERLAPS = typing.get_args(Overlap)
 EMBEDDING_TYPES = typing.get_args(EmbeddingType)
 # Parquet codecs pyarrow writes (checked before any work: a typo must not fail inside every task).
 COMPRESSIONS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
@@ -86,6 +87,7 @@ class JobConfig:
     histogram_bins: int = 20
     parquet_codec: ParquetCodec = "own"
     embedding_type: EmbeddingType = "input"
+    overlap: Overlap = "auto"
     input_suffixes: tuple[str, ...] = ()
     allow_incomplete_input: bool = False
     read_every_footer: bool = False

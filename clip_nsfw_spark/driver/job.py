@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import logging
 import time
 from typing import Callable
@@ -40,7 +41,7 @@ from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
 from clip_nsfw_spark.models.registry import fitting_model_hint
 from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, canonical_in, exists_fresh, filesystem,
-                                                 find_sizes_fresh, join, location, open_run_stores, read_fresh,
+                                                 find_sizes_fresh, is_local, join, location, open_run_stores, read_fresh,
                                                  read_many_fresh, remove, unstrip, write_whole)
 from clip_nsfw_spark.storage.s3_listing import sample_every
 from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file, unreadable
@@ -253,6 +254,11 @@ def run_sequentially(tasks: list[Task], worker: Worker) -> list[dict]:
     return [worker(task) for task in tasks]
 
 
+# The task phase's core-seconds: one task at a time, but its read-ahead and write-behind threads may use
+# every core this process may run on.
+run_sequentially.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = False) -> dict:
     """Run the whole job; return the report (also written next to the output).
 
@@ -274,8 +280,19 @@ def run_job(config: JobConfig, runner: Runner | None = None, progress: bool = Fa
         return _run_job(config, stores, target, lease, runner, progress)
 
 
+def overlap_wanted(config: JobConfig, stores: RunStores, in_process: bool) -> bool:
+    """The job's ``overlap`` resolved: "auto" overlaps where a task would otherwise wait for storage (an input
+    or output not on a local disk) or leave cores idle (tasks run one at a time in this process); not where
+    every core runs a task of its own on local files: there the stages already keep the cores busy, and
+    threads of one task competing with the other tasks cost more than they overlap (bench/bench.py
+    --overlap, docs/performance.md)."""
+    if config.overlap != "auto":
+        return config.overlap == "on"
+    return in_process or not (is_local(stores.in_fs) and is_local(stores.out_fs))
+
+
 def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str, targets: tuple[ScoreTarget, ...],
-                write_columns: list[str] | None, row_ids: bool) -> TaskConfig:
+                write_columns: list[str] | None, row_ids: bool, overlap: bool = False) -> TaskConfig:
     """The frozen, typed config every task of this run receives. ``embedding_type`` is the effective one:
     "float32" only where it widens a kept float16 embedding (a resume compares it: asking for float32 on
     float32 input, or with the embeddings left out, changes no output and is not a different job)."""
@@ -286,7 +303,7 @@ def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str
         write_embeddings=config.write_embeddings, compression=config.compression,
         embedding_compression=config.embedding_compression, batch_rows=config.batch_rows,
         histogram_bins=config.histogram_bins, run_id=run_id, parquet_codec=config.parquet_codec,
-        embedding_type=config.embedding_type,
+        embedding_type=config.embedding_type, overlap=overlap,
         input_schema=plan.schema.remove_metadata().serialize().to_pybytes() if plan.listed else b"",
         input_schema_of=plan.schema_of if plan.listed else "")
     if tasks.embedding_type != "input":
@@ -357,7 +374,8 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
     check_output_names(plan, target, config.mode)
     if config.overwrite and target.non_empty:
         clear_output(target, lease.fence)
-    tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids)
+    tasks_config = task_config(config, plan, target, lease.run_id, targets, kept, row_ids,
+                               overlap_wanted(config, stores, in_process=runner is None))
     worker = Worker(tasks_config, tuple(heads))
     with accessing(out_fs, out_root, "output"):
         done, resume_actions = _prepare_state(target, fingerprint(config, tasks_config, heads, stores),
@@ -415,14 +433,17 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
 
     # Sums, not every task's stats: a million tasks' stats would fill the driver (~4.5 kB each).
     completed, totals, whole, rows_run = set(done), {}, list(done.values()), 0
+    run_totals: dict = {}  # this run's tasks only: the account of its task phase's core-seconds
     for result in new_stats:
         if TASKS_SUMMED in result:  # a Spark partition's tasks: each checked by its worker, summed on the executor
             completed.update(result[TASKS_SUMMED])
             totals = add_figures(totals, result["figures"])
+            run_totals = add_figures(run_totals, result["figures"])
             rows_run += result["figures"].get("rows_read") or 0
         else:
             completed.add(result["task_id"])
             whole.append(result)
+            run_totals = add_figures(run_totals, result)
             rows_run += result["rows_read"]
     missing = [t.rel for t in plan.tasks if t.task_id not in completed]
     if missing:
@@ -437,7 +458,8 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
     durations["total"] = time.perf_counter() - started
     report = build_report(config, tasks_config, plan, heads, totals, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions,
-                          rows_run=rows_run)
+                          rows_run=rows_run, cores=getattr(runner or run_sequentially, "cores", None) if pending else None,
+                          run_totals=run_totals)
     lease.fence("writing the report")
     write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))
     lease.fence("writing _SUCCESS")

@@ -12,12 +12,15 @@ from clip_nsfw_spark.models.registry import REGISTRY, canonical_name
 
 
 def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, totals: dict, durations, resumed,
-                 resume_actions=None, rows_run: int | None = None) -> dict:
+                 resume_actions=None, rows_run: int | None = None, cores: int | None = None,
+                 run_totals: dict | None = None) -> dict:
     """The JSON report: config (secrets redacted), heads, row counts by stream and reason, per-head unsafe
     counts and score histograms, timing. ``totals`` is every task's stats summed (contract.add_figures), the
     resumed ones' included; ``rows_run`` the rows of the tasks this run ran (all, when not given), which
     the throughput counts; ``heads`` are contract.Head (name, sha256, dim, source, threshold); ``model``
-    describes the first head (as when a run had one)."""
+    describes the first head (as when a run had one). ``run_totals``: the stats of this run's tasks alone,
+    summed, and ``cores`` the cores its runner had: the account of the task phase's core-seconds
+    (``task_phase_core_seconds``)."""
     bins = config.histogram_bins
     written: dict[str, int] = dict(totals.get("rows_written") or {})
     rejected: dict[str, int] = dict(totals.get("rejected_by_reason") or {})
@@ -63,6 +66,8 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
         "score_histogram": {"edges": edges, "counts": sum(histograms.values(), np.zeros(bins, np.int64)).tolist()},
         "durations_seconds": {k: round(v, 3) for k, v in durations.items()},
         "task_stage_seconds": {k: round(v, 3) for k, v in stages.items()},
+        "task_phase_core_seconds": core_seconds(run_totals or {}, cores, durations.get("run"),
+                                                totals.get("rows_read") if rows_run is None else rows_run),
         # Rows scored by this run over its task phase: a resume's earlier rows are not this run's work.
         "throughput_rows_per_second": round((rows_read if rows_run is None else rows_run) / durations["run"], 1)
         if durations.get("run") and (rows_run is None or rows_run > 0) else None,
@@ -70,3 +75,25 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
         "resume": resume_actions,
         "worker_max_rss_mb": totals.get("worker_max_rss_mb", 0),
     }
+
+
+def core_seconds(run_totals: dict, cores: int | None, run_seconds: float | None, rows: int | None) -> dict | None:
+    """Where the task phase's ``cores × run seconds`` went: the CPU seconds of each stage of this run's tasks
+    and worker processes (executor/stages.py; in pipeline order), and the rest, ``idle``: cores waiting (for
+    storage, for Spark to start a task, for the last tasks to end) or busy outside the Python workers
+    (Spark's JVM, PySpark's daemon). None when the phase ran nothing, or its runner did not tell its cores.
+
+    ``rows_per_core_second``: the rows the phase scored over its core-seconds, to set against the scoring
+    kernel's rows per second on one thread (bench/bench.py)."""
+    from clip_nsfw_spark.executor.stages import PROCESS_STAGES, TASK_STAGES
+
+    if not cores or not run_seconds or not rows:
+        return None
+    cpu = run_totals.get("stage_cpu_seconds") or {}
+    order = [s for s in PROCESS_STAGES if s != "transfer"] + list(TASK_STAGES) + ["transfer"]
+    by_stage = {stage: round(cpu.get(stage, 0.0), 3) for stage in order}
+    by_stage |= {stage: round(seconds, 3) for stage, seconds in cpu.items() if stage not in by_stage}
+    total = cores * run_seconds
+    by_stage["idle"] = round(total - sum(cpu.values()), 3)  # negative only if cores were more than told
+    return {"cores": cores, "wall_seconds": round(run_seconds, 3), "core_seconds": round(total, 3),
+            "by_stage": by_stage, "rows_per_core_second": round(rows / total, 1)}

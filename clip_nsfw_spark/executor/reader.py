@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -27,6 +26,7 @@ from clip_nsfw_spark.parquet.decode import read_float_list_column
 from clip_nsfw_spark.parquet.errors import Damaged, Unsupported
 from clip_nsfw_spark.parquet.stream import open_float_list_stream
 from clip_nsfw_spark.contract import ROWS_FROM_FOOTER, Task
+from clip_nsfw_spark.executor.stages import StageClock, TimedFile
 from clip_nsfw_spark.storage.filesystem import read_fresh, unstrip
 
 _log = logging.getLogger(__name__)
@@ -61,14 +61,18 @@ WHOLE_FILE_BYTES = 32 << 20
 
 
 @contextlib.contextmanager
-def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
+def open_parquet(task: Task, fs, clock: StageClock | None = None) -> Iterator[OpenParquet]:
     """The task's parquet file (data, or LAION metadata), open for ``task_batches``.
 
     A file on an object store (an async fsspec store: s3fs, gcsfs, adlfs) of 1 to WHOLE_FILE_BYTES bytes that
     the task reads whole (``task.size`` set by the planner) is read in one ranged request of one byte more
     than planned, a consistent copy of one version of the object; if that does not give exactly the planned
     size the file changed since planning (InputChangedError, before anything is written; memory stays
-    bounded however large it grew). Other files, and every file elsewhere, are opened as file objects."""
+    bounded however large it grew). Other files, and every file elsewhere, are opened as file objects.
+
+    ``clock``: the file's reads are timed as "read" on ``clock`` (stages.TimedFile; ``handle.clock`` may be
+    replaced by the thread that reads the batches)."""
+    clock = clock or StageClock()
     where = unstrip(fs, task.path)
     if 0 < task.size <= WHOLE_FILE_BYTES and getattr(fs, "async_impl", False):
         data = read_fresh(fs, task.path, max_bytes=task.size + 1)
@@ -77,7 +81,7 @@ def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
             raise InputChangedError(f"cannot read {where}: it has {found}, the plan listed {task.size:,}: "
                                     "the file changed since it was planned. Rerun with --resume (tasks whose "
                                     "input changed run again)")
-        handle = io.BytesIO(data)
+        handle = TimedFile(io.BytesIO(data), clock, "read")
         try:
             opened = parquet_file(handle)
         except (pa.ArrowException, OSError, ValueError) as err:  # pyarrow's several types for a file not parquet
@@ -88,7 +92,8 @@ def open_parquet(task: Task, fs) -> Iterator[OpenParquet]:
         yield OpenParquet(opened, handle, where)
         return
     with fs.open(task.path, "rb") as handle:
-        yield OpenParquet(parquet_file(handle), handle, where)
+        timed = TimedFile(handle, clock, "read")
+        yield OpenParquet(parquet_file(timed), timed, where)
 
 
 def schema_problem(where: str, schema: pa.Schema, first_where: str | None = None,
@@ -186,7 +191,7 @@ def damaged(where: str, group: int, err: BaseException) -> DamagedInputError:
                              "its source, or leave it out of the input")
 
 
-def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: list[str] | None = None,
+def task_batches(task: Task, fs, batch_rows: int, clock: StageClock, columns: list[str] | None = None,
                  source: OpenParquet | None = None,
                  own_decoder: bool = True) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None, int]]:
     """Yield ``(batch, npy_rows_or_None, first_row)`` for the task's rows, at most ``batch_rows`` at a time.
@@ -194,13 +199,14 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
     ``columns`` are the parquet columns to read (None: all): an output that does not keep the embeddings
     reads them only for scoring, and a sidecar reads only its ids. ``npy_rows`` (laion-npy) is the
     (batch rows, width) float array of the same rows; ``first_row`` the index, in its file, of the batch's
-    first row. Seconds spent reading are added to ``timings["read"]``. ``source``: the file already open
+    first row. ``clock``: the npy rows' reads are timed on it as "read" (a parquet file's reads are timed by
+    its handle: ``open_parquet``'s ``clock``). ``source``: the file already open
     (``open_parquet``), else it is opened here. ``own_decoder=False`` reads every column with pyarrow
     (``parquet_codec: pyarrow``), never with parquet/'s decoder.
     """
     if source is None:
         with open_parquet(task, fs) as opened:
-            yield from task_batches(task, fs, batch_rows, timings, columns, opened, own_decoder)
+            yield from task_batches(task, fs, batch_rows, clock, columns, opened, own_decoder)
         return
     meta = source.file.metadata
     offsets = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
@@ -218,8 +224,7 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
                                     "it was planned. Rerun with --resume (tasks whose input changed run again)")
         for group in task.row_groups:
             position = int(offsets[group])
-            for batch in _timed(_row_group_batches(source, [group], batch_rows, columns, own_decoder), timings,
-                                "read"):
+            for batch in _row_group_batches(source, [group], batch_rows, columns, own_decoder):
                 yield batch, None, position
                 position += batch.num_rows
         return
@@ -227,13 +232,12 @@ def task_batches(task: Task, fs, batch_rows: int, timings: Counter, columns: lis
     groups = [i for i in range(meta.num_row_groups)
               if offsets[i] < task.row_stop and offsets[i + 1] > task.row_start]
     position = int(offsets[groups[0]]) if groups else 0
-    for batch in _timed(_row_group_batches(source, groups, batch_rows, columns, own_decoder), timings, "read"):
+    for batch in _row_group_batches(source, groups, batch_rows, columns, own_decoder):
         first, position = position, position + batch.num_rows
         lo, hi = max(task.row_start, first), min(task.row_stop, position)
         if hi > lo:
-            t0 = time.perf_counter()
-            rows = read_npy_rows(fs, task.npy_path, lo, hi)
-            timings["read"] += time.perf_counter() - t0
+            with clock("read"):
+                rows = read_npy_rows(fs, task.npy_path, lo, hi)
             yield batch.slice(lo - first, hi - lo), rows, lo
 
 
@@ -360,18 +364,6 @@ class _StreamedColumn:
         if not keep:
             return None
         return pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
-
-
-def _timed(iterator, timings: Counter, key: str):
-    while True:
-        t0 = time.perf_counter()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        finally:
-            timings[key] += time.perf_counter() - t0
-        yield item
 
 
 def read_npy_rows(fs, path: str, start: int, stop: int) -> np.ndarray:

@@ -12,6 +12,7 @@ with a state file is complete; a retried or resumed task rewrites its outputs wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,7 +30,9 @@ from clip_nsfw_spark.scoring.scorer import scorer_for
 from clip_nsfw_spark.contract import Head, Task, TaskConfig
 from clip_nsfw_spark.errors import ClipNsfwError, InputError, OutputError, TaskError
 from clip_nsfw_spark.storage.lease import FENCE_REUSE_SECONDS, check_owner
+from clip_nsfw_spark.executor.overlap import WriteBehind, read_ahead
 from clip_nsfw_spark.executor.reader import open_parquet, task_batches, with_footer_rows
+from clip_nsfw_spark.executor.stages import StageClock
 from clip_nsfw_spark.storage.filesystem import (canonical_file_name, filesystem, join, renames_atomically, unstrip,
                                                 write_whole)
 from clip_nsfw_spark.executor.writer import (MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, batch_state_name,
@@ -104,66 +107,120 @@ def _read_columns(task: Task, config: TaskConfig, names: list[str]) -> list[str]
 def _process_task(task: Task, worker: Worker) -> dict:
     started = time.perf_counter()
     config = worker.config
-    timings: Counter = Counter()
-    scorers = [worker.make_scorer(head) for head in worker.heads]
-    in_fs, _ = worker.open_filesystem(config.input, config.storage_options)
-    out_fs, out_root = worker.open_filesystem(config.output, config.storage_options)
-    stats = TaskStats(config)
-    with open_parquet(task, in_fs) as source:  # one open and one footer read, for the schema and the rows
-        task = with_footer_rows(task, source, config.input_schema, config.input_schema_of)
-        schema = source.schema
-        files = OutputFiles(out_fs, out_root, task.rel, config, output_schemas(schema, config, scorers[0].dim))
+    # One clock per thread (stages.py): this one's (open, score, commit), the read-ahead thread's (read,
+    # decode) and the write-behind thread's (encode, write).
+    clock, reading, writing = StageClock(), StageClock(), StageClock()
+    with clock("model"):  # a scorer is built once per process (scorer_for): later tasks find it built
+        scorers = [worker.make_scorer(head) for head in worker.heads]
+    with contextlib.ExitStack() as opened:
+        with clock("open"):
+            in_fs, _ = worker.open_filesystem(config.input, config.storage_options)
+            out_fs, out_root = worker.open_filesystem(config.output, config.storage_options)
+            stats = TaskStats(config)
+            # one open and one footer read, for the schema and the rows (the footer's bytes count as opening)
+            source = opened.enter_context(open_parquet(task, in_fs, StageClock()))
+            task = with_footer_rows(task, source, config.input_schema, config.input_schema_of)
+            files = OutputFiles(out_fs, out_root, task.rel, config,
+                                output_schemas(source.schema, config, scorers[0].dim), writing)
         try:
-            batches = task_batches(task, in_fs, config.batch_rows, timings, _read_columns(task, config, schema.names),
-                                   source, own_decoder=config.parquet_codec == "own")
-            source_file = unstrip(in_fs, canonical_file_name(in_fs, task.path))  # one spelling, whatever was typed
-            for batch, npy, first_row in batches:
-                table = _with_added_columns(pa.Table.from_batches([batch]), npy, first_row, source_file, config)
-                scored = score_batch(table, npy, config.targets, scorers, timings)
-                stats.add(scored)
-                t0 = time.perf_counter()
-                route(scored.table, scored.ok, scored.unsafe, scored.reasons, config, files)
-                timings["write"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            check_owner(out_fs, out_root, config.run_id)  # a run that lost its lease must not commit
-            checked = [time.time()]
+            _score_and_write(task, worker, source, in_fs, files, stats, scorers, clock, reading, writing)
+            with clock("commit"):
+                written_before = writing.wall["write"], writing.cpu["write"]
+                check_owner(out_fs, out_root, config.run_id)  # a run that lost its lease must not commit
+                checked = [time.time()]
 
-            def fence(moved: int) -> None:  # before each file: a commit can be long (uploads), or be paused
-                if time.time() - checked[0] > FENCE_REUSE_SECONDS:
-                    check_owner(out_fs, out_root, config.run_id,
-                                not_moved=f"{moved} of this task's files were moved into place before this check "
-                                          "and are left as they are (the names may hold another run's files "
-                                          "by now); the others were not.")
-                    checked[0] = time.time()
+                def fence(moved: int) -> None:  # before each file: a commit can be long (uploads), or be paused
+                    if time.time() - checked[0] > FENCE_REUSE_SECONDS:
+                        check_owner(out_fs, out_root, config.run_id,
+                                    not_moved=f"{moved} of this task's files were moved into place before this "
+                                              "check and are left as they are (the names may hold another run's "
+                                              "files by now); the others were not.")
+                        checked[0] = time.time()
 
-            # The manifest first: a file under a final name is then always one this tool can tell is its own
-            # (--overwrite and --resume remove what manifests name, nothing guessed from file names).
-            if renames_atomically(out_fs):  # object stores have no folders to make (and it costs requests)
-                out_fs.makedirs(join(out_root, MANIFEST_DIR), exist_ok=True)
-            write_whole(out_fs, join(out_root, MANIFEST_DIR, task.task_id + ".json"),
-                        json.dumps({"task_id": task.task_id, "rel": task.rel, "run_id": config.run_id,
-                                    "files": files.written}))
-            files.commit(fence)
-            timings["write"] += time.perf_counter() - t0
+                # The manifest first: a file under a final name is then always one this tool can tell is its
+                # own (--overwrite and --resume remove what manifests name, nothing guessed from file names).
+                if renames_atomically(out_fs):  # object stores have no folders to make (and it costs requests)
+                    out_fs.makedirs(join(out_root, MANIFEST_DIR), exist_ok=True)
+                write_whole(out_fs, join(out_root, MANIFEST_DIR, task.task_id + ".json"),
+                            json.dumps({"task_id": task.task_id, "rel": task.rel, "run_id": config.run_id,
+                                        "files": files.written}))
+                files.commit(fence)
+            # the files' last bytes (their footers), written while committing, count as writing, not committing
+            clock.add("commit", -(writing.wall["write"] - written_before[0]),
+                      -(writing.cpu["write"] - written_before[1]))
         except BaseException:
             files.abort()
             raise
     result = {"task_id": task.task_id, "rel": task.rel, "source": task.source, "rows_planned": task.rows,
               "outputs": files.written, "rows_read": stats.rows_read,
-              "rows_written": {str(stream): rows for stream, rows in files.rows.items()}} | stats.summary() | {
-        "seconds": time.perf_counter() - started, "stage_seconds": dict(timings),
-        "worker_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+              "rows_written": {str(stream): rows for stream, rows in files.rows.items()}} | stats.summary()
     problem = rows_unaccounted(task.rows, result, config.mode, config.keep)
     if problem:  # never recorded complete: a --resume removes what its manifest names and runs it again
         raise OutputError(f"task {task.rel} ({unstrip(in_fs, task.path)}) {problem}; the task is not recorded "
                           "complete. Check that the input did not change during the run, then rerun with --resume.")
-    if renames_atomically(out_fs):
-        out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
-    fence(len(files.written))  # a long commit (a big upload): fenced again before the state
+    clock.merge(reading).merge(writing)
+    with clock("commit"):
+        if renames_atomically(out_fs):
+            out_fs.makedirs(join(out_root, TASKS_DIR), exist_ok=True)
+        fence(len(files.written))  # a long commit (a big upload): fenced again before the state
+    # The stats hold every stage but the state's own write (one small file), which the state cannot count.
+    result |= _figures(started, clock)
     # The last write, whole or not at all: its presence means "this task is complete".
     state = json.dumps(result).encode()
     write_whole(out_fs, join(out_root, TASKS_DIR, task.task_id + ".json"), state)
     return result | {"state_bytes": len(state)}  # a batch state's copy is used only while sizes match
+
+
+def _figures(started: float, clock: StageClock) -> dict:
+    wall, cpu = clock.figures()
+    return {"seconds": time.perf_counter() - started, "stage_seconds": wall, "stage_cpu_seconds": cpu,
+            "worker_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def _score_and_write(task: Task, worker: Worker, source, in_fs, files: OutputFiles, stats: "TaskStats", scorers,
+                     clock: StageClock, reading: StageClock, writing: StageClock) -> None:
+    """Every batch of the task read and decoded, scored, routed and encoded into ``files``: with
+    ``config.overlap`` the reading a thread ahead and the writing a thread behind (overlap.py), else in
+    turn in this thread. Each thread times its stages on its own clock."""
+    config = worker.config
+    columns = _read_columns(task, config, source.schema.names)
+    source.handle.clock = reading  # the storage reads of the batches are the read-ahead thread's
+
+    def batches():
+        rows = task_batches(task, in_fs, config.batch_rows, reading, columns, source,
+                            own_decoder=config.parquet_codec == "own")
+        source_file = unstrip(in_fs, canonical_file_name(in_fs, task.path))  # one spelling, whatever was typed
+        while True:
+            with reading("decode"):
+                item = next(rows, None)
+                if item is None:
+                    return
+                batch, npy, first_row = item
+                table = _with_added_columns(pa.Table.from_batches([batch]), npy, first_row, source_file, config)
+            yield table, npy
+
+    def write(scored) -> None:
+        with writing("encode"):
+            route(scored.table, scored.ok, scored.unsafe, scored.reasons, config, files)
+
+    if not config.overlap:  # one thread: every stage of the task in turn (job.overlap_wanted)
+        for table, npy in batches():
+            with clock("score"):
+                scored = score_batch(table, npy, config.targets, scorers, Counter())
+                stats.add(scored)
+            write(scored)
+    else:
+        with WriteBehind(write, name=f"clip-nsfw-write-{task.task_id}") as writer:
+            for table, npy in read_ahead(batches, name=f"clip-nsfw-read-{task.task_id}"):
+                with clock("score"):
+                    scored = score_batch(table, npy, config.targets, scorers, Counter())
+                    stats.add(scored)
+                writer.submit(scored)
+            writer.finish()
+    # storage reads and writes were timed inside decoding and encoding: count them once, as read and write
+    for clock_, outer, inner in ((reading, "decode", "read"), (writing, "encode", "write")):
+        clock_.wall[outer] -= clock_.wall[inner]
+        clock_.cpu[outer] -= clock_.cpu[inner]
 
 
 def _with_added_columns(table: pa.Table, npy: np.ndarray | None, first_row: int, source_file: str,

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from clip_nsfw_spark.contract import TaskConfig
 from clip_nsfw_spark.errors import LeaseLostError
+from clip_nsfw_spark.executor.stages import StageClock, TimedFile
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.parquet.splice import SplicedParquetWriter, leaf_paths
 from clip_nsfw_spark.scoring.batch import set_column
@@ -135,10 +136,12 @@ class AtomicParquet:
     (s3fs's ``mv`` is a server-side copy plus a delete: every byte written twice), but an object appears only
     when its upload completes: there the file is built on the executor's local disk (``SPARK_LOCAL_DIRS``,
     else the temp folder) and uploaded under its final name at commit, once.
+
+    ``clock``: the file's writes are timed as "write" on it (stages.TimedFile).
     """
 
     def __init__(self, fs, root: str, rel: str, schema: pa.Schema, compression: str | dict[str, str],
-                 own_encoder: bool = True):
+                 own_encoder: bool = True, clock: StageClock | None = None):
         self.fs, self.final = fs, join(root, rel)
         self.spooled = not renames_atomically(fs)
         if self.spooled:
@@ -149,6 +152,7 @@ class AtomicParquet:
             self.tmp = join(root, TMP_DIR, uuid.uuid4().hex + ".parquet")
             fs.makedirs(join(root, TMP_DIR), exist_ok=True)
             self._handle = fs.open(self.tmp, "wb")
+        self._handle = TimedFile(self._handle, clock or StageClock(), "write")  # storage writes, timed apart
         # every page carries its CRC-32: a reader that checks them (pyarrow's page_checksum_verification,
         # this job's own reader) refuses a page damaged after it was written instead of reading wrong values
         options = {"compression": compression, "use_dictionary": scalar_columns(schema),
@@ -206,8 +210,10 @@ class OutputFiles:
     ``rows`` counts the rows written per stream; ``paths`` the relative path of every file made.
     """
 
-    def __init__(self, fs, root: str, rel: str, config: TaskConfig, schemas: dict[Stream, pa.Schema]):
+    def __init__(self, fs, root: str, rel: str, config: TaskConfig, schemas: dict[Stream, pa.Schema],
+                 clock: StageClock | None = None):
         self.fs, self.root, self.config, self.schemas = fs, root, config, schemas
+        self.clock = clock or StageClock()  # the files' storage writes are timed on it (stages.TimedFile)
         self.paths = output_paths(rel, config.mode)
         self._files: dict[Stream, AtomicParquet] = {}
         try:
@@ -223,7 +229,7 @@ class OutputFiles:
             schema = self.schemas[stream]
             codecs = column_compression(schema, self.config.compression, self.config.embedding_compression)
             self._files[stream] = AtomicParquet(self.fs, self.root, self.paths[stream], schema, codecs,
-                                                own_encoder=self.config.parquet_codec == "own")
+                                                own_encoder=self.config.parquet_codec == "own", clock=self.clock)
         return self._files[stream]
 
     def write(self, stream: Stream, table: pa.Table) -> None:

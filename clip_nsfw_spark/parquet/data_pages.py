@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from clip_nsfw_spark.parquet.checksum import crc32
 from clip_nsfw_spark.parquet.chunk_plan import ChunkPlan
 from clip_nsfw_spark.parquet.errors import Damaged, NotUniform, Undecodable
 from clip_nsfw_spark.parquet.levels import check_def_levels, check_rep_levels
@@ -102,9 +103,9 @@ def check_uniform_page(plan: ChunkPlan, filled: int, page: DataPage) -> None:
 def check_crc(header: dict, body: np.ndarray) -> None:
     """``Damaged`` when the page header records a CRC-32 that its bytes do not have."""
     recorded = header.get(PageHeader.CRC)
-    if recorded is not None and zlib.crc32(body) != recorded & 0xFFFFFFFF:
+    if recorded is not None and crc32(body) != recorded & 0xFFFFFFFF:
         raise Damaged(f"page CRC-32 mismatch: the header records {recorded & 0xFFFFFFFF:#010x}, the "
-                      f"{body.shape[0]} bytes have {zlib.crc32(body):#010x}")
+                      f"{body.shape[0]} bytes have {crc32(body):#010x}")
 
 
 def decompress(body: np.ndarray, size: int, codec: str | None) -> np.ndarray:

@@ -21,13 +21,13 @@ tests/parquet/test_splice.py, bench/writer_compat.py).
 
 from __future__ import annotations
 
-import zlib
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_nsfw_spark.parquet.checksum import crc32
 from clip_nsfw_spark.parquet.spec import (FLOAT_LEAVES, ColumnChunk, ColumnMetaData, CompressionCodec, DataPageHeader,
                                           Encoding, FileMetaData, PageEncodingStats, PageHeader, PageType, RowGroup,
                                           SchemaElement)
@@ -288,7 +288,7 @@ class SplicedParquetWriter:
             body = values[first * d:(first + n) * d]
             levels = _levels(n, d, leaf.max_def)
             size = len(levels) + body.nbytes
-            crc = [Field(PageHeader.CRC, I32, _signed32(zlib.crc32(body, zlib.crc32(levels))))] \
+            crc = [Field(PageHeader.CRC, I32, _signed32(crc32(body, crc32(levels))))] \
                 if self._checksums else []
             header = encode_struct([
                 Field(PageHeader.TYPE, I32, PageType.DATA_PAGE), Field(PageHeader.UNCOMPRESSED_PAGE_SIZE, I32, size),

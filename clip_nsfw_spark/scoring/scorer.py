@@ -115,6 +115,11 @@ def scorer_for(head):
     scorer = _SCORERS.get(head.sha256)
     if scorer is None:
         scorer = scorer_from_portable(head.data, name=head.name, sha256=head.sha256)
+        if isinstance(scorer, NumpyScorer):
+            # numba loads (or compiles) a kernel per input type at its first call: here, with the model,
+            # not inside the first batch's scoring (the job's report counts model load apart from scoring)
+            for dtype in (np.float16, np.float32):
+                scorer(np.zeros((1, scorer.dim), dtype))
         _SCORERS[head.sha256] = scorer
     return scorer
 

@@ -1,10 +1,10 @@
 """Spark glue, and the only module that imports pyspark.
 
-The job's work is described as a DataFrame of partition numbers (``spark.range``) processed with
-``mapInArrow``: it runs the same on classic Spark and on Spark Connect (no SparkContext, no RDDs, no
-broadcast variables). The closure carries the config and the portable weights (~2 MB); the tasks travel as
-a broadcast-joined DataFrame, the job tasks of one Spark partition per row (small tasks share a Spark task:
-``pack_tasks``). Each Python worker builds its scorer once (worker.scorer_for).
+The job's tasks are packed into Spark partitions (small tasks share a Spark task: ``pack_tasks``) and run by
+``map_parts``: on classic Spark an RDD of one part per partition, on Spark Connect (no SparkContext, no
+RDDs, no broadcast variables) a DataFrame of one part per row processed with ``mapInArrow``. The closure
+carries the config and the portable weights (~2 MB); the tasks travel as data. Each Python worker builds
+its scorer once (worker.scorer_for).
 """
 
 from __future__ import annotations
@@ -176,13 +176,8 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
         """Run ``worker`` (worker.Worker: Task → stats) over ``tasks``, packed into Spark tasks."""
         if not tasks:
             return []
-        # The tasks travel as data, not in the closure: PySpark unpickles a task's closure for every task, so
-        # a task list inside it costs every task the whole list (seconds each at 1M tasks). Joined to a
-        # one-row-per-partition range as a broadcast (built once per executor, as the closure was shipped),
-        # partition i holds the tasks of part i and nothing else, on classic Spark and Spark Connect alike.
-        rows = _collect(spark, task_frame(spark, pack_tasks(list(tasks), _cores(spark), partition_rows))
-                        .mapInArrow(partition_runner(worker), PARTITION_RESULT))
-        results = [pickle.loads(row.result) for row in rows]
+        parts = pack_tasks(list(tasks), _cores(spark), partition_rows)
+        results = [pickle.loads(data) for data in map_parts(spark, parts, partition_runner(worker))]
         failed = [error for result in results for error in result.pop("errors")]
         if failed:
             more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
@@ -192,6 +187,7 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
         return results
 
     run.read_footers = footer_reader(spark)
+    run.cores = _cores(spark)  # the task phase's core-seconds (the report's account of them)
     return run
 
 
@@ -209,8 +205,13 @@ def lazy_spark_runner(start_session, partition_rows: int = PARTITION_ROWS):
         return started[0]
 
     def run(tasks, worker):
-        return runner()(tasks, worker) if tasks else []
+        if not tasks:
+            return []
+        started_runner = runner()
+        run.cores = started_runner.cores
+        return started_runner(tasks, worker)
 
+    run.cores = None
     run.read_footers = lambda *args: runner().read_footers(*args)
     run.started = lambda: bool(started)
     run.startup_seconds = 0.0
@@ -225,43 +226,71 @@ def footer_reader(spark):
 
         parts = [items[i:i + FOOTERS_PER_SPARK_TASK] for i in range(0, len(items), FOOTERS_PER_SPARK_TASK)]
 
-        def process_partition(batches):
-            import pyarrow as pa
-
+        def process_partition(parts_here):
             from clip_nsfw_spark.driver.planner import read_footers_here
 
-            for part in parts_in(batches):
+            for part in parts_here:
                 found = read_footers_here(input_url, storage_options, part)
-                yield pa.RecordBatch.from_pydict({"first": [part[0][0]], "result": [json.dumps(found)]})
+                yield json.dumps({"first": part[0][0], "result": found}).encode()
 
-        rows = _collect(spark, task_frame(spark, parts).mapInArrow(process_partition, "first string, result string"))
-        by_first = {row.first: json.loads(row.result) for row in rows}
+        by_first = {record["first"]: record["result"]
+                    for record in map(json.loads, map_parts(spark, parts, process_partition))}
         return [result for part in parts for result in by_first[part[0][0]]]
 
     return read
 
 
-# What a Spark partition of job tasks sends back: one pickled record, contract.sum_of_tasks plus ``errors``,
+# What a Spark partition of job tasks sends back (on Spark Connect, as this Arrow column): one pickled record, contract.sum_of_tasks plus ``errors``,
 # each task's exception as a typed value (the exception itself, pickled apart, with its class name and
 # message beside it): the driver raises the same class, never a class looked up by its name, and a class
 # it cannot load (a module only executors have) still comes back as a TaskError with its name and message.
 PARTITION_RESULT = "result binary"
 
 
-def partition_runner(worker):
-    """The function ``mapInArrow`` runs in each Spark partition: its tasks, one after the other, each retried
-    in place on a ``TaskError``; one record back (``PARTITION_RESULT``)."""
+def map_parts(spark, parts: list, process) -> list[bytes]:
+    """``process`` (an iterator of parts → an iterator of bytes) run on Spark with one part per Spark
+    partition; every partition's bytes, collected.
 
-    def process_partition(batches):
+    The parts travel as data, not in the closure: PySpark unpickles a task's closure for every task, so a task
+    list inside it would cost every task the whole list (seconds each at 1M tasks). On classic Spark, an RDD
+    of one part per slice (``parallelize``: partition i holds part i and nothing else); on Spark Connect,
+    which has no RDDs, ``task_frame``'s DataFrame through ``mapInArrow``. The RDD's way costs a fresh session
+    ~2.4 s less before its first Python task and ~2.6 s less of the JVM's CPU (no SQL plan, broadcast join or
+    generated code: measured with ``python bench/bench.py --plumbing``, docs/performance.md).
+    """
+    if not _is_connect(spark):
+        return _collect(spark, spark.sparkContext.parallelize(parts, len(parts)).mapPartitions(process))
+
+    def arrow(batches):
+        import pyarrow as pa
+
+        for data in process(parts_in(batches)):
+            yield pa.RecordBatch.from_pydict({"result": [data]}, schema=pa.schema([("result", pa.binary())]))
+
+    return [row.result for row in _collect(spark, task_frame(spark, parts).mapInArrow(arrow, PARTITION_RESULT))]
+
+
+def partition_runner(worker):
+    """The function each Spark partition runs (``map_parts``) over its part(s) of tasks: the tasks one after
+    the other, each retried in place on a ``TaskError``; one record back per part (``PARTITION_RESULT``)."""
+
+    def process_partition(parts):
         import time
 
-        import pyarrow as pa
         from pyspark import cloudpickle
 
-        from clip_nsfw_spark.contract import sum_of_tasks
+        from clip_nsfw_spark.contract import add_figures, sum_of_tasks
         from clip_nsfw_spark.errors import ClipNsfwError, TaskError
+        from clip_nsfw_spark.executor.stages import StageClock, process_seconds_once
 
-        for part in parts_in(batches):
+        before = process_seconds_once()  # this process's start and imports, counted by its first Spark task
+        clock = StageClock()
+        parts = iter(parts)
+        while True:
+            with clock("transfer"):  # the Spark task's job tasks, as received
+                part = next(parts, None)
+            if part is None:
+                return
             completed, errors = [], []
             for task in part:
                 for attempt in range(1, TASK_ATTEMPTS + 1):
@@ -276,11 +305,16 @@ def partition_runner(worker):
                     except ClipNsfwError as err:
                         errors.append(_as_value(err))
                         break
-            if hasattr(worker, "record_together"):  # one batch state: a resume reads it, not one per task
-                worker.record_together(completed)
-            record = sum_of_tasks(completed) | {"errors": errors}
-            yield pa.RecordBatch.from_pydict({"result": [cloudpickle.dumps(record)]},
-                                             schema=pa.schema([("result", pa.binary())]))
+            with clock("commit"):
+                if hasattr(worker, "record_together"):  # one batch state: a resume reads it, not one per task
+                    worker.record_together(completed)
+            with clock("transfer"):
+                record = sum_of_tasks(completed) | {"errors": errors}
+                wall, cpu = clock.figures()
+                stages = {"stage_seconds": before | wall, "stage_cpu_seconds": before | cpu}
+                record["figures"] = add_figures(record["figures"], stages)
+                before, clock = {}, StageClock()
+            yield cloudpickle.dumps(record)
 
     return process_partition
 

@@ -1,6 +1,5 @@
 """reader.py: a task → exactly its rows, in order, in bounded batches, with the npy rows that belong to them."""
 
-from collections import Counter
 
 import fsspec
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from clip_nsfw_spark.errors import InputChangedError, InputError
 from clip_nsfw_spark.contract import Task
 from clip_nsfw_spark.executor.reader import open_parquet, read_npy_rows, task_batches
+from clip_nsfw_spark.executor.stages import StageClock
 
 LOCAL = fsspec.filesystem("file")
 
@@ -25,8 +25,8 @@ def numbered_parquet(path, rows: int, row_group: int, dim: int = 3) -> pa.Table:
     return table
 
 
-def read(task, batch_rows, columns=None, timings=None):
-    return list(task_batches(task, LOCAL, batch_rows, Counter() if timings is None else timings, columns))
+def read(task, batch_rows, columns=None, clock=None):
+    return list(task_batches(task, LOCAL, batch_rows, StageClock() if clock is None else clock, columns))
 
 
 def test_a_parquet_task_yields_exactly_its_row_groups_in_order(tmp_path):
@@ -70,12 +70,18 @@ def test_a_task_whose_row_groups_hold_other_rows_than_planned_reads_nothing(tmp_
         read(Task("parquet", path, "a.parquet", (1, 2), rows=16), 6)
 
 
-def test_read_seconds_are_counted(tmp_path):
+def test_storage_reads_are_timed_apart_from_decoding(tmp_path):
+    """The file's reads (its handle, on open_parquet's clock) are the "read" stage; the npy rows' reads are
+    timed on task_batches' clock; nothing else is timed by the reader (decoding is the caller's)."""
     path = str(tmp_path / "a.parquet")
     numbered_parquet(path, 20, row_group=8)
-    timings = Counter()
-    read(Task("parquet", path, "a.parquet", (0, 1, 2), rows=20), 6, timings=timings)
-    assert timings["read"] > 0 and set(timings) == {"read"}
+    task = Task("parquet", path, "a.parquet", (0, 1, 2), rows=20)
+    opening, reading = StageClock(), StageClock()
+    with open_parquet(task, LOCAL, opening) as source:
+        assert opening.wall["read"] > 0 and set(opening.wall) == {"read"}  # the footer
+        source.handle.clock = reading
+        list(task_batches(task, LOCAL, 6, StageClock(), source=source))
+    assert reading.wall["read"] > 0 and reading.cpu["read"] >= 0 and set(reading.wall) == {"read"}
 
 
 def test_the_opened_files_schema_is_its_arrow_schema(tmp_path):

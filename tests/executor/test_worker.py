@@ -30,7 +30,7 @@ HEAD = Head("first-value", "0" * 64, b"")
 FIRST = [0.0, 0.15, 0.25, 0.55, 0.65, 1.0, -0.5, 1.5, None, 0.5]  # 0 and 1 are inside [0, 1]
 STATE_KEYS = {"task_id", "rel", "source", "rows_planned", "outputs", "rows_read", "rows_written", "rows_unsafe",
               "rows_rejected", "rejected_by_reason", "histograms", "outside_0_1", "unsafe_by_column", "seconds",
-              "stage_seconds", "worker_max_rss_mb"}
+              "stage_seconds", "stage_cpu_seconds", "worker_max_rss_mb"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +59,22 @@ def write_input(folder, first=FIRST, row_group=4):
     return table
 
 
+OVERLAP = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["in-turn", "overlapped"])
+def overlap_mode(request):
+    """Every test here twice: stages in turn, and read-ahead/write-behind threads (executor/overlap.py)."""
+    OVERLAP[0] = request.param
+    yield request.param
+    OVERLAP[0] = False
+
+
 def task_config(tmp_path, **changes) -> TaskConfig:
     values = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), storage_options={}, layout="parquet",
                   mode="split", keep="safe", targets=(ScoreTarget("emb", (ScoreOutput("p", 0, 0.5),)),),
                   reason_column="why", write_columns=None, row_ids=False, write_embeddings=False,
-                  compression="zstd", batch_rows=3, histogram_bins=10)
+                  compression="zstd", batch_rows=3, histogram_bins=10, overlap=OVERLAP[0])
     return TaskConfig(**(values | changes))
 
 
@@ -91,7 +102,9 @@ def test_a_task_writes_its_streams_and_a_state_file_of_its_statistics(tmp_path):
     assert stats["unsafe_by_column"] == {"p": 5}
     # Valid scores in [0, 1] are binned; raw-output heads' values outside it are counted apart.
     assert stats["histograms"] == {"p": [1, 1, 1, 0, 0, 2, 1, 0, 0, 1]} and stats["outside_0_1"] == {"p": [1, 1]}
-    assert set(stats["stage_seconds"]) == {"read", "score", "write"}
+    # every stage of a task is timed, wall and CPU (executor/stages.py); "model" only where a scorer was built
+    assert set(stats["stage_seconds"]) - {"model"} == set(stats["stage_cpu_seconds"]) - {"model"} \
+        == {"open", "read", "decode", "score", "encode", "write", "commit"}
     out = tmp_path / "out"
     assert stats["outputs"] == ["_rejected/a.parquet", "safe/a.parquet", "unsafe/a.parquet"]
     assert files_under(out) == sorted(stats["outputs"] + [f"{TASKS_DIR}/{task.task_id}.json",

@@ -441,3 +441,64 @@ def test_the_driver_turns_each_url_into_a_filesystem_once_per_run(tmp_path, monk
             monkeypatch.setattr(module, "filesystem", counting)
     run_job(config)
     assert opened == {str(tmp_path / "in"): 1, str(tmp_path / "out"): 1}
+
+
+def _data_files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))
+            if not any(part.startswith("_") for part in p.relative_to(root).parts)}
+
+
+@needs_models
+@pytest.mark.parametrize("mode", ["annotate", "split"])
+def test_overlapped_stages_write_the_same_bytes_as_stages_in_turn(tmp_path, spark_runner, mode):
+    """Read-ahead and write-behind threads (overlap: on) change when a batch is read, scored and written,
+    never what is written: every output file is byte-identical to one written with the stages in turn,
+    on Spark and in process, with batches much smaller than row groups (many batches in flight)."""
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=5000, files=2, row_group_rows=700)
+    runs = {(overlap, where): run(source, tmp_path / f"{overlap}-{where}", spark_runner if where == "spark" else None,
+                                  mode=mode, overlap=overlap, batch_rows=333)
+            for overlap in ("on", "off") for where in ("spark", "local")}
+    first = _data_files(tmp_path / "off-local")
+    assert len(first) == (2 if mode == "annotate" else 4)
+    for overlap, where in runs:
+        assert _data_files(tmp_path / f"{overlap}-{where}") == first, (overlap, where)
+        assert runs[overlap, where]["rows"] == runs["off", "local"]["rows"]
+
+
+def test_overlap_auto_is_on_where_tasks_would_wait_for_storage_or_leave_cores_idle(tmp_path):
+    from clip_nsfw_spark.driver.job import overlap_wanted
+    from clip_nsfw_spark.storage.filesystem import open_run_stores
+
+    local = open_run_stores(str(tmp_path / "in"), str(tmp_path / "out"))
+    import s3fs
+    remote_input = dataclasses.replace(local, in_fs=s3fs.S3FileSystem(anon=True))
+    assert overlap_wanted(JobConfig(input="in", output="out"), remote_input, in_process=False)  # waits for S3
+    assert not overlap_wanted(JobConfig(input="in", output="out"), local, in_process=False)  # Spark, local disk
+    assert overlap_wanted(JobConfig(input="in", output="out"), local, in_process=True)  # one task at a time here
+    assert overlap_wanted(JobConfig(input="in", output="out", overlap="on"), local, in_process=False)
+    assert not overlap_wanted(JobConfig(input="in", output="out", overlap="off"), local, in_process=True)
+    with pytest.raises(ConfigError, match="overlap"):
+        JobConfig(input="in", output="out", overlap="sometimes")
+
+
+@needs_models
+def test_the_report_accounts_for_every_core_second_of_the_task_phase(tmp_path, spark_runner):
+    """task_phase_core_seconds: cores × the phase's wall seconds = the CPU seconds of every stage + idle; on
+    Spark the Python workers' own start and imports are counted (once per worker process)."""
+    from clip_nsfw_spark.executor.stages import PROCESS_STAGES, TASK_STAGES
+
+    source = tmp_path / "in"
+    write_parquet_sample(str(source), rows=4000, files=4)
+    for runner, name in ((spark_runner, "spark"), (None, "local")):
+        report = run(source, tmp_path / name, runner)
+        account = report["task_phase_core_seconds"]
+        assert account["cores"] == (spark_runner.cores if runner else len(os.sched_getaffinity(0)))
+        assert account["wall_seconds"] == report["durations_seconds"]["run"]
+        stages = account["by_stage"]
+        assert list(stages)[:len(PROCESS_STAGES) + len(TASK_STAGES)] == \
+            ["worker_start", "imports", "model", *TASK_STAGES, "transfer"]
+        assert sum(stages.values()) == pytest.approx(account["core_seconds"], abs=0.01)
+        assert stages["score"] > 0 and stages["decode"] > 0 and stages["encode"] > 0
+        assert account["rows_per_core_second"] == pytest.approx(4000 / account["core_seconds"], rel=0.01)
+        assert set(report["task_stage_seconds"]) >= set(TASK_STAGES)

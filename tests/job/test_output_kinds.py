@@ -2,7 +2,6 @@
 reading only the needed columns, no statistics on embedding columns; every mode readable by pyarrow and
 by Spark where Spark can read the types."""
 
-from collections import Counter
 
 import os
 
@@ -17,6 +16,7 @@ from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.driver.planner import plan
 from clip_nsfw_spark.tools.sample import embedding_array, embeddings, metadata, write_laion_sample, write_parquet_sample
 from clip_nsfw_spark.executor.reader import task_batches
+from clip_nsfw_spark.executor.stages import StageClock
 from conftest import needs_models
 
 
@@ -117,7 +117,7 @@ def test_tasks_read_only_the_columns_asked_for(tmp_path):
     import fsspec
 
     task = plan(JobConfig(input=str(tmp_path / "in"), output="o")).tasks[0]
-    batches = list(task_batches(task, fsspec.filesystem("file"), 64, Counter(), ["key", "embedding"]))
+    batches = list(task_batches(task, fsspec.filesystem("file"), 64, StageClock(), ["key", "embedding"]))
     assert {tuple(b.schema.names) for b, _, _ in batches} == {("key", "embedding")}
     assert [first for _, _, first in batches] == [0, 64, 100, 164, 200, 264]
 

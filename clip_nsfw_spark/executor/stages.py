@@ -1,0 +1,119 @@
+"""Where a worker's seconds go: wall and CPU seconds per stage, per thread, and the worker process's own.
+
+A task's stages (``TASK_STAGES``) are timed by the thread that runs them (``StageClock``): wall seconds,
+and the thread's CPU seconds (``time.thread_time``: a thread waiting for IO, for the GIL or for another
+stage's queue uses none). With read-ahead and write-behind threads (worker.py) the stages of one task
+overlap: their wall seconds can add up to more than the task's, their CPU seconds cannot exceed what the
+cores gave. So the run's account of core-seconds (driver/report.py) is made of CPU seconds: each stage's,
+the process's own (``PROCESS_STAGES``, counted once per Python process), and the rest of ``cores × the
+task phase's wall seconds`` as idle (or spent outside the Python workers: Spark's JVM, scheduling).
+
+``TimedFile`` wraps a file object to tell its reads or writes (storage) from the work around them
+(decoding, encoding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+
+# A task's stages, in pipeline order. open: the input opened and its footer read, the output files
+# created; read: bytes read from storage; decode: those bytes into Arrow/numpy batches; score: embeddings
+# checked and scored; encode: scored batches routed and encoded as parquet; write: bytes written to
+# storage; commit: files moved or uploaded into place, the manifest and the state written.
+TASK_STAGES = ("open", "read", "decode", "score", "encode", "write", "commit")
+# Paid once per Python worker process, before or at its first task: worker_start: the process started
+# (forked) and set up by PySpark until this package's first import; imports: this package and what it
+# imports, and the first Spark task's function unpickled; model: the scorers built and their kernels
+# loaded (numba's on-disk cache) or compiled. transfer: a Spark task's tasks received and its result sent.
+PROCESS_STAGES = ("worker_start", "imports", "model", "transfer")
+
+
+class StageClock:
+    """Seconds per stage of one thread: ``wall[stage]`` and ``cpu[stage]`` (this thread's CPU).
+
+    ``with clock("score"): ...`` times a block; ``clock.add(...)`` adds measured seconds. Not shared
+    between threads: each thread has its own clock, merged into one with ``merge``.
+    """
+
+    def __init__(self):
+        self.wall: Counter = Counter()
+        self.cpu: Counter = Counter()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.wall[stage] += time.perf_counter() - wall
+            self.cpu[stage] += time.thread_time() - cpu
+
+    def add(self, stage: str, wall: float, cpu: float) -> None:
+        self.wall[stage] += wall
+        self.cpu[stage] += cpu
+
+    def merge(self, other: "StageClock") -> "StageClock":
+        self.wall.update(other.wall)
+        self.cpu.update(other.cpu)
+        return self
+
+    def figures(self) -> tuple[dict, dict]:
+        """``(wall seconds, CPU seconds)`` by stage, rounded to microseconds, stages never timed left out."""
+        return ({k: round(v, 6) for k, v in self.wall.items() if v},
+                {k: round(v, 6) for k, v in self.cpu.items() if v})
+
+
+class TimedFile:
+    """A file object whose ``read``/``readinto``/``write`` calls are timed as ``stage`` on ``clock``;
+    everything else is the wrapped file's. ``clock`` may be replaced when another thread takes the file
+    over (each thread times on its own clock); the file is used by one thread at a time."""
+
+    def __init__(self, file, clock: StageClock, stage: str):
+        self._file, self.clock, self._stage = file, clock, stage
+
+    def _timed(self, method, *args):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return method(*args)
+        finally:
+            self.clock.add(self._stage, time.perf_counter() - wall, time.thread_time() - cpu)
+
+    def read(self, *args):
+        return self._timed(self._file.read, *args)
+
+    def readinto(self, buffer):
+        return self._timed(self._file.readinto, buffer)
+
+    def write(self, data):
+        return self._timed(self._file.write, data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+_process_counted = False
+
+
+def process_seconds_once() -> dict:
+    """``{"worker_start": s, "imports": s}``, CPU seconds of this process before its first task, the first time
+    it is called in a process; ``{}`` after that (a reused Python worker counts them once).
+
+    worker_start: the process's CPU seconds until this package began to import (``clip_nsfw_spark.IMPORTED_AT_CPU``;
+    a Python worker forked by PySpark's daemon starts from zero at its fork); imports: from then until now.
+    """
+    global _process_counted
+    if _process_counted:
+        return {}
+    _process_counted = True
+    import clip_nsfw_spark
+
+    at_import = clip_nsfw_spark.IMPORTED_AT_CPU
+    return {"worker_start": round(at_import, 6), "imports": round(time.process_time() - at_import, 6)}
