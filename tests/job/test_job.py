@@ -283,19 +283,21 @@ def test_executors_never_import_tensorflow(tmp_path, spark, spark_runner, prepar
     dataclasses.replace(weights, metadata=weights.metadata | {"test": str(tmp_path)}).save(own)
     sha256 = hashlib.sha256(own.read_bytes()).hexdigest()
 
-    def modules(batches):
+    def modules(parts):
         import sys
-
-        import pyarrow as pa
 
         from clip_nsfw_spark.scoring import scorer
 
-        for _ in batches:
+        for _ in parts:
             heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
-            yield pa.RecordBatch.from_pydict({"heavy": [",".join(heavy)], "scorers": [",".join(scorer._SCORERS)]})
+            yield json.dumps({"heavy": ",".join(heavy), "scorers": ",".join(scorer._SCORERS)}).encode()
 
-    def probe():
-        return spark.range(0, 2, 1, numPartitions=2).mapInArrow(modules, "heavy string, scorers string").collect()
+    def probe():  # the way the job's tasks run (map_parts), so in the Python workers that ran them
+        from types import SimpleNamespace
+
+        from clip_nsfw_spark.spark.runner import map_parts
+
+        return [SimpleNamespace(**json.loads(data)) for data in map_parts(spark, [[0], [1]], modules)]
 
     assert not any(sha256 in r.scorers.split(",") for r in probe())
     source = tmp_path / "in"

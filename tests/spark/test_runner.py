@@ -59,7 +59,8 @@ def test_sums_of_sums_are_the_sum_and_the_peak_memory_is_the_largest():
     a, b, c = stats("a", 5, [1, 4]), stats("b", 7, [2, 5], rss=30.0, written={"unsafe": 1}), stats("c", 1, [0, 1])
     whole = add_figures(add_figures(add_figures({}, a), b), c)
     assert whole == {"rows_read": 13, "rows_unsafe": 3, "rows_written": {"safe": 4, "unsafe": 1},
-                     "rejected_by_reason": {}, "stage_seconds": {"read": 1.5}, "histograms": {"p": [3, 10]},
+                     "rejected_by_reason": {}, "stage_seconds": {"read": 1.5}, "stage_cpu_seconds": None,
+                     "histograms": {"p": [3, 10]},
                      "outside_0_1": {"p": [0, 3]}, "unsafe_by_column": {"p": 3}, "worker_max_rss_mb": 30.0}
     split = sum_of_tasks([a, b])
     assert split[TASKS_SUMMED] == ["a", "b"] and set(split["figures"]) == set(REPORT_FIGURES)
@@ -111,7 +112,10 @@ def test_small_tasks_share_spark_tasks_and_come_back_summed(spark, tmp_path):
     for result in results:
         per_partition = add_figures(per_partition, result["figures"])
     assert per_partition["rows_read"] == 400 and per_partition["histograms"] == {"p": [400, 0]}
-    assert sorted(per_partition["stage_seconds"].values()) == [5.0] * (cores * PARTITIONS_PER_CORE)
+    by_partition = {k: v for k, v in per_partition["stage_seconds"].items() if k.startswith("partition ")}
+    assert sorted(by_partition.values()) == [5.0] * (cores * PARTITIONS_PER_CORE)
+    # and each Spark task's own seconds: its transfer, its batch state; each worker process's start once
+    assert {"transfer", "commit", "worker_start", "imports"} <= set(per_partition["stage_cpu_seconds"])
     for task in listed:  # every task ran once; the flaky one again in place after its failure
         assert open(tmp_path / task.rel).read() == "run\n"
 
