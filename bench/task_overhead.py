@@ -4,8 +4,10 @@ Each ``--tasks`` count runs in its own process (its own driver and JVM, so peak 
 job tasks with realistic descriptions (~10,000 rows each, long S3 paths) go through the job's Spark runner
 (spark/runner.py: packed into Spark tasks, results summed there), and, as the baseline, one job task per
 Spark task (the runner before packing). A million tasks would take hours to run one by one on two cores,
-so the first ``--run-partitions`` Spark tasks of the full plan run, over the broadcast table of every task:
-what each costs does not depend on how many run. Printed per count and way: the driver's seconds to pack
+so the first ``--run-partitions`` Spark tasks of the full plan run (``SparkContext.runJob`` over the
+partitions of the job's RDD of every part: spark/runner.map_parts): what each costs does not depend on how
+many run. (Figures before issue #27 were measured on the DataFrame the runner used then: a broadcast table
+of every task joined to ``spark.range``.) Printed per count and way: the driver's seconds to pack
 and ship the tasks, ms per Spark task and per job task, and the peak RSS of the driver's Python process and
 of its JVM (VmHWM).
 
@@ -66,22 +68,23 @@ def jvm_pid() -> int | None:
 
 
 def one_count(count: int, run_partitions: int, master: str, ways: list[str]) -> dict:
-    from clip_nsfw_spark.spark.runner import (PARTITION_RESULT, _cores, pack_tasks, partition_runner, spark_session,
-                                              task_frame)
+    from clip_nsfw_spark.spark.runner import _cores, map_parts, pack_tasks, partition_runner, spark_session
 
     row = {"tasks": count}
     with spark_session(master, conf={"spark.ui.enabled": "false"}) as spark:
         warm = pack_tasks(tasks(8), _cores(spark))  # start the Python workers before timing
-        task_frame(spark, warm).mapInArrow(partition_runner(NoOpWorker()), PARTITION_RESULT).collect()
+        map_parts(spark, warm, partition_runner(NoOpWorker()))
         listed = tasks(count)
         for way in ways:
             started = time.perf_counter()
             parts = pack_tasks(listed, _cores(spark)) if way == "packed" else [[task] for task in listed]
             run = min(len(parts), run_partitions)
-            frame = task_frame(spark, parts, run=run).mapInArrow(partition_runner(NoOpWorker()), PARTITION_RESULT)
+            # the job's way (runner.map_parts: an RDD of one part per partition), its first ``run`` partitions run
+            rdd = spark.sparkContext.parallelize(parts, len(parts)).mapPartitions(partition_runner(NoOpWorker()))
             shipped = time.perf_counter()
             try:
-                results = [pickle.loads(r.result) for r in frame.collect()]
+                results = [pickle.loads(data) for data in
+                           spark.sparkContext.runJob(rdd, lambda records: list(records), list(range(run)))]
             except Exception as err:  # noqa: BLE001 - e.g. the driver's JVM cannot broadcast the task table
                 row[way] = {"spark_tasks": len(parts), "failed": str(err).strip().splitlines()[-1][:300]
                             if "SparkException" not in str(err) else next(

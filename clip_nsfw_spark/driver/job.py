@@ -284,8 +284,8 @@ def overlap_wanted(config: JobConfig, stores: RunStores, in_process: bool) -> bo
     """The job's ``overlap`` resolved: "auto" overlaps where a task would otherwise wait for storage (an input
     or output not on a local disk) or leave cores idle (tasks run one at a time in this process); not where
     every core runs a task of its own on local files: there the stages already keep the cores busy, and
-    threads of one task competing with the other tasks cost more than they overlap (bench/bench.py
-    --overlap, docs/performance.md)."""
+    threads of one task competing with the other tasks cost more than they overlap (bench/bench.py's
+    overlap-pyarrow-f16 case, docs/performance.md)."""
     if config.overlap != "auto":
         return config.overlap == "on"
     return in_process or not (is_local(stores.in_fs) and is_local(stores.out_fs))
@@ -400,6 +400,7 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
                                       if embeddings == half else way_out))
 
     t0 = time.perf_counter()
+    started_before = getattr(runner, "startup_seconds", 0.0) or 0.0  # Spark started to read footers, if it was
     # Nothing to run (a resume of a finished output): no watcher, whose last poll would list every task's state.
     watcher = ProgressWatcher(out_fs, out_root, TASKS_DIR, {t.task_id: t.rows for t in plan.tasks}, set(done),
                               rows_before=sum(s["rows_read"] for s in done.values())) if progress and pending \
@@ -426,7 +427,8 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
                 remove(out_fs, cache)
         raise
     # A Spark started lazily for this phase (spark.runner.lazy_spark_runner) is reported apart, not as task time.
-    startup = getattr(runner, "startup_seconds", 0.0) or 0.0
+    # only a start inside the task phase (not one for the planning's footers) is taken out of it
+    startup = (getattr(runner, "startup_seconds", 0.0) or 0.0) - started_before
     durations["run"] = time.perf_counter() - t0 - startup
     if startup:
         durations["spark_start"] = startup

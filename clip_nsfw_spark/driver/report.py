@@ -48,7 +48,8 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
     return {
         "status": "succeeded",
         "config": config.redacted() | {"layout": tasks.layout, "embedding_columns": list(tasks.embedding_columns),
-                                       "score_columns": list(tasks.score_columns)},
+                                       "score_columns": list(tasks.score_columns),
+                                       "overlap_used": tasks.overlap},  # "overlap" resolved (job.overlap_wanted)
         "output": tasks.output,  # the output's canonical URL: where the run wrote, however it was spelled
         "model": {k: first[k] for k in ("name", "sha256", "dim", "source", "clip_model")},
         "heads": head_reports,
@@ -94,6 +95,8 @@ def core_seconds(run_totals: dict, cores: int | None, run_seconds: float | None,
     by_stage = {stage: round(cpu.get(stage, 0.0), 3) for stage in order}
     by_stage |= {stage: round(seconds, 3) for stage, seconds in cpu.items() if stage not in by_stage}
     total = cores * run_seconds
-    by_stage["idle"] = round(total - sum(cpu.values()), 3)  # negative only if cores were more than told
+    # negative where the stages used more cores than the runner told (a cluster that grew, a local run whose
+    # threads took every core of the machine)
+    by_stage["idle"] = round(total - sum(cpu.values()), 3)
     return {"cores": cores, "wall_seconds": round(run_seconds, 3), "core_seconds": round(total, 3),
             "by_stage": by_stage, "rows_per_core_second": round(rows / total, 1)}

@@ -7,9 +7,12 @@ where cores are free (the last tasks of a stage, an executor with more cores tha
 that waits for storage (an object store's latency, a disk's writeback) no longer stops the others.
 
 Memory stays bounded: each queue holds at most ``depth`` batches, so a task holds at most
-``2 × depth + 3`` batches at once (one in each stage, the queued ones). Order is kept (one thread per
-stage). An error in any stage stops the others and is raised in the task's own thread; so does closing
-the task early (an interrupt): no thread outlives the task that started it, and none writes after it.
+``2 × depth + 3`` batches at once (one in each stage, the queued ones). A batch may be a slice of its row
+group's whole decoded column (executor/reader.py decodes chunks up to 256 MiB whole): while the reader is
+a row group ahead, two row groups' columns can be held instead of one. Order is kept (one thread per
+stage). An error in any stage stops the others and is raised in the task's own thread, after that stage's
+thread has ended; so does closing the task early (an interrupt). A second interrupt while a thread
+finishes its item can leave that thread running for the rest of its item.
 """
 
 from __future__ import annotations
@@ -112,13 +115,15 @@ class WriteBehind:
 
     def _raise(self) -> None:
         if self._error is not None:
+            self._thread.join()  # it has ended (it set the error last): nothing of it outlives the error
             raise self._error
 
     def submit(self, item) -> None:
         while True:
             self._raise()
             if self._stop.is_set():
-                raise RuntimeError("submit after the write-behind thread stopped")
+                self._raise()  # the error is set before the stop: a stop seen now with an error is that error
+                raise RuntimeError("submit after the write-behind thread was cancelled")
             try:
                 self._items.put(item, timeout=_POLL_SECONDS)
                 return
@@ -144,5 +149,5 @@ class WriteBehind:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is not None:
+        if kind is not None or self._thread.is_alive():  # an error, or a block left without finish()
             self.cancel()

@@ -249,6 +249,8 @@ def _row_group_batches(source: OpenParquet, groups, batch_rows: int, columns: li
     (measured: 1.6 GB of RSS after 800k rows of a 2M-row file); one reader per group peaks at ~0.5 GB.
     Float-list columns parquet/ can decode come from it (whole row group then sliced, or streamed when
     the chunk is large); the other columns from pyarrow, whose batch sizes the float-list columns follow.
+    pyarrow decodes in the calling thread (``use_threads=False``): a task's reading is one thread's work, which
+    its clock can time (executor/stages.py), and each core already runs a task of its own.
     """
     for group in groups:
         try:
@@ -269,14 +271,16 @@ def _group_batches(source: OpenParquet, group: int, batch_rows: int, columns: li
     decoded = _decoded_float_lists(source, group, names, batch_rows) if own_decoder else {}
     if not decoded:
         got = 0
-        for batch in source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+        for batch in source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns,
+                                                  use_threads=False):
             got += batch.num_rows
             yield batch
         if got != rows:  # pyarrow skips pages of a type it does not know: rows would vanish unnoticed
             raise Damaged(f"its columns hold {got} rows, the footer says {rows}")
         return
     rest = [name for name in names if name not in decoded]
-    others = source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=rest) if rest else None
+    others = source.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=rest,
+                                          use_threads=False) if rest else None
     start = 0
     while start < rows:
         other = next(others, None) if others is not None else None
@@ -338,7 +342,7 @@ class _StreamedColumn:
             except Unsupported as err:
                 _log.warning("%r, row group %d: %s", self.name, self.group, err)
                 self.fallback = (batch.column(0) for batch in self.source.file.iter_batches(
-                    batch_size=self.batch_rows, row_groups=[self.group], columns=[self.name]))
+                    batch_size=self.batch_rows, row_groups=[self.group], columns=[self.name], use_threads=False))
                 self._pyarrow_rows(start, keep=False)  # the rows the stream already returned
             else:
                 if len(array) != n:

@@ -2,7 +2,8 @@
 
 A task's stages (``TASK_STAGES``) are timed by the thread that runs them (``StageClock``): wall seconds,
 and the thread's CPU seconds (``time.thread_time``: a thread waiting for IO, for the GIL or for another
-stage's queue uses none). With read-ahead and write-behind threads (worker.py) the stages of one task
+stage's queue uses none). CPU spent on threads no clock follows (an fsspec store's event loop, a
+library's own pool) is not in any stage: the account counts it as idle. With read-ahead and write-behind threads (worker.py) the stages of one task
 overlap: their wall seconds can add up to more than the task's, their CPU seconds cannot exceed what the
 cores gave. So the run's account of core-seconds (driver/report.py) is made of CPU seconds: each stage's,
 the process's own (``PROCESS_STAGES``, counted once per Python process), and the rest of ``cores × the
@@ -21,12 +22,15 @@ from collections import Counter
 # A task's stages, in pipeline order. open: the input opened and its footer read, the output files
 # created; read: bytes read from storage; decode: those bytes into Arrow/numpy batches; score: embeddings
 # checked and scored; encode: scored batches routed and encoded as parquet; write: bytes written to
-# storage; commit: files moved or uploaded into place, the manifest and the state written.
+# storage; commit: files moved or uploaded into place and the manifest written (the state file's own write,
+# the task's last, is not timed: the state holds these figures).
 TASK_STAGES = ("open", "read", "decode", "score", "encode", "write", "commit")
 # Paid once per Python worker process, before or at its first task: worker_start: the process started
 # (forked) and set up by PySpark until this package's first import; imports: this package and what it
 # imports, and the first Spark task's function unpickled; model: the scorers built and their kernels
-# loaded (numba's on-disk cache) or compiled. transfer: a Spark task's tasks received and its result sent.
+# loaded (numba's on-disk cache) or compiled. transfer: a Spark task's tasks taken from what Spark sent and
+# its record of results put together (pickling it and sending it are not timed). worker_start and imports
+# are CPU seconds; they are reported as the wall seconds of those stages too (the process was busy).
 PROCESS_STAGES = ("worker_start", "imports", "model", "transfer")
 
 
@@ -83,14 +87,14 @@ class TimedFile:
     def read(self, *args):
         return self._timed(self._file.read, *args)
 
-    def readinto(self, buffer):
-        return self._timed(self._file.readinto, buffer)
+    def __getattr__(self, name):
+        attribute = getattr(self._file, name)
+        if name == "readinto":  # timed too, and only where the file has one (callers test for it)
+            return lambda buffer: self._timed(attribute, buffer)
+        return attribute
 
     def write(self, data):
         return self._timed(self._file.write, data)
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
 
     def __enter__(self):
         return self

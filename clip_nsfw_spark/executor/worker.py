@@ -78,7 +78,8 @@ class Worker:
 def process_task(task: Task, worker: Worker) -> dict:
     """Score one task and write its outputs; return its statistics (also stored in its state file).
 
-    Stage seconds: read, score, write. Errors leave as one line naming the task's file: this package's
+    Stage seconds, wall and CPU (executor/stages.py): model, open, read, decode, score, encode, write, commit.
+    Errors leave as one line naming the task's file: this package's
     own errors as they are (input problems: retrying cannot help), anything else as ``TaskError`` (it may
     be transient: the Spark runner retries it).
     """
@@ -185,6 +186,8 @@ def _score_and_write(task: Task, worker: Worker, source, in_fs, files: OutputFil
     config = worker.config
     columns = _read_columns(task, config, source.schema.names)
     source.handle.clock = reading  # the storage reads of the batches are the read-ahead thread's
+    # what was read and written before (the outputs' first bytes, written when they were opened)
+    before = {(id(c), stage): (c.wall[stage], c.cpu[stage]) for c, stage in ((reading, "read"), (writing, "write"))}
 
     def batches():
         rows = task_batches(task, in_fs, config.batch_rows, reading, columns, source,
@@ -210,17 +213,20 @@ def _score_and_write(task: Task, worker: Worker, source, in_fs, files: OutputFil
                 stats.add(scored)
             write(scored)
     else:
-        with WriteBehind(write, name=f"clip-nsfw-write-{task.task_id}") as writer:
-            for table, npy in read_ahead(batches, name=f"clip-nsfw-read-{task.task_id}"):
+        with WriteBehind(write, name=f"clip-nsfw-write-{task.task_id}") as writer, \
+                contextlib.closing(read_ahead(batches, name=f"clip-nsfw-read-{task.task_id}")) as read:
+            for table, npy in read:
                 with clock("score"):
                     scored = score_batch(table, npy, config.targets, scorers, Counter())
                     stats.add(scored)
                 writer.submit(scored)
             writer.finish()
-    # storage reads and writes were timed inside decoding and encoding: count them once, as read and write
+    # storage reads and writes were timed inside decoding and encoding (the same thread's: pyarrow reads in
+    # the calling thread), so count them once, as read and write
     for clock_, outer, inner in ((reading, "decode", "read"), (writing, "encode", "write")):
-        clock_.wall[outer] -= clock_.wall[inner]
-        clock_.cpu[outer] -= clock_.cpu[inner]
+        wall, cpu = before[id(clock_), inner]
+        clock_.wall[outer] = max(0.0, clock_.wall[outer] - (clock_.wall[inner] - wall))
+        clock_.cpu[outer] = max(0.0, clock_.cpu[outer] - (clock_.cpu[inner] - cpu))
 
 
 def _with_added_columns(table: pa.Table, npy: np.ndarray | None, first_row: int, source_file: str,

@@ -119,7 +119,9 @@ def scorer_for(head):
             # numba loads (or compiles) a kernel per input type at its first call: here, with the model,
             # not inside the first batch's scoring (the job's report counts model load apart from scoring)
             for dtype in (np.float16, np.float32):
-                scorer(np.zeros((1, scorer.dim), dtype))
+                rows = np.zeros((1, scorer.dim), dtype)
+                rows.flags.writeable = False  # as the job's batches come (Arrow's buffers); numba types it apart
+                scorer(rows)
         _SCORERS[head.sha256] = scorer
     return scorer
 

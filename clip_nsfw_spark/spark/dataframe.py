@@ -22,7 +22,7 @@ def _score_arrow(array, head):
 def has_arrow_udf() -> bool:
     """The one Spark-version fact this package depends on: ``pyspark.sql.functions.arrow_udf`` (Arrow
     arrays in and out) exists from Spark 4.1; Spark 3.5 and 4.0 get a pandas UDF on the same Arrow path.
-    Everything else the job uses (``spark.range`` + ``mapInArrow``, Spark Connect) exists from 3.5."""
+    Everything else the job uses (RDDs, ``spark.range`` + ``mapInArrow``, Spark Connect) exists from 3.5."""
     try:
         from pyspark.sql.functions import arrow_udf  # noqa: F401
     except ImportError:

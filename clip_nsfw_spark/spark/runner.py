@@ -88,6 +88,17 @@ def _quiet_accumulator_server(spark) -> None:
     server.handle_error = handle_error
 
 
+def _spark_context(spark):
+    """The session's SparkContext, or None: Spark Connect has none, and a classic session on a cluster that
+    blocks it (shared access modes allow-list what py4j may call) raises on touching it."""
+    if _is_connect(spark):
+        return None
+    try:
+        return spark.sparkContext
+    except Exception:  # noqa: BLE001 - e.g. py4j.security.Py4JSecurityException
+        return None
+
+
 def _is_connect(spark) -> bool:
     """True for a Spark Connect session (it has no SparkContext; touching one raises)."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
@@ -187,7 +198,9 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
         return results
 
     run.read_footers = footer_reader(spark)
-    run.cores = _cores(spark)  # the task phase's core-seconds (the report's account of them)
+    # the task phase's core-seconds (the report's account of them): None where Spark does not tell its cores
+    # (Spark Connect), rather than a guess; read when the runner is made (dynamic allocation may add more)
+    run.cores = None if _is_connect(spark) else _cores(spark)
     return run
 
 
@@ -228,7 +241,9 @@ def footer_reader(spark):
 
         def process_partition(parts_here):
             from clip_nsfw_spark.driver.planner import read_footers_here
+            from clip_nsfw_spark.executor.stages import process_seconds_once
 
+            process_seconds_once()  # a worker's start and imports belong to the planning it serves, not to tasks
             for part in parts_here:
                 found = read_footers_here(input_url, storage_options, part)
                 yield json.dumps({"first": part[0][0], "result": found}).encode()
@@ -254,12 +269,14 @@ def map_parts(spark, parts: list, process) -> list[bytes]:
     The parts travel as data, not in the closure: PySpark unpickles a task's closure for every task, so a task
     list inside it would cost every task the whole list (seconds each at 1M tasks). On classic Spark, an RDD
     of one part per slice (``parallelize``: partition i holds part i and nothing else); on Spark Connect,
-    which has no RDDs, ``task_frame``'s DataFrame through ``mapInArrow``. The RDD's way costs a fresh session
-    ~2.4 s less before its first Python task and ~2.6 s less of the JVM's CPU (no SQL plan, broadcast join or
-    generated code: measured with ``python bench/bench.py --plumbing``, docs/performance.md).
+    which has no RDDs, or where the SparkContext is out of reach, ``task_frame``'s DataFrame through
+    ``mapInArrow``. The RDD's way costs a fresh session ~2.4 s less before its first Python task and ~2.6 s
+    less of the JVM's CPU (no SQL plan, broadcast join or generated code: ``python bench/plumbing.py``,
+    docs/performance.md).
     """
-    if not _is_connect(spark):
-        return _collect(spark, spark.sparkContext.parallelize(parts, len(parts)).mapPartitions(process))
+    context = _spark_context(spark)
+    if context is not None:
+        return _collect(spark, context.parallelize(parts, len(parts)).mapPartitions(process))
 
     def arrow(batches):
         import pyarrow as pa

@@ -86,19 +86,42 @@ def test_an_error_in_the_consumer_is_raised_by_the_next_submit_or_finish():
 
 
 def test_leaving_by_an_error_cancels_what_waits_and_waits_for_the_thread():
-    consumed, release = [], threading.Event()
+    consumed, started = [], threading.Event()
 
     def consume(item):
-        release.wait(5)
+        started.set()
+        time.sleep(0.5)  # still consuming item 0 when the task stops
         consumed.append(item)
 
     with pytest.raises(KeyboardInterrupt):
         with WriteBehind(consume, depth=1, name="t-cancel") as writer:
-            writer.submit(0)  # being consumed
-            writer.submit(1)  # waiting
-            release.set()
+            writer.submit(0)
+            started.wait(5)
+            writer.submit(1)  # waiting in the queue
             raise KeyboardInterrupt
-    # the thread has ended: nothing it was given is written after the task stopped
-    assert _threads("t-cancel") == [] and consumed in ([0], [0, 1])
-    time.sleep(0.2)
-    assert consumed in ([0], [0, 1])
+    # the item being consumed was finished, the waiting one dropped, and the thread has ended: nothing it was
+    # given is written after the task stopped
+    assert consumed == [0] and _threads("t-cancel") == []
+    time.sleep(0.6)
+    assert consumed == [0]
+
+
+def test_a_block_left_without_finish_does_not_leave_its_thread_behind():
+    with WriteBehind(lambda item: None, name="t-unfinished") as writer:
+        writer.submit(1)
+    assert _threads("t-unfinished") == []
+
+
+def test_an_error_in_the_consumer_of_read_ahead_stops_the_producer():
+    made = []
+
+    def produce():
+        for i in range(10**6):
+            made.append(i)
+            yield i
+
+    with pytest.raises(ZeroDivisionError):
+        for item in read_ahead(produce, name="t-consumer-error"):
+            if item == 5:
+                1 / 0  # noqa: B018 - an error while the current batch is scored
+    assert _threads("t-consumer-error") == [] and len(made) < 10**6

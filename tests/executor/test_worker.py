@@ -401,8 +401,8 @@ class SecondWriteOpenFails:
 
 
 class WriteOpenFails:
-    def __init__(self, fs):
-        self._fs, self.opens = fs, 0
+    def __init__(self, fs, fail_at=2):
+        self._fs, self.opens, self.fail_at = fs, 0, fail_at
 
     def __getattr__(self, name):
         return getattr(self._fs, name)
@@ -410,9 +410,32 @@ class WriteOpenFails:
     def open(self, path, mode="rb", **kwargs):
         if "w" in mode:
             self.opens += 1
-            if self.opens == 2:
+            if self.opens == self.fail_at:
                 raise OSError(f"injected: no space left to open {path}")
         return self._fs.open(path, mode, **kwargs)
+
+
+@dataclasses.dataclass
+class ThirdWriteOpenFails:
+    """``open_filesystem`` seam: the third open for writing fails. In split mode the safe and unsafe files are
+    opened with the task; the rejected rows' file is opened when the first rejected row is written: with
+    overlap, in the write-behind thread."""
+
+    def __call__(self, url, storage_options=None):
+        fs, root = filesystem(url, storage_options)
+        return WriteOpenFails(fs, fail_at=3), root
+
+
+def test_a_write_that_fails_while_batches_are_written_leaves_nothing_and_no_thread(tmp_path):
+    import threading
+
+    write_input(tmp_path / "in")
+    (task,) = only_task(tmp_path)
+    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory(), open_filesystem=ThirdWriteOpenFails())
+    with pytest.raises(TaskError, match=r"injected: no space left to open .*\.parquet"):
+        worker(task)
+    assert files_under(tmp_path / "out") == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("clip-nsfw-")]
 
 
 def test_a_task_that_cannot_open_its_outputs_leaves_no_temp_file(tmp_path):

@@ -502,5 +502,6 @@ def test_the_report_accounts_for_every_core_second_of_the_task_phase(tmp_path, s
             ["worker_start", "imports", "model", *TASK_STAGES, "transfer"]
         assert sum(stages.values()) == pytest.approx(account["core_seconds"], abs=0.01)
         assert stages["score"] > 0 and stages["decode"] > 0 and stages["encode"] > 0
+        assert min(stages.values()) >= 0  # nothing counted twice: idle is what no stage used
         assert account["rows_per_core_second"] == pytest.approx(4000 / account["core_seconds"], rel=0.01)
         assert set(report["task_stage_seconds"]) >= set(TASK_STAGES)
