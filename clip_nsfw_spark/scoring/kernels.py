@@ -244,6 +244,11 @@ if HAVE_NUMBA:
             for r in range(rest):
                 for j in range(nr):
                     out[full + r, p * nr + j] = pad_out[r, j]
+        # The tiles read pad_x through its address, which numba does not count as a use: without a use after
+        # them it frees pad_x right after its last named use (above), and the padded rows read freed memory
+        # that another thread may have taken by then (wrong scores for a call's last rows, seen with 4 threads
+        # scoring at once). This store is that use; it changes no result.
+        pad_x[0, 0] = 0.0
 
     _LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: n * _LN2_HI is exact for |n| < 2^11
     _LN2_LO = 1.90821492927058770002e-10

@@ -155,6 +155,51 @@ def test_same_bits_for_any_batch_size_and_thread(model, scorers):
     assert np.array_equal(_bits(np.concatenate(scored)), whole)
 
 
+_THREADS_CHILD = textwrap.dedent("""
+    import sys, threading
+    from concurrent.futures import ThreadPoolExecutor
+    import numpy as np
+    from clip_nsfw_spark import load_scorer
+    from clip_nsfw_spark.scoring import kernels
+    scorer = load_scorer(sys.argv[1])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4000, scorer.dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    whole = scorer(x).view(np.uint32)
+    stop = threading.Event()
+
+    def churn():  # another thread allocating (and filling) blocks the size of a padded tile
+        while not stop.is_set():
+            block = np.empty((kernels._MR, scorer.dim), np.float32)
+            block.fill(np.nan)
+
+    for thread in [threading.Thread(target=churn, daemon=True) for _ in range(2)]:
+        thread.start()
+    wrong = 0
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(int(sys.argv[2])):
+            slices = list(zip(rng.integers(0, 3000, size=16), rng.integers(1, 30, size=16)))
+            for (start, size), got in zip(slices, pool.map(lambda a: scorer(x[a[0]:a[0] + a[1]]), slices)):
+                wrong += not np.array_equal(got.view(np.uint32), whole[start:start + size])
+    stop.set()
+    print(wrong)
+""")
+
+
+@needs_models
+def test_threads_scoring_at_once_while_others_allocate_get_the_same_bits(prepared_models):
+    """Calls whose last rows are padded to a whole register tile, from 4 threads at once, while 2 more threads
+    allocate and fill blocks of that tile's size, all in one malloc arena (MALLOC_ARENA_MAX=1: a block one
+    thread frees is the next another takes). The kernel once freed its padding buffer before its tiles read
+    it (numba does not count a read through an address as a use): here half the calls came back wrong."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")} | {
+        "MALLOC_ARENA_MAX": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _THREADS_CHILD, str(prepared_models["vit-l-14"].portable), "100"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "0"
+
+
 _CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
