@@ -239,8 +239,8 @@ def run_case_here(case: str, source: Path, output: Path, model: str, cores: int)
         seconds = time.perf_counter() - t1
     result = {"session_seconds": session, "case_seconds": seconds}
     if report is not None:
-        result |= {key: report.get(key) for key in ("durations_seconds", "task_stage_seconds", "task_phase_core_seconds",
-                                                     "worker_max_rss_mb")}
+        result |= {key: report.get(key) for key in ("durations_seconds", "task_stage_seconds",
+                                                     "task_phase_core_seconds", "worker_max_rss_mb")}
         result["input_tasks"] = report.get("input", {}).get("tasks")
     return result
 

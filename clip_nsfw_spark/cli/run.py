@@ -10,8 +10,8 @@ import signal
 import sys
 import threading
 
-from clip_nsfw_spark.driver.config import (DEFAULT_MODEL, EMBEDDING_TYPES, KEEP, LAYOUTS, MODES, OVERLAPS, PARQUET_CODECS,
-                                           JobConfig)
+from clip_nsfw_spark.driver.config import (DEFAULT_MODEL, EMBEDDING_TYPES, KEEP, LAYOUTS, MODES, OVERLAPS,
+                                           PARQUET_CODECS, JobConfig)
 from clip_nsfw_spark.errors import ConfigError, Terminated
 
 log = logging.getLogger(__name__)

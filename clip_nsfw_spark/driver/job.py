@@ -460,8 +460,8 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
     durations["total"] = time.perf_counter() - started
     report = build_report(config, tasks_config, plan, heads, totals, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions,
-                          rows_run=rows_run, cores=getattr(runner or run_sequentially, "cores", None) if pending else None,
-                          run_totals=run_totals)
+                          rows_run=rows_run, run_totals=run_totals,
+                          cores=getattr(runner or run_sequentially, "cores", None) if pending else None)
     lease.fence("writing the report")
     write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))
     lease.fence("writing _SUCCESS")
