@@ -745,6 +745,9 @@ def versions() -> dict:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             check=False)
     found["clip_nsfw_spark commit"] = commit.stdout.strip() or None
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, check=False)
+    found["clip_nsfw_spark uncommitted changes"] = bool(changed.stdout.strip())  # figures of which code
     return found
 
 

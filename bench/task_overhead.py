@@ -85,7 +85,7 @@ def one_count(count: int, run_partitions: int, master: str, ways: list[str]) -> 
             try:
                 results = [pickle.loads(data) for data in
                            spark.sparkContext.runJob(rdd, lambda records: list(records), list(range(run)))]
-            except Exception as err:  # noqa: BLE001 - e.g. the driver's JVM cannot broadcast the task table
+            except Exception as err:  # noqa: BLE001 - e.g. the driver's JVM cannot hold every part
                 row[way] = {"spark_tasks": len(parts), "failed": str(err).strip().splitlines()[-1][:300]
                             if "SparkException" not in str(err) else next(
                                 line for line in str(err).splitlines() if "SparkException" in line)[:300]}
@@ -97,7 +97,7 @@ def one_count(count: int, run_partitions: int, master: str, ways: list[str]) -> 
                         "driver_seconds": round(shipped - started, 2), "run_seconds": round(ran, 2),
                         "ms_per_spark_task": round(ran / run * 1000, 1),
                         "ms_per_job_task": round(ran / job_tasks * 1000, 2)}
-            del parts, frame, results
+            del parts, rdd, results
         row["driver_peak_rss_mb"] = peak_rss_mb()
         pid = jvm_pid()
         row["jvm_peak_rss_mb"] = peak_rss_mb(pid) if pid else None

@@ -8,8 +8,9 @@ that waits for storage (an object store's latency, a disk's writeback) no longer
 
 Memory stays bounded: each queue holds at most ``depth`` batches, so a task holds at most
 ``2 × depth + 3`` batches at once (one in each stage, the queued ones). A batch may be a slice of its row
-group's whole decoded column (executor/reader.py decodes chunks up to 256 MiB whole): while the reader is
-a row group ahead, two row groups' columns can be held instead of one. Order is kept (one thread per
+group's whole decoded column (executor/reader.py decodes chunks up to 256 MiB whole), which any of its
+batches in flight keeps alive: with row groups of few batches, the batches in flight can hold several row
+groups' columns instead of one. Order is kept (one thread per
 stage). An error in any stage stops the others and is raised in the task's own thread, after that stage's
 thread has ended; so does closing the task early (an interrupt). A second interrupt while a thread
 finishes its item can leave that thread running for the rest of its item.
@@ -149,5 +150,7 @@ class WriteBehind:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is not None or self._thread.is_alive():  # an error, or a block left without finish()
+        if kind is not None:
             self.cancel()
+        elif self._thread.is_alive():  # left without finish(): every item is still consumed, errors raised
+            self.finish()

@@ -1,16 +1,16 @@
 """Where a worker's seconds go: wall and CPU seconds per stage, per thread, and the worker process's own.
 
-A task's stages (``TASK_STAGES``) are timed by the thread that runs them (``StageClock``): wall seconds,
-and the thread's CPU seconds (``time.thread_time``: a thread waiting for IO, for the GIL or for another
-stage's queue uses none). CPU spent on threads no clock follows (an fsspec store's event loop, a
-library's own pool) is not in any stage: the account counts it as idle. With read-ahead and write-behind threads (worker.py) the stages of one task
-overlap: their wall seconds can add up to more than the task's, their CPU seconds cannot exceed what the
-cores gave. So the run's account of core-seconds (driver/report.py) is made of CPU seconds: each stage's,
-the process's own (``PROCESS_STAGES``, counted once per Python process), and the rest of ``cores × the
-task phase's wall seconds`` as idle (or spent outside the Python workers: Spark's JVM, scheduling).
+A task's stages (``TASK_STAGES``) are timed by the thread that runs them (``StageClock``): wall seconds, and
+the thread's CPU seconds (``time.thread_time``: a thread waiting for IO, for the GIL or for another stage's
+queue uses none). CPU spent on threads no clock follows (an fsspec store's event loop, a library's own pool)
+is not in any stage: the account counts it as idle. With read-ahead and write-behind threads (worker.py) the
+stages of one task overlap: their wall seconds can add up to more than the task's, their CPU seconds cannot
+exceed what the cores gave. So the run's account of core-seconds (driver/report.py) is made of CPU seconds:
+each stage's, the process's own (``PROCESS_STAGES``, counted once per Python process), and the rest of ``cores
+× the task phase's wall seconds`` as idle (or spent outside the Python workers: Spark's JVM, scheduling).
 
-``TimedFile`` wraps a file object to tell its reads or writes (storage) from the work around them
-(decoding, encoding).
+``TimedFile`` wraps a file object to tell its reads or writes (storage) from the work around them (decoding,
+encoding).
 """
 
 from __future__ import annotations
@@ -104,6 +104,14 @@ class TimedFile:
 
 
 _process_counted = False
+_counted_until: float | None = None  # this process's CPU seconds already counted elsewhere (planning)
+
+
+def mark_process_seconds() -> None:
+    """Count this process's CPU seconds so far as spent elsewhere (reading footers for the planner): its
+    first task then reports only what came after as imports, and no worker start."""
+    global _counted_until
+    _counted_until = time.process_time()
 
 
 def process_seconds_once() -> dict:
@@ -117,6 +125,8 @@ def process_seconds_once() -> dict:
     if _process_counted:
         return {}
     _process_counted = True
+    if _counted_until is not None:  # the process read footers first: its start and first imports were planning
+        return {"imports": round(time.process_time() - _counted_until, 6)}
     import clip_nsfw_spark
 
     at_import = clip_nsfw_spark.IMPORTED_AT_CPU

@@ -123,6 +123,8 @@ def _process_task(task: Task, worker: Worker) -> dict:
             task = with_footer_rows(task, source, config.input_schema, config.input_schema_of)
             files = OutputFiles(out_fs, out_root, task.rel, config,
                                 output_schemas(source.schema, config, scorers[0].dim), writing)
+        # the outputs' first bytes, written as they were opened, are writing's (timed on it), not opening's
+        clock.add("open", -writing.wall["write"], -writing.cpu["write"])
         try:
             _score_and_write(task, worker, source, in_fs, files, stats, scorers, clock, reading, writing)
             with clock("commit"):
@@ -186,7 +188,7 @@ def _score_and_write(task: Task, worker: Worker, source, in_fs, files: OutputFil
     config = worker.config
     columns = _read_columns(task, config, source.schema.names)
     source.handle.clock = reading  # the storage reads of the batches are the read-ahead thread's
-    # what was read and written before (the outputs' first bytes, written when they were opened)
+    # what was read and written before the batches (the outputs' first bytes, written when they were opened)
     before = {(id(c), stage): (c.wall[stage], c.cpu[stage]) for c, stage in ((reading, "read"), (writing, "write"))}
 
     def batches():

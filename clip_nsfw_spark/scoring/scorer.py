@@ -74,6 +74,10 @@ class NumpyScorer:
         array = check_embeddings(embeddings, self.dim, self.name)
         if array.dtype == np.float16:  # decoded in the kernel through a table of every float16's value
             array = np.ascontiguousarray(array).view(np.uint16)
+        # numba compiles a kernel per argument type, and a read-only array is another type: always a read-only
+        # view (zero-copy), so one compiled kernel per dtype serves every batch, warmed once (scorer_for)
+        array = array.view()
+        array.flags.writeable = False
         scores = np.empty(len(array), dtype=np.float32)
         layers = self._layers
         score_rows(array, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
@@ -119,9 +123,7 @@ def scorer_for(head):
             # numba loads (or compiles) a kernel per input type at its first call: here, with the model,
             # not inside the first batch's scoring (the job's report counts model load apart from scoring)
             for dtype in (np.float16, np.float32):
-                rows = np.zeros((1, scorer.dim), dtype)
-                rows.flags.writeable = False  # as the job's batches come (Arrow's buffers); numba types it apart
-                scorer(rows)
+                scorer(np.zeros((1, scorer.dim), dtype))
         _SCORERS[head.sha256] = scorer
     return scorer
 

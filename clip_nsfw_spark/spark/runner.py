@@ -89,8 +89,7 @@ def _quiet_accumulator_server(spark) -> None:
 
 
 def _spark_context(spark):
-    """The session's SparkContext, or None: Spark Connect has none, and a classic session on a cluster that
-    blocks it (shared access modes allow-list what py4j may call) raises on touching it."""
+    """The session's SparkContext, or None where there is none (Spark Connect) or touching it raises."""
     if _is_connect(spark):
         return None
     try:
@@ -159,13 +158,19 @@ def pack_tasks(tasks: list, cores: int, partition_rows: int = PARTITION_ROWS) ->
 
 
 def _cores(spark) -> int:
+    """The cores to pack tasks for: Spark's default parallelism, else a guess (``UNKNOWN_PARALLELISM``)."""
+    return _known_cores(spark) or UNKNOWN_PARALLELISM
+
+
+def _known_cores(spark) -> int | None:
+    """Spark's default parallelism where Spark tells it, else None (never a guess)."""
     try:
         return int(spark.sparkContext.defaultParallelism)
-    except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext
+    except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext; a blocked one raises
         try:
             return int(spark.conf.get("spark.default.parallelism"))
         except Exception:  # noqa: BLE001
-            return UNKNOWN_PARALLELISM
+            return None
 
 
 def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
@@ -200,7 +205,7 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
     run.read_footers = footer_reader(spark)
     # the task phase's core-seconds (the report's account of them): None where Spark does not tell its cores
     # (Spark Connect), rather than a guess; read when the runner is made (dynamic allocation may add more)
-    run.cores = None if _is_connect(spark) else _cores(spark)
+    run.cores = None if _is_connect(spark) else _known_cores(spark)
     return run
 
 
@@ -241,11 +246,11 @@ def footer_reader(spark):
 
         def process_partition(parts_here):
             from clip_nsfw_spark.driver.planner import read_footers_here
-            from clip_nsfw_spark.executor.stages import process_seconds_once
+            from clip_nsfw_spark.executor.stages import mark_process_seconds
 
-            process_seconds_once()  # a worker's start and imports belong to the planning it serves, not to tasks
             for part in parts_here:
                 found = read_footers_here(input_url, storage_options, part)
+                mark_process_seconds()  # the worker's CPU so far is the planning's, not the tasks'
                 yield json.dumps({"first": part[0][0], "result": found}).encode()
 
         by_first = {record["first"]: record["result"]
@@ -255,7 +260,8 @@ def footer_reader(spark):
     return read
 
 
-# What a Spark partition of job tasks sends back (on Spark Connect, as this Arrow column): one pickled record, contract.sum_of_tasks plus ``errors``,
+# What a Spark partition of job tasks sends back (on Spark Connect, as this Arrow column): one pickled record,
+# contract.sum_of_tasks plus ``errors``,
 # each task's exception as a typed value (the exception itself, pickled apart, with its class name and
 # message beside it): the driver raises the same class, never a class looked up by its name, and a class
 # it cannot load (a module only executors have) still comes back as a TaskError with its name and message.
@@ -270,13 +276,19 @@ def map_parts(spark, parts: list, process) -> list[bytes]:
     list inside it would cost every task the whole list (seconds each at 1M tasks). On classic Spark, an RDD
     of one part per slice (``parallelize``: partition i holds part i and nothing else); on Spark Connect,
     which has no RDDs, or where the SparkContext is out of reach, ``task_frame``'s DataFrame through
-    ``mapInArrow``. The RDD's way costs a fresh session ~2.4 s less before its first Python task and ~2.6 s
+    ``mapInArrow``. The RDD's way cost a fresh session ~1.8 s less before its first Python job and ~2.5 s
     less of the JVM's CPU (no SQL plan, broadcast join or generated code: ``python bench/plumbing.py``,
     docs/performance.md).
     """
     context = _spark_context(spark)
     if context is not None:
-        return _collect(spark, context.parallelize(parts, len(parts)).mapPartitions(process))
+        try:  # no task runs yet: a refusal here (py4j allow-listing on shared clusters) takes the other way
+            rdd = context.parallelize(parts, len(parts)).mapPartitions(process)
+        except Exception as err:  # noqa: BLE001 - py4j's security and protocol errors have no common base
+            log.info("the SparkContext refused an RDD (%s): the tasks go as a DataFrame",
+                     " ".join(str(err).split())[:200])
+        else:
+            return _collect(spark, rdd)
 
     def arrow(batches):
         import pyarrow as pa

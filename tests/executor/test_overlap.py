@@ -106,10 +106,12 @@ def test_leaving_by_an_error_cancels_what_waits_and_waits_for_the_thread():
     assert consumed == [0]
 
 
-def test_a_block_left_without_finish_does_not_leave_its_thread_behind():
-    with WriteBehind(lambda item: None, name="t-unfinished") as writer:
-        writer.submit(1)
-    assert _threads("t-unfinished") == []
+def test_a_block_left_without_finish_consumes_everything_and_leaves_no_thread():
+    consumed = []
+    with WriteBehind(lambda item: (time.sleep(0.01), consumed.append(item)), name="t-unfinished") as writer:
+        for i in range(5):
+            writer.submit(i)
+    assert consumed == list(range(5)) and _threads("t-unfinished") == []
 
 
 def test_an_error_in_the_consumer_of_read_ahead_stops_the_producer():

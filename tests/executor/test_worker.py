@@ -431,7 +431,8 @@ def test_a_write_that_fails_while_batches_are_written_leaves_nothing_and_no_thre
 
     write_input(tmp_path / "in")
     (task,) = only_task(tmp_path)
-    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory(), open_filesystem=ThirdWriteOpenFails())
+    worker = Worker(task_config(tmp_path), (HEAD,), make_scorer=FirstValueFactory(),
+                    open_filesystem=ThirdWriteOpenFails())
     with pytest.raises(TaskError, match=r"injected: no space left to open .*\.parquet"):
         worker(task)
     assert files_under(tmp_path / "out") == []

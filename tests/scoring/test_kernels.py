@@ -155,6 +155,31 @@ def test_same_bits_for_any_batch_size_and_thread(model, scorers):
     assert np.array_equal(_bits(np.concatenate(scored)), whole)
 
 
+_FREED_CHILD = textwrap.dedent("""
+    import numpy as np
+    from clip_nsfw_spark.scoring.kernels import _MR, dense, dense_reference
+    rng = np.random.default_rng(0)
+    for rows in (1, _MR - 1, _MR + 1, 3 * _MR + 5):  # each with padded last rows
+        x = rng.normal(size=(rows, 300)).astype(np.float32)
+        kernel, bias = rng.normal(size=(300, 40)).astype(np.float32), rng.normal(size=40).astype(np.float32)
+        assert np.array_equal(dense(x, kernel, bias).view(np.uint32),
+                              dense_reference(x, kernel, bias, False).view(np.uint32)), rows
+    print("same")
+""")
+
+
+def test_no_kernel_reads_a_buffer_numba_has_freed(tmp_path):
+    """With NUMBA_DEBUG_NRT=1 numba fills every block it frees with 0xDE bytes: a kernel that reads memory after
+    numba freed it gets those bytes, deterministically, in one thread. The padded last rows of a call were
+    read that way (the padding buffer freed before the tiles read it through its address): this failed
+    then on every row count that is not a multiple of the register tile's height."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")} | {
+        "NUMBA_DEBUG_NRT": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _FREED_CHILD], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "same", done.stderr[-3000:]
+
+
 _THREADS_CHILD = textwrap.dedent("""
     import sys, threading
     from concurrent.futures import ThreadPoolExecutor
