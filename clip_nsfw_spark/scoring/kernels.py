@@ -52,7 +52,7 @@ try:  # numba is a core dependency; keep the package importable without it (the 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
-    encode_rows = gemm_panels = sigmoid_column = score_rows = dense_reference = None
+    encode_rows = gemm_panels = sigmoid_column = score_rows = dense_reference = finite_rows_of_bits = None
 
 
 def _tile_shape() -> tuple[int, int, int]:
@@ -249,6 +249,20 @@ if HAVE_NUMBA:
         # that another thread may have taken by then (wrong scores for a call's last rows, seen with 4 threads
         # scoring at once). This store is that use; it changes no result.
         pad_x[0, 0] = 0.0
+
+    @_jit
+    def finite_rows_of_bits(bits, exponent, out):
+        """out[i] = no value of row i is NaN or Inf, for IEEE floats given as their bits (uint16/32/64
+        (n, d), C-contiguous): a value is NaN or Inf exactly when its exponent bits (``exponent``) are all set.
+
+        One pass, no temporaries (numpy's ``isfinite(...).all(axis=1)`` makes two arrays the size of the
+        batch); the per-row maximum vectorizes, and a row is not cut short (no branch in the inner loop).
+        """
+        for i in range(bits.shape[0]):
+            largest = bits[i, 0] & exponent if bits.shape[1] else exponent ^ exponent
+            for j in range(1, bits.shape[1]):
+                largest = max(largest, bits[i, j] & exponent)
+            out[i] = largest != exponent
 
     _LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: n * _LN2_HI is exact for |n| < 2^11
     _LN2_LO = 1.90821492927058770002e-10

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from clip_nsfw_spark.scoring.embeddings import check_embeddings
+from clip_nsfw_spark.scoring.embeddings import check_embeddings, finite_rows
 from clip_nsfw_spark.errors import MissingDependencyError, ModelError
 from clip_nsfw_spark.scoring.kernels import HAVE_NUMBA, PackedLayer, encode_rows, score_rows
 from clip_nsfw_spark.scoring.prompts import PROMPT_FORMAT, PromptHead, PromptScorer
@@ -124,6 +124,7 @@ def scorer_for(head):
             # not inside the first batch's scoring (the job's report counts model load apart from scoring)
             for dtype in (np.float16, np.float32):
                 scorer(np.zeros((1, scorer.dim), dtype))
+                finite_rows(np.zeros((1, scorer.dim), dtype))  # every batch's check (embeddings.py), numba too
         _SCORERS[head.sha256] = scorer
     return scorer
 

@@ -170,6 +170,34 @@ def test_finite_rows_reads_float16_bits():
     assert finite_rows(x.astype(np.float32)).tolist() == finite_rows(x).tolist()
 
 
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finite_rows_agrees_with_numpy_on_every_kind_of_value_and_layout(dtype):
+    # the one-pass bit test (kernels.finite_rows_of_bits) against numpy's isfinite: a NaN, ±Inf, ±max,
+    # -0.0 and a subnormal, each alone in a row at the row's first, last or a middle position; strided,
+    # Fortran-ordered, read-only, empty and zero-width inputs
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((64, 37)) * 0.05).astype(dtype)
+    info = np.finfo(dtype)
+    for row, (col, value) in enumerate([(0, np.nan), (36, np.inf), (18, -np.inf), (5, info.max), (0, -info.max),
+                                        (3, -0.0), (7, info.tiny / 2)]):
+        x[row * 3, col] = value
+    expected = np.isfinite(x).all(axis=1)
+    assert (~expected).sum() == 3
+    assert finite_rows(x).tolist() == expected.tolist()
+    assert finite_rows(x[::3]).tolist() == expected[::3].tolist()
+    assert finite_rows(np.asfortranarray(x)).tolist() == expected.tolist()
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    assert finite_rows(frozen).tolist() == expected.tolist()
+    assert finite_rows(x[:0]).shape == (0,) and finite_rows(x[:, :0]).all()
+
+
+def test_finite_rows_on_every_float16_bit_pattern():
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(-1, 1)
+    assert finite_rows(every).tolist() == np.isfinite(every[:, 0]).tolist()
+    assert finite_rows(every.reshape(-1, 256)).tolist() == np.isfinite(every.reshape(-1, 256)).all(axis=1).tolist()
+
 @pytest.mark.parametrize("dtype,expected", [
     (pa.list_(pa.float32()), True), (pa.large_list(pa.float64()), True), (pa.list_(pa.float16(), 768), True),
     (pa.list_(pa.int32()), False), (pa.list_(pa.string()), False), (pa.float32(), False),
