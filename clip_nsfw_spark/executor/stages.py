@@ -105,6 +105,33 @@ class TimedFile:
 
 _process_counted = False
 _counted_until: float | None = None  # this process's CPU seconds already counted elsewhere (planning)
+_preloaded: tuple[int, int] | None = None  # (the preloading daemon's pid, the pipe holding its preload's CPU)
+
+
+def offer_preload_seconds(pipe: int, daemon_pid: int) -> None:
+    """Called by the preloading daemon (spark/daemon.py) before it forks: the workers it forks find the
+    package imported in their parent, and ``pipe`` holding the preload's CPU seconds for one of them."""
+    global _preloaded
+    _preloaded = (daemon_pid, pipe)
+
+
+def _preload_seconds(phase_started: float | None) -> float | None:
+    """The preloading daemon's CPU seconds for the first worker that asks, where its preload ended after
+    ``phase_started`` (epoch seconds; None: whenever); 0.0 for the others, and where it ended before (it
+    was a planning's, or an earlier job's, cost); None in a process not forked from such a daemon."""
+    import os
+    import struct
+
+    if _preloaded is None or os.getpid() == _preloaded[0]:
+        return None
+    try:
+        data = os.read(_preloaded[1], 16)
+    except BlockingIOError:
+        data = b""
+    if len(data) != 16:
+        return 0.0
+    seconds, ended = struct.unpack("<dd", data)
+    return seconds if phase_started is None or ended >= phase_started else 0.0
 
 
 def mark_process_seconds() -> None:
@@ -114,19 +141,26 @@ def mark_process_seconds() -> None:
     _counted_until = time.process_time()
 
 
-def process_seconds_once() -> dict:
+def process_seconds_once(phase_started: float | None = None) -> dict:
     """``{"worker_start": s, "imports": s}``, CPU seconds of this process before its first task, the first time
     it is called in a process; ``{}`` after that (a reused Python worker counts them once).
 
     worker_start: the process's CPU seconds until this package began to import (``clip_nsfw_spark.IMPORTED_AT_CPU``;
     a Python worker forked by PySpark's daemon starts from zero at its fork); imports: from then until now.
+    A worker forked by the preloading daemon (spark/daemon.py) found everything imported: worker_start is all
+    its CPU before its first task, imports the daemon's CPU before it forked (its start, imports and kernels),
+    counted by one worker, and only where the daemon preloaded after ``phase_started`` (the task phase's
+    start, epoch seconds: a daemon started earlier, e.g. to read footers, was not this phase's cost).
     """
     global _process_counted
     if _process_counted:
         return {}
     _process_counted = True
+    preloaded = _preload_seconds(phase_started)
     if _counted_until is not None:  # the process read footers first: its start and first imports were planning
-        return {"imports": round(time.process_time() - _counted_until, 6)}
+        return {"imports": round(time.process_time() - _counted_until + (preloaded or 0.0), 6)}
+    if preloaded is not None:  # forked from the preloading daemon: its CPU so far is its start
+        return {"worker_start": round(time.process_time(), 6), "imports": round(preloaded, 6)}
     import clip_nsfw_spark
 
     at_import = clip_nsfw_spark.IMPORTED_AT_CPU

@@ -29,7 +29,12 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
     settings for a session this function creates.
 
     A created local session binds the driver (and its UI) to 127.0.0.1 and runs Python workers with this
-    interpreter unless PYSPARK_PYTHON says otherwise.
+    interpreter unless PYSPARK_PYTHON says otherwise. Local: ``master`` ``local…``, or None with no master
+    in spark-submit's settings (``--master``) or a local one there (without spark-submit, None is taken as
+    local: PySpark's own default). Where this process starts Spark itself (not spark-submit) on a local master
+    and the workers' interpreter imports this very package from the same folder, the workers are forked from
+    the preloading daemon (spark/daemon.py), unless a daemon module is set already (``conf``,
+    PYSPARK_SUBMIT_ARGS, spark-defaults.conf) or ``CLIP_NSFW_NO_PRELOAD=1``.
     """
     from pyspark.sql import SparkSession
 
@@ -38,16 +43,24 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
         yield active
         return
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    started_by_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ  # its JVM, environment and settings
     builder = SparkSession.builder.appName(app_name)
     if master and master.startswith("sc://"):  # a Spark Connect server
         builder = builder.remote(master)
     elif master:
         builder = builder.master(master)
-    if (master or "local").startswith("local"):
+    # spark-submit's settings (its --master among them) are read from its JVM, which runs already; a JVM is
+    # never started here before SPARK_LOCAL_IP is set (it would listen on every interface)
+    connect = (master or "").startswith("sc://") or bool(os.environ.get("SPARK_REMOTE"))
+    submitted = _submitted_settings() if started_by_spark_submit and not connect else {}
+    if not connect and (master or submitted.get("spark.master") or "local").startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = (builder.config("spark.driver.host", "127.0.0.1")
                    .config("spark.driver.bindAddress", "127.0.0.1")
                    .config("spark.ui.showConsoleProgress", "false"))
+        if not started_by_spark_submit and DAEMON_MODULE_KEY not in (conf or {}) \
+                and not _daemon_module_set_elsewhere() and _imports_this_package(os.environ["PYSPARK_PYTHON"]):
+            builder = builder.config(DAEMON_MODULE_KEY, PRELOADING_DAEMON)
     builder = builder.config("spark.python.worker.reuse", "true")
     for key, value in (conf or {}).items():  # e.g. spark.driver.memory, before the JVM starts
         builder = builder.config(key, value)
@@ -62,6 +75,62 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
             spark.stop()
         raise
     spark.stop()
+
+
+# PySpark's worker daemon replaced by one that loads this package before forking workers (spark/daemon.py)
+DAEMON_MODULE_KEY = "spark.python.daemon.module"
+PRELOADING_DAEMON = "clip_nsfw_spark.spark.daemon"
+NO_PRELOAD_ENV = "CLIP_NSFW_NO_PRELOAD"  # set (to anything but "" or "0"): PySpark's plain daemon
+
+
+def _submitted_settings() -> dict:
+    """The Spark settings spark-submit's JVM (running already: PYSPARK_GATEWAY_PORT) was started with (its
+    ``--master``/``--conf``, spark-defaults.conf); {} where they cannot be read."""
+    try:
+        from pyspark import SparkConf, SparkContext
+
+        SparkContext._ensure_initialized()  # connects to spark-submit's gateway
+        return dict(SparkConf().getAll())
+    except Exception as err:  # noqa: BLE001 - a private PySpark call: never fatal, the builder's defaults apply
+        log.debug("the Spark settings could not be read before the session: %s", err)
+        return {}
+
+
+def _daemon_module_set_elsewhere() -> bool:
+    """True where the JVM this process starts will read a daemon module from PYSPARK_SUBMIT_ARGS or from
+    spark-defaults.conf (SPARK_CONF_DIR, else SPARK_HOME/conf): the user's choice, which the builder's own
+    setting would override."""
+    if DAEMON_MODULE_KEY in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
+        return True
+    folder = os.environ.get("SPARK_CONF_DIR") or os.path.join(os.environ.get("SPARK_HOME", ""), "conf")
+    try:
+        with open(os.path.join(folder, "spark-defaults.conf"), encoding="utf-8", errors="replace") as defaults:
+            return any(line.split(None, 1)[:1] == [DAEMON_MODULE_KEY] for line in defaults)
+    except OSError:
+        return False
+
+
+def _imports_this_package(python: str) -> bool:
+    """True where ``python``, started here with this environment and folder (as the JVM this process
+    starts will start PySpark's daemon), imports this package from the folder this process imported it from,
+    and that folder holds the daemon module: never an older or another copy of it. Looked up without
+    importing it (~0.05 s). ``NO_PRELOAD_ENV`` turns it off."""
+    import subprocess
+
+    if os.environ.get(NO_PRELOAD_ENV, "") not in ("", "0"):
+        return False
+    import clip_nsfw_spark
+
+    here = os.path.realpath(os.path.dirname(clip_nsfw_spark.__file__))
+    probe = ("import importlib.util, os; spec = importlib.util.find_spec('clip_nsfw_spark'); "
+             "print(os.path.realpath(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations "
+             "else '')")
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return found.returncode == 0 and found.stdout.strip() == here \
+        and os.path.isfile(os.path.join(here, "spark", "daemon.py"))
 
 
 def _quiet_accumulator_server(spark) -> None:
@@ -193,7 +262,8 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
         if not tasks:
             return []
         parts = pack_tasks(list(tasks), _cores(spark), partition_rows)
-        results = [pickle.loads(data) for data in map_parts(spark, parts, partition_runner(worker))]
+        process = partition_runner(worker, phase_started=time.time())
+        results = [pickle.loads(data) for data in map_parts(spark, parts, process)]
         failed = [error for result in results for error in result.pop("errors")]
         if failed:
             more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
@@ -299,9 +369,10 @@ def map_parts(spark, parts: list, process) -> list[bytes]:
     return [row.result for row in _collect(spark, task_frame(spark, parts).mapInArrow(arrow, PARTITION_RESULT))]
 
 
-def partition_runner(worker):
+def partition_runner(worker, phase_started: float | None = None):
     """The function each Spark partition runs (``map_parts``) over its part(s) of tasks: the tasks one after
-    the other, each retried in place on a ``TaskError``; one record back per part (``PARTITION_RESULT``)."""
+    the other, each retried in place on a ``TaskError``; one record back per part (``PARTITION_RESULT``).
+    ``phase_started``: when the task phase began (epoch seconds), for stages.process_seconds_once."""
 
     def process_partition(parts):
         import time
@@ -312,7 +383,7 @@ def partition_runner(worker):
         from clip_nsfw_spark.errors import ClipNsfwError, TaskError
         from clip_nsfw_spark.executor.stages import StageClock, process_seconds_once
 
-        before = process_seconds_once()  # this process's start and imports, counted by its first Spark task
+        before = process_seconds_once(phase_started)  # this process's start and imports, by its first Spark task
         clock = StageClock()
         parts = iter(parts)
         while True:

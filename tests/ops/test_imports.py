@@ -23,7 +23,8 @@ ALLOWED = {
     "models": {"contract", "scoring"},
     "executor": {"contract", "scoring", "parquet", "storage"},
     "driver": {"contract", "scoring", "parquet", "storage", "models", "executor"},
-    "spark": {"contract", "scoring", "storage", "models", "executor", "driver"},
+    # (parquet: the preloading worker daemon, spark/daemon.py, loads the decoder's kernels before forking)
+    "spark": {"contract", "scoring", "parquet", "storage", "models", "executor", "driver"},
     "api": {"scoring", "models"},
     "tools": {"contract", "scoring", "parquet", "storage", "models", "executor", "driver", "api"},
     "cli": {"contract", "scoring", "parquet", "storage", "models", "executor", "driver", "spark", "tools", "api"},
