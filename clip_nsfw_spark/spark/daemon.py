@@ -5,11 +5,16 @@ from it for each task slot. A plain daemon's worker then imports this package, l
 kernels from the on-disk cache and, at their first use, the parquet decoder's: ~1.3 CPU seconds per worker
 (imports 0.5, kernels 0.8; AMD EPYC), paid by every core of every executor. This daemon pays it
 once before forking (``preload``); each worker starts with the pages in place, shared copy-on-write.
+CPU and memory saved, not necessarily time: the preload runs on one core before the first fork while the
+others wait, so where every core runs one reused worker the first tasks start later (measured on local[2]:
+docs/performance.md); where workers start again and again (PySpark stops idle workers between the jobs of a
+long session; ``spark.python.worker.reuse=false``) each start is nearly free. Opt-in, therefore.
 
-Used by sessions this package starts itself (not under spark-submit) on a local master, where the workers'
-interpreter imports this same package from the same folder (``spark/runner.spark_session``); on a cluster
-whose executors have the package installed (the Docker image; not ``--py-files`` alone: the daemon starts
-before any file is shipped), ``--conf spark.python.daemon.module=clip_nsfw_spark.spark.daemon``.
+Turned on by ``CLIP_NSFW_PRELOAD=1`` for sessions this package starts itself (not under spark-submit) on a
+local master, where the workers' interpreter imports this same package from the same folder
+(``spark/runner.spark_session``); on a cluster whose executors have the package installed (the Docker image;
+not ``--py-files`` alone: the daemon starts before any file is shipped), by
+``--conf spark.python.daemon.module=clip_nsfw_spark.spark.daemon``.
 
 Fork safety: PySpark's daemon forks from a single thread, and so must this one. The preload starts no thread
 (pyarrow writes and decodes in memory here, it never reads a file: its readers start IO threads). Before and

@@ -31,10 +31,10 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
     A created local session binds the driver (and its UI) to 127.0.0.1 and runs Python workers with this
     interpreter unless PYSPARK_PYTHON says otherwise. Local: ``master`` ``local…``, or None with no master
     in spark-submit's settings (``--master``) or a local one there (without spark-submit, None is taken as
-    local: PySpark's own default). Where this process starts Spark itself (not spark-submit) on a local master
-    and the workers' interpreter imports this very package from the same folder, the workers are forked from
-    the preloading daemon (spark/daemon.py), unless a daemon module is set already (``conf``,
-    PYSPARK_SUBMIT_ARGS, spark-defaults.conf) or ``CLIP_NSFW_NO_PRELOAD=1``.
+    local: PySpark's own default). With ``CLIP_NSFW_PRELOAD=1``, where this process starts Spark itself (not
+    spark-submit) on a local master and the workers' interpreter imports this very package from the same
+    folder, the workers are forked from the preloading daemon (spark/daemon.py), unless a daemon module is
+    set already (``conf``, PYSPARK_SUBMIT_ARGS, spark-defaults.conf).
     """
     from pyspark.sql import SparkSession
 
@@ -58,8 +58,9 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
         builder = (builder.config("spark.driver.host", "127.0.0.1")
                    .config("spark.driver.bindAddress", "127.0.0.1")
                    .config("spark.ui.showConsoleProgress", "false"))
-        if not started_by_spark_submit and DAEMON_MODULE_KEY not in (conf or {}) \
-                and not _daemon_module_set_elsewhere() and _imports_this_package(os.environ["PYSPARK_PYTHON"]):
+        if os.environ.get(PRELOAD_ENV, "") not in ("", "0") and not started_by_spark_submit \
+                and DAEMON_MODULE_KEY not in (conf or {}) and not _daemon_module_set_elsewhere() \
+                and _imports_this_package(os.environ["PYSPARK_PYTHON"]):
             builder = builder.config(DAEMON_MODULE_KEY, PRELOADING_DAEMON)
     builder = builder.config("spark.python.worker.reuse", "true")
     for key, value in (conf or {}).items():  # e.g. spark.driver.memory, before the JVM starts
@@ -80,7 +81,12 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
 # PySpark's worker daemon replaced by one that loads this package before forking workers (spark/daemon.py)
 DAEMON_MODULE_KEY = "spark.python.daemon.module"
 PRELOADING_DAEMON = "clip_nsfw_spark.spark.daemon"
-NO_PRELOAD_ENV = "CLIP_NSFW_NO_PRELOAD"  # set (to anything but "" or "0"): PySpark's plain daemon
+# Set (to anything but "" or "0"): local sessions started here fork their workers from the preloading daemon.
+# Off by default: it saves each worker ~1.3 CPU seconds but loads everything before the first fork, one core
+# busy while the others wait; with every core running one reused worker that cost the task phase wall time
+# on local[2] (docs/performance.md). It pays where workers start again and again (idle workers stopped
+# between jobs of a long session, spark.python.worker.reuse=false) and saves memory (shared pages).
+PRELOAD_ENV = "CLIP_NSFW_PRELOAD"
 
 
 def _submitted_settings() -> dict:
@@ -114,11 +120,9 @@ def _imports_this_package(python: str) -> bool:
     """True where ``python``, started here with this environment and folder (as the JVM this process
     starts will start PySpark's daemon), imports this package from the folder this process imported it from,
     and that folder holds the daemon module: never an older or another copy of it. Looked up without
-    importing it (~0.05 s). ``NO_PRELOAD_ENV`` turns it off."""
+    importing it (~0.05 s)."""
     import subprocess
 
-    if os.environ.get(NO_PRELOAD_ENV, "") not in ("", "0"):
-        return False
     import clip_nsfw_spark
 
     here = os.path.realpath(os.path.dirname(clip_nsfw_spark.__file__))

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from clip_nsfw_spark.spark.runner import DAEMON_MODULE_KEY, PRELOADING_DAEMON, _imports_this_package
+from clip_nsfw_spark.spark.runner import PRELOADING_DAEMON, _imports_this_package
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PySpark's daemon forks (Linux here)")
 
@@ -154,7 +154,6 @@ def test_forked_workers_draw_different_numpy_random_numbers():
 
 
 def test_the_workers_must_import_this_very_package(monkeypatch, tmp_path):
-    monkeypatch.delenv("CLIP_NSFW_NO_PRELOAD", raising=False)
     assert _imports_this_package(sys.executable)  # the test interpreter imports the package the tests import
     assert not _imports_this_package(str(tmp_path / "no-such-python"))
     other = tmp_path / "elsewhere" / "clip_nsfw_spark"  # another copy first on the path (an older release)
@@ -163,24 +162,41 @@ def test_the_workers_must_import_this_very_package(monkeypatch, tmp_path):
     monkeypatch.setenv("PYTHONPATH", str(other.parent))
     monkeypatch.chdir(tmp_path)  # (the current folder comes first on a started interpreter's path)
     assert not _imports_this_package(sys.executable)
-    monkeypatch.delenv("PYTHONPATH")
-    monkeypatch.setenv("CLIP_NSFW_NO_PRELOAD", "1")
-    assert not _imports_this_package(sys.executable)
 
 
-def test_spark_workers_are_forked_from_the_preloading_daemon(spark):
-    """The shared local session (conftest) uses it: its Python workers' parent is this module, and they
-    start with the package loaded."""
-    assert spark.sparkContext.getConf().get(DAEMON_MODULE_KEY) == PRELOADING_DAEMON
+# A local session started as the CLI starts one, asked which daemon its workers were forked from.
+SESSION_PROBE = """
+import json, os, sys
+from clip_nsfw_spark.spark.runner import spark_session
 
-    def inspect(_):
-        import os as worker_os
+def inspect(_):
+    import os as worker_os
+    with open(f"/proc/{worker_os.getppid()}/cmdline", "rb") as f:
+        parent = f.read().replace(b"\\0", b" ").decode()
+    from clip_nsfw_spark.executor import stages
+    yield parent, stages._preloaded is not None
 
-        with open(f"/proc/{worker_os.getppid()}/cmdline", "rb") as f:
-            parent = f.read().replace(b"\0", b" ").decode()
-        from clip_nsfw_spark.executor import stages
+with spark_session("local[2]") as spark:
+    setting = spark.sparkContext.getConf().get("spark.python.daemon.module", None)
+    workers = spark.sparkContext.parallelize(range(2), 2).mapPartitions(inspect).collect()
+print(json.dumps({"setting": setting, "workers": workers}))
+"""
 
-        yield parent, stages._preloaded is not None
 
-    for parent, preloaded in spark.sparkContext.parallelize(range(2), 2).mapPartitions(inspect).collect():
-        assert PRELOADING_DAEMON in parent and preloaded
+@pytest.mark.parametrize("preload", ["1", ""], ids=["CLIP_NSFW_PRELOAD=1", "default"])
+def test_local_sessions_fork_workers_from_the_preloading_daemon_only_when_asked(tmp_path, preload):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_GATEWAY", "SPARK_REMOTE"))}
+    env |= {"CLIP_NSFW_PRELOAD": preload, "PYSPARK_PYTHON": sys.executable}
+    done = subprocess.run([sys.executable, "-c", SESSION_PROBE], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(answer["workers"]) == 2
+    if preload:
+        assert answer["setting"] == PRELOADING_DAEMON
+        for parent, preloaded in answer["workers"]:
+            assert PRELOADING_DAEMON in parent and preloaded
+    else:
+        assert answer["setting"] is None
+        for parent, preloaded in answer["workers"]:
+            assert "pyspark.daemon" in parent and not preloaded
