@@ -105,11 +105,13 @@ def io_floor_job(spark, source: Path, output: Path, model: str) -> dict:
 
 
 def local_job(source: Path, output: Path, model: str) -> dict:
-    """The job without Spark, its tasks one after the other in this process; returns the report."""
+    """The job without Spark, its tasks one after the other in this process and this thread (``overlap:
+    off``: a process per core, as Spark runs them; `auto` would add read-ahead and write-behind threads
+    here); returns the report."""
     from clip_nsfw_spark.driver.job import run_job
 
     shutil.rmtree(output, ignore_errors=True)
-    return run_job(job_config(source, output, model), runner=None)
+    return run_job(job_config(source, output, model, overlap="off"), runner=None)
 
 
 def spark_runner(spark):
@@ -390,7 +392,7 @@ def print_core_seconds(results: dict) -> None:
     if not accounts:
         return
     stages = list(next(iter(accounts.values()))["by_stage"])
-    print(f"\ntask phase of the 2N-row run, core-seconds by stage (CPU seconds; idle: the rest of cores × wall)")
+    print("\ntask phase of the 2N-row run, core-seconds by stage (CPU seconds; idle: the rest of cores × wall)")
     print(f"{'case':24s} {'cores×wall':>10s} " + " ".join(f"{s[:8]:>8s}" for s in stages)
           + f" {'rows/core-s':>11s} {'÷ kernel':>8s}")
     for case, a in accounts.items():

@@ -78,11 +78,8 @@ class TimedFile:
         self._file, self.clock, self._stage = file, clock, stage
 
     def _timed(self, method, *args):
-        wall, cpu = time.perf_counter(), time.thread_time()
-        try:
+        with self.clock(self._stage):
             return method(*args)
-        finally:
-            self.clock.add(self._stage, time.perf_counter() - wall, time.thread_time() - cpu)
 
     def read(self, *args):
         return self._timed(self._file.read, *args)
