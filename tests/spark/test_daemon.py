@@ -81,7 +81,8 @@ SLEEPER = "import threading, time\nthreading.Thread(target=time.sleep, args=(300
              return None
      sys.meta_path.insert(0, StartsAThread())
      """ % SLEEPER, "threads after the preload"),
-    ("import sys\nsys.modules['pyspark.worker'] = None\n", "the preload failed (ModuleNotFoundError"),
+    # a module only the preload imports (not -m's imports, not PySpark's daemon: Spark 3.5's imports its worker)
+    ("import sys\nsys.modules['clip_nsfw_spark.parquet.stream'] = None\n", "the preload failed (ModuleNotFoundError"),
 ], ids=["thread-at-start", "thread-after-preload", "preload-fails"])
 def test_an_unsafe_or_failed_preload_becomes_pysparks_plain_daemon(tmp_path, sitecustomize, why):
     process, port = start_daemon(PRELOADING_DAEMON, sitecustomize, tmp_path)
