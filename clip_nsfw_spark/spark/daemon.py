@@ -84,8 +84,8 @@ def prepare_forks() -> None:
 def preload() -> None:
     """Import what a Python worker runs and load the kernels it calls: the scorer's (``PRELOADED_DEPTHS``,
     float16 and float32 inputs), the rows' check, and the parquet decoder's (a few rows of float16 and
-    float32 embeddings, pyarrow-written in memory, decoded). No file, no thread: pyarrow's readers start
-    IO threads, so pyarrow only writes here."""
+    float32 embeddings, written in memory by pyarrow, decoded by this package's decoder). No file, no thread:
+    pyarrow's record-batch readers start IO threads, so pyarrow only writes here and reads the footer."""
     import io
 
     import numpy as np

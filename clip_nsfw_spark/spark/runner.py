@@ -108,7 +108,17 @@ def _daemon_module_set_elsewhere() -> bool:
     setting would override."""
     if DAEMON_MODULE_KEY in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
         return True
-    folder = os.environ.get("SPARK_CONF_DIR") or os.path.join(os.environ.get("SPARK_HOME", ""), "conf")
+    folder = os.environ.get("SPARK_CONF_DIR")
+    if not folder:
+        home = os.environ.get("SPARK_HOME")
+        if not home:  # where PySpark itself looks: the pip package's folder
+            try:
+                from pyspark.find_spark_home import _find_spark_home
+
+                home = _find_spark_home()
+            except (Exception, SystemExit):  # noqa: BLE001 - PySpark exits where it finds none
+                return False
+        folder = os.path.join(home, "conf")
     try:
         with open(os.path.join(folder, "spark-defaults.conf"), encoding="utf-8", errors="replace") as defaults:
             return any(line.split(None, 1)[:1] == [DAEMON_MODULE_KEY] for line in defaults)

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from clip_nsfw_spark.spark.runner import PRELOADING_DAEMON, _imports_this_package
+from clip_nsfw_spark.spark.runner import PRELOADING_DAEMON, _daemon_module_set_elsewhere, _imports_this_package
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PySpark's daemon forks (Linux here)")
 
@@ -201,3 +201,26 @@ def test_local_sessions_fork_workers_from_the_preloading_daemon_only_when_asked(
         assert answer["setting"] is None
         for parent, preloaded in answer["workers"]:
             assert "pyspark.daemon" in parent and not preloaded
+
+
+def test_a_daemon_module_set_in_sparks_own_settings_is_kept(monkeypatch, tmp_path):
+    # the builder's setting would override spark-defaults.conf and PYSPARK_SUBMIT_ARGS: seen there, none is made
+    monkeypatch.delenv("PYSPARK_SUBMIT_ARGS", raising=False)
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
+    assert not _daemon_module_set_elsewhere()  # no file
+    (tmp_path / "spark-defaults.conf").write_text("# spark.python.daemon.module  mine\nspark.task.cpus 1\n")
+    assert not _daemon_module_set_elsewhere()  # commented out
+    (tmp_path / "spark-defaults.conf").write_text("spark.python.daemon.module   my.daemon\n")
+    assert _daemon_module_set_elsewhere()
+    home = tmp_path / "home"
+    (home / "conf").mkdir(parents=True)
+    (home / "conf" / "spark-defaults.conf").write_text("spark.python.daemon.module my.daemon\n")
+    monkeypatch.delenv("SPARK_CONF_DIR")
+    monkeypatch.setenv("SPARK_HOME", str(home))
+    assert _daemon_module_set_elsewhere()
+    # without SPARK_HOME, where PySpark looks (its package's folder), not a conf/ folder that happens to be here
+    monkeypatch.delenv("SPARK_HOME")
+    monkeypatch.chdir(home)
+    assert not _daemon_module_set_elsewhere()
+    monkeypatch.setenv("PYSPARK_SUBMIT_ARGS", "--conf spark.python.daemon.module=my.daemon pyspark-shell")
+    assert _daemon_module_set_elsewhere()
