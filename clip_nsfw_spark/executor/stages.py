@@ -123,7 +123,7 @@ def _preload_seconds(phase_started: float | None) -> float | None:
         return None
     try:
         data = os.read(_preloaded[1], 16)
-    except BlockingIOError:
+    except OSError:  # empty (another worker took them), or the descriptor gone: nothing to count
         data = b""
     if len(data) != 16:
         return 0.0

@@ -65,7 +65,8 @@ def decode(column: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np
             reasons[i] = Problem(Reason.NULL_EMBEDDING)
     if pa.types.is_fixed_size_list(column.type):
         lengths = np.full(n, column.type.list_size)
-    elif not column.null_count:  # from the offsets (slice-aware): value_lengths().fill_null() cost ~1 us a row
+    elif n and not column.null_count:  # the offsets (slice-aware; an empty array may have none): value_lengths()
+        # .fill_null() cost ~1 us a row
         lengths = np.diff(column.offsets.to_numpy())
     else:
         lengths = column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)

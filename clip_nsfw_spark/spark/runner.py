@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 import time
 
@@ -51,16 +52,19 @@ def spark_session(master: str | None = None, app_name: str = "clip-nsfw-spark", 
         builder = builder.master(master)
     # spark-submit's settings (its --master among them) are read from its JVM, which runs already; a JVM is
     # never started here before SPARK_LOCAL_IP is set (it would listen on every interface)
-    connect = (master or "").startswith("sc://") or bool(os.environ.get("SPARK_REMOTE"))
+    # (SPARK_REMOTE=local… starts a Connect server on a local JVM here: that one is local, bound to loopback)
+    connect = (master or os.environ.get("SPARK_REMOTE") or "").startswith("sc://")
     submitted = _submitted_settings() if started_by_spark_submit and not connect else {}
     if not connect and (master or submitted.get("spark.master") or "local").startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = (builder.config("spark.driver.host", "127.0.0.1")
                    .config("spark.driver.bindAddress", "127.0.0.1")
                    .config("spark.ui.showConsoleProgress", "false"))
+        workers_python = os.environ["PYSPARK_PYTHON"]  # (a spark.pyspark.python that differs: no preload)
         if os.environ.get(PRELOAD_ENV, "") not in ("", "0") and not started_by_spark_submit \
                 and DAEMON_MODULE_KEY not in (conf or {}) and not _daemon_module_set_elsewhere() \
-                and _imports_this_package(os.environ["PYSPARK_PYTHON"]):
+                and (conf or {}).get("spark.pyspark.python", workers_python) == workers_python \
+                and _imports_this_package(workers_python):
             builder = builder.config(DAEMON_MODULE_KEY, PRELOADING_DAEMON)
     builder = builder.config("spark.python.worker.reuse", "true")
     for key, value in (conf or {}).items():  # e.g. spark.driver.memory, before the JVM starts
@@ -121,7 +125,8 @@ def _daemon_module_set_elsewhere() -> bool:
         folder = os.path.join(home, "conf")
     try:
         with open(os.path.join(folder, "spark-defaults.conf"), encoding="utf-8", errors="replace") as defaults:
-            return any(line.split(None, 1)[:1] == [DAEMON_MODULE_KEY] for line in defaults)
+            # Java properties: "key value", "key=value" or "key:value"
+            return any(re.split(r"[\s=:]", line.strip(), maxsplit=1)[0] == DAEMON_MODULE_KEY for line in defaults)
     except OSError:
         return False
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from clip_nsfw_spark.scoring.embeddings import decode, finite_rows, is_embedding_type, row_problems
+from clip_nsfw_spark.scoring.outcomes import Reason
 
 DIM = 4
 F32_MAX = float(np.finfo(np.float32).max)
@@ -170,7 +171,6 @@ def test_finite_rows_reads_float16_bits():
     assert finite_rows(x.astype(np.float32)).tolist() == finite_rows(x).tolist()
 
 
-
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_finite_rows_agrees_with_numpy_on_every_kind_of_value_and_layout(dtype):
     # the one-pass bit test (kernels.finite_rows_of_bits) against numpy's isfinite: a NaN, ±Inf, ±max,
@@ -186,6 +186,7 @@ def test_finite_rows_agrees_with_numpy_on_every_kind_of_value_and_layout(dtype):
     assert (~expected).sum() == 3
     assert finite_rows(x).tolist() == expected.tolist()
     assert finite_rows(x[::3]).tolist() == expected[::3].tolist()
+    assert finite_rows(x[:, ::2]).tolist() == np.isfinite(x[:, ::2]).all(axis=1).tolist()  # strided columns
     assert finite_rows(np.asfortranarray(x)).tolist() == expected.tolist()
     frozen = x.copy()
     frozen.flags.writeable = False
@@ -197,6 +198,32 @@ def test_finite_rows_on_every_float16_bit_pattern():
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(-1, 1)
     assert finite_rows(every).tolist() == np.isfinite(every[:, 0]).tolist()
     assert finite_rows(every.reshape(-1, 256)).tolist() == np.isfinite(every.reshape(-1, 256)).all(axis=1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_rows_sees_every_nan_payload_and_sign(dtype):
+    bits_type, top = {np.float32: (np.uint32, 0x7F800000), np.float64: (np.uint64, 0x7FF0000000000000)}[dtype]
+    rng = np.random.default_rng(3)
+    mantissa = rng.integers(1, top >> 4, size=200, dtype=bits_type)  # non-zero: NaNs of every payload
+    exponent = bits_type(top)  # (numpy scalars throughout: numpy 1.x refuses a Python int | uint64)
+    sign = bits_type(1) << bits_type(np.dtype(bits_type).itemsize * 8 - 1)
+    specials = np.concatenate([mantissa | exponent, mantissa | exponent | sign,
+                               np.array([exponent, exponent | sign], bits_type)]).view(dtype)  # NaNs, ±Inf
+    rows = np.ones((len(specials), 5), dtype)
+    rows[np.arange(len(specials)), np.arange(len(specials)) % 5] = specials
+    assert not finite_rows(rows).any() and finite_rows(np.ones((3, 5), dtype)).all()
+
+
+def test_wrong_lengths_are_found_in_a_list_column_without_nulls():
+    # no null row: the lengths come from the offsets (a slice's own), not from value_lengths()
+    column = pa.array([[1.0, 2.0, 3.0], [1.0, 2.0], [4.0, 5.0, 6.0], [1.0, 2.0, 3.0, 4.0]], pa.list_(pa.float32()))
+    for array, wrong in ((column, [1, 3]), (column.slice(1, 2), [0]), (column.slice(2), [1])):
+        values, ok, reasons = decode(array, 3)
+        assert np.flatnonzero(~ok).tolist() == wrong
+        assert all(reasons[i].reason == Reason.WRONG_LENGTH for i in wrong) and len(values) == len(array) - len(wrong)
+    values, ok, reasons = decode(pa.array([], pa.list_(pa.float32())), 3)
+    assert values.shape == (0, 3) and ok.shape == (0,)
+
 
 @pytest.mark.parametrize("dtype,expected", [
     (pa.list_(pa.float32()), True), (pa.large_list(pa.float64()), True), (pa.list_(pa.float16(), 768), True),

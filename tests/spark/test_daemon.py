@@ -127,17 +127,17 @@ def test_the_preload_seconds_are_counted_once_and_only_in_the_phase_they_were_sp
         import time
         from clip_nsfw_spark.executor import stages
         from clip_nsfw_spark.spark.daemon import _seconds_pipe
-        stages.offer_preload_seconds(_seconds_pipe(1.25, time.time()), os.getpid())
+        stages.offer_preload_seconds(_seconds_pipe(1000.0, time.time()), os.getpid())
         during = forked(lambda: stages.process_seconds_once(phase_started=time.time() - 60))
-        stages.offer_preload_seconds(_seconds_pipe(1.25, time.time() - 60), os.getpid())
+        stages.offer_preload_seconds(_seconds_pipe(1000.0, time.time() - 60), os.getpid())
         after = forked(lambda: stages.process_seconds_once(phase_started=time.time()))
         print(json.dumps([during, after, stages.process_seconds_once()]))
     """)
     during, after, in_the_daemon = answers
-    assert sorted(a["imports"] for a in during) == [0.0, 0.0, 1.25]
+    assert sorted(a["imports"] for a in during) == [0.0, 0.0, 1000.0]
     assert all(a["worker_start"] >= 0 for a in during)
     assert [a["imports"] for a in after] == [0.0, 0.0, 0.0]
-    assert "worker_start" in in_the_daemon and in_the_daemon.get("imports", 0) < 1.25  # its own, not the pipe's
+    assert "worker_start" in in_the_daemon and in_the_daemon.get("imports", 0) < 1000.0  # its own, not the pipe's
 
 
 def test_forked_workers_draw_different_numpy_random_numbers():
@@ -187,7 +187,7 @@ print(json.dumps({"setting": setting, "workers": workers}))
 @pytest.mark.parametrize("preload", ["1", ""], ids=["CLIP_NSFW_PRELOAD=1", "default"])
 def test_local_sessions_fork_workers_from_the_preloading_daemon_only_when_asked(tmp_path, preload):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_GATEWAY", "SPARK_REMOTE"))}
-    env |= {"CLIP_NSFW_PRELOAD": preload, "PYSPARK_PYTHON": sys.executable}
+    env |= {"CLIP_NSFW_PRELOAD": preload, "PYSPARK_PYTHON": sys.executable} | QUIET_BLAS
     done = subprocess.run([sys.executable, "-c", SESSION_PROBE], capture_output=True, text=True, timeout=600,
                           env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -210,8 +210,10 @@ def test_a_daemon_module_set_in_sparks_own_settings_is_kept(monkeypatch, tmp_pat
     assert not _daemon_module_set_elsewhere()  # no file
     (tmp_path / "spark-defaults.conf").write_text("# spark.python.daemon.module  mine\nspark.task.cpus 1\n")
     assert not _daemon_module_set_elsewhere()  # commented out
-    (tmp_path / "spark-defaults.conf").write_text("spark.python.daemon.module   my.daemon\n")
-    assert _daemon_module_set_elsewhere()
+    for line in ("spark.python.daemon.module   my.daemon", "spark.python.daemon.module=my.daemon",
+                 "  spark.python.daemon.module: my.daemon"):  # Java properties' three spellings
+        (tmp_path / "spark-defaults.conf").write_text(line + "\n")
+        assert _daemon_module_set_elsewhere(), line
     home = tmp_path / "home"
     (home / "conf").mkdir(parents=True)
     (home / "conf" / "spark-defaults.conf").write_text("spark.python.daemon.module my.daemon\n")
