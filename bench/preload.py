@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import _cpu_model, versions  # bench/ is on sys.path: this script's folder
 
 BENCH = Path(__file__).resolve().parent / "bench.py"
 SHOWN = ("worker_start", "imports", "model", "open", "decode", "score", "idle")
@@ -38,21 +39,6 @@ def run(source: Path, preload: bool, cores: int, workdir: Path) -> dict:
     return {"preload": preload, "run_seconds": report["durations_seconds"]["run"],
             "core_seconds": account["core_seconds"], "rows_per_core_second": account["rows_per_core_second"],
             "by_stage": account["by_stage"], "worker_max_rss_mb": report["worker_max_rss_mb"]}
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _commit() -> str:
-    head = subprocess.run(["git", "-C", str(BENCH.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(BENCH.parent), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" with uncommitted changes" if dirty else "")
 
 
 def main() -> int:
@@ -79,7 +65,7 @@ def main() -> int:
               f"{sum(r['core_seconds'] - r['by_stage']['idle'] for r in mine) / len(mine):.2f} busy core-seconds")
     if args.json:
         args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                         "machine": _cpu_model(), "commit": _commit(),
+                                         "machine": _cpu_model(), "versions": versions(),
                                          "cores": args.cores, "source": str(args.source), "runs": runs}, indent=1))
     return 0
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from clip_nsfw_spark.errors import DimensionError
-from clip_nsfw_spark.scoring.kernels import finite_rows_of_bits
+from clip_nsfw_spark.scoring.kernels import finite_rows_of_bits, read_only_view
 from clip_nsfw_spark.scoring.outcomes import Problem, Reason
 from clip_nsfw_spark.models.registry import fitting_model_hint
 
@@ -34,8 +34,7 @@ def finite_rows(values: np.ndarray) -> np.ndarray:
     bits_type, exponent = _EXPONENT_BITS.get(values.dtype, (None, None))
     if values.ndim != 2 or bits_type is None or finite_rows_of_bits is None:  # numba missing: numpy's way
         return np.isfinite(values).all(axis=-1)
-    bits = np.ascontiguousarray(values).view(bits_type).view()
-    bits.flags.writeable = False  # numba compiles per argument type, read-only included: one kernel per dtype
+    bits = read_only_view(np.ascontiguousarray(values).view(bits_type))
     out = np.empty(len(bits), dtype=np.bool_)
     finite_rows_of_bits(bits, exponent, out)
     return out

@@ -55,6 +55,15 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     encode_rows = gemm_panels = sigmoid_column = score_rows = dense_reference = finite_rows_of_bits = None
 
 
+def read_only_view(array: np.ndarray) -> np.ndarray:
+    """A read-only view of ``array`` (zero-copy), as every kernel here is called with: numba compiles a
+    kernel per argument type, and a read-only array is another type than a writable one, so passing views of
+    one kind keeps one compiled kernel per dtype, the one warmed with the model (scorer.warm)."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 def _tile_shape() -> tuple[int, int, int]:
     """(rows, vectors, lanes) of the register tile for the CPU numba compiles for. Speed only, never bits.
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from clip_nsfw_spark.scoring.embeddings import check_embeddings, finite_rows
 from clip_nsfw_spark.errors import MissingDependencyError, ModelError
-from clip_nsfw_spark.scoring.kernels import HAVE_NUMBA, PackedLayer, encode_rows, score_rows
+from clip_nsfw_spark.scoring.kernels import HAVE_NUMBA, PackedLayer, encode_rows, read_only_view, score_rows
 from clip_nsfw_spark.scoring.prompts import PROMPT_FORMAT, PromptHead, PromptScorer
 from clip_nsfw_spark.scoring.weights import ORDER, PortableWeights
 
@@ -74,10 +74,7 @@ class NumpyScorer:
         array = check_embeddings(embeddings, self.dim, self.name)
         if array.dtype == np.float16:  # decoded in the kernel through a table of every float16's value
             array = np.ascontiguousarray(array).view(np.uint16)
-        # numba compiles a kernel per argument type, and a read-only array is another type: always a read-only
-        # view (zero-copy), so one compiled kernel per dtype serves every batch, warmed once (scorer_for)
-        array = array.view()
-        array.flags.writeable = False
+        array = read_only_view(array)  # one compiled kernel per dtype, warmed once (warm)
         scores = np.empty(len(array), dtype=np.float32)
         layers = self._layers
         score_rows(array, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
@@ -119,14 +116,21 @@ def scorer_for(head):
     scorer = _SCORERS.get(head.sha256)
     if scorer is None:
         scorer = scorer_from_portable(head.data, name=head.name, sha256=head.sha256)
-        if isinstance(scorer, NumpyScorer):
-            # numba loads (or compiles) a kernel per input type at its first call: here, with the model,
-            # not inside the first batch's scoring (the job's report counts model load apart from scoring)
-            for dtype in (np.float16, np.float32):
-                scorer(np.zeros((1, scorer.dim), dtype))
-                finite_rows(np.zeros((1, scorer.dim), dtype))  # every batch's check (embeddings.py), numba too
+        warm(scorer)
         _SCORERS[head.sha256] = scorer
     return scorer
+
+
+def warm(scorer) -> None:
+    """Load (or compile) the numba kernels a batch of float16 or float32 rows calls: ``scorer``'s (one per
+    number of layers and input dtype) and the rows' check of every batch (embeddings.finite_rows). numba does
+    it at a kernel's first call: here, with the model (or in the preloading daemon, spark/daemon.py), not
+    inside the first batch's scoring, which the job's report counts apart from the model's load. A prompt
+    head's scorer is numpy only: nothing to load."""
+    if isinstance(scorer, NumpyScorer):
+        for dtype in (np.float16, np.float32):
+            scorer(np.zeros((1, scorer.dim), dtype))
+            finite_rows(np.zeros((1, scorer.dim), dtype))
 
 
 def scorer_from_portable(source: str | os.PathLike | bytes, name: str | None = None, sha256: str | None = None):

@@ -96,14 +96,10 @@ def preload() -> None:
     import clip_nsfw_spark.executor.worker  # noqa: F401 - numpy, pyarrow, numba, this package
     import clip_nsfw_spark.spark.runner  # noqa: F401 - what a Spark task's function imports
     from clip_nsfw_spark.parquet.stream import iter_float_list_column
-    from clip_nsfw_spark.scoring.embeddings import finite_rows
-    from clip_nsfw_spark.scoring.scorer import NumpyScorer
+    from clip_nsfw_spark.scoring.scorer import NumpyScorer, warm
 
     for depth in PRELOADED_DEPTHS:
-        scorer = NumpyScorer(_synthetic_weights(depth))
-        for dtype in (np.float16, np.float32):
-            scorer(np.zeros((1, scorer.dim), dtype))
-            finite_rows(np.zeros((1, scorer.dim), dtype))
+        warm(NumpyScorer(_synthetic_weights(depth)))
     for dtype, arrow_type in ((np.float16, pa.float16()), (np.float32, pa.float32())):
         values = pa.array(np.linspace(-1, 1, 8 * 8).astype(dtype), arrow_type)
         column = pa.ListArray.from_arrays(pa.array(np.arange(0, 8 * 8 + 1, 8, dtype=np.int32)), values)

@@ -84,7 +84,8 @@ def h14_cache(h14, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     for shared in SHARED_MODELS.glob("*"):
-        if shared.name != "h14_nsfw.pth":
+        # (not a lock file some other process left there: filelock refuses a linked one)
+        if shared.name != "h14_nsfw.pth" and not shared.name.endswith(".lock"):
             (cache / shared.name).symlink_to(shared)
     shutil.copy(path, cache / "h14_nsfw.pth")
     monkeypatch.setenv("CLIP_NSFW_CACHE", str(cache))
