@@ -15,11 +15,10 @@ from __future__ import annotations
 import datetime
 import re
 
-try:  # s3fs's dependencies: without them no S3 client exists whose timestamps need parsing
-    from botocore.utils import parse_timestamp
+try:  # s3fs's dependency (botocore's); botocore itself is imported where S3 is used (s3_listing.py says why)
     from dateutil.tz import tzutc
 except ImportError:  # pragma: no cover - the core install has no s3fs
-    parse_timestamp = tzutc = None
+    tzutc = None
 
 # Exactly S3's two forms; anything else (offsets, 7+ fraction digits, epoch numbers …) goes to botocore's parser.
 _ISO_UTC = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?Z\Z")
@@ -49,6 +48,8 @@ def parse_s3_timestamp(value):
                                          tzinfo=tzutc())
         except ValueError:  # an impossible date: botocore's parser decides (and words the error)
             pass
+    from botocore.utils import parse_timestamp
+
     return parse_timestamp(value)
 
 
@@ -58,9 +59,10 @@ def use_fast_s3_timestamps() -> None:
     botocore reads ``botocore.parsers.DEFAULT_TIMESTAMP_PARSER`` each time it builds a response parser, i.e.
     for every response of every client, s3fs's included; a parser a caller chose explicitly is left alone.
     Without botocore (no s3fs installed) nothing is done."""
-    if parse_timestamp is None:
+    try:
+        import botocore.parsers
+        from botocore.utils import parse_timestamp
+    except ImportError:  # pragma: no cover - the core install has no s3fs
         return
-    import botocore.parsers
-
     if botocore.parsers.DEFAULT_TIMESTAMP_PARSER is parse_timestamp:
         botocore.parsers.DEFAULT_TIMESTAMP_PARSER = parse_s3_timestamp

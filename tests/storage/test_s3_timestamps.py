@@ -105,12 +105,12 @@ def test_a_real_listing_and_head_are_the_same_with_either_parser(s3_server, monk
 
 def test_s3s_two_forms_never_reach_dateutil(monkeypatch):
     """The point of the module: S3's forms are read without botocore's (dateutil's) parser."""
-    from clip_nsfw_spark.storage import s3_timestamps
+    import botocore.utils
 
     def refuse(value):
         raise AssertionError(f"botocore's parser asked for {value!r}")
 
-    monkeypatch.setattr(s3_timestamps, "parse_timestamp", refuse)
+    monkeypatch.setattr(botocore.utils, "parse_timestamp", refuse)  # where the module finds it, when it must
     assert parse_s3_timestamp("2026-12-06T06:00:00.000Z").utcoffset() == datetime.timedelta(0)
     assert parse_s3_timestamp("Sun, 06 Dec 2026 06:00:00 GMT") == datetime.datetime(
         2026, 12, 6, 6, tzinfo=datetime.timezone.utc)
