@@ -402,6 +402,12 @@ def print_core_seconds(results: dict) -> None:
         ratio = results[case].get("per_core_vs_kernel")
         print(f"{case:24s} {a['core_seconds']:10.2f} " + " ".join(f"{a['by_stage'].get(s, 0):8.2f}" for s in stages)
               + f" {a['rows_per_core_second']:11,.0f} {f'{ratio:.2f}' if ratio else '-':>8s}")
+    split = {case: a["idle_by_source"] for case, a in accounts.items() if a.get("idle_by_source")}
+    if split:
+        print("idle by source (machine idle: no CPU busy; stolen: by the hypervisor; driver, jvm: those processes; "
+              "other: the rest, CPU outside the stages: workers' PySpark code, the kernel's page-cache work …)")
+        for case, sources in split.items():
+            print(f"{case:24s} " + "  ".join(f"{name} {seconds:.2f}" for name, seconds in sources.items()))
 
 # ---- Context: the kernel and this CPU's sgemm limit ----
 

@@ -461,7 +461,8 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
     report = build_report(config, tasks_config, plan, heads, totals, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions,
                           rows_run=rows_run, run_totals=run_totals,
-                          cores=getattr(runner or run_sequentially, "cores", None) if pending else None)
+                          cores=getattr(runner or run_sequentially, "cores", None) if pending else None,
+                          outside_workers=getattr(runner, "outside_workers", None) if pending else None)
     lease.fence("writing the report")
     write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))
     lease.fence("writing _SUCCESS")

@@ -13,14 +13,14 @@ from clip_nsfw_spark.models.registry import REGISTRY, canonical_name
 
 def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, totals: dict, durations, resumed,
                  resume_actions=None, rows_run: int | None = None, cores: int | None = None,
-                 run_totals: dict | None = None) -> dict:
+                 run_totals: dict | None = None, outside_workers: dict | None = None) -> dict:
     """The JSON report: config (secrets redacted), heads, row counts by stream and reason, per-head unsafe
     counts and score histograms, timing. ``totals`` is every task's stats summed (contract.add_figures), the
     resumed ones' included; ``rows_run`` the rows of the tasks this run ran (all, when not given), which
     the throughput counts; ``heads`` are contract.Head (name, sha256, dim, source, threshold); ``model``
     describes the first head (as when a run had one). ``run_totals``: the stats of this run's tasks alone,
     summed, and ``cores`` the cores its runner had: the account of the task phase's core-seconds
-    (``task_phase_core_seconds``)."""
+    (``task_phase_core_seconds``), its idle split by ``outside_workers`` where the runner measured them."""
     bins = config.histogram_bins
     written: dict[str, int] = dict(totals.get("rows_written") or {})
     rejected: dict[str, int] = dict(totals.get("rejected_by_reason") or {})
@@ -68,7 +68,8 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
         "durations_seconds": {k: round(v, 3) for k, v in durations.items()},
         "task_stage_seconds": {k: round(v, 3) for k, v in stages.items()},
         "task_phase_core_seconds": core_seconds(run_totals or {}, cores, durations.get("run"),
-                                                totals.get("rows_read") if rows_run is None else rows_run),
+                                                totals.get("rows_read") if rows_run is None else rows_run,
+                                                outside_workers),
         # Rows scored by this run over its task phase: a resume's earlier rows are not this run's work.
         "throughput_rows_per_second": round((rows_read if rows_run is None else rows_run) / durations["run"], 1)
         if durations.get("run") and (rows_run is None or rows_run > 0) else None,
@@ -78,14 +79,23 @@ def build_report(config: JobConfig, tasks: TaskConfig, plan: Plan, heads: list, 
     }
 
 
-def core_seconds(run_totals: dict, cores: int | None, run_seconds: float | None, rows: int | None) -> dict | None:
+def core_seconds(run_totals: dict, cores: int | None, run_seconds: float | None, rows: int | None,
+                 outside_workers: dict | None = None) -> dict | None:
     """Where the task phase's ``cores × run seconds`` went: the CPU seconds of each stage of this run's tasks
     and worker processes (executor/stages.py; in pipeline order), and the rest, ``idle``: cores waiting (for
     storage, for Spark to start a task, for the last tasks to end) or busy outside the Python workers
     (Spark's JVM, PySpark's daemon). None when the phase ran nothing, or its runner did not tell its cores.
 
     ``rows_per_core_second``: the rows the phase scored over its core-seconds, to set against the scoring
-    kernel's rows per second on one thread (bench/bench.py)."""
+    kernel's rows per second on one thread (bench/bench.py).
+
+    ``idle_by_source``, where the runner measured ``outside_workers`` (spark/runner._cpu_counters: a local
+    master on every CPU of the machine, Linux): idle split into ``machine_idle`` (no CPU busy: waiting for
+    storage, for Spark to start a task, for the last tasks), ``stolen`` (by the hypervisor), ``driver`` (this
+    process: planning's end, progress, the lease), ``jvm`` (Spark's: scheduling, the Arrow transfer) and
+    ``other``, the rest: busy CPU outside the stages in the Python workers (PySpark's own code in them, threads
+    no clock follows), PySpark's daemon, the kernel's threads (page-cache reclaim and writeback), other
+    processes. Absent elsewhere."""
     from clip_nsfw_spark.executor.stages import PROCESS_STAGES, TASK_STAGES
 
     if not cores or not run_seconds or not rows:
@@ -98,5 +108,10 @@ def core_seconds(run_totals: dict, cores: int | None, run_seconds: float | None,
     # negative where the stages used more cores than the runner told (a cluster that grew, a local run whose
     # threads took every core of the machine)
     by_stage["idle"] = round(total - sum(cpu.values()), 3)
-    return {"cores": cores, "wall_seconds": round(run_seconds, 3), "core_seconds": round(total, 3),
-            "by_stage": by_stage, "rows_per_core_second": round(rows / total, 1)}
+    account = {"cores": cores, "wall_seconds": round(run_seconds, 3), "core_seconds": round(total, 3),
+               "by_stage": by_stage, "rows_per_core_second": round(rows / total, 1)}
+    if outside_workers:
+        sources = {name: round(outside_workers[name], 3) for name in ("machine_idle", "stolen", "driver", "jvm")}
+        sources["other"] = round(by_stage["idle"] - sum(sources.values()), 3)
+        account["idle_by_source"] = sources
+    return account

@@ -282,7 +282,9 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
             return []
         parts = pack_tasks(list(tasks), _cores(spark), partition_rows)
         process = partition_runner(worker, phase_started=time.time())
+        counters = _cpu_counters(spark, run.cores)
         results = [pickle.loads(data) for data in map_parts(spark, parts, process)]
+        run.outside_workers = _outside_workers(counters, _cpu_counters(spark, run.cores))
         failed = [error for result in results for error in result.pop("errors")]
         if failed:
             more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
@@ -295,7 +297,45 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
     # the task phase's core-seconds (the report's account of them): None where Spark does not tell its cores
     # (Spark Connect), rather than a guess; read when the runner is made (dynamic allocation may add more)
     run.cores = None if _is_connect(spark) else _known_cores(spark)
+    run.outside_workers = None  # set by each run, where measurable (_cpu_counters)
     return run
+
+
+def _cpu_counters(spark, cores: int | None) -> dict | None:
+    """CPU seconds used so far, for the part of a task phase's idle core-seconds spent outside the Python
+    workers (driver/report.core_seconds): the machine's, from /proc/stat (``idle`` = idle + iowait, ``stolen``
+    by the hypervisor), this driver process's, and Spark's JVM's (its utime + stime).
+
+    None unless that accounting holds: Linux, a local master whose ``cores`` are every CPU of this machine
+    (then the machine's idle is the phase's), a JVM this process started (or spark-submit's, its parent)."""
+    try:
+        if _is_connect(spark) or not spark.sparkContext.master.startswith("local") or not cores \
+                or not (cores == os.cpu_count() == len(os.sched_getaffinity(0))):
+            return None
+        gateway = getattr(spark.sparkContext, "_gateway", None)
+        process = getattr(gateway, "proc", None)
+        jvm_pid = process.pid if process is not None else os.getppid() if "PYSPARK_GATEWAY_PORT" in os.environ \
+            else None
+        if jvm_pid is None:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as stat:
+            idle, iowait, _, _, steal = (int(v) for v in stat.readline().split()[4:9])
+        with open(f"/proc/{jvm_pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+        return {"idle": (idle + iowait) / tick, "stolen": steal / tick, "driver": time.process_time(),
+                "jvm": (int(fields[11]) + int(fields[12])) / tick, "jvm_pid": jvm_pid}
+    except (OSError, ValueError, AttributeError, IndexError):  # not Linux, no such process, an odd /proc
+        return None
+
+
+def _outside_workers(before: dict | None, after: dict | None) -> dict | None:
+    """The CPU seconds between two ``_cpu_counters``: ``{"machine_idle", "stolen", "driver", "jvm"}``;
+    None if either is missing or the JVM is not the same process."""
+    if not before or not after or before["jvm_pid"] != after["jvm_pid"]:
+        return None
+    return {"machine_idle": after["idle"] - before["idle"], "stolen": after["stolen"] - before["stolen"],
+            "driver": after["driver"] - before["driver"], "jvm": after["jvm"] - before["jvm"]}
 
 
 def lazy_spark_runner(start_session, partition_rows: int = PARTITION_ROWS):
@@ -316,9 +356,13 @@ def lazy_spark_runner(start_session, partition_rows: int = PARTITION_ROWS):
             return []
         started_runner = runner()
         run.cores = started_runner.cores
-        return started_runner(tasks, worker)
+        try:
+            return started_runner(tasks, worker)
+        finally:
+            run.outside_workers = started_runner.outside_workers
 
     run.cores = None
+    run.outside_workers = None
     run.read_footers = lambda *args: runner().read_footers(*args)
     run.started = lambda: bool(started)
     run.startup_seconds = 0.0

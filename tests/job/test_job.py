@@ -506,3 +506,14 @@ def test_the_report_accounts_for_every_core_second_of_the_task_phase(tmp_path, s
         assert min(stages.values()) >= 0  # nothing counted twice: idle is what no stage used
         assert account["rows_per_core_second"] == pytest.approx(4000 / account["core_seconds"], rel=0.01)
         assert set(report["task_stage_seconds"]) >= set(TASK_STAGES)
+        # idle by source: measured on Spark with a local master on every CPU of the machine (the test session
+        # is local[2]); never for the in-process runner, whose driver is the worker
+        whole_machine = runner and spark_runner.cores == os.cpu_count() == len(os.sched_getaffinity(0))
+        assert ("idle_by_source" in account) == bool(whole_machine)
+        if whole_machine:
+            sources = account["idle_by_source"]
+            assert list(sources) == ["machine_idle", "stolen", "driver", "jvm", "other"]
+            assert sum(sources.values()) == pytest.approx(stages["idle"], abs=0.01)
+            assert sources["jvm"] > 0 and sources["driver"] > 0  # Spark scheduled the tasks; the driver waited
+            # each a CPU counter's difference; other, the rest, is CPU too (to the counters' 10 ms ticks)
+            assert min(sources.values()) >= -0.1
