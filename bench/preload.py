@@ -65,7 +65,7 @@ def main() -> int:
               f"{sum(r['core_seconds'] - r['by_stage']['idle'] for r in mine) / len(mine):.2f} busy core-seconds")
     if args.json:
         args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                         "machine": _cpu_model(), "versions": versions(),
+                                         "cpu": _cpu_model(), "versions": versions(),
                                          "cores": args.cores, "source": str(args.source), "runs": runs}, indent=1))
     return 0
 

@@ -89,13 +89,14 @@ def core_seconds(run_totals: dict, cores: int | None, run_seconds: float | None,
     ``rows_per_core_second``: the rows the phase scored over its core-seconds, to set against the scoring
     kernel's rows per second on one thread (bench/bench.py).
 
-    ``idle_by_source``, where the runner measured ``outside_workers`` (spark/runner._cpu_counters: a local
-    master on every CPU of the machine, Linux): idle split into ``machine_idle`` (no CPU busy: waiting for
-    storage, for Spark to start a task, for the last tasks), ``stolen`` (by the hypervisor), ``driver`` (this
-    process: planning's end, progress, the lease), ``jvm`` (Spark's: scheduling, the Arrow transfer) and
-    ``other``, the rest: busy CPU outside the stages in the Python workers (PySpark's own code in them, threads
-    no clock follows), PySpark's daemon, the kernel's threads (page-cache reclaim and writeback), other
-    processes. Absent elsewhere."""
+    ``idle_by_source``, where the runner measured ``outside_workers`` around its Spark tasks
+    (spark/runner._whole_machine_jvm: a local master on every CPU of a Linux machine): idle split into
+    ``machine_idle`` (no CPU busy: waiting for storage, for Spark to start a task, for the last tasks),
+    ``stolen`` (by the hypervisor), ``driver`` (this process: progress, the lease), ``jvm`` (Spark's:
+    scheduling, the tasks' bytes to and from the workers), ``unmeasured`` (cores × the phase's seconds outside
+    that span: packing the tasks, starting and ending the progress watcher) and ``other``, the rest: busy CPU
+    outside the stages in the Python workers (PySpark's own code in them, threads no clock follows), PySpark's
+    daemon, the kernel's threads (page-cache reclaim and writeback), other processes. Absent elsewhere."""
     from clip_nsfw_spark.executor.stages import PROCESS_STAGES, TASK_STAGES
 
     if not cores or not run_seconds or not rows:
@@ -112,6 +113,7 @@ def core_seconds(run_totals: dict, cores: int | None, run_seconds: float | None,
                "by_stage": by_stage, "rows_per_core_second": round(rows / total, 1)}
     if outside_workers:
         sources = {name: round(outside_workers[name], 3) for name in ("machine_idle", "stolen", "driver", "jvm")}
+        sources["unmeasured"] = round(cores * max(0.0, run_seconds - outside_workers["window_seconds"]), 3)
         sources["other"] = round(by_stage["idle"] - sum(sources.values()), 3)
         account["idle_by_source"] = sources
     return account

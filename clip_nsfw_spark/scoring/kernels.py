@@ -56,9 +56,10 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 
 def read_only_view(array: np.ndarray) -> np.ndarray:
-    """A read-only view of ``array`` (zero-copy), as every kernel here is called with: numba compiles a
-    kernel per argument type, and a read-only array is another type than a writable one, so passing views of
-    one kind keeps one compiled kernel per dtype, the one warmed with the model (scorer.warm)."""
+    """A read-only view of ``array`` (zero-copy), as the scorer's kernel and the rows' check are called with:
+    numba compiles a kernel per argument type, and a read-only array is another type than a writable one, so
+    passing views of one kind keeps one compiled kernel per dtype, the one warmed with the model
+    (scorer.warm). (The parquet decoder does the same for its own kernels: parquet/ imports no scoring code.)"""
     view = array.view()
     view.flags.writeable = False
     return view

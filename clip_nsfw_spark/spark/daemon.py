@@ -95,6 +95,13 @@ def preload() -> None:
     import pyspark.worker  # noqa: F401 - what PySpark's daemon imports in each worker after the fork
     import clip_nsfw_spark.executor.worker  # noqa: F401 - numpy, pyarrow, numba, this package
     import clip_nsfw_spark.spark.runner  # noqa: F401 - what a Spark task's function imports
+    try:  # what an S3 job's workers import (storage/s3_listing.py), shared here rather than once per worker
+        import botocore.handlers  # noqa: F401
+        import botocore.parsers  # noqa: F401
+        import botocore.utils  # noqa: F401
+        import fsspec.asyn  # noqa: F401
+    except ImportError:  # the core install has no s3fs
+        pass
     from clip_nsfw_spark.parquet.stream import iter_float_list_column
     from clip_nsfw_spark.scoring.scorer import NumpyScorer, warm
 

@@ -278,13 +278,16 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
 
     def run(tasks, worker):
         """Run ``worker`` (worker.Worker: Task → stats) over ``tasks``, packed into Spark tasks."""
+        run.outside_workers = None
         if not tasks:
             return []
+        if "jvm" not in machine:  # asked once: the JVM of a session does not change
+            machine["jvm"] = _whole_machine_jvm(spark, run.cores)
         parts = pack_tasks(list(tasks), _cores(spark), partition_rows)
         process = partition_runner(worker, phase_started=time.time())
-        counters = _cpu_counters(spark, run.cores)
+        counters = _cpu_counters(machine["jvm"])
         results = [pickle.loads(data) for data in map_parts(spark, parts, process)]
-        run.outside_workers = _outside_workers(counters, _cpu_counters(spark, run.cores))
+        run.outside_workers = _outside_workers(counters, _cpu_counters(machine["jvm"]))
         failed = [error for result in results for error in result.pop("errors")]
         if failed:
             more = f" ({len(failed) - 1} more tasks failed)" if len(failed) > 1 else ""
@@ -297,45 +300,68 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
     # the task phase's core-seconds (the report's account of them): None where Spark does not tell its cores
     # (Spark Connect), rather than a guess; read when the runner is made (dynamic allocation may add more)
     run.cores = None if _is_connect(spark) else _known_cores(spark)
-    run.outside_workers = None  # set by each run, where measurable (_cpu_counters)
+    run.outside_workers = None  # set by each run, where measurable (_whole_machine_jvm)
+    machine: dict = {}
     return run
 
 
-def _cpu_counters(spark, cores: int | None) -> dict | None:
-    """CPU seconds used so far, for the part of a task phase's idle core-seconds spent outside the Python
-    workers (driver/report.core_seconds): the machine's, from /proc/stat (``idle`` = idle + iowait, ``stolen``
-    by the hypervisor), this driver process's, and Spark's JVM's (its utime + stime).
-
-    None unless that accounting holds: Linux, a local master whose ``cores`` are every CPU of this machine
-    (then the machine's idle is the phase's), a JVM this process started (or spark-submit's, its parent)."""
+def _whole_machine_jvm(spark, cores: int | None) -> int | None:
+    """The pid of Spark's JVM where a task phase's idle core-seconds can be split by source
+    (driver/report.core_seconds), else None: a local master (``local`` or ``local[…]``; not ``local-cluster``,
+    whose executors are other JVMs) whose ``cores`` are every CPU of this Linux machine, no cgroup CPU quota
+    (then the machine's idle is the phase's). The JVM names its own pid (Java 9+: older JVMs, a gateway that
+    refuses the call → None). Never raises: a measurement must not fail a run."""
     try:
-        if _is_connect(spark) or not spark.sparkContext.master.startswith("local") or not cores \
-                or not (cores == os.cpu_count() == len(os.sched_getaffinity(0))):
+        if not cores or not (cores == os.cpu_count() == len(os.sched_getaffinity(0))) or _cpu_quota():
             return None
-        gateway = getattr(spark.sparkContext, "_gateway", None)
-        process = getattr(gateway, "proc", None)
-        jvm_pid = process.pid if process is not None else os.getppid() if "PYSPARK_GATEWAY_PORT" in os.environ \
-            else None
-        if jvm_pid is None:
+        context = _spark_context(spark)
+        if context is None or not (context.master == "local" or context.master.startswith("local[")):
             return None
+        pid = int(context._jvm.java.lang.ProcessHandle.current().pid())
+        return pid if os.path.exists(f"/proc/{pid}/stat") else None
+    except Exception:  # noqa: BLE001 - not Linux, Java 8, py4j.security.Py4JSecurityException …
+        return None
+
+
+def _cpu_quota() -> bool:
+    """True where a cgroup (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) limits this process's CPU time: then
+    /proc/stat's idle CPUs are not this job's to use."""
+    for path, unlimited in (("/sys/fs/cgroup/cpu.max", "max"), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1")):
+        try:
+            with open(path) as limit:
+                if limit.read().split()[0] != unlimited:
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+def _cpu_counters(jvm_pid: int | None) -> dict | None:
+    """CPU seconds used so far by the machine (/proc/stat: ``idle`` = idle + iowait, ``stolen`` by the
+    hypervisor), this driver process and Spark's JVM (``jvm_pid``: its utime + stime), and ``wall``
+    (perf_counter seconds); None without a ``jvm_pid`` or where /proc cannot tell. Never raises."""
+    if jvm_pid is None:
+        return None
+    try:
         tick = os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat") as stat:
+        with open("/proc/stat") as stat:  # cpu  user nice system idle iowait irq softirq steal …
             idle, iowait, _, _, steal = (int(v) for v in stat.readline().split()[4:9])
         with open(f"/proc/{jvm_pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
         return {"idle": (idle + iowait) / tick, "stolen": steal / tick, "driver": time.process_time(),
-                "jvm": (int(fields[11]) + int(fields[12])) / tick, "jvm_pid": jvm_pid}
-    except (OSError, ValueError, AttributeError, IndexError):  # not Linux, no such process, an odd /proc
+                "jvm": (int(fields[11]) + int(fields[12])) / tick, "wall": time.perf_counter()}
+    except Exception:  # noqa: BLE001 - the JVM gone, an odd /proc: no split, never a failed run
         return None
 
 
 def _outside_workers(before: dict | None, after: dict | None) -> dict | None:
-    """The CPU seconds between two ``_cpu_counters``: ``{"machine_idle", "stolen", "driver", "jvm"}``;
-    None if either is missing or the JVM is not the same process."""
-    if not before or not after or before["jvm_pid"] != after["jvm_pid"]:
+    """What two ``_cpu_counters`` around the tasks measured: ``machine_idle``, ``stolen``, ``driver`` and
+    ``jvm`` CPU seconds, and ``window_seconds``, the wall seconds between them; None if either is missing."""
+    if not before or not after:
         return None
     return {"machine_idle": after["idle"] - before["idle"], "stolen": after["stolen"] - before["stolen"],
-            "driver": after["driver"] - before["driver"], "jvm": after["jvm"] - before["jvm"]}
+            "driver": after["driver"] - before["driver"], "jvm": after["jvm"] - before["jvm"],
+            "window_seconds": after["wall"] - before["wall"]}
 
 
 def lazy_spark_runner(start_session, partition_rows: int = PARTITION_ROWS):
@@ -352,6 +378,7 @@ def lazy_spark_runner(start_session, partition_rows: int = PARTITION_ROWS):
         return started[0]
 
     def run(tasks, worker):
+        run.outside_workers = None
         if not tasks:
             return []
         started_runner = runner()

@@ -200,3 +200,64 @@ def test_parts_go_as_a_dataframe_where_the_spark_context_refuses_rdds(spark):
 
     assert sorted(map_parts(spark, [[1, 2], [3]], echo)) == [b"1,2", b"3"]  # the RDD's way
     assert sorted(map_parts(_SessionRefusingRdds(spark), [[1, 2], [3]], echo)) == [b"1,2", b"3"]
+
+
+class _ContextWithoutJvm(_RefusingContext):
+    """A SparkContext whose gateway refuses every call (py4j allow-listing on shared clusters)."""
+
+    @property
+    def _jvm(self):
+        raise RuntimeError("py4j.security.Py4JSecurityException: ProcessHandle is not whitelisted")
+
+
+class _SessionWithoutJvm(_SessionRefusingRdds):
+    @property
+    def sparkContext(self):
+        return _ContextWithoutJvm(self._spark.sparkContext)
+
+
+class _SessionWithoutContext(_SessionRefusingRdds):
+    @property
+    def sparkContext(self):
+        raise RuntimeError("py4j.security.Py4JSecurityException: sparkContext is not whitelisted")
+
+
+def test_the_idle_split_is_measured_only_where_the_machine_is_the_jobs_and_never_fails_a_run(spark):
+    """spark/runner._whole_machine_jvm: the JVM's pid where a local master has every CPU of this machine,
+    else None; refusals and odd answers give None, never an error (a measurement must not fail a job)."""
+    from clip_nsfw_spark.spark.runner import _cpu_counters, _cpu_quota, _outside_workers, _whole_machine_jvm
+
+    cores = spark.sparkContext.defaultParallelism
+    pid = _whole_machine_jvm(spark, cores)
+    if cores == os.cpu_count() == len(os.sched_getaffinity(0)) and not _cpu_quota():
+        assert pid is not None and pid != os.getpid()
+        with open(f"/proc/{pid}/comm") as comm:
+            assert comm.read().strip() == "java"  # Spark's JVM, not this process nor a wrapper
+    else:
+        assert pid is None
+    assert _whole_machine_jvm(spark, cores + 1) is None  # fewer cores than CPUs: the machine's idle is not ours
+    assert _whole_machine_jvm(spark, None) is None
+    assert _whole_machine_jvm(_SessionWithoutJvm(spark), cores) is None
+    assert _whole_machine_jvm(_SessionWithoutContext(spark), cores) is None
+    assert _cpu_counters(None) is None
+    assert _cpu_counters(2 ** 22 + 12345) is None  # no such process (pids stop at 2^22): None, no error
+    before = _cpu_counters(os.getpid())
+    sum(i * i for i in range(200_000))  # some CPU of this process
+    after = _cpu_counters(os.getpid())
+    measured = _outside_workers(before, after)
+    assert set(measured) == {"machine_idle", "stolen", "driver", "jvm", "window_seconds"}
+    assert measured["driver"] > 0 and measured["window_seconds"] > 0
+    assert min(measured.values()) >= 0
+    assert _outside_workers(before, None) is None and _outside_workers(None, after) is None
+
+
+def test_idle_by_source_takes_what_was_measured_and_calls_the_rest_other():
+    from clip_nsfw_spark.driver.report import core_seconds
+
+    totals = {"stage_cpu_seconds": {"score": 10.0, "decode": 2.0}}
+    measured = {"machine_idle": 1.5, "stolen": 0.25, "driver": 0.5, "jvm": 1.0, "window_seconds": 9.5}
+    account = core_seconds(totals, 2, 10.0, 1000, measured)
+    assert account["by_stage"]["idle"] == 8.0
+    assert account["idle_by_source"] == {"machine_idle": 1.5, "stolen": 0.25, "driver": 0.5, "jvm": 1.0,
+                                         "unmeasured": 1.0, "other": 3.75}  # unmeasured: 2 cores × 0.5 s
+    assert "idle_by_source" not in core_seconds(totals, 2, 10.0, 1000, None)
