@@ -299,10 +299,29 @@ def spark_runner(spark, partition_rows: int = PARTITION_ROWS):
     run.read_footers = footer_reader(spark)
     # the task phase's core-seconds (the report's account of them): None where Spark does not tell its cores
     # (Spark Connect), rather than a guess; read when the runner is made (dynamic allocation may add more)
-    run.cores = None if _is_connect(spark) else _known_cores(spark)
+    run.cores = None if _is_connect(spark) else _local_cores(spark) or _known_cores(spark)
     run.outside_workers = None  # set by each run, where measurable (_whole_machine_jvm)
     machine: dict = {}
     return run
+
+
+_LOCAL_MASTER = re.compile(r"local(?:\[\s*(\*|\d+)\s*(?:,\s*\d+\s*)?\])?")
+
+
+def _local_cores(spark) -> int | None:
+    """The cores of a local master (``local`` 1, ``local[N]`` / ``local[N, F]`` N, ``local[*]`` the JVM's
+    processors): what its tasks really run on, whatever ``spark.default.parallelism`` says (users tune it for
+    partitioning); None for any other master, or where Spark does not tell."""
+    try:
+        context = _spark_context(spark)
+        found = _LOCAL_MASTER.fullmatch(context.master.strip()) if context is not None else None
+        if found is None:
+            return None
+        if found.group(1) == "*":
+            return int(context._jvm.java.lang.Runtime.getRuntime().availableProcessors())
+        return int(found.group(1) or 1)
+    except Exception:  # noqa: BLE001 - a refusing gateway: the default parallelism then
+        return None
 
 
 def _whole_machine_jvm(spark, cores: int | None) -> int | None:
@@ -315,7 +334,7 @@ def _whole_machine_jvm(spark, cores: int | None) -> int | None:
         if not cores or not (cores == os.cpu_count() == len(os.sched_getaffinity(0))) or _cpu_quota():
             return None
         context = _spark_context(spark)
-        if context is None or not (context.master == "local" or context.master.startswith("local[")):
+        if context is None or cores != _local_cores(spark):  # not local, or not the cores it runs on
             return None
         pid = int(context._jvm.java.lang.ProcessHandle.current().pid())
         return pid if os.path.exists(f"/proc/{pid}/stat") else None
@@ -323,16 +342,33 @@ def _whole_machine_jvm(spark, cores: int | None) -> int | None:
         return None
 
 
-def _cpu_quota() -> bool:
-    """True where a cgroup (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) limits this process's CPU time: then
-    /proc/stat's idle CPUs are not this job's to use."""
-    for path, unlimited in (("/sys/fs/cgroup/cpu.max", "max"), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "-1")):
-        try:
-            with open(path) as limit:
-                if limit.read().split()[0] != unlimited:
-                    return True
-        except (OSError, IndexError):
+def _cpu_quota(own_cgroups: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> bool:
+    """True where a cgroup limits this process's CPU time: a quota on its own cgroup or on any above it
+    (v2 ``cpu.max`` other than ``max``, v1 ``cpu.cfs_quota_us`` other than -1). Then /proc/stat's idle CPUs
+    are not this job's to use. False where nothing says so (no cgroups, unreadable files)."""
+    try:
+        with open(own_cgroups) as listed:
+            lines = listed.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # cgroup v2: one hierarchy
+            roots, name, unlimited = [mount], "cpu.max", "max"
+        elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's own mount
+            roots = [os.path.join(mount, folder) for folder in ("cpu", "cpu,cpuacct", "cpuacct,cpu")]
+            name, unlimited = "cpu.cfs_quota_us", "-1"
+        else:
             continue
+        parts = [part for part in path.split("/") if part]
+        for root in roots:
+            for depth in range(len(parts), -1, -1):  # the process's cgroup, then each one above it
+                try:
+                    with open(os.path.join(root, *parts[:depth], name)) as limit:
+                        if limit.read().split()[0] != unlimited:
+                            return True
+                except (OSError, IndexError):
+                    continue
     return False
 
 

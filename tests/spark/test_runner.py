@@ -261,3 +261,64 @@ def test_idle_by_source_takes_what_was_measured_and_calls_the_rest_other():
     assert account["idle_by_source"] == {"machine_idle": 1.5, "stolen": 0.25, "driver": 0.5, "jvm": 1.0,
                                          "unmeasured": 1.0, "other": 3.75}  # unmeasured: 2 cores × 0.5 s
     assert "idle_by_source" not in core_seconds(totals, 2, 10.0, 1000, None)
+
+
+class _ContextOfMaster(_RefusingContext):
+    def __init__(self, context, master):
+        super().__init__(context)
+        self.master = master
+
+
+class _SessionOfMaster(_SessionRefusingRdds):
+    """The real session, its SparkContext telling another master (what a user's --master would)."""
+
+    def __init__(self, spark, master):
+        super().__init__(spark)
+        self._master = master
+
+    @property
+    def sparkContext(self):
+        return _ContextOfMaster(self._spark.sparkContext, self._master)
+
+
+def test_a_local_masters_cores_are_its_own_whatever_the_default_parallelism(spark):
+    """spark.default.parallelism is a partitioning knob: the account's cores on a local master come from the
+    master (local[1] with a parallelism of 2 runs on one core, and its idle is not split by the machine's)."""
+    from clip_nsfw_spark.spark.runner import _local_cores, _whole_machine_jvm
+
+    assert _local_cores(spark) == 2  # the tests' session is local[2]
+    assert _local_cores(_SessionOfMaster(spark, "local")) == 1
+    assert _local_cores(_SessionOfMaster(spark, "local[3, 2]")) == 3  # local[N, maxFailures]
+    assert _local_cores(_SessionOfMaster(spark, "local[*]")) == spark.sparkContext._jvm.java.lang.Runtime \
+        .getRuntime().availableProcessors()
+    for master in ("local-cluster[2,1,1024]", "yarn", "spark://host:7077", "k8s://https://host:443"):
+        assert _local_cores(_SessionOfMaster(spark, master)) is None
+    assert _local_cores(_SessionWithoutContext(spark)) is None
+    one_core = _SessionOfMaster(spark, "local[1]")
+    assert spark_runner(one_core).cores == 1 != spark.sparkContext.defaultParallelism
+    assert _whole_machine_jvm(one_core, 2) is None  # its parallelism of 2 does not make it the machine's
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_cpu_quota_on_the_process_cgroup_or_above_turns_the_split_off(tmp_path, version):
+    from clip_nsfw_spark.spark.runner import _cpu_quota
+
+    mount = tmp_path / "cgroup"
+    own = tmp_path / "self-cgroup"
+    if version == "v1":
+        own.write_text("4:memory:/jobs/run\n2:cpu,cpuacct:/jobs/run\n0::/\n")
+        folder, name, unlimited, limited = mount / "cpu,cpuacct", "cpu.cfs_quota_us", "-1\n", "100000\n"
+    else:
+        own.write_text("0::/jobs/run\n")
+        folder, name, unlimited, limited = mount, "cpu.max", "max 100000\n", "50000 100000\n"
+    (folder / "jobs" / "run").mkdir(parents=True)
+    assert not _cpu_quota(str(own), str(mount))  # no limit files: nothing says so
+    for where in (folder, folder / "jobs", folder / "jobs" / "run"):
+        (where / name).write_text(unlimited)
+    assert not _cpu_quota(str(own), str(mount))
+    (folder / "jobs" / name).write_text(limited)  # on the cgroup above the process's
+    assert _cpu_quota(str(own), str(mount))
+    (folder / "jobs" / name).write_text(unlimited)
+    (folder / "jobs" / "run" / name).write_text(limited)  # on its own
+    assert _cpu_quota(str(own), str(mount))
+    assert not _cpu_quota(str(tmp_path / "no such file"), str(mount))
