@@ -1,4 +1,4 @@
-"""The command line. ``python -m clip_nsfw_spark.cli`` and the ``clip-nsfw-spark`` script."""
+"""The command line. ``python -m clip_nsfw_spark`` (or ``.cli``) and the ``clip-nsfw-spark`` script."""
 
 from clip_nsfw_spark.cli.main import main
 

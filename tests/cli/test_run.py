@@ -43,3 +43,16 @@ def test_a_bad_choice_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["--mode", "delete"])
     assert "invalid choice: 'delete'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["clip_nsfw_spark", "clip_nsfw_spark.cli"])
+def test_the_command_line_runs_as_a_module_of_either_name(module):
+    """``python -m clip_nsfw_spark`` is what users try first; it is the same command line as ``.cli``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", module, "run", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--input" in done.stdout and "--output" in done.stdout
