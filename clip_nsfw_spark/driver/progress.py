@@ -109,8 +109,8 @@ class ProgressWatcher:
     def poll(self) -> None:
         try:
             names = list_fresh(self.fs, self.state_dir)
-        except OSError:
-            return  # the store is slow or down for a moment: the next poll tells
+        except Exception:  # noqa: BLE001 - the store is slow or down for a moment (botocore's connection
+            return  # errors are no OSError): the next poll tells; a progress line never ends a run
         for path in names:
             name = path.rstrip("/").rsplit("/", 1)[-1]
             task_id = name[:-5]

@@ -4,6 +4,8 @@ import dataclasses
 import logging
 import time
 
+import pytest
+
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.driver.job import run_job
 from clip_nsfw_spark.driver.progress import ProgressWatcher
@@ -92,3 +94,32 @@ def test_tasks_whose_rows_are_not_known_are_counted_as_tasks(tmp_path):
     assert watcher.unit == "tasks" and watcher.rows_done == 1 and watcher.rows_before == 1
     line = watcher.line()
     assert "2/4 tasks" in line and "tasks/s" in line and "rows" not in line and "ETA" in line
+
+
+def test_a_store_that_is_down_never_ends_the_watcher_or_prints_a_traceback(tmp_path):
+    """An S3 server restarted mid-run: botocore's EndpointConnectionError is no OSError. The watcher's thread
+    must skip that poll (the run's own error, if any, says what happened), not die with a traceback on stderr
+    (CI saw "Exception in thread clip-nsfw-progress" in a run that otherwise failed cleanly)."""
+    import socket
+    import threading
+
+    with socket.socket() as probe:  # a loopback port nothing listens on: a real client, a server that is down
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    fs, root = filesystem("s3://bucket/out", storage_options=options)
+    with pytest.raises(Exception) as raised:  # what the watcher meets: not an OSError
+        fs.ls("bucket/out/_clip_nsfw_tasks")
+    assert not isinstance(raised.value, OSError), type(raised.value)
+    died = []
+    previous, threading.excepthook = threading.excepthook, died.append
+    try:
+        watcher = ProgressWatcher(fs, root, "_clip_nsfw_tasks", {"aaa": 10}, already=set(), interactive=False,
+                                  poll_seconds=0.05)
+        with watcher:
+            time.sleep(0.5)
+            assert watcher._thread.is_alive()
+    finally:
+        threading.excepthook = previous
+    assert died == [] and watcher.seen == set()
