@@ -362,7 +362,9 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
 
     t0 = time.perf_counter()
     heads = resolve_heads(config)
-    check_widths(embedding_widths(plan, in_fs), heads)
+    with accessing(in_fs, stores.in_root, "input"):  # the store down: one clear error, not its traceback
+        widths = embedding_widths(plan, in_fs)
+    check_widths(widths, heads)
     targets = score_targets(config, plan, heads)
     score_columns = tuple(o.score_column for t in targets for o in t.outputs)
     kept, row_ids = written_columns(plan, config)
@@ -382,7 +384,8 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
                                               config.resume, plan, config.mode, lease.fence)
     if plan.footers and plan.footers_changed:  # what a resume plans unchanged files from, without reading them
         lease.fence("writing the plan's footers")
-        write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(plan.footers))
+        with accessing(out_fs, out_root, "output"):
+            write_whole(out_fs, join(out_root, TASKS_DIR, FOOTERS_STATE), footer_cache(plan.footers))
     # Largest first: with uneven tasks the cores stay busy to the end instead of waiting on one big task.
     pending = sorted((task for task in plan.tasks if task.task_id not in done), key=lambda task: -task.weight)
     rows = f"{plan.total_rows} rows" + (f" and {plan.listed} files whose tasks count theirs" if plan.listed else "")
@@ -455,8 +458,9 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
     for result in whole:
         totals = add_figures(totals, result)
     lease.fence("removing its temp folder")  # a run that lost its lease must not mark the output complete
-    if exists_fresh(out_fs, join(out_root, TMP_DIR)):
-        remove(out_fs, join(out_root, TMP_DIR), recursive=True)
+    with accessing(out_fs, out_root, "output"):  # the store down at the end: one clear error; --resume finishes
+        if exists_fresh(out_fs, join(out_root, TMP_DIR)):
+            remove(out_fs, join(out_root, TMP_DIR), recursive=True)
     durations["total"] = time.perf_counter() - started
     report = build_report(config, tasks_config, plan, heads, totals, durations,
                           resumed=len(plan.tasks) - len(pending), resume_actions=resume_actions,
@@ -464,9 +468,11 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
                           cores=getattr(runner or run_sequentially, "cores", None) if pending else None,
                           outside_workers=getattr(runner, "outside_workers", None) if pending else None)
     lease.fence("writing the report")
-    write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))
+    with accessing(out_fs, out_root, "output"):
+        write_whole(out_fs, join(out_root, REPORT_NAME), json.dumps(report, indent=2))
     lease.fence("writing _SUCCESS")
-    write_whole(out_fs, join(out_root, SUCCESS_NAME), b"")
+    with accessing(out_fs, out_root, "output"):
+        write_whole(out_fs, join(out_root, SUCCESS_NAME), b"")
     return report
 
 

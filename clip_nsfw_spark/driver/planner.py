@@ -481,8 +481,8 @@ def _footers_batched(fs, files: dict, paths: list[str]) -> list:
             if not isinstance(tail, bytes):
                 raise tail if isinstance(tail, BaseException) else OSError(f"read {type(tail).__name__}")
             if len(tail) != size - start:  # changed since it was listed: what is read would not be this file
-                raise OSError(f"{size - start} bytes expected at offset {start}, {len(tail)} read: the file "
-                              "changed while the input was listed")
+                raise ValueError(f"{size - start} bytes expected at offset {start}, {len(tail)} read: the file "
+                                 "changed while the input was listed")  # the file's account, not the store's
             found.append(_footer(files[path], pq.ParquetFile(_FileTail(size, tail)).metadata))
         except Exception as err:  # noqa: BLE001 - the store's and pyarrow's many error types, as _read_footer
             found.append(_changed_since_listed(fs, path, size) or _unreadable(fs, path, err))

@@ -27,7 +27,7 @@ from clip_nsfw_spark.parquet.errors import Damaged, Unsupported
 from clip_nsfw_spark.parquet.stream import open_float_list_stream
 from clip_nsfw_spark.contract import ROWS_FROM_FOOTER, Task
 from clip_nsfw_spark.executor.stages import StageClock, TimedFile
-from clip_nsfw_spark.storage.filesystem import read_fresh, unstrip
+from clip_nsfw_spark.storage.filesystem import is_storage_error, read_fresh, unstrip
 
 _log = logging.getLogger(__name__)
 NPY_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
@@ -114,8 +114,18 @@ def schema_problem(where: str, schema: pa.Schema, first_where: str | None = None
 
 
 def unreadable_footer(where: str, err: BaseException, how: str = "") -> InputError:
-    """The one-line error for a file whose footer pyarrow cannot read (``how``: how it came to be read)."""
+    """The one-line error for a file whose footer could not be read (``how``: how it came to be read): a
+    damaged file when pyarrow refused its bytes; when the store failed to serve them (a connection refused or
+    reset, a timeout, a NameNode in safe mode), an error that says so: the file may be sound, and must not be
+    called damaged (a user told to remove it might delete a good file)."""
     cause = " ".join(str(err).split()).rstrip(".")
+    if isinstance(err, FileNotFoundError):
+        return InputError(f"cannot read parquet file {where}{how}: it is gone ({cause}); it was removed or renamed "
+                          "since the input was listed. Run again once the input stays as it is.")
+    if is_storage_error(err) and not is_damage(err):
+        return InputError(f"cannot read parquet file {where}{how}: the store failed to serve it "
+                          f"({type(err).__name__}: {cause}); nothing is known against the file itself. Check that "
+                          "the store answers (endpoint, network, credentials, permissions) and run again.")
     return InputError(f"cannot read parquet file {where}{how}: {cause}. The file is truncated or not parquet; fix "
                       "or remove it and run again.")
 

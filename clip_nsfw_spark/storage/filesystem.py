@@ -306,7 +306,7 @@ def accessing(fs, path: str, role: str = "input"):
     except ClipNsfwError:
         raise
     except Exception as err:  # noqa: BLE001 - s3fs/botocore/pyarrow raise many unrelated types
-        if not _is_storage_error(err):
+        if not is_storage_error(err):
             raise  # a data or programming error must not be blamed on credentials
         error = InputError if role == "input" else OutputError
         check = ("Check the path and its permissions." if is_local(fs) else
@@ -317,9 +317,23 @@ def accessing(fs, path: str, role: str = "input"):
         raise error(f"cannot access {role} {unstrip(fs, path)}: {type(err).__name__}: {err}. {check}") from err
 
 
-def _is_storage_error(err: BaseException) -> bool:
-    """OSError (s3fs maps most S3 failures to it, pyarrow's IO errors are OSErrors) or a botocore error."""
-    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")
+def is_storage_error(err: BaseException) -> bool:
+    """True for a failure of the store rather than of the data or the code: OSError (s3fs maps most S3
+    failures to it, pyarrow's IO errors and requests' are OSErrors), a botocore error (a connection refused or
+    reset is botocore's own type, no OSError), or the RuntimeError fsspec's WebHDFS client raises for an HDFS
+    RemoteException it does not map (SafeModeException after a NameNode restart, StandbyException,
+    RetriableException …)."""
+    if isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+        return True
+    return type(err) is RuntimeError and _raised_in(err, "fsspec/implementations/webhdfs.py")
+
+
+def _raised_in(err: BaseException, file_suffix: str) -> bool:
+    """True when the innermost frame of ``err``'s traceback is in a file whose path ends with ``file_suffix``."""
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code.co_filename.replace("\\", "/").endswith(file_suffix)
 
 
 # --------------------------------------------------------------------- files the job rewrites, read fresh

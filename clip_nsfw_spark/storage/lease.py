@@ -39,9 +39,9 @@ import threading
 import time
 import uuid
 
-from clip_nsfw_spark.errors import LeaseLostError, OutputError
-from clip_nsfw_spark.storage.filesystem import (accessing, is_local, is_webhdfs, join, read_fresh, remove, rename_file,
-                                                unstrip)
+from clip_nsfw_spark.errors import LeaseLostError, OutputError, TaskError
+from clip_nsfw_spark.storage.filesystem import (accessing, is_local, is_storage_error, is_webhdfs, join, read_fresh,
+                                                remove, rename_file, unstrip)
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_clip_nsfw_lease.json"
@@ -144,8 +144,16 @@ def check_owner(fs, root: str, run_id: str | None,
     the task left undone."""
     if run_id is None:
         return
-    with accessing(fs, root, "output"):  # storage down: a storage error, not a lost lease
+    try:
         lease = read_lease(fs, root)
+    except Exception as err:
+        if not is_storage_error(err):
+            raise
+        # The store failed, not the lease: neither a lost lease nor an OutputError (which would fail the run
+        # at once); a TaskError, which the runner retries in place (a store down for a moment is then survived).
+        cause = " ".join(f"{type(err).__name__}: {err}".split())
+        raise TaskError(f"cannot read the lease of output {unstrip(fs, root)} to check that run {run_id} still "
+                        f"holds it: {cause}. {not_moved}") from err
     if lease is None or lease.get("run_id") != run_id:
         holder = "no run" if lease is None else f"run {lease.get('run_id')} (host {lease.get('host')}, " \
                                                  f"pid {lease.get('pid')})"

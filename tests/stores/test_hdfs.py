@@ -213,6 +213,34 @@ def test_an_output_the_user_may_not_write_is_one_clear_error_and_the_input_is_un
     assert "user=NAME" in str(caught.value) and "AWS" not in str(caught.value)
 
 
+def _safemode(hdfs, action: str) -> None:
+    """``hdfs dfsadmin -safemode <action>`` against the test NameNode, as HDFS's superuser."""
+    from hdfsserver import jars_folder
+
+    done = subprocess.run(["java", "-cp", f"{jars_folder()}/*", "org.apache.hadoop.hdfs.tools.DFSAdmin", "-D",
+                           f"fs.defaultFS={hdfs.hdfs_url}", "-safemode", action], capture_output=True, text=True,
+                          env=dict(os.environ, HADOOP_USER_NAME=SUPERUSER), timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_namenode_in_safe_mode_is_one_clear_error_not_a_traceback(hdfs_server, parquet_input, tmp_path):
+    """After a restart a NameNode stays in safe mode for a while (read-only). fsspec's WebHDFS client raises a
+    bare RuntimeError for that RemoteException (and for StandbyException …): review 18 saw the command print
+    its traceback and exit 1. It is a storage error now: exit 2, one line naming the output and the cause."""
+    local, _ = parquet_input
+    output = f"{hdfs_server.webhdfs_url}/runs/safe-mode"
+    _safemode(hdfs_server, "enter")
+    try:
+        result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark", "run", "--input", str(local), "--output",
+                                 output, "--local-runner", "--storage-option", f"user={SUPERUSER}"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=600)
+    finally:
+        _safemode(hdfs_server, "leave")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"cannot access output {output}" in result.stderr and "safe mode" in result.stderr
+    assert not hdfs_server.filesystem().exists("/runs/safe-mode")
+
+
 def test_an_hdfs_url_is_routed_through_webhdfs_where_libhdfs_is_missing(hdfs_server, parquet_input, spark):
     # The cluster's own URL (hdfs://namenode:8020/…, which Spark's JVM reads) works from Python without
     # libhdfs given the NameNode's HTTP port: one URL for a laptop, an Airflow worker and YARN's nodes

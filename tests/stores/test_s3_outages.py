@@ -1,0 +1,140 @@
+"""A store that fails for a moment (connections reset by a proxy in front of the real S3 server): the job says
+it was the store, never that a sound file is damaged; a task retries; the end of a run fails cleanly.
+
+botocore makes one attempt per call here (``total_max_attempts: 1``); s3fs retries a reset connection
+``S3FileSystem.retries`` times (a class attribute, no option): cutting that many requests in a row is one
+failure the job sees, as an outage longer than the clients' retries would be."""
+
+import pickle
+
+import pytest
+
+from clip_nsfw_spark.driver.config import JobConfig
+from clip_nsfw_spark.driver.job import run_job
+from clip_nsfw_spark.driver.planner import plan
+from clip_nsfw_spark.errors import ClipNsfwError, InputError, OutputError
+from clip_nsfw_spark.executor.writer import REPORT_NAME, SUCCESS_NAME
+from clip_nsfw_spark.spark.runner import partition_runner
+from clip_nsfw_spark.storage.lease import RunLease
+from clip_nsfw_spark.tools.sample import write_parquet_sample
+from conftest import needs_models
+from s3server import LatencyProxy
+
+import s3fs
+
+NO_CLIENT_RETRIES = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
+ONE_FAILURE = s3fs.S3FileSystem.retries  # requests cut for s3fs to give up once
+
+
+class Cut:
+    """``(kind, path) → bool`` for the proxy: True for the next ``left`` requests of ``kind`` whose path
+    contains ``needle`` (their connections are dropped before the request is through)."""
+
+    def __init__(self, kind: str, needle: str, left: int):
+        self.kind, self.needle, self.left, self.hits = kind, needle, left, []
+
+    def __call__(self, kind: str, path: str) -> bool:
+        if self.left > 0 and kind == self.kind and self.needle in path:
+            self.left -= 1
+            self.hits.append(path)
+            return True
+        return False
+
+
+@pytest.fixture
+def proxy(s3_server):
+    proxy = LatencyProxy(s3_server.port, delay=0)
+    proxy.cut_after = -1  # not even the request's last header byte: the client sees its connection reset
+    yield proxy
+    proxy.close()
+
+
+def _bucket(s3_server, name: str):
+    fs = s3_server.filesystem()
+    if not fs.exists(name):
+        fs.mkdir(name)
+    return fs
+
+
+def _options(s3_server, proxy) -> dict:
+    return {**s3_server.storage_options(), "endpoint_url": proxy.endpoint, **NO_CLIENT_RETRIES}
+
+
+@pytest.mark.parametrize("files", [1, 3])  # one file: opened and read; several: their tails in one batched call
+def test_a_footer_the_store_fails_to_serve_is_not_called_damaged(s3_server, proxy, files):
+    """Review 18 found a reset during planning reported as "The file is truncated or not parquet; fix or
+    remove it": a user could delete a sound file on that advice."""
+    bucket = f"outage-plan-{files}"
+    _bucket(s3_server, bucket)
+    write_parquet_sample(f"s3://{bucket}/in", rows=300, files=files, dim=4, storage_options=s3_server.storage_options())
+    proxy.cut = Cut("GET", f"/{bucket}/in/part-", left=10**6)
+    with pytest.raises(InputError) as raised:
+        plan(JobConfig(input=f"s3://{bucket}/in", output=f"s3://{bucket}/out", storage_options=_options(s3_server, proxy)))
+    message = str(raised.value)
+    assert proxy.cut.hits and "the store failed to serve it" in message and "truncated or not parquet" not in message
+    assert f"s3://{bucket}/in/part-0000" in message and "remove it" not in message
+    proxy.cut = None  # the store answers again: the same files plan
+    assert len(plan(JobConfig(input=f"s3://{bucket}/in", output=f"s3://{bucket}/out",
+                              storage_options=_options(s3_server, proxy))).tasks) == files
+
+
+def test_a_damaged_footer_is_still_called_damaged_on_s3(s3_server, proxy):
+    fs = _bucket(s3_server, "outage-damaged")
+    write_parquet_sample("s3://outage-damaged/in", rows=200, files=2, dim=4, storage_options=s3_server.storage_options())
+    fs.pipe_file("outage-damaged/in/part-00001.parquet", b"PAR1" + b"\x00" * 500)
+    with pytest.raises(InputError, match=r"part-00001.parquet: .*truncated or not parquet"):
+        plan(JobConfig(input="s3://outage-damaged/in", output="s3://outage-damaged/out",
+                       storage_options=_options(s3_server, proxy)))
+
+
+def test_a_lease_read_the_store_fails_at_commit_is_retried_not_fatal(s3_server, proxy):
+    """A task reads the lease before it commits; the store failing that read was an OutputError, which fails
+    the whole run at once ("check the credentials"). It is a TaskError now: retried in place, the task
+    completes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "executor"))
+    from test_worker import HEAD, FirstValueFactory  # a real worker with a stand-in head: no model needed
+
+    from clip_nsfw_spark.contract import ScoreOutput, ScoreTarget, TaskConfig
+    from clip_nsfw_spark.executor.worker import Worker
+
+    fs = _bucket(s3_server, "outage-lease")
+    write_parquet_sample("s3://outage-lease/in", rows=200, files=1, dim=4, storage_options=s3_server.storage_options())
+    options = _options(s3_server, proxy)
+    planned = plan(JobConfig(input="s3://outage-lease/in", output="s3://outage-lease/out", storage_options=options))
+    with RunLease(fs, "outage-lease/out") as lease:
+        config = TaskConfig(input="s3://outage-lease/in", output="s3://outage-lease/out", storage_options=options,
+                            layout="parquet", mode="annotate", keep="safe",
+                            targets=(ScoreTarget("embedding", (ScoreOutput("p", 0, 0.5),)),), reason_column="why",
+                            write_columns=None, row_ids=False, write_embeddings=False, compression="zstd",
+                            batch_rows=100, histogram_bins=10, run_id=lease.run_id, overlap=False)
+        worker = Worker(config, (HEAD,), make_scorer=FirstValueFactory(4))
+        proxy.cut = Cut("GET", "/_clip_nsfw_lease.json", left=ONE_FAILURE)
+        record = pickle.loads(next(iter(partition_runner(worker)(iter([list(planned.tasks)])))))
+    assert len(proxy.cut.hits) == ONE_FAILURE, proxy.cut.hits  # the first attempt met the failure …
+    assert record["errors"] == [] and record["figures"]["rows_read"] == 200  # … the second committed
+    assert fs.exists("outage-lease/out/part-00000.parquet")
+
+
+@needs_models
+def test_the_store_failing_at_the_end_of_a_run_is_one_clear_error_and_resume_finishes(s3_server, proxy):
+    """The report and _SUCCESS are written last, outside the tasks: the store failing there raised botocore's
+    own error (a traceback from the command line). Now an OutputError naming the output; no _SUCCESS; a
+    --resume writes both."""
+    fs = _bucket(s3_server, "outage-end")
+    write_parquet_sample("s3://outage-end/in", rows=300, files=2, storage_options=s3_server.storage_options())
+    config = JobConfig(input="s3://outage-end/in", output="s3://outage-end/out",
+                       storage_options=_options(s3_server, proxy))
+    proxy.cut = Cut("PUT", f"/outage-end/out/{REPORT_NAME}", left=10**6)
+    with pytest.raises(OutputError, match=r"cannot access output s3://outage-end/out: .*") as raised:
+        run_job(config)
+    assert isinstance(raised.value, ClipNsfwError) and proxy.cut.hits
+    assert not fs.exists(f"outage-end/out/{SUCCESS_NAME}")
+    proxy.cut = None
+    import dataclasses
+
+    again = run_job(dataclasses.replace(config, resume=True))
+    assert again["tasks_resumed"] == 2 and again["rows"]["read"] == 300
+    assert fs.exists(f"outage-end/out/{SUCCESS_NAME}") and fs.exists(f"outage-end/out/{REPORT_NAME}")
