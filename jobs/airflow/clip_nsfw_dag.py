@@ -2,6 +2,8 @@
 
 No logic here: the DAG passes its params to ``jobs/score_embeddings.py``. Every run uses ``--resume``, so
 an Airflow retry finishes what a failed attempt left instead of being refused (and starting again).
+``model``, ``threshold`` and ``mode`` are passed only when set: unset, the config's own (or the job's
+defaults) hold. A flag passed always would override the config file the run names.
 
 Environment (on the Airflow workers):
 - ``CLIP_NSFW_SPARK_CONN``: the Spark connection id (default ``spark_default``), e.g. a YARN or k8s master.
@@ -34,9 +36,13 @@ with DAG(
     params={
         "input": Param("", type="string", minLength=1, description="parquet file/folder/glob, or a LAION folder"),
         "output": Param("", type="string", minLength=1, description="output folder (outside the input)"),
-        "model": Param("vit-l-14", type="string", description="vit-l-14, vit-b-32 or a model path"),
-        "threshold": Param(0.5, type="number", minimum=0, maximum=1, description="unsafe ⇔ score ≥ threshold"),
-        "mode": Param("annotate", type="string", enum=["annotate", "filter", "split"]),
+        # Unset (null): the config's value, else the job's default (vit-l-14, 0.5, annotate).
+        "model": Param(None, type=["null", "string"], description="vit-l-14, vit-b-32 … or a model path; "
+                                                                  "null: the config's"),
+        "threshold": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                           description="unsafe ⇔ score ≥ threshold; null: the config's"),
+        "mode": Param(None, type=["null", "string"], enum=[None, "annotate", "filter", "split", "scores"],
+                      description="null: the config's"),
         "config": Param(str(JOBS.parent / "conf" / "score_embeddings.yaml"), type="string",
                         description="job YAML as the Spark driver sees it"),
     },
@@ -50,9 +56,10 @@ with DAG(
             "--config", "{{ params.config }}",
             "--input", "{{ params.input }}",
             "--output", "{{ params.output }}",
-            "--model", "{{ params.model }}",
-            "--threshold", "{{ params.threshold }}",
-            "--mode", "{{ params.mode }}",
+            # Airflow renders each argument on its own and cannot drop one: an unset param renders as a
+            # second --resume (a flag: harmless), a set one as --name=value.
+            *(f"{{{{ '--{name}=' ~ params.{name} if params.{name} is not none else '--resume' }}}}"
+              for name in ("model", "threshold", "mode")),
             "--resume",
         ],
         archives=f"{ARCHIVE}#environment" if ARCHIVE else None,

@@ -40,6 +40,13 @@ print(json.dumps({
     "retries": task.retries if task else None,
     "application": task.application if task else None,
     "args": task.application_args if task else None,
+    # the arguments as a run renders them: no optional param set, then all of them
+    "rendered": [[task.render_template(arg, {"params": params}, jinja_env=dag.get_template_env())
+                  for arg in task.application_args]
+                 for params in ({"config": "c.yaml", "input": "in", "output": "out", "model": None,
+                                 "threshold": None, "mode": None},
+                                {"config": "c.yaml", "input": "in", "output": "out", "model": "vit-b-32",
+                                 "threshold": 0.1, "mode": "scores"})] if task else None,
 }, default=str))
 """
 
@@ -59,7 +66,13 @@ def test_dag_imports_with_expected_task_and_params(tmp_path):
     assert info["dags"] == ["clip_nsfw_score"] and info["tasks"] == ["score_embeddings"]
     assert info["operator"] == "SparkSubmitOperator" and info["retries"] == 2
     assert set(info["params"]) == {"input", "output", "model", "threshold", "mode", "config"}
-    assert info["params"]["threshold"] == 0.5 and info["params"]["model"] == "vit-l-14"
+    # Unset by default: a flag passed always overrode the config file (review 18: a filter config ran as annotate).
+    assert info["params"]["threshold"] is None and info["params"]["model"] is None and info["params"]["mode"] is None
+    unset, every = info["rendered"]
+    assert unset == ["--config", "c.yaml", "--input", "in", "--output", "out", "--resume", "--resume", "--resume",
+                     "--resume"]
+    assert every == ["--config", "c.yaml", "--input", "in", "--output", "out", "--model=vit-b-32", "--threshold=0.1",
+                     "--mode=scores", "--resume"]
     assert info["application"] == str(ROOT / "jobs" / "score_embeddings.py")
     assert "--resume" in info["args"] and "{{ params.input }}" in info["args"]
 
@@ -73,7 +86,11 @@ def test_airflow_dags_test_runs_the_job_on_local_spark(tmp_path):
     airflow = str(AIRFLOW_VENV / "bin" / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, env=env, timeout=600)
     assert migrate.returncode == 0, migrate.stderr[-3000:]
-    conf = json.dumps({"input": str(source), "output": str(tmp_path / "out"), "mode": "split", "threshold": 0.1})
+    # The mode and threshold from the config file the run names, no param (review 18: the DAG's defaults for
+    # them were passed as flags, which override the file: this split ran as annotate at 0.5).
+    config = tmp_path / "split.yaml"
+    config.write_text("mode: split\nthreshold: 0.1\n")
+    conf = json.dumps({"input": str(source), "output": str(tmp_path / "out"), "config": str(config)})
     result = subprocess.run([airflow, "dags", "test", "clip_nsfw_score", "-c", conf], capture_output=True, text=True,
                             env=env, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
