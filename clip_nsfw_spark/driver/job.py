@@ -547,9 +547,14 @@ def _prepare_state(target: OutputTarget, fingerprint: dict, resume: bool, plan: 
         parsed = dict(sorted((parsed | copies).items()))
 
         def is_complete(stats: dict) -> bool:
+            """Planned as it was, and every output file there with the bytes it was written with (a file cut
+            short or replaced since: the task runs again; states older than ``output_bytes``: present)."""
             task = planned.get(stats["task_id"])
+            sizes = stats.get("output_bytes")
             return task is not None and stats.get("source") == task.source and stats.get("rel") == task.rel \
-                and bool(stats.get("outputs")) and all(join(out_root, rel) in existing for rel in stats["outputs"])
+                and bool(stats.get("outputs")) and all(join(out_root, rel) in existing for rel in stats["outputs"]) \
+                and (not isinstance(sizes, dict) or all(existing.get(join(out_root, rel)) == sizes.get(rel)
+                                                        for rel in stats["outputs"]))
 
         complete = {stats["task_id"] for stats in parsed.values() if is_complete(stats)}
         manifests = _read_records(out_fs, existing, join(out_root, MANIFEST_DIR), skip=complete)

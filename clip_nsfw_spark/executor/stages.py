@@ -72,10 +72,12 @@ class StageClock:
 class TimedFile:
     """A file object whose ``read``/``readinto``/``write`` calls are timed as ``stage`` on ``clock``;
     everything else is the wrapped file's. ``clock`` may be replaced when another thread takes the file
-    over (each thread times on its own clock); the file is used by one thread at a time."""
+    over (each thread times on its own clock); the file is used by one thread at a time. ``bytes_written``
+    counts what ``write`` was given."""
 
     def __init__(self, file, clock: StageClock, stage: str):
         self._file, self.clock, self._stage = file, clock, stage
+        self.bytes_written = 0
 
     def _timed(self, method, *args):
         with self.clock(self._stage):
@@ -91,6 +93,7 @@ class TimedFile:
         return attribute
 
     def write(self, data):
+        self.bytes_written += memoryview(data).nbytes
         return self._timed(self._file.write, data)
 
     def __enter__(self):

@@ -155,7 +155,7 @@ def _process_task(task: Task, worker: Worker) -> dict:
             files.abort()
             raise
     result = {"task_id": task.task_id, "rel": task.rel, "source": task.source, "rows_planned": task.rows,
-              "outputs": files.written, "rows_read": stats.rows_read,
+              "outputs": files.written, "output_bytes": files.sizes, "rows_read": stats.rows_read,
               "rows_written": {str(stream): rows for stream, rows in files.rows.items()}} | stats.summary()
     problem = rows_unaccounted(task.rows, result, config.mode, config.keep)
     if problem:  # never recorded complete: a --resume removes what its manifest names and runs it again

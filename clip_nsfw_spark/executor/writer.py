@@ -169,6 +169,11 @@ class AtomicParquet:
             self._writer.write_table(table)
             self.rows += table.num_rows
 
+    @property
+    def size(self) -> int:
+        """The file's bytes as written (complete once committed): a resume checks the file it finds has them."""
+        return self._handle.bytes_written
+
     def commit(self) -> None:
         self._writer.close()
         self._handle.close()
@@ -245,6 +250,11 @@ class OutputFiles:
     @property
     def written(self) -> list[str]:
         return sorted(self.paths[stream] for stream in self._files)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """``{relative path: bytes}`` of every file made (complete once committed)."""
+        return {self.paths[stream]: file.size for stream, file in sorted(self._files.items())}
 
     def commit(self, fence: Callable[[int], None] = lambda moved: None) -> None:
         """Move every file to its final name; if one move fails, remove the files already moved (the task

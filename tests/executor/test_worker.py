@@ -28,7 +28,7 @@ from clip_nsfw_spark.executor.writer import MANIFEST_DIR, TASKS_DIR
 HEAD = Head("first-value", "0" * 64, b"")
 # First embedding value of each row → its score (threshold 0.5); None: a null embedding.
 FIRST = [0.0, 0.15, 0.25, 0.55, 0.65, 1.0, -0.5, 1.5, None, 0.5]  # 0 and 1 are inside [0, 1]
-STATE_KEYS = {"task_id", "rel", "source", "rows_planned", "outputs", "rows_read", "rows_written", "rows_unsafe",
+STATE_KEYS = {"task_id", "rel", "source", "rows_planned", "outputs", "output_bytes", "rows_read", "rows_written", "rows_unsafe",
               "rows_rejected", "rejected_by_reason", "histograms", "outside_0_1", "unsafe_by_column", "seconds",
               "stage_seconds", "stage_cpu_seconds", "worker_max_rss_mb"}
 

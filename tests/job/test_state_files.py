@@ -60,6 +60,32 @@ def test_a_damaged_task_state_refuses_the_resume_untouched_and_the_way_out_works
 
 
 @needs_models
+@pytest.mark.parametrize("change", ["cut short", "grown", "older state"])
+def test_an_output_file_changed_since_its_task_completed_runs_that_task_again(finished, tmp_path, change):
+    """Hostile review 18: a file cut short after its task's state was written (a copy interrupted, a disk
+    filled) passed --resume, which wrote _SUCCESS over an output no reader could open. A task's state records
+    each file's bytes; a file with other bytes makes the task run again. A state of an older version (no
+    ``output_bytes``) keeps the rule it was written under: the file is there."""
+    out = _copy(finished, tmp_path)
+    victim = sorted(out.glob("*.parquet"))[1]
+    data = victim.read_bytes()
+    if change == "older state":
+        for state in (out / TASKS_DIR).glob("[0-9a-f]*.json"):
+            stats = json.loads(state.read_text())
+            assert stats["output_bytes"] == {rel: (out / rel).stat().st_size for rel in stats["outputs"]}
+            del stats["output_bytes"]
+            state.write_text(json.dumps(stats))
+        report = run_job(JobConfig(input=str(finished / "in"), output=str(out), resume=True))
+        assert report["tasks_resumed"] == 3
+        return
+    victim.write_bytes(data[: len(data) // 2] if change == "cut short" else data + b"\0")
+    report = run_job(JobConfig(input=str(finished / "in"), output=str(out), resume=True))
+    assert report["tasks_resumed"] == 2 and report["rows"]["read"] == 3000
+    assert victim.read_bytes() == data  # written again, as the first run wrote it
+    assert_same(finished / "clean", out)
+
+
+@needs_models
 @pytest.mark.parametrize("damage", ["truncated", "empty", "a list"])
 def test_a_damaged_job_state_refuses_the_resume_and_overwrite_starts_again(finished, tmp_path, damage):
     out = _copy(finished, tmp_path)
