@@ -65,7 +65,18 @@ def _is_writable_dir(path: Path) -> bool:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
         return False
-    return os.access(path, os.W_OK | os.X_OK)
+    return _may_write_in(path)
+
+
+def _may_write_in(folder: Path) -> bool:
+    """True when this process may write in ``folder`` *and* its mode lets someone write there. Root passes
+    every ``os.access`` check: a folder made read-only on purpose (``chmod 555``: CI's ../shared/models, a
+    baked image's cache) would get lock files, downloads and deletions of the user's files."""
+    try:
+        writable_bits = folder.stat().st_mode & 0o222
+    except OSError:
+        return False
+    return bool(writable_bits) and os.access(folder, os.W_OK | os.X_OK)
 
 
 def _lock(path: Path) -> FileLock:
@@ -166,7 +177,7 @@ def _verify_cached(path: Path, spec: ModelSpec) -> None:
         return
     kind, expected = spec.pin
     removed = ""
-    if os.access(path.parent, os.W_OK):
+    if _may_write_in(path.parent):
         path.unlink(missing_ok=True)
         removed = " It was removed; the next run downloads it again."
     raise ChecksumError(

@@ -195,3 +195,29 @@ def test_numpy_backend_never_imports_tensorflow(prepared_models):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"
+
+
+@needs_models
+def test_a_folder_made_read_only_is_never_written_even_by_root(tmp_path, monkeypatch):
+    """Hostile review 18, as root (where os.access says every folder is writable): a damaged file in a mode-555
+    CLIP_NSFW_CACHE was deleted, and a model not there got its lock file (and would get its download) there.
+    Now the folder's mode decides: the mismatch is reported and the file stays; locks go to CLIP_NSFW_HOME."""
+    ro, home = tmp_path / "ro", tmp_path / "home"
+    ro.mkdir()
+    damaged = ro / ZIPS["vit-b-32"]
+    damaged.write_bytes((SHARED_MODELS / ZIPS["vit-b-32"]).read_bytes()[:-10] + b"tampered!!")
+    os.chmod(damaged, 0o444)
+    os.chmod(ro, 0o555)
+    monkeypatch.setenv("CLIP_NSFW_CACHE", str(ro))
+    monkeypatch.setenv("CLIP_NSFW_HOME", str(home))
+    monkeypatch.setenv("CLIP_NSFW_BASE_URL", "http://127.0.0.1:9/never-used")  # any download fails at once
+    try:
+        with pytest.raises(ChecksumError, match="pinned to 78715ab9") as err:
+            prepare_model("vit-b-32")
+        assert "removed" not in str(err.value) and damaged.exists()
+        with pytest.raises(Exception):  # not in any cache, no network: the download fails …
+            prepare_model("vit-h-14")
+        assert sorted(p.name for p in ro.iterdir()) == [damaged.name]  # … and left nothing in the read-only folder
+        assert list((home / "locks").glob("*.lock")) or list(home.glob("*.lock"))
+    finally:
+        os.chmod(ro, 0o755)
