@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_nsfw_spark.errors import ModelError
+from clip_nsfw_spark.errors import ConfigError, ModelError
 from clip_nsfw_spark.scoring.weights import PortableWeights
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,45 @@ def train(data_path: str, out: str | Path, method: str = "autokeras", max_trials
     import_tensorflow()
     import keras
 
+    if not 0 < validation_fraction < 1:  # checked before anything is loaded or trained
+        raise ConfigError(f"validation_fraction must be between 0 and 1 (exclusive), found {validation_fraction!r}: "
+                          "the model is trained on the other rows and checked on these (0.2 is usual)")
     data = load_labelled(data_path, class_labels, embedding_column, label_column)
     x = data.embeddings.astype(np.float32)
     y = data.labels.astype(np.float32)
     train_rows, val_rows = split(len(y), validation_fraction, seed)
+    if not len(train_rows) or not len(val_rows):
+        raise ConfigError(f"validation_fraction {validation_fraction} leaves {len(train_rows)} training and "
+                          f"{len(val_rows)} validation rows of {len(y)}: both need rows; use more data or "
+                          "another fraction")
     keras.utils.set_random_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    exported = ("model.keras", PORTABLE_NAME, "training.json")
+    before = {name: _stamp(out / name) for name in exported}
+    try:
+        return _fit_and_export(keras, method, x, y, data, data_path, train_rows, val_rows, out, max_trials, epochs,
+                               seed, Labelled, evaluate)
+    except BaseException:
+        # Never a model that looks exported without its check and summary (training.json is written last):
+        # what this call wrote goes; files it did not touch (an earlier model) stay.
+        for name in exported:
+            if _stamp(out / name) != before[name]:
+                (out / name).unlink(missing_ok=True)
+        raise
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _fit_and_export(keras, method, x, y, data, data_path, train_rows, val_rows, out: Path, max_trials, epochs, seed,
+                    Labelled, evaluate) -> dict:
+    """``train``'s fitting, export, numpy-vs-Keras check and validation report (``out`` exists)."""
     if method == "mlp":
         normalization = keras.layers.Normalization()
         normalization.adapt(x[train_rows])

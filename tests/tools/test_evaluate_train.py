@@ -144,3 +144,40 @@ def test_large_sets_are_scored_by_the_spark_job(tmp_path, spark):
     in_process = evaluate(["vit-l-14"], str(tmp_path / "data"), tmp_path / "local")
     assert with_spark["models"]["vit-l-14"]["roc_auc"] == in_process["models"]["vit-l-14"]["roc_auc"]
     assert with_spark["models"]["vit-l-14"]["at_thresholds"] == in_process["models"]["vit-l-14"]["at_thresholds"]
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.5, 1.5])
+def test_train_refuses_a_validation_fraction_leaving_no_rows_before_training(tmp_path, fraction):
+    """Hostile review 18: 1 trained on no rows (a NaN model, exported), 0 crashed after exporting."""
+    from clip_nsfw_spark.errors import ConfigError
+    from clip_nsfw_spark.tools.train import train
+
+    write_class_folders(tmp_path / "data", 100, dim=8, seed=3)
+    with pytest.raises(ConfigError, match=r"validation_fraction must be between 0 and 1 \(exclusive\)"):
+        train(str(tmp_path / "data"), tmp_path / "model", method="mlp", epochs=1, validation_fraction=fraction)
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_training_that_fails_after_exporting_leaves_no_model_but_keeps_an_earlier_one(tmp_path, monkeypatch):
+    """A model must never look exported without its check and training.json: what the failed call wrote is
+    removed; a model an earlier call exported into the folder and this one did not reach stays."""
+    from clip_nsfw_spark.tools import evaluate as evaluate_module
+    from clip_nsfw_spark.tools.train import PORTABLE_NAME, train
+
+    write_class_folders(tmp_path / "data", 200, dim=8, seed=3)
+    model = tmp_path / "model"
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the validation report failed")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", failing)  # the last step, after model.keras and the npz
+    with pytest.raises(RuntimeError, match="validation report failed"):
+        train(str(tmp_path / "data"), model, method="mlp", epochs=1)
+    assert not (model / "model.keras").exists() and not (model / PORTABLE_NAME).exists()
+    monkeypatch.undo()
+    train(str(tmp_path / "data"), model, method="mlp", epochs=1)
+    kept = {name: (model / name).read_bytes() for name in ("model.keras", PORTABLE_NAME, "training.json")}
+    monkeypatch.setattr("clip_nsfw_spark.tools.train.split", lambda *a: (_ for _ in ()).throw(RuntimeError("early")))
+    with pytest.raises(RuntimeError, match="early"):
+        train(str(tmp_path / "data"), model, method="mlp", epochs=1)
+    assert {name: (model / name).read_bytes() for name in kept} == kept
