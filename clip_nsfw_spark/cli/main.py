@@ -34,8 +34,20 @@ def _cmd_model(args) -> int:
 
 
 def _cmd_sample(args) -> int:
+    from clip_nsfw_spark.errors import ConfigError
+    from clip_nsfw_spark.storage.filesystem import filesystem
     from clip_nsfw_spark.tools.sample import write_laion_sample, write_parquet_sample
 
+    for name, value in (("rows", args.rows), ("files", args.files), ("dim", args.dim)):
+        if value < 1:
+            raise ConfigError(f"sample --{name} must be at least 1, found {value}")
+    if args.files > args.rows and args.layout != "labelled":
+        raise ConfigError(f"sample --files {args.files} is more than --rows {args.rows}: every file needs a row")
+    fs, root = filesystem(args.output)
+    if fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+        # its names (part-00000.parquet …) would replace some files of a dataset and leave the others: a mix
+        raise ConfigError(f"sample: {args.output} exists and is not an empty folder; nothing was written. "
+                          "Give a new folder (the sample writes part-00000… files into it).")
     if args.layout == "parquet":
         write_parquet_sample(args.output, args.rows, args.files, args.dim)
     elif args.layout == "labelled":

@@ -1,6 +1,8 @@
 """The job's command line: every option sets one JobConfig field, with JobConfig's choices and defaults."""
 
 import argparse
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -56,3 +58,26 @@ def test_the_command_line_runs_as_a_module_of_either_name(module):
                           cwd=Path(__file__).resolve().parents[2], check=False)
     assert done.returncode == 0, done.stderr
     assert "--input" in done.stdout and "--output" in done.stdout
+
+
+def test_sample_never_writes_into_a_folder_holding_files_and_checks_its_numbers(tmp_path):
+    """Hostile review 18: ``sample`` into a dataset replaced its part-00000/1 and kept part-00002 (a mix that
+    reads as one dataset); --files 0 was a ZeroDivisionError, --dim 0 an ArrowInvalid, --rows -5 "wrote -5
+    rows". Each is one line and exit 2 now, with nothing written."""
+    import hashlib
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "part-00000.parquet").write_bytes(b"the user's file")
+    before = hashlib.sha256((data / "part-00000.parquet").read_bytes()).hexdigest()
+    for extra, expected in ((["--files", "0"], "--files must be at least 1, found 0"),
+                            (["--dim", "0"], "--dim must be at least 1"), (["--rows", "-5"], "--rows must be at least 1"),
+                            (["--rows", "2", "--files", "3"], "more than --rows"), ([], "is not an empty folder")):
+        result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark", "sample", str(data), "--rows", "10", *extra],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["part-00000.parquet"]
+    assert hashlib.sha256((data / "part-00000.parquet").read_bytes()).hexdigest() == before
+    fresh = subprocess.run([sys.executable, "-m", "clip_nsfw_spark", "sample", str(tmp_path / "new"), "--rows", "10",
+                            "--files", "2", "--dim", "4"], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0 and len(list((tmp_path / "new").glob("*.parquet"))) == 2, fresh.stderr
