@@ -70,8 +70,11 @@ def validate_output(config: JobConfig, stores: RunStores | None = None) -> Outpu
         refuse_if_held(out_fs, out_root, url)
         # A resume's own state shows the folder is not empty without listing its top level (100,000 files).
         ours = exists and config.resume and exists_fresh(out_fs, join(out_root, TASKS_DIR, JOB_STATE))
-        non_empty = ours or (exists and any(p.rstrip("/").rsplit("/", 1)[-1] != LEASE_NAME
-                                            for p in list_fresh(out_fs, out_root)))
+        # Hidden names (.gitkeep, .DS_Store …) are no data to any reader, nor to the resume's foreign-file check:
+        # a folder holding only them is empty here too (they stay as they are).
+        non_empty = ours or (exists and any(name != LEASE_NAME and not name.startswith(".")
+                                            for name in (p.rstrip("/").rsplit("/", 1)[-1]
+                                                         for p in list_fresh(out_fs, out_root))))
     target = OutputTarget(out_fs, out_root, url, non_empty)
     # A resume looks below once it holds the lease, in the listing its state is judged from (job._prepare_state):
     # listing 100,000 tasks' files on S3 takes a minute.

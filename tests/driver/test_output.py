@@ -348,3 +348,28 @@ def test_dot_folders_are_hidden_even_with_an_equals_sign():
 
     assert not read_by_spark("safe/.old=1/z.parquet") and read_by_spark("safe/_k=1/z.parquet")
     assert read_by_spark("_rejected/a.parquet") and not read_by_spark("safe/_tmp/a.parquet")
+
+
+@needs_models
+def test_a_folder_holding_only_hidden_files_is_an_empty_output(tmp_path):
+    """Hostile review 18: a .gitkeep (or a Finder's .DS_Store) made the folder "not empty", and the two ways
+    out the message named were refused too. Hidden names are no data to any reader: the run writes beside
+    them, leaves them as they are, and a later --overwrite and --resume work."""
+    write_parquet_sample(str(tmp_path / "in"), rows=60, files=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".gitkeep").write_text("")
+    (out / ".DS_Store").write_bytes(b"\x00\x01")
+    report = run_job(JobConfig(input=str(tmp_path / "in"), output=str(out)))
+    assert report["rows"]["read"] == 60 and (out / SUCCESS_NAME).exists()
+    assert (out / ".gitkeep").read_text() == "" and (out / ".DS_Store").read_bytes() == b"\x00\x01"
+    again = run_job(JobConfig(input=str(tmp_path / "in"), output=str(out), resume=True))
+    assert again["tasks_resumed"] == 2
+    run_job(JobConfig(input=str(tmp_path / "in"), output=str(out), overwrite=True))
+    assert (out / ".gitkeep").exists() and (out / ".DS_Store").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".gitkeep").write_text("")
+    (other / "notes.txt").write_text("mine")  # a visible file still makes a folder not empty
+    with pytest.raises(OutputError, match="is not empty"):
+        run_job(JobConfig(input=str(tmp_path / "in"), output=str(other)))
