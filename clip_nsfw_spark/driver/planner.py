@@ -38,6 +38,7 @@ import os
 import re
 import threading
 import time
+from stat import S_ISREG
 from typing import Collection
 
 import pyarrow as pa
@@ -188,7 +189,9 @@ def _walk_local(root: str, folders: set | None = None) -> dict[str, dict]:
         for name in files:
             path = os.path.join(folder, name)
             stat = os.stat(path)  # follows symlinks: the identity of what is read
-            found[path] = {"name": path, "size": stat.st_size, "mtime": stat.st_mtime_ns, "type": "file"}
+            # a FIFO, socket or device is listed, never opened (reading a FIFO blocks until a writer comes)
+            kind = "file" if S_ISREG(stat.st_mode) else "other"
+            found[path] = {"name": path, "size": stat.st_size, "mtime": stat.st_mtime_ns, "type": kind}
     return found
 
 

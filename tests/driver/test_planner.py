@@ -230,3 +230,24 @@ def test_a_changed_file_is_read_again_and_a_damaged_cache_is_no_cache(tmp_path):
     for damaged in (b"", b"not gzip", gzip.compress(b"{}"), gzip.compress(b'{"version": 99}'),
                     footer_cache(first.footers)[:-7]):
         assert read_footer_cache(damaged) == {}
+
+
+def test_a_fifo_named_like_parquet_in_the_input_is_skipped_never_opened(tmp_path):
+    """Hostile review 18: a FIFO named zz.parquet in the input hung the planner (it opened it to read its
+    footer; a FIFO blocks until a writer comes). It is listed as not a regular file and skipped."""
+    import os
+    import threading
+
+    write_groups(tmp_path / "in" / "a.parquet", [2])
+    os.mkfifo(tmp_path / "in" / "zz.parquet")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(plan=plan_of(tmp_path / "in")), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # unblock the planner's open() so the thread can end, then fail
+        with open(tmp_path / "in" / "zz.parquet", "wb"):
+            pass
+        pytest.fail("the planner blocked on the FIFO")
+    found = result["plan"]
+    assert [t.rel for t in found.tasks] == ["a.parquet"]
+    assert [(path.rsplit("/", 1)[-1], why) for path, why in found.skipped] == [("zz.parquet", "not a regular file (other)")]
