@@ -217,7 +217,8 @@ def score_with_job(model: str, data_path: str, scratch: Path, runner, embedding_
     from clip_nsfw_spark.driver.job import run_job
 
     mapping = dict(DEFAULT_CLASS_LABELS if class_labels is None else class_labels)
-    run_job(JobConfig(input=str(data_path), output=str(scratch), model=model, overwrite=True,
+    # replace_scores: a LAION-style set already has a punsafe column; the evaluation is of this model's scores
+    run_job(JobConfig(input=str(data_path), output=str(scratch), model=model, overwrite=True, replace_scores=True,
                       embedding_columns=(embedding_column,) if embedding_column else ()), runner=runner)
     files = sorted(p for p in scratch.rglob("*.parquet") if not p.relative_to(scratch).parts[0].startswith("_"))
     table = pa.concat_tables([pq.read_table(p, columns=["punsafe", "nsfw_reject_reason", label_column]) for p in files])

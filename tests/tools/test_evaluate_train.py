@@ -138,7 +138,10 @@ def test_large_sets_are_scored_by_the_spark_job(tmp_path, spark):
     (tmp_path / "data").mkdir()
     for i in range(3):
         part = slice(i * 200, (i + 1) * 200)
-        pq.write_table(pa.table({"embedding": embedding_array(x[part], True), "label": labels[part]}),
+        # LAION's metadata carries its own punsafe: the job's scores replace it (hostile review 18: --spark
+        # refused, naming --score-column and --replace-scores, options evaluate does not have)
+        pq.write_table(pa.table({"embedding": embedding_array(x[part], True), "label": labels[part],
+                                 "punsafe": np.full(200, 0.5, np.float32)}),
                        tmp_path / "data" / f"p{i}.parquet")
     with_spark = evaluate(["vit-l-14"], str(tmp_path / "data"), tmp_path / "spark", runner=spark_runner(spark))
     in_process = evaluate(["vit-l-14"], str(tmp_path / "data"), tmp_path / "local")
