@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -262,7 +263,17 @@ def _found(value: Any) -> str:
              (collections.abc.Mapping, "a mapping"), ((list, tuple), "a list"))
     kind = next((name for types_, name in kinds if isinstance(value, types_)), f"a {type(value).__name__}")
     # Containers are named, not printed: storage_options may hold secrets.
-    return kind if isinstance(value, (collections.abc.Mapping, list, tuple)) else f"{kind} {value!r}"
+    if isinstance(value, (collections.abc.Mapping, list, tuple)):
+        return kind
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number) and not value.strip().lower().startswith(("0x", "0b", "0o")):
+            # YAML 1.1 (PyYAML) reads 5e-1 or 1e-1 (no decimal point) as text, not as a number
+            return f"{kind} {value!r} (YAML reads it as text: write {number!r})"
+    return f"{kind} {value!r}"
 
 
 def _type_error(name: str, hint: Any, value: Any) -> str | None:

@@ -181,6 +181,8 @@ def test_a_symlink_in_the_output_is_never_written_through(tmp_path, flag):
     ("embedding_columns: [1, 2]", "embedding_columns must be a list of strings; found the integer 1 in it"),
     ("storage_options: anon", "storage_options must be a mapping of fsspec options"),
     ("model: 2", "model must be a string, found the integer 2"),
+    # PyYAML reads exponents without a decimal point as text (hostile review 18): the message says how to write it
+    ("threshold: 5e-1", "threshold must be a number, found the string '5e-1' (YAML reads it as text: write 0.5)"),
 ])
 def test_config_values_are_typed(tmp_path, line, message):
     config = tmp_path / "job.yaml"
