@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_nsfw_spark.scoring.embeddings import decode
-from clip_nsfw_spark.errors import InputError, MissingDependencyError
+from clip_nsfw_spark.errors import ConfigError, InputError, MissingDependencyError
 
 DEFAULT_CLASS_LABELS = {"porn": 1, "hentai": 1, "sexy": 1, "neutral": 0, "drawings": 0}
 DEFAULT_THRESHOLDS = (0.1, 0.45, 0.5)
@@ -247,6 +247,12 @@ def evaluate(models: list[str], data_path: str, out: str | Path, thresholds=DEFA
     """
     from clip_nsfw_spark.api import load_scorer
 
+    bad = [f"threshold {t!r}" for t in thresholds if not 0 <= t <= 1]
+    bad += [f"{name} {value!r}" for name, value in (("recall", recall), ("precision", precision))
+            if value is not None and not 0 < value <= 1]
+    if bad:  # checked before any scoring: a score is in [0, 1], a recall or precision in (0, 1]
+        raise ConfigError(f"evaluate: {', '.join(bad)} out of range: thresholds are in [0, 1], recall and "
+                          "precision in (0, 1]")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scores: dict[str, np.ndarray] = {}

@@ -184,3 +184,13 @@ def test_a_training_that_fails_after_exporting_leaves_no_model_but_keeps_an_earl
     with pytest.raises(RuntimeError, match="early"):
         train(str(tmp_path / "data"), model, method="mlp", epochs=1)
     assert {name: (model / name).read_bytes() for name in kept} == kept
+
+
+@pytest.mark.parametrize("options", [{"thresholds": (0.5, 7)}, {"recall": 1.5}, {"precision": 0}, {"thresholds": (-0.1,)}])
+def test_evaluate_refuses_thresholds_recall_and_precision_out_of_range(tmp_path, options):
+    """Hostile review 18: --recall 1.5 and --threshold 7 were accepted ("Threshold reaching recall ≥ 1.5: None")."""
+    from clip_nsfw_spark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="out of range"):
+        evaluate(["vit-b-32"], str(tmp_path / "nowhere"), tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
