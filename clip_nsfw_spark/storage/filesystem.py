@@ -309,7 +309,10 @@ def accessing(fs, path: str, role: str = "input"):
         if not is_storage_error(err):
             raise  # a data or programming error must not be blamed on credentials
         error = InputError if role == "input" else OutputError
-        check = ("Check the path and its permissions." if is_local(fs) else
+        check = ("The store did not answer (a connection refused, reset or timed out): check the endpoint and the "
+                 "network; if it was down for a moment, run again (with --resume once an output was started)."
+                 if is_unreachable(err) and not is_local(fs) else
+                 "Check the path and its permissions." if is_local(fs) else
                  "Check the path, the HDFS user the job acts as (--storage-option user=NAME) and its permissions "
                  "(hdfs dfs -ls / -chmod / -chown), and the NameNode's address." if is_hierarchical(fs) else
                  "Check the path, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
@@ -326,6 +329,12 @@ def is_storage_error(err: BaseException) -> bool:
     if isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
         return True
     return type(err) is RuntimeError and _raised_in(err, "fsspec/implementations/webhdfs.py")
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """True for a store that did not answer: a connection refused, reset or closed, a timeout (builtin,
+    botocore, aiohttp and requests name every such type with "Connection" or "Timeout")."""
+    return any("Connection" in kind.__name__ or "Timeout" in kind.__name__ for kind in type(err).__mro__)
 
 
 def _raised_in(err: BaseException, file_suffix: str) -> bool:

@@ -131,6 +131,7 @@ def test_the_store_failing_at_the_end_of_a_run_is_one_clear_error_and_resume_fin
     with pytest.raises(OutputError, match=r"cannot access output s3://outage-end/out: .*") as raised:
         run_job(config)
     assert isinstance(raised.value, ClipNsfwError) and proxy.cut.hits
+    assert "The store did not answer" in str(raised.value) and "credentials" not in str(raised.value)
     assert not fs.exists(f"outage-end/out/{SUCCESS_NAME}")
     proxy.cut = None
     import dataclasses
