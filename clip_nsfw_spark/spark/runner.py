@@ -614,9 +614,26 @@ def _spark_failure(err: Exception):
     from clip_nsfw_spark.errors import TaskError
 
     text = str(err)
+    if _jvm_gone(err):  # the JVM was killed (the OOM killer, kill -9) or died: py4j lost its connection
+        silence_py4j_logs()  # every later call to it would log another traceback
+        return TaskError(f"the Spark job failed: Spark's JVM stopped answering ({type(err).__name__}): it was "
+                         "killed or died (out of memory? see the Spark log, and the kernel log for the OOM "
+                         "killer). The output is incomplete: rerun with --resume.")
     last = next((line.strip() for line in text.splitlines() if "Error" in line or "Exception" in line),
                 type(err).__name__)
     return TaskError(f"the Spark job failed: {last[:500].rstrip('.')}. The output is incomplete: rerun with --resume.")
+
+
+def _jvm_gone(err: BaseException) -> bool:
+    """True when py4j lost the JVM (its network errors, or the connection refused by a JVM that is gone)."""
+    for error in (err, err.__cause__, err.__context__):
+        if error is None:
+            continue
+        kind = type(error)
+        if kind.__name__ == "Py4JNetworkError" or isinstance(error, (ConnectionRefusedError, ConnectionResetError)) \
+                or "Answer from Java side is empty" in str(error):
+            return True
+    return False
 
 
 class _DropPy4jRecords(logging.Filter):
