@@ -45,6 +45,8 @@ def filesystem(url: str, storage_options: dict | None = None):
         options["client_kwargs"] = dict(options["client_kwargs"], endpoint_url=options.pop("endpoint_url"))
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
+        if is_webhdfs(fs):
+            _time_limit_requests(fs.session)
         if type(fs).__module__.split(".")[0] == "s3fs":
             use_fast_s3_timestamps()  # a listing's keys and a GET's headers parsed ~4x faster (s3_timestamps.py)
             use_fast_s3_listings()  # a listing's pages read in half the CPU (s3_listing.py)
@@ -60,6 +62,30 @@ def filesystem(url: str, storage_options: dict | None = None):
         raise InputError(f"cannot open the filesystem of {url}: {type(err).__name__}: "
                          f"{' '.join(str(err).split())[:300]}.{hint}") from err
     return fs, path.rstrip("/") if path not in ("/",) else path
+
+
+# fsspec's WebHDFS client sends its requests with no timeout: a NameNode or DataNode that accepts a connection
+# and never answers (half-open after a network cut, a GC pause that never ends) would hang the driver or a task
+# for good. Seconds to connect, and between two reads of an answer (not the whole answer: a large file streams).
+WEBHDFS_TIMEOUT_ENV = "CLIP_NSFW_WEBHDFS_TIMEOUT"  # "connect,read" seconds; default 60,1800
+WEBHDFS_TIMEOUT = (60.0, 1800.0)
+
+
+def _time_limit_requests(session) -> None:
+    """Give every request of a ``requests`` session a timeout unless the call names one (once per session)."""
+    if getattr(session, "_clip_nsfw_timed", False):
+        return
+    try:
+        connect, read = (float(x) for x in os.environ.get(WEBHDFS_TIMEOUT_ENV, "").split(","))
+    except ValueError:
+        connect, read = WEBHDFS_TIMEOUT
+    request = session.request
+
+    def timed(method, url, **kwargs):
+        kwargs.setdefault("timeout", (connect, read))
+        return request(method, url, **kwargs)
+
+    session.request, session._clip_nsfw_timed = timed, True
 
 
 def _through_webhdfs(url: str, port) -> str:

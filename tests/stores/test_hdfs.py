@@ -256,3 +256,30 @@ def test_an_hdfs_url_is_routed_through_webhdfs_where_libhdfs_is_missing(hdfs_ser
         run_job(JobConfig(input=source, output=f"{hdfs_server.hdfs_url}/runs/unrouted",
                           storage_options=hdfs_server.storage_options()))
     assert "\n" not in str(caught.value)
+
+
+def test_a_namenode_that_never_answers_ends_in_a_timeout_not_a_hang(tmp_path):
+    """fsspec's WebHDFS client sets no timeout: a NameNode (or DataNode) that accepts the connection and never
+    answers hung the run for good (review 18). Requests now time out (CLIP_NSFW_WEBHDFS_TIMEOUT, here 2 s):
+    exit 2, one line saying the store did not answer."""
+    import socket
+    import threading
+
+    write_parquet_sample(str(tmp_path / "in"), rows=20, files=1)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel accepts connections; nobody ever reads or answers
+    port = silent.getsockname()[1]
+    held = []
+    threading.Thread(target=lambda: held.extend(silent.accept() for _ in range(4)), daemon=True).start()
+    try:
+        started = time.time()
+        result = subprocess.run([sys.executable, "-m", "clip_nsfw_spark", "run", "--input", str(tmp_path / "in"),
+                                 "--output", f"webhdfs://127.0.0.1:{port}/out", "--local-runner"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=300,
+                                env=dict(os.environ, CLIP_NSFW_WEBHDFS_TIMEOUT="2,2"))
+    finally:
+        silent.close()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"cannot access output webhdfs://127.0.0.1:{port}/out" in result.stderr
+    assert "The store did not answer" in result.stderr and time.time() - started < 120
