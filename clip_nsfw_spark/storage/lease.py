@@ -192,7 +192,13 @@ class RunLease:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "RunLease":
-        self.acquire()
+        try:
+            self.acquire()
+        except BaseException:
+            # A lease written whose read-back failed (the store down a moment) would refuse every other run
+            # until stale: remove it if it is this run's (release never removes another's).
+            self.release()
+            raise
         self._thread = threading.Thread(target=self._beat, name="clip-nsfw-lease", daemon=True)
         self._thread.start()
         return self
