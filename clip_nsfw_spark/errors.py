@@ -69,5 +69,11 @@ class TaskError(ClipNsfwError):
     The message names the task's input file and the cause; the run can be finished with --resume."""
 
 
+class LeaseUnreadableError(TaskError):
+    """The store failed while a task read the run's lease before committing: whether the run still holds it is
+    unknown. Retried like any TaskError; files already moved into place are left as they are (as for a lost
+    lease: their names may hold another run's files by now)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler stopping the job), raised like Ctrl-C so the run cleans up on its way out."""

@@ -44,7 +44,9 @@ def _cmd_sample(args) -> int:
     if args.files > args.rows and args.layout != "labelled":
         raise ConfigError(f"sample --files {args.files} is more than --rows {args.rows}: every file needs a row")
     fs, root = filesystem(args.output)
-    if fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+    visible = [p for p in fs.ls(root, detail=False) if not p.rstrip("/").rsplit("/", 1)[-1].startswith(".")] \
+        if fs.isdir(root) else None
+    if fs.exists(root) and (visible is None or visible):
         # its names (part-00000.parquet …) would replace some files of a dataset and leave the others: a mix
         raise ConfigError(f"sample: {args.output} exists and is not an empty folder; nothing was written. "
                           "Give a new folder (the sample writes part-00000… files into it).")

@@ -272,7 +272,8 @@ def _found(value: Any) -> str:
             number = None
         if number is not None and math.isfinite(number) and not value.strip().lower().startswith(("0x", "0b", "0o")):
             # YAML 1.1 (PyYAML) reads 5e-1 or 1e-1 (no decimal point) as text, not as a number
-            return f"{kind} {value!r} (YAML reads it as text: write {number!r})"
+            shown = int(number) if number.is_integer() else number  # batch_rows: 1e3 → 1000, not 1000.0
+            return f"{kind} {value!r} (YAML reads it as text: write {shown!r})"
     return f"{kind} {value!r}"
 
 

@@ -41,10 +41,11 @@ from clip_nsfw_spark.driver.progress import ProgressWatcher
 from clip_nsfw_spark.driver.report import build_report
 from clip_nsfw_spark.models.registry import fitting_model_hint
 from clip_nsfw_spark.storage.filesystem import (RunStores, accessing, canonical_in, exists_fresh, filesystem,
-                                                 find_sizes_fresh, is_local, join, location, open_run_stores, read_fresh,
-                                                 read_many_fresh, remove, unstrip, write_whole)
+                                                 find_sizes_fresh, is_local, is_storage_error, join, location,
+                                                 open_run_stores, read_fresh, read_many_fresh, remove, unstrip,
+                                                 write_whole)
 from clip_nsfw_spark.storage.s3_listing import sample_every
-from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file, unreadable
+from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file, unreadable, unreadable_footer
 from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,
                                              SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths, output_schemas)
@@ -71,7 +72,12 @@ def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
     widths = {}
     with in_fs.open(first.path, "rb") as handle:
         # Buffered, no pre-buffering: the driver reads a few pages, not the whole first column chunk.
-        parquet = parquet_file(handle)
+        try:
+            parquet = parquet_file(handle)
+        except Exception as err:  # noqa: BLE001 - planned from its listing (an S3 resume): its footer is read here
+            if is_storage_error(err) and not is_damage(err):
+                raise  # the store's failure: accessing() around this call names it
+            raise unreadable_footer(unstrip(in_fs, first.path), err) from err
         for column in plan.embedding_columns:
             width = None
             for group in range(parquet.metadata.num_row_groups):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_nsfw_spark.contract import TaskConfig
-from clip_nsfw_spark.errors import LeaseLostError
+from clip_nsfw_spark.errors import LeaseLostError, LeaseUnreadableError
 from clip_nsfw_spark.executor.stages import StageClock, TimedFile
 from clip_nsfw_spark.scoring.outcomes import MODE_STREAMS, Stream
 from clip_nsfw_spark.parquet.splice import SplicedParquetWriter, leaf_paths
@@ -270,7 +270,7 @@ class OutputFiles:
                 fence(len(moved))
                 self._files[stream].commit()
                 moved.append(self._files[stream].final)
-        except LeaseLostError:
+        except (LeaseLostError, LeaseUnreadableError):  # the names may hold another run's files by now
             raise
         except BaseException:
             for final in moved:

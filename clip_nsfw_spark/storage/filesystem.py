@@ -360,7 +360,10 @@ def is_storage_error(err: BaseException) -> bool:
 def is_unreachable(err: BaseException) -> bool:
     """True for a store that did not answer: a connection refused, reset or closed, a timeout (builtin,
     botocore, aiohttp and requests name every such type with "Connection" or "Timeout")."""
-    return any("Connection" in kind.__name__ or "Timeout" in kind.__name__ for kind in type(err).__mro__)
+    names = [kind.__name__ for kind in type(err).__mro__]
+    if any("SSL" in name or "Certificate" in name or "Proxy" in name for name in names):
+        return False  # the store answered, or a proxy did: TLS or proxy settings, not an outage
+    return any("Connection" in name or "Timeout" in name for name in names)
 
 
 def _raised_in(err: BaseException, file_suffix: str) -> bool:

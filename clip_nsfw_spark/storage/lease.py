@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 
-from clip_nsfw_spark.errors import LeaseLostError, OutputError, TaskError
+from clip_nsfw_spark.errors import LeaseLostError, LeaseUnreadableError, OutputError
 from clip_nsfw_spark.storage.filesystem import (accessing, is_local, is_storage_error, is_webhdfs, join, read_fresh,
                                                 remove, rename_file, unstrip)
 
@@ -150,10 +150,10 @@ def check_owner(fs, root: str, run_id: str | None,
         if not is_storage_error(err):
             raise
         # The store failed, not the lease: neither a lost lease nor an OutputError (which would fail the run
-        # at once); a TaskError, which the runner retries in place (a store down for a moment is then survived).
+        # at once); a TaskError, which the Spark runner retries in place (a store down a moment is survived).
         cause = " ".join(f"{type(err).__name__}: {err}".split())
-        raise TaskError(f"cannot read the lease of output {unstrip(fs, root)} to check that run {run_id} still "
-                        f"holds it: {cause}. {not_moved}") from err
+        raise LeaseUnreadableError(f"cannot read the lease of output {unstrip(fs, root)} to check that run {run_id} "
+                                   f"still holds it: {cause}. {not_moved}") from err
     if lease is None or lease.get("run_id") != run_id:
         holder = "no run" if lease is None else f"run {lease.get('run_id')} (host {lease.get('host')}, " \
                                                  f"pid {lease.get('pid')})"
@@ -188,6 +188,7 @@ class RunLease:
         self.lost: str | None = None
         self._fenced_at = float("-inf")
         self._created = False
+        self._wrote = False  # a lease of this run was written (a failed acquire must then remove it)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -196,8 +197,10 @@ class RunLease:
             self.acquire()
         except BaseException:
             # A lease written whose read-back failed (the store down a moment) would refuse every other run
-            # until stale: remove it if it is this run's (release never removes another's).
-            self.release()
+            # until stale: remove it if it is this run's (release never removes another's). A store that failed
+            # before anything was written gets no second round of requests (or timeouts).
+            if self._wrote:
+                self.release()
             raise
         self._thread = threading.Thread(target=self._beat, name="clip-nsfw-lease", daemon=True)
         self._thread.start()
@@ -262,6 +265,7 @@ class RunLease:
             raise OutputError(describe(now or {}, self.url))
 
     def _write(self) -> None:
+        self._wrote = True  # set first: a write that fails half-way may still have put the lease there
         data = json.dumps(self.record)
         if is_local(self.fs):  # never a half-written lease: write aside, then rename over it
             aside = f"{self.path}.{self.run_id}"

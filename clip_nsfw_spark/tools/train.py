@@ -113,9 +113,10 @@ def train(data_path: str, out: str | Path, method: str = "autokeras", max_trials
                                seed, Labelled, evaluate)
     except BaseException:
         # Never a model that looks exported without its check and summary (training.json is written last):
-        # what this call wrote goes; files it did not touch (an earlier model) stay.
-        for name in exported:
-            if _stamp(out / name) != before[name]:
+        # what this call wrote goes, and with a replaced model the earlier summary that described the old one;
+        # an earlier model this call did not touch stays whole.
+        if any(_stamp(out / name) != before[name] for name in exported):
+            for name in exported:
                 (out / name).unlink(missing_ok=True)
         raise
 

@@ -183,6 +183,7 @@ def test_a_symlink_in_the_output_is_never_written_through(tmp_path, flag):
     ("model: 2", "model must be a string, found the integer 2"),
     # PyYAML reads exponents without a decimal point as text (hostile review 18): the message says how to write it
     ("threshold: 5e-1", "threshold must be a number, found the string '5e-1' (YAML reads it as text: write 0.5)"),
+    ("batch_rows: 1e3", "found the string '1e3' (YAML reads it as text: write 1000)"),
 ])
 def test_config_values_are_typed(tmp_path, line, message):
     config = tmp_path / "job.yaml"

@@ -172,6 +172,30 @@ def test_output_files_main_streams_always_rejected_only_when_used(tmp_path):
     assert files_under(tmp_path / TMP_DIR) == []
 
 
+@pytest.mark.parametrize("stop", ["lease lost", "lease unreadable", "other"])
+def test_a_commit_stopped_by_the_lease_keeps_what_it_moved_any_other_error_removes_it(tmp_path, stop):
+    """A commit fenced between two files: when the run lost its lease, or the store could not say whether it
+    holds it (review 18), the names already moved may hold another run's files by now: nothing is removed (the
+    manifest lets --resume judge them). Any other failure removes the files moved so far."""
+    from clip_nsfw_spark.errors import LeaseLostError, LeaseUnreadableError
+
+    config = task_config(mode="split")
+    files = OutputFiles(LOCAL, str(tmp_path), "a.parquet", config, output_schemas(small_table().schema, config, 4))
+    table = small_table(3).append_column("p", pa.array([0.1, 0.2, 0.9], pa.float32()))
+    route(table, np.ones(3, bool), np.array([False, False, True]), [None] * 3, config, files)
+    error = {"lease lost": LeaseLostError, "lease unreadable": LeaseUnreadableError, "other": OSError}[stop]
+
+    def fence(moved: int) -> None:
+        if moved == 1:
+            raise error("stopped before the second file")
+
+    with pytest.raises(error):
+        files.commit(fence)
+    assert final_files(tmp_path) == ([] if stop == "other" else ["safe/a.parquet"])
+    if stop != "other":  # what a task state would record for it: the bytes on disk
+        assert files.sizes["safe/a.parquet"] == os.path.getsize(tmp_path / "safe" / "a.parquet") > 0
+
+
 def test_output_files_abort_removes_every_temp_file(tmp_path):
     config = task_config(mode="filter")
     files = OutputFiles(LOCAL, str(tmp_path), "a.parquet", config, output_schemas(small_table().schema, config, 4))

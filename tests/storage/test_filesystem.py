@@ -137,3 +137,24 @@ def test_hdfs_paths_are_absolute_and_their_location_names_the_namenode():
     other, same = canonical("webhdfs://other:9870/data/out")
     assert location(other, same) != location(fs, path)  # two NameNodes are two places
     assert canonical("webhdfs://nn.example:9870/")[1] == "/"
+
+
+def test_only_a_store_that_did_not_answer_is_called_unreachable():
+    """The one-line error says "the store did not answer … run again" for refused, reset and timed-out
+    connections (builtin, botocore, requests), never for TLS or proxy failures, where the store (or a proxy)
+    did answer and settings must change (review 18)."""
+    import botocore.exceptions
+    import requests
+
+    from clip_nsfw_spark.storage.filesystem import is_unreachable
+
+    answered_not = [ConnectionRefusedError(), ConnectionResetError(), TimeoutError(),
+                    botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"),
+                    botocore.exceptions.ConnectionClosedError(endpoint_url="http://x"),
+                    botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"),
+                    requests.exceptions.ConnectionError(), requests.exceptions.ReadTimeout()]
+    answered = [requests.exceptions.SSLError(), requests.exceptions.ProxyError(),
+                botocore.exceptions.SSLError(endpoint_url="http://x", error="bad certificate"),
+                PermissionError(), FileNotFoundError(), OSError("some other failure")]
+    assert [is_unreachable(err) for err in answered_not] == [True] * len(answered_not)
+    assert [is_unreachable(err) for err in answered] == [False] * len(answered)

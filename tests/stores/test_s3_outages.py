@@ -174,3 +174,19 @@ def test_a_lease_whose_read_back_the_store_fails_is_not_left_behind(s3_server, p
     assert not s3_server.filesystem().exists("outage-acquire/out/_clip_nsfw_lease.json")
     with RunLease(fs, root) as lease:  # another run takes it at once
         assert lease.run_id
+
+
+def test_a_lease_the_store_fails_before_it_is_written_costs_no_second_round(s3_server, proxy):
+    """Release after a failed acquire only when this run wrote a lease: a store failing the first read gets
+    no release's requests (another round of retries, or of timeouts) after it (review 18)."""
+    from clip_nsfw_spark.storage.filesystem import filesystem
+
+    _bucket(s3_server, "outage-first-read")
+    fs, root = filesystem("s3://outage-first-read/out", _options(s3_server, proxy))
+    one_failure = _requests_per_failed_read(s3_server, proxy)
+    proxy.cut = Cut("GET", "/_clip_nsfw_lease.json", left=one_failure)
+    with pytest.raises(OutputError, match="The store did not answer"):
+        with RunLease(fs, root):
+            pass
+    lease_requests = [kind for kind, path, _ in proxy.log if path.endswith("/outage-first-read/out/_clip_nsfw_lease.json")]
+    assert lease_requests == ["GET"] * one_failure  # the failed reads, nothing written, no release after them

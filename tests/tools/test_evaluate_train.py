@@ -184,6 +184,11 @@ def test_a_training_that_fails_after_exporting_leaves_no_model_but_keeps_an_earl
     with pytest.raises(RuntimeError, match="early"):
         train(str(tmp_path / "data"), model, method="mlp", epochs=1)
     assert {name: (model / name).read_bytes() for name in kept} == kept
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate_module, "evaluate", failing)  # a retrain that replaced the model, then failed:
+    with pytest.raises(RuntimeError, match="validation report failed"):  # the old summary goes with the old model
+        train(str(tmp_path / "data"), model, method="mlp", epochs=1, seed=5)
+    assert not any((model / name).exists() for name in kept)
 
 
 @pytest.mark.parametrize("options", [{"thresholds": (0.5, 7)}, {"recall": 1.5}, {"precision": 0}, {"thresholds": (-0.1,)}])
