@@ -27,7 +27,7 @@ from clip_nsfw_spark.parquet.errors import Damaged, Unsupported
 from clip_nsfw_spark.parquet.stream import open_float_list_stream
 from clip_nsfw_spark.contract import ROWS_FROM_FOOTER, Task
 from clip_nsfw_spark.executor.stages import StageClock, TimedFile
-from clip_nsfw_spark.storage.filesystem import is_storage_error, read_fresh, unstrip
+from clip_nsfw_spark.storage.filesystem import is_storage_error, raised_in, read_fresh, unstrip
 
 _log = logging.getLogger(__name__)
 NPY_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
@@ -171,10 +171,7 @@ def is_damage(err: BaseException) -> bool:
         return False
     if _unsupported(err):  # a sound file in a codec or encoding pyarrow does not read (LZO …)
         return False
-    frame = err.__traceback__
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    return frame is not None and "pyarrow" in frame.tb_frame.f_code.co_filename
+    return "pyarrow" in raised_in(err)
 
 
 def _unsupported(err: BaseException) -> bool:

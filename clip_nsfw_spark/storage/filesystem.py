@@ -354,7 +354,7 @@ def is_storage_error(err: BaseException) -> bool:
     RetriableException …)."""
     if isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
         return True
-    return type(err) is RuntimeError and _raised_in(err, "fsspec/implementations/webhdfs.py")
+    return type(err) is RuntimeError and raised_in(err).endswith("fsspec/implementations/webhdfs.py")
 
 
 def is_unreachable(err: BaseException) -> bool:
@@ -366,12 +366,13 @@ def is_unreachable(err: BaseException) -> bool:
     return any("Connection" in name or "Timeout" in name for name in names)
 
 
-def _raised_in(err: BaseException, file_suffix: str) -> bool:
-    """True when the innermost frame of ``err``'s traceback is in a file whose path ends with ``file_suffix``."""
+def raised_in(err: BaseException) -> str:
+    """The file (``/``-separated) of the innermost frame of ``err``'s traceback: where it was raised ("" if
+    it has no traceback)."""
     frame = err.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    return frame is not None and frame.tb_frame.f_code.co_filename.replace("\\", "/").endswith(file_suffix)
+    return "" if frame is None else frame.tb_frame.f_code.co_filename.replace("\\", "/")
 
 
 # --------------------------------------------------------------------- files the job rewrites, read fresh

@@ -87,7 +87,7 @@ def train(data_path: str, out: str | Path, method: str = "autokeras", max_trials
           embedding_column: str | None = None, label_column: str = "label") -> dict:
     """Train, export and validate a model; return the training summary (also in ``training.json``)."""
     from clip_nsfw_spark.models.convert import import_tensorflow
-    from clip_nsfw_spark.tools.evaluate import Labelled, evaluate, load_labelled
+    from clip_nsfw_spark.tools.evaluate import load_labelled
 
     import_tensorflow()
     import keras
@@ -109,8 +109,7 @@ def train(data_path: str, out: str | Path, method: str = "autokeras", max_trials
     exported = ("model.keras", PORTABLE_NAME, "training.json")
     before = {name: _stamp(out / name) for name in exported}
     try:
-        return _fit_and_export(keras, method, x, y, data, data_path, train_rows, val_rows, out, max_trials, epochs,
-                               seed, Labelled, evaluate)
+        return _fit_and_export(method, x, y, data, data_path, train_rows, val_rows, out, max_trials, epochs, seed)
     except BaseException:
         # Never a model that looks exported without its check and summary (training.json is written last):
         # what this call wrote goes, and with a replaced model the earlier summary that described the old one;
@@ -129,9 +128,13 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _fit_and_export(keras, method, x, y, data, data_path, train_rows, val_rows, out: Path, max_trials, epochs, seed,
-                    Labelled, evaluate) -> dict:
-    """``train``'s fitting, export, numpy-vs-Keras check and validation report (``out`` exists)."""
+def _fit_and_export(method, x, y, data, data_path, train_rows, val_rows, out: Path, max_trials, epochs,
+                    seed) -> dict:
+    """``train``'s fitting, export, numpy-vs-Keras check and validation report (``out`` exists; TensorFlow
+    imported)."""
+    import keras
+
+    from clip_nsfw_spark.tools.evaluate import Labelled, evaluate
     if method == "mlp":
         normalization = keras.layers.Normalization()
         normalization.adapt(x[train_rows])
