@@ -155,6 +155,38 @@ def test_same_bits_for_any_batch_size_and_thread(model, scorers):
     assert np.array_equal(_bits(np.concatenate(scored)), whole)
 
 
+def _every_float16(dim: int) -> np.ndarray:
+    """Every float16 bit pattern (NaN payloads, ±Inf, subnormals, -0.0 included), as rows of width dim."""
+    patterns = np.arange(1 << 16, dtype=np.uint16)
+    return np.resize(patterns, (-(-len(patterns) // dim), dim)).view(np.float16)
+
+
+@needs_models
+@pytest.mark.parametrize("model", ["vit-l-14", "vit-b-32"])
+def test_float16_rows_encode_and_score_as_their_float32_values(model, scorers):
+    """float16 input is converted in the kernel (by the CPU's instruction where it has one, else a table):
+    the features and the scores are those of the same values given as float32 (numpy's exact widening), for
+    every float16 bit pattern, in the categorical columns too (the LAION heads have five)."""
+    scorer = scorers[model]
+    assert len(scorer.weights.categorical) > 0
+    x16 = _every_float16(scorer.dim)
+    x32 = x16.astype(np.float32)
+    assert np.array_equal(_bits(scorer.encode(x16)), _bits(scorer.encode(x32)))
+    assert np.array_equal(_bits(scorer(x16)), _bits(scorer(x32)))
+    # every pattern in the categorical columns too, where a value in a vocabulary interval takes its code
+    columns = [c.column for c in scorer.weights.categorical]
+    patterns = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    hits = 0
+    for start in range(0, len(patterns), 8192):
+        rows = np.zeros((8192, scorer.dim), np.float16)
+        rows[:, columns] = patterns[start:start + 8192, None]
+        features = scorer.encode(rows)
+        assert np.array_equal(_bits(features), _bits(scorer.encode(rows.astype(np.float32))))
+        unknown = (np.float32(0) - scorer._mean[columns]) / scorer._scale[columns]  # code 0: not in a vocabulary
+        hits += int(np.count_nonzero(features[:, columns] != unknown))
+    assert hits > 100  # the lookups really ran on these values
+
+
 _FREED_CHILD = textwrap.dedent("""
     import numpy as np
     from clip_nsfw_spark.scoring.kernels import _MR, dense, dense_reference
@@ -238,12 +270,17 @@ _CHILD = textwrap.dedent("""
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         scores[name] = np.concatenate([scorer(x.astype(np.float16)), scorer(x.astype(np.float32)),
                                        scorer(x * 30)]).view(np.uint32)
+        patterns = np.resize(np.arange(1 << 16, dtype=np.uint16), (-(-65536 // scorer.dim), scorer.dim))
+        scores[name + "/every float16"] = scorer(patterns.view(np.float16)).view(np.uint32)
     asm = "\\n".join(kernels.gemm_panels.inspect_asm().values())
+    encode_asm = "\\n".join(kernels.encode_rows.inspect_asm().values())
     fmas = [line.split()[-1] for line in asm.splitlines() if line.strip().startswith("vfmadd")]
     np.savez(out, **scores)
     print(json.dumps({"tile": [kernels._MR, kernels._NV, kernels._L],
                       "fma_registers": sorted({r.strip("%")[:3] for r in fmas}),
-                      "fmaf_calls": asm.count("fmaf")}))
+                      "fmaf_calls": asm.count("fmaf"),
+                      "half_in_hardware": kernels._HALF_IN_HARDWARE,
+                      "half_conversions": encode_asm.count("vcvtph2ps")}))
 """)
 
 
@@ -270,8 +307,14 @@ def test_same_bits_across_processes_and_cpu_targets(tmp_path, prepared_models, s
     print("\nhost", host_info, "\nx86-64-v3", v3_info, "\nx86-64", base_info)
     assert v3_info["fma_registers"] == ["ymm"], v3_info  # really another code path than the host's …
     assert base_info["fmaf_calls"] > 0 and not base_info["fma_registers"], base_info  # … and no FMA unit
+    # float16 converted by the CPU (x86-64-v3 has F16C) and through the table (baseline x86-64): same bits
+    assert v3_info["half_in_hardware"] and v3_info["half_conversions"] > 0, v3_info
+    assert not base_info["half_in_hardware"] and base_info["half_conversions"] == 0, base_info
     for name, scorer in scorers.items():
         assert np.array_equal(host[name], v3[name]), name
+        every = name + "/every float16"
+        assert np.array_equal(host[every], v3[every]) and np.array_equal(host[every], base[every]), name
+        assert np.array_equal(host[every], _bits(scorer(_every_float16(scorer.dim)))), name
         three = host[name].reshape(3, -1)
         assert np.array_equal(base[name].reshape(3, -1), three[:, :300]), name
         x = np.random.default_rng(5).normal(size=(3000, scorer.dim))
