@@ -72,7 +72,7 @@ class NumpyScorer:
 
     def __call__(self, embeddings) -> np.ndarray:
         array = check_embeddings(embeddings, self.dim, self.name)
-        if array.dtype == np.float16:  # decoded in the kernel through a table of every float16's value
+        if array.dtype == np.float16:  # widened in the kernel (the CPU's conversion, or a table): exact
             array = np.ascontiguousarray(array).view(np.uint16)
         array = read_only_view(array)  # one compiled kernel per dtype, warmed once (warm)
         scores = np.empty(len(array), dtype=np.float32)
@@ -86,7 +86,7 @@ class NumpyScorer:
     def encode(self, chunk: np.ndarray) -> np.ndarray:
         """The model's input encoding: float16/32/64 (m, dim) → normalised float32 (m, dim) features."""
         x = np.empty(chunk.shape, np.float32)
-        if chunk.dtype == np.float16:  # decoded through a table of every float16's float32 value: exact
+        if chunk.dtype == np.float16:  # widened in the kernel (the CPU's conversion, or a table): exact
             chunk = np.ascontiguousarray(chunk).view(np.uint16)
         encode_rows(chunk, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
                     self._codes, self._starts, self._defaults, x)
