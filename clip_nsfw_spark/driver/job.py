@@ -60,33 +60,53 @@ log = logging.getLogger(__name__)
 ID_CANDIDATES = ("key", "id", "uid", "hash", "image_path", "url")
 
 
+# Files the driver reads for the widths before giving up (each costs a footer and a few pages): a dataset
+# whose first files hold no non-empty embedding (failed shards, all-null files) still gets its width checked.
+WIDTH_PROBE_FILES = 32
+
+
 def embedding_widths(plan: Plan, in_fs) -> dict[str, int]:
     """The embedding width of each column to score: the npy width (every file checked by the planner), or
-    the commonest non-zero list length in the first non-empty rows of the first parquet file (fixed-size
-    lists: the type's). Empty and null rows are rejected per row later, never taken for the width."""
-    first = plan.tasks[0] if plan.tasks else None
-    if first is None:
+    the commonest non-zero list length in the first non-empty rows of the first parquet file that has some
+    (up to ``WIDTH_PROBE_FILES`` files, in plan order; fixed-size lists: the type's). Empty and null rows are
+    rejected per row later, never taken for the width; a column with no such row in those files is absent."""
+    if not plan.tasks:
         return {}
     if plan.layout == "laion-npy":
         return {"embedding": plan.npy_width}
+    widths: dict[str, int] = {}
+    probed: set[str] = set()
+    for task in plan.tasks:
+        if len(widths) == len(plan.embedding_columns) or len(probed) == WIDTH_PROBE_FILES:
+            break
+        if task.path in probed or task.rows == 0:  # rows 0: known empty from its footer (not ROWS_FROM_FOOTER)
+            continue
+        probed.add(task.path)
+        missing = [column for column in plan.embedding_columns if column not in widths]
+        widths.update(_widths_in_file(task.path, missing, in_fs))
+    return widths
+
+
+def _widths_in_file(path: str, columns: list[str], in_fs) -> dict[str, int]:
+    """``embedding_widths`` for one parquet file: the columns of ``columns`` that have a non-empty row there."""
     widths = {}
-    with in_fs.open(first.path, "rb") as handle:
+    with in_fs.open(path, "rb") as handle:
         # Buffered, no pre-buffering: the driver reads a few pages, not the whole first column chunk.
         try:
             parquet = parquet_file(handle)
         except Exception as err:  # noqa: BLE001 - planned from its listing (an S3 resume): its footer is read here
             if is_storage_error(err) and not is_damage(err):
                 raise  # the store's failure: accessing() around this call names it
-            raise unreadable_footer(unstrip(in_fs, first.path), err) from err
-        for column in plan.embedding_columns:
+            raise unreadable_footer(unstrip(in_fs, path), err) from err
+        for column in columns:
             width = None
             for group in range(parquet.metadata.num_row_groups):
                 try:
                     width = _first_width(parquet.iter_batches(batch_size=1024, row_groups=[group], columns=[column]))
                 except Exception as err:
                     if is_damage(err):
-                        raise damaged(unstrip(in_fs, first.path), group, err) from err
-                    refused = unreadable(unstrip(in_fs, first.path), group, err)
+                        raise damaged(unstrip(in_fs, path), group, err) from err
+                    refused = unreadable(unstrip(in_fs, path), group, err)
                     if refused is not None:
                         raise refused from err
                     raise

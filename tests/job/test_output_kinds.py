@@ -161,6 +161,33 @@ def test_the_width_check_skips_empty_rows_and_reads_no_more_than_it_needs(tmp_pa
 
 
 @needs_models
+@pytest.mark.parametrize("first", ["zero rows", "only null embeddings"])
+def test_a_first_file_without_embeddings_does_not_turn_the_width_check_off(tmp_path, first):
+    """Failed shards (zero rows, or every embedding null) sort first by name: the width comes from the first
+    file that has an embedding, so 512-d data still gets the 'use vit-b-32' error instead of a run that
+    rejects every row and exits 0 (a hostile user's finding)."""
+    from clip_nsfw_spark.driver.job import WIDTH_PROBE_FILES, embedding_widths
+    from clip_nsfw_spark.storage.filesystem import filesystem
+
+    write_parquet_sample(str(tmp_path / "in"), rows=400, files=2, dim=512, fixed=False)  # list: no width in the type
+    sound = pq.read_table(tmp_path / "in" / "part-00000.parquet")
+    nulls = sound.slice(0, 50).set_column(
+        sound.schema.get_field_index("embedding"), "embedding", pa.nulls(50, sound.schema.field("embedding").type))
+    empty = sound.slice(0, 0) if first == "zero rows" else nulls
+    for name in ("a-0.parquet", "a-1.parquet"):  # before part-* in plan order
+        pq.write_table(empty, tmp_path / "in" / name)
+    config = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    assert embedding_widths(plan(config), filesystem(config.input)[0]) == {"embedding": 512}
+    with pytest.raises(Exception, match="512-d.*vit-b-32"):
+        run(tmp_path / "in", tmp_path / "out", mode="filter")
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    # the probe is bounded: past WIDTH_PROBE_FILES files to read without an embedding, the width is unknown
+    for i in range(WIDTH_PROBE_FILES):
+        pq.write_table(nulls, tmp_path / "in" / f"a-{i:03d}.parquet")
+    assert embedding_widths(plan(config), filesystem(config.input)[0]) == {}
+
+
+@needs_models
 def test_an_output_started_before_embedding_compression_existed_resumes(tmp_path):
     import json
 
