@@ -73,7 +73,9 @@ def score_batch(table: pa.Table, npy: np.ndarray | None, targets: tuple[ScoreTar
             for i in np.flatnonzero(ok & ~scored):
                 col_reasons[i] = Problem(Reason.SCORE_NOT_FINITE)
             table = set_column(table, output.score_column, pa.array(values, mask=~scored))
-            over = scored & (values >= output.threshold)
+            # compared as the numbers they are (a float32 score against the float64 threshold), as Spark, DuckDB
+            # and the docs do: numpy would round the threshold to float32 first, making a score just below it unsafe
+            over = scored & (values.astype(np.float64) >= float(output.threshold))
             unsafe |= over
             column_ok &= scored
             valid_scores[output.score_column] = values[scored]

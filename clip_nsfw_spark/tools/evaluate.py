@@ -99,7 +99,7 @@ def metrics_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict
     """Confusion matrix and the usual rates when unsafe ⇔ score ≥ threshold."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
-    predicted = (scores >= threshold).astype(int)
+    predicted = (np.asarray(scores, np.float64) >= float(threshold)).astype(int)  # exactly, as the job compares
     tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
     return {"threshold": float(threshold), "accuracy": float(accuracy_score(labels, predicted)),
             "precision": float(precision_score(labels, predicted, zero_division=0)),
@@ -129,7 +129,8 @@ def summarize(scores: np.ndarray, data: Labelled, thresholds, recall=None, preci
     for name in sorted(set(data.classes)):
         mask = data.classes == name
         per_class[name] = {"rows": int(mask.sum()), "label": int(data.labels[mask][0]),
-                           "flagged": {str(t): float((scores[mask] >= t).mean()) for t in thresholds},
+                           "flagged": {str(t): float((scores[mask].astype(np.float64) >= t).mean())
+                                       for t in thresholds},
                            "mean_score": float(scores[mask].mean())}
     found = {}
     if recall is not None:

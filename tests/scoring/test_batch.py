@@ -150,3 +150,15 @@ def test_an_empty_batch():
     assert out.ok.shape == out.unsafe.shape == (0,) and out.reasons == [] and out.problems == []
     assert out.table.column_names == ["emb", "p"] and out.flagged == {"p": 0} and out.scores["p"].size == 0
 
+
+
+def test_the_threshold_is_compared_exactly_not_rounded_to_float32():
+    """A float32 score just below a float64 threshold that rounds to it is safe (Spark and DuckDB compare in
+    double; numpy compared in float32 after rounding the threshold: a hostile user's finding)."""
+    score = np.float32(0.22037065)
+    just_above = float(np.nextafter(float(score), 1.0))  # > score, yet float32(just_above) == score
+    assert np.float32(just_above) == score
+    table = pa.table({"emb": column([[float(score), 0, 0, 0]])})
+    for threshold, unsafe in ((just_above, False), (float(score), True), (float(np.nextafter(float(score), 0.0)), True)):
+        out = score_batch(table, None, one_head(threshold=threshold), [Pick(4)], Counter())
+        assert out.unsafe.tolist() == [unsafe] and out.flagged == {"p": int(unsafe)}, threshold
