@@ -131,6 +131,8 @@ class TaskConfig:
     embedding_compression: str = "none"
     parquet_codec: ParquetCodec = "own"
     embedding_type: EmbeddingType = "input"
+    # laion-npy with write_embeddings: the npy values' type as written (before embedding_type widens float16)
+    npy_value_type: str = "float16"
     # The plan's input schema (arrow IPC bytes) and the file it was read from (as the user spells it), when
     # some task was planned from the listing: such a task checks its file's schema against it, as the planner
     # checks every footer it reads (b"": none).

@@ -329,7 +329,7 @@ def task_config(config: JobConfig, plan: Plan, target: OutputTarget, run_id: str
         write_embeddings=config.write_embeddings, compression=config.compression,
         embedding_compression=config.embedding_compression, batch_rows=config.batch_rows,
         histogram_bins=config.histogram_bins, run_id=run_id, parquet_codec=config.parquet_codec,
-        embedding_type=config.embedding_type, overlap=overlap,
+        embedding_type=config.embedding_type, overlap=overlap, npy_value_type=plan.npy_value_type or "float16",
         input_schema=plan.schema.remove_metadata().serialize().to_pybytes() if plan.listed else b"",
         input_schema_of=plan.schema_of if plan.listed else "")
     if tasks.embedding_type != "input":
@@ -367,6 +367,7 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[Head], stores:
         "compression": config.compression, "embedding_compression": config.embedding_compression,
         "replace_scores": config.replace_scores, "histogram_bins": config.histogram_bins,
         "embedding_type": tasks.embedding_type,
+        "npy_value_type": tasks.npy_value_type if tasks.layout == "laion-npy" and tasks.write_embeddings else None,
         "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
         "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads],
         # Row ids' source_file spelling: canonical folders since #23 (as typed before): never mixed in one output.
@@ -509,6 +510,9 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
 _ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compression"),
                  "histogram_bins": lambda previous: 20,
                  "embedding_type": lambda previous: "input",
+                 # before it, npy values were written as float16 whatever the npy held
+                 "npy_value_type": lambda previous: "float16" if previous.get("layout") == "laion-npy"
+                 and previous.get("write_embeddings") else None,
                  "source_file": lambda previous: "as typed" if previous.get("mode") == "scores"
                  and previous.get("write_columns") == [] else None}
 

@@ -91,6 +91,7 @@ class Plan:
 
     ``skipped`` holds ``(path, why)`` for every visible file that is not read (never silently);
     ``widths`` the embedding width found in each npy file (laion-npy) for the dimension check;
+    ``npy_value_type`` the type the npy values are written as (``write_embeddings``): the widest, exact for all;
     ``total_rows`` the rows of the tasks whose rows are known (all but the ``listed`` ones).
     """
 
@@ -101,6 +102,7 @@ class Plan:
     total_rows: int
     skipped: tuple[tuple[str, str], ...] = ()
     npy_width: int | None = None
+    npy_value_type: str | None = None  # laion-npy: the widest value type of the npy files (float16/32/64)
     folders: tuple[str, ...] = ()  # local folders walked (real paths, symlinked ones included)
     partition_keys: tuple[str, ...] = ()  # hive ``key=value`` folder keys: readers make them columns
     footers: dict = dataclasses.field(default_factory=dict, repr=False)  # {path: Footer | Listed}: see footer_cache
@@ -797,13 +799,14 @@ def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
         raise InputError(f"no img_emb_N.npy files in {unstrip(fs, emb_dir)}")
     def probe(number: str):
         npy_info, meta_info = fs.info(npys[number]), fs.info(metas[number])
-        shape, _, _ = npy_header(fs, npys[number], npy_info.get("size"))
-        return npy_info, meta_info, shape, _read_footer(fs, metas[number])
+        shape, dtype, _ = npy_header(fs, npys[number], npy_info.get("size"))
+        return npy_info, meta_info, shape, dtype, _read_footer(fs, metas[number])
 
-    tasks, schema, first, total, width, width_file = [], None, None, 0, None, None
+    tasks, schema, first, total, width, width_file, itemsize = [], None, None, 0, None, None, 0
     numbers = sorted(npys, key=lambda n: (int(n), n))
     probes = _concurrently(fs, probe, numbers, "npy/metadata pairs")
-    for number, (npy_info, meta_info, shape, meta) in zip(numbers, probes):
+    for number, (npy_info, meta_info, shape, dtype, meta) in zip(numbers, probes):
+        itemsize = max(itemsize, dtype.itemsize)
         if width is None:
             width, width_file = shape[1], npys[number]
         elif shape[1] != width:
@@ -822,4 +825,5 @@ def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
             tasks.append(Task("laion-npy", metas[number], rel, (), start, stop, npys[number], stop - start, source,
                               _size(meta_info) if len(starts) == 1 else -1))  # size: read whole (open_parquet)
         total += shape[0]
-    return Plan(tuple(tasks), "laion-npy", ("embedding",), schema, total, tuple(skipped), width)
+    value_type = {2: "float16", 4: "float32", 8: "float64"}[itemsize]
+    return Plan(tuple(tasks), "laion-npy", ("embedding",), schema, total, tuple(skipped), width, value_type)

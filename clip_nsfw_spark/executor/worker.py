@@ -36,7 +36,7 @@ from clip_nsfw_spark.executor.stages import StageClock
 from clip_nsfw_spark.storage.filesystem import (canonical_file_name, filesystem, join, renames_atomically, unstrip,
                                                 write_whole)
 from clip_nsfw_spark.executor.writer import (MANIFEST_DIR, ROW_ID_COLUMNS, TASKS_DIR, OutputFiles, batch_state_name,
-                                             output_schemas, route)
+                                             npy_values, output_schemas, route)
 
 log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
@@ -234,15 +234,14 @@ def _score_and_write(task: Task, worker: Worker, source, in_fs, files: OutputFil
 def _with_added_columns(table: pa.Table, npy: np.ndarray | None, first_row: int, source_file: str,
                         config: TaskConfig) -> pa.Table:
     """The batch plus the columns the task adds before scoring: row ids (a sidecar without id columns:
-    the join key) and, in the LAION layout with ``write_embeddings``, the npy rows as float16 (float32 with
-    ``embedding_type: float32``: straight from the npy's values, never through float16)."""
+    the join key) and, in the LAION layout with ``write_embeddings``, the npy rows in the planned type
+    (``writer.npy_values``: the npy files' own, float16 widened under ``embedding_type: float32``; exact)."""
     if config.row_ids:
         table = table.append_column(ROW_ID_COLUMNS[0], pa.array([source_file] * table.num_rows, pa.string()))
         table = table.append_column(ROW_ID_COLUMNS[1], pa.array(np.arange(first_row, first_row + table.num_rows)))
     if npy is not None and config.write_embeddings:
-        dtype = np.float32 if config.embedding_type == "float32" else np.float16
         table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
-            pa.array(npy.astype(dtype).reshape(-1)), npy.shape[1]))
+            pa.array(npy.astype(npy_values(config)).reshape(-1)), npy.shape[1]))
     return table
 
 

@@ -101,6 +101,13 @@ def widened(field: pa.Field) -> pa.Field:
     return field.with_type(wide)
 
 
+def npy_values(config: TaskConfig) -> np.dtype:
+    """The type the npy rows are written as (laion-npy, ``write_embeddings``): the npy files' own (the widest
+    of them: exact for all), float16 widened to float32 under ``embedding_type: float32``."""
+    dtype = np.dtype(config.npy_value_type)
+    return np.dtype(np.float32) if config.embedding_type == "float32" and dtype == np.float16 else dtype
+
+
 def output_schemas(input_schema: pa.Schema, config: TaskConfig, dim: int) -> dict[Stream, pa.Schema]:
     """The schema of each output stream: the input's fields and metadata, plus scores (+ reason).
 
@@ -115,7 +122,7 @@ def output_schemas(input_schema: pa.Schema, config: TaskConfig, dim: int) -> dic
         schema = pa.schema([pa.field(ROW_ID_COLUMNS[0], pa.string()), pa.field(ROW_ID_COLUMNS[1], pa.int64())]
                            + list(schema), metadata=schema.metadata)
     if config.layout == "laion-npy" and config.write_embeddings:
-        schema = _with_column(schema, pa.field("embedding", pa.list_(pa.float16(), dim)))
+        schema = _with_column(schema, pa.field("embedding", pa.list_(pa.from_numpy_dtype(npy_values(config)), dim)))
     if config.embedding_type == "float32":
         schema = pa.schema([widened(f) for f in schema], metadata=schema.metadata)
     for name in config.score_columns:

@@ -399,19 +399,45 @@ def test_float16_embeddings_kept_as_float32_for_spark_readers(tmp_path, spark, c
 
 
 @needs_models
-def test_laion_embeddings_as_float32_come_from_the_npy_values(tmp_path, caplog):
-    # a float32 npy written with embedding_type float32: its values, never rounded through float16
+def test_laion_embeddings_are_written_as_the_npy_holds_them(tmp_path, caplog):
+    """write_embeddings writes the npy values in the npy's own type (float32, float64; the widest when files
+    differ: exact for all), never narrowed to float16: a hostile user found a float32 npy written as float16,
+    70000 as inf beside a valid score, and the scores (from the float32 values) not those of the written rows."""
+    import json
+
     root = tmp_path / "l"
-    write_laion_sample(str(root), rows=300, files=1)
-    values = np.random.default_rng(5).normal(size=(300, 768)).astype(np.float32)
+    write_laion_sample(str(root), rows=300, files=2)
+    values = np.random.default_rng(5).normal(size=(150, 768)).astype(np.float32)
+    values /= np.linalg.norm(values, axis=1, keepdims=True)
+    values[0, 0] = 70000  # beyond float16
     np.save(root / "img_emb" / "img_emb_0.npy", values)
+    halves = np.load(root / "img_emb" / "img_emb_1.npy")
+    assert halves.dtype == np.float16
     with caplog.at_level("WARNING", logger="clip_nsfw_spark.driver.job"):
-        run(root, tmp_path / "half", write_embeddings=True)
-    assert "write_embeddings: false" in caplog.text and "--drop-columns" not in caplog.text
-    run(root, tmp_path / "wide", write_embeddings=True, embedding_type="float32")
-    wide = pq.read_table(tmp_path / "wide" / "metadata_0.parquet")
-    assert wide.schema.field("embedding").type == pa.list_(pa.float32(), 768)
-    assert np.array_equal(np.stack(wide.column("embedding").to_numpy(zero_copy_only=False)), values)
+        report = run(root, tmp_path / "as-read", write_embeddings=True)
+    assert "write_embeddings: false" not in caplog.text  # no float16 column written: nothing Spark cannot read
+    written = {n: pq.read_table(tmp_path / "as-read" / f"metadata_{n}.parquet") for n in (0, 1)}
+    for table in written.values():
+        assert table.schema.field("embedding").type == pa.list_(pa.float32(), 768)
+    assert np.array_equal(np.stack(written[0].column("embedding").to_numpy(zero_copy_only=False)), values)
+    assert np.array_equal(np.stack(written[1].column("embedding").to_numpy(zero_copy_only=False)),
+                          halves.astype(np.float32))  # the float16 file widened exactly to the common type
+    assert report["rows"]["read"] == 300
+    run(root, tmp_path / "wide", write_embeddings=True, embedding_type="float32")  # the same: nothing to widen
+    assert pq.read_table(tmp_path / "wide").equals(pq.read_table(tmp_path / "as-read"))
+    np.save(root / "img_emb" / "img_emb_0.npy", values.astype(np.float64))
+    run(root, tmp_path / "double", write_embeddings=True, embedding_type="float32")
+    double = pq.read_table(tmp_path / "double" / "metadata_0.parquet")
+    assert double.schema.field("embedding").type == pa.list_(pa.float64(), 768)
+    assert np.array_equal(np.stack(double.column("embedding").to_numpy(zero_copy_only=False)), values)
+    # an unfinished output of an older version wrote these as float16: a resume would mix the two types
+    state = tmp_path / "double" / "_clip_nsfw_tasks" / "_job.json"
+    job = json.loads(state.read_text())
+    del job["npy_value_type"]
+    state.write_text(json.dumps(job))
+    (tmp_path / "double" / "_SUCCESS").unlink()
+    with pytest.raises(Exception, match="npy_value_type: 'float16' then, 'float64' now"):
+        run(root, tmp_path / "double", write_embeddings=True, embedding_type="float32", resume=True)
     # asking for float32 where nothing is float16 changes no output: a resume without it is the same job
     run(root, tmp_path / "plain", embedding_type="float32")
     run(root, tmp_path / "plain", resume=True)
