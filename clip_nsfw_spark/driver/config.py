@@ -55,6 +55,11 @@ def parse_head_spec(item: Any, where: str = "models") -> HeadSpec:
     return HeadSpec(item["model"], column, None if threshold is None else float(threshold))
 
 
+# A histogram bin costs ~40 bytes in every task state and the report, per head: 10M bins made a 381 MB report,
+# 100M ran a 24 GiB machine out of memory (a hostile user's finding).
+MAX_HISTOGRAM_BINS = 100_000
+
+
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     """What to score, with which model, and where to write it. See conf/score_embeddings.yaml."""
@@ -117,6 +122,9 @@ class JobConfig:
         for key in ("batch_rows", "rows_per_task", "histogram_bins"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer; found {getattr(self, key)!r}")
+        if self.histogram_bins > MAX_HISTOGRAM_BINS:  # each task state and the report hold every bin per head
+            raise ConfigError(f"histogram_bins must be at most {MAX_HISTOGRAM_BINS:,} (the report and every task's "
+                              f"state hold each bin; 1,000 resolve scores to 0.001); found {self.histogram_bins:,}")
         if self.models and self.model != DEFAULT_MODEL:
             raise ConfigError(f"give the heads either as model ({self.model!r}) or as models "
                               f"({[m.model for m in self.models]}), not both")

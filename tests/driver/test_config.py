@@ -96,6 +96,7 @@ def test_a_missing_file_is_named(tmp_path):
     ({"batch_rows": 0}, "batch_rows must be a positive integer; found 0"),
     ({"rows_per_task": -5}, "rows_per_task must be a positive integer; found -5"),
     ({"histogram_bins": 0}, "histogram_bins must be a positive integer; found 0"),
+    ({"histogram_bins": 100_000_001}, "histogram_bins must be at most 100,000 (the report"),
     ({"reason_column": ""}, "reason_column must be a column name; found an empty name"),
     ({"drop_columns": ("a", "")}, "drop_columns must hold column names; found an empty name in ['a', '']"),
 ])
@@ -107,6 +108,7 @@ def test_conflicting_or_out_of_range_options_are_refused(options, message):
 def test_the_edges_of_the_ranges_are_accepted():
     assert JobConfig(input="i", output="o", threshold=0).threshold == 0
     assert JobConfig(input="i", output="o", threshold=1.0, batch_rows=1, rows_per_task=1, histogram_bins=1)
+    assert JobConfig(input="i", output="o", histogram_bins=100_000).histogram_bins == 100_000
     assert JobConfig(input="i", output="o", compression="ZSTD").compression == "zstd"  # any case, one spelling
     assert JobConfig(input="i", output="o", embedding_compression="UNCOMPRESSED").embedding_compression == "none"
     assert JobConfig(input="i", output="o", mode="scores", id_columns=("key",)).id_columns == ("key",)
