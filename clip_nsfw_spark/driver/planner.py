@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from clip_nsfw_spark.driver.config import JobConfig
 from clip_nsfw_spark.scoring.embeddings import is_embedding_type
-from clip_nsfw_spark.errors import InputError
+from clip_nsfw_spark.errors import ConfigError, InputError
 from clip_nsfw_spark.contract import ESTIMATED_BYTES_PER_ROW, ROWS_FROM_FOOTER, Task
 from clip_nsfw_spark.executor.reader import WHOLE_FILE_BYTES, npy_header, schema_problem, unreadable_footer
 from clip_nsfw_spark.executor.writer import JOB_STATE, SUCCESS_NAME, TASKS_DIR
@@ -778,9 +778,15 @@ def _numbered(fs, folder: str, pattern: re.Pattern, what: str) -> tuple[dict[str
 
 def _plan_laion(fs, root: str, config: JobConfig) -> Plan:
     emb_dir, meta_dir = join(root, config.embeddings_dir), join(root, config.metadata_dir)
+    if config.embedding_columns:  # the embeddings are the npy rows: a named column would be silently ignored
+        raise ConfigError(f"embedding_columns {list(config.embedding_columns)} name parquet columns; in the LAION "
+                          f"layout the embeddings are the rows of {config.embeddings_dir}/*.npy. Leave "
+                          "--embedding-column out, or pass --layout parquet to score a column of the parquet files")
     if not fs.isdir(meta_dir):
-        raise InputError(f"{unstrip(fs, root)} has {config.embeddings_dir}/ but no {config.metadata_dir}/ folder; "
-                         "set metadata_dir if your mirror names it differently")
+        has = (f"has {config.embeddings_dir}/ but no {config.metadata_dir}/ folder" if fs.isdir(emb_dir)
+               else f"has neither an {config.embeddings_dir}/ nor a {config.metadata_dir}/ folder")
+        raise InputError(f"{unstrip(fs, root)} {has} (the LAION layout); set "
+                         "embeddings_dir/metadata_dir if your mirror names them differently, or --layout parquet")
     npys, skipped = _numbered(fs, emb_dir, NPY_NUMBER, ".npy")
     for path in sorted(fs.ls(root, detail=False)):  # text_emb/, stray files … are not read: say so
         name = path.rstrip("/").rsplit("/", 1)[-1]

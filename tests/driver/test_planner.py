@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_nsfw_spark.driver.config import JobConfig
-from clip_nsfw_spark.errors import InputError
+from clip_nsfw_spark.errors import ConfigError, InputError
 from clip_nsfw_spark.driver.planner import file_identity, footer_cache, plan, read_footer_cache
 from clip_nsfw_spark.tools.sample import write_laion_sample, write_parquet_sample
 
@@ -251,3 +251,15 @@ def test_a_fifo_named_like_parquet_in_the_input_is_skipped_never_opened(tmp_path
     found = result["plan"]
     assert [t.rel for t in found.tasks] == ["a.parquet"]
     assert [(path.rsplit("/", 1)[-1], why) for path, why in found.skipped] == [("zz.parquet", "not a regular file (other)")]
+
+
+def test_the_laion_layout_refuses_a_named_embedding_column_and_says_what_the_folder_lacks(tmp_path):
+    """A hostile user's findings: --embedding-column was silently ignored in the LAION layout (the npy rows are
+    the embeddings), and a folder with neither img_emb/ nor metadata/ was said to have img_emb/."""
+    write_laion_sample(str(tmp_path / "l"), rows=20, files=1, dim=16)
+    with pytest.raises(ConfigError, match=r"embedding_columns \['foo'\] name parquet columns; in the LAION layout"):
+        plan_of(tmp_path / "l", embedding_columns=("foo",))
+    (tmp_path / "flat").mkdir()
+    write_parquet_sample(str(tmp_path / "flat"), rows=10, files=1, dim=16)
+    with pytest.raises(InputError, match="flat has neither an img_emb/ nor a metadata/ folder"):
+        plan_of(tmp_path / "flat", layout="laion-npy")
