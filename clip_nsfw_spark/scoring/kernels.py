@@ -53,6 +53,7 @@ try:  # numba is a core dependency; keep the package importable without it (the 
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
     encode_rows = gemm_panels = sigmoid_column = score_rows = dense_reference = finite_rows_of_bits = None
+    category_code_table = None
 
 
 def read_only_view(array: np.ndarray) -> np.ndarray:
@@ -342,92 +343,100 @@ if HAVE_NUMBA:
 
         return types.float32(bits), codegen
 
-    def _fill_row(source, table, row):  # pragma: no cover - replaced by the overload below inside numba
-        raise NotImplementedError
+    @intrinsic
+    def _float32_bits(typingctx, value):
+        """The bits of a float32 as an int32 (LLVM's bitcast: no conversion)."""
+        if value != types.float32:
+            return None
 
-    @overload(_fill_row)
-    def _fill_row_impl(source, table, row):
-        """row (d,) float32 = source (d,) as float32: float16 bits converted by the CPU where it has an
-        instruction for it (a loop that vectorizes), else through the table; floats rounded to nearest. The
-        same values either way, except that a NaN's payload may differ (``_normalise_row`` zeroes NaNs)."""
-        if isinstance(source.dtype, types.Integer) and _HALF_IN_HARDWARE:
-            def converted(source, table, row):
-                for j in range(row.shape[0]):
-                    row[j] = _half_bits_as_float32(source[j])
-            return converted
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
 
-        def copied(source, table, row):
-            for j in range(row.shape[0]):
-                row[j] = _as_float32(source[j], table)
-        return copied
+        return types.int32(value), codegen
 
-    def _normalise_row(source, mean, scale, row, row_bits):  # pragma: no cover - the overload below
-        raise NotImplementedError
-
-    @overload(_normalise_row)
-    def _normalise_row_impl(source, mean, scale, row, row_bits):
-        """row = (row - mean) / scale, NaN → +0.0 first (row_bits: row's int32 view); source picks the code.
-
-        After a hardware float16 conversion: two passes the compiler vectorizes (NaN → 0 without a branch,
-        then the normalisation). Otherwise one scalar pass over the row in L1: measured as fast there, and on
-        float32 rows streamed from memory faster than the vectorized passes. Each operation is correctly
-        rounded, so both give the same bits."""
-        if isinstance(source.dtype, types.Integer) and _HALF_IN_HARDWARE:
-            def vectorized(source, mean, scale, row, row_bits):
-                for j in range(row.shape[0]):  # keep the bits unless NaN
-                    b = row_bits[j]
-                    row_bits[j] = b & -np.int32((b & np.int32(0x7FFFFFFF)) <= np.int32(0x7F800000))
-                for j in range(row.shape[0]):
-                    row[j] = (row[j] - mean[j]) / scale[j]
-            return vectorized
-
-        def scalar(source, mean, scale, row, row_bits):
-            for j in range(row.shape[0]):
-                value = row[j]
-                if value != value:
-                    value = np.float32(0)
-                row[j] = (value - mean[j]) / scale[j]
-        return scalar
+    @numba.njit(cache=True, boundscheck=False, nogil=True, error_model="numpy", inline="always")
+    def _interval_code(value, c, lo, hi, codes, starts, defaults):
+        """The code of categorical column c's vocabulary interval holding float32 ``value`` (intervals
+        ``lo/hi/codes[starts[c]:starts[c+1]]`` as sortable int32 keys, see weights.py), else ``defaults[c]``."""
+        key = _float32_bits(value)
+        if key < 0:
+            key = key ^ np.int32(0x7FFFFFFF)
+        first, last = starts[c], starts[c + 1]
+        slot = first + np.searchsorted(lo[first:last], key, side="right") - 1
+        if slot >= first and key <= hi[slot]:
+            return codes[slot]
+        return defaults[c]
 
     @_jit
-    def encode_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, x):
+    def category_code_table(table, lo, hi, codes, starts, defaults, out):
+        """out[c, b] = the code categorical column c gives the float16 of bits b (out float32 (C, 65,536);
+        ``table``: every float16's float32 value): the lookups of float16 rows done once per model."""
+        for c in range(out.shape[0]):
+            for b in range(out.shape[1]):
+                out[c, b] = _interval_code(table[b], c, lo, hi, codes, starts, defaults)
+
+    def _encode(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload below inside numba
+
+    @overload(_encode, inline="always")
+    def _encode_impl(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x):
+        """``encode_rows``, one loop per input kind (each measured the faster for it; the same bits):
+
+        * float16 bits where the CPU converts float16 (x86 F16C): per row one loop the compiler vectorizes
+          (a NaN's bits replaced by +0.0's, LLVM's exact ``fpext half → float``, the normalisation; no
+          branch), and each categorical code one load from ``codes16``;
+        * otherwise (float32/float64, or float16 through the table): per row a copy streamed in, then one
+          scalar pass in L1 (NaN → 0, the normalisation), each code by a binary search over its intervals.
+          Three vectorized passes measured as fast on rows in cache and slower on rows read from memory.
+        """
+        if isinstance(raw.dtype, types.Integer) and _HALF_IN_HARDWARE:
+            def half_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x):
+                n, d = raw.shape
+                for i in range(n):
+                    source, row = raw[i], x[i]
+                    for j in range(d):
+                        h = source[j]
+                        keep = np.uint16(np.uint16(h & np.uint16(0x7FFF)) <= np.uint16(0x7C00))  # 0: NaN
+                        row[j] = (_half_bits_as_float32(np.uint16(h & np.uint16(-keep))) - mean[j]) / scale[j]
+                    for c in range(len(columns)):
+                        column = columns[c]
+                        row[column] = (codes16[c, source[column]] - mean[column]) / scale[column]
+            return half_rows
+
+        def searched_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x):
+            n, d = raw.shape
+            found = np.empty(len(columns), np.float32)
+            for i in range(n):
+                source, row = raw[i], x[i]
+                for j in range(d):
+                    row[j] = _as_float32(source[j], table)
+                for c in range(len(columns)):
+                    found[c] = _interval_code(row[columns[c]], c, lo, hi, codes, starts, defaults)
+                for j in range(d):
+                    value = row[j]
+                    if value != value:
+                        value = np.float32(0)
+                    row[j] = (value - mean[j]) / scale[j]
+                for c in range(len(columns)):
+                    column = columns[c]
+                    row[column] = (found[c] - mean[column]) / scale[column]
+        return searched_rows
+
+    @_jit
+    def encode_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x):
         """The model's input encoding of raw (n, d) into float32 x (n, d), exactly as TensorFlow's graph does it.
 
-        ``raw`` is float32/float64, or uint16 holding float16 bit patterns (decoded through ``table``, the
-        float32 value of every float16). Categorical column c (``columns[c]``) takes the code of the
-        vocabulary interval holding its float32 value (intervals ``lo/hi/codes[starts[c]:starts[c+1]]`` as
-        sortable int32 keys, see weights.py), else ``defaults[c]``; other columns NaN → 0; then every column
-        (v - mean) / scale, in float32. One row at a time, while it is in L1, in passes the compiler
-        vectorizes (the float16 conversion, NaN → 0, the normalisation; each operation correctly rounded, so
-        the same bits as one scalar pass).
+        ``raw`` is float32/float64, or uint16 holding float16 bit patterns (widened exactly: by the CPU, or
+        through ``table``, the float32 value of every float16). Categorical column c (``columns[c]``) takes
+        the code of the vocabulary interval holding its float32 value (``_interval_code``; float16 rows:
+        ``codes16``, float32 (C, 65,536), made by ``category_code_table``), else ``defaults[c]``; other columns
+        NaN → 0; then every column (v - mean) / scale, in float32. One row at a time, while it is in L1.
         """
-        n, d = raw.shape
-        found = np.empty(len(columns), np.float32)
-        as_bits = np.empty(1, np.float32)
-        key_view = as_bits.view(np.int32)
-        bits = x.view(np.int32)
-        for i in range(n):
-            source, row = raw[i], x[i]
-            _fill_row(source, table, row)
-            for c in range(len(columns)):  # from the exact value (source is in cache now; row's NaNs may differ)
-                as_bits[0] = _as_float32(source[columns[c]], table)
-                key = key_view[0]
-                if key < 0:
-                    key = key ^ np.int32(0x7FFFFFFF)
-                first, last = starts[c], starts[c + 1]
-                slot = first + np.searchsorted(lo[first:last], key, side="right") - 1
-                if slot >= first and key <= hi[slot]:
-                    found[c] = codes[slot]
-                else:
-                    found[c] = defaults[c]
-            _normalise_row(source, mean, scale, row, bits[i])
-            for c in range(len(columns)):
-                column = columns[c]
-                row[column] = (found[c] - mean[column]) / scale[column]
+        _encode(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x)
 
     @_jit
-    def score_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, panels, biases, relus,
-                   widths, chunk_rows, sigmoid, scores):
+    def score_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, panels, biases,
+                   relus, widths, chunk_rows, sigmoid, scores):
         """The whole model on raw (n, d) → scores float32 (n,), ``chunk_rows`` rows at a time (speed only).
 
         Encoding as ``encode_rows``; layer l = ``gemm_panels`` with ``panels[l]``, ``biases[l]`` (tuples),
@@ -439,7 +448,7 @@ if HAVE_NUMBA:
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             h = np.empty((stop - start, d), np.float32)
-            encode_rows(raw[start:stop], table, mean, scale, columns, lo, hi, codes, starts, defaults, h)
+            encode_rows(raw[start:stop], table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, h)
             width = d
             for layer in range(len(panels)):
                 out = np.empty((stop - start, biases[layer].shape[0]), np.float32)
