@@ -48,7 +48,8 @@ from clip_nsfw_spark.storage.s3_listing import sample_every
 from clip_nsfw_spark.executor.reader import damaged, is_damage, parquet_file, unreadable, unreadable_footer
 from clip_nsfw_spark.executor.worker import Worker
 from clip_nsfw_spark.executor.writer import (FOOTERS_STATE, JOB_STATE, MANIFEST_DIR, REPORT_NAME, ROW_ID_COLUMNS,
-                                             SUCCESS_NAME, TASKS_DIR, TMP_DIR, output_paths, output_schemas)
+                                             SUCCESS_NAME, TASKS_DIR, TMP_DIR, npy_values, output_paths,
+                                             output_schemas)
 
 # A runner runs a worker over tasks and returns, in any order, each task's stats or sums of several tasks'
 # (contract.sum_of_tasks: what the Spark runner returns per Spark partition); spark.spark_runner, or None:
@@ -367,7 +368,8 @@ def fingerprint(config: JobConfig, tasks: TaskConfig, heads: list[Head], stores:
         "compression": config.compression, "embedding_compression": config.embedding_compression,
         "replace_scores": config.replace_scores, "histogram_bins": config.histogram_bins,
         "embedding_type": tasks.embedding_type,
-        "npy_value_type": tasks.npy_value_type if tasks.layout == "laion-npy" and tasks.write_embeddings else None,
+        # the npy rows' type as written (after embedding_type): what an older output holds decides a resume
+        "npy_value_type": str(npy_values(tasks)) if tasks.layout == "laion-npy" and tasks.write_embeddings else None,
         "write_columns": None if tasks.write_columns is None else list(tasks.write_columns),
         "heads": [[h.name, h.sha256, h.score_column, h.threshold] for h in heads],
         # Row ids' source_file spelling: canonical folders since #23 (as typed before): never mixed in one output.
@@ -510,9 +512,10 @@ def _run_job(config: JobConfig, stores: RunStores, target: OutputTarget, lease: 
 _ABSENT_MEANS = {"embedding_compression": lambda previous: previous.get("compression"),
                  "histogram_bins": lambda previous: 20,
                  "embedding_type": lambda previous: "input",
-                 # before it, npy values were written as float16 whatever the npy held
-                 "npy_value_type": lambda previous: "float16" if previous.get("layout") == "laion-npy"
-                 and previous.get("write_embeddings") else None,
+                 # before it, npy values were written as float16 whatever the npy held (float32 when widened)
+                 "npy_value_type": lambda previous: (
+                     ("float32" if previous.get("embedding_type") == "float32" else "float16")
+                     if previous.get("layout") == "laion-npy" and previous.get("write_embeddings") else None),
                  "source_file": lambda previous: "as typed" if previous.get("mode") == "scores"
                  and previous.get("write_columns") == [] else None}
 
@@ -544,9 +547,15 @@ def _prepare_state(target: OutputTarget, fingerprint: dict, resume: bool, plan: 
             previous = None
             refuse_nested_runs(target)
     if previous is not None:
+        older_npy = "npy_value_type" not in previous
         for key, meaning in _ABSENT_MEANS.items():  # written by an older version, before the key existed
             if key not in previous:
                 previous[key] = meaning(previous)
+        written = fingerprint.get("npy_value_type")
+        if older_npy and written is not None and previous["npy_value_type"] == written:
+            # that version recorded embedding_type float32 where it widened the (always float16) npy rows; this
+            # one writes a float32 npy's rows as they are ("input"): the same output, so the same job
+            previous["embedding_type"] = fingerprint.get("embedding_type")
         changed = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
         if changed:  # refused before anything is removed: the output stays as it was
             raise OutputError("--resume refused: the output was written with other settings "

@@ -182,10 +182,12 @@ class MultiScorer:
     def flagged(self, scores: np.ndarray) -> np.ndarray:
         """bool (n, h): head j's score at or over its threshold (NaN is never flagged).
 
-        Compared as the job compares one column (float32 scores ``>=`` the threshold as a Python float).
+        Compared as the job compares one column: exactly, the float32 score widened to float64 against the
+        threshold (numpy would round the threshold to float32 first).
         """
         scores = np.asarray(scores)
-        return np.stack([scores[:, j] >= h.threshold for j, h in enumerate(self.heads)], axis=1)
+        return np.stack([scores[:, j].astype(np.float64) >= float(h.threshold) for j, h in enumerate(self.heads)],
+                        axis=1)
 
     def unsafe(self, scores: np.ndarray) -> np.ndarray:
         """bool (n,): any head at or over its threshold, from float32 (n, h) ``scores``."""

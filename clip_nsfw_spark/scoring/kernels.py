@@ -67,14 +67,16 @@ def read_only_view(array: np.ndarray) -> np.ndarray:
 
 
 def _target_cpu() -> tuple[str, str]:
-    """(name, features) of the CPU numba compiles for: an explicit target (NUMBA_CPU_NAME) wins over the host."""
+    """(name, features) of the CPU numba compiles for, worked out exactly as numba's codegen does: the name
+    NUMBA_CPU_NAME else the host's; the features NUMBA_CPU_FEATURES when set (even empty), else the host's
+    (also under an explicit name: LLVM applies them on top of the name's own)."""
     from numba.core import config
-
-    if config.CPU_NAME:
-        return config.CPU_NAME, config.CPU_FEATURES or ""
+    from numba.core.codegen import get_host_cpu_features
     import llvmlite.binding as llvm
 
-    return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+    name = llvm.get_host_cpu_name() if config.CPU_NAME is None else config.CPU_NAME
+    features = get_host_cpu_features() if config.CPU_FEATURES is None else config.CPU_FEATURES
+    return name, features
 
 
 def _tile_shape() -> tuple[int, int, int]:
@@ -84,9 +86,10 @@ def _tile_shape() -> tuple[int, int, int]:
     otherwise (SSE, NEON…) 4 × 2 × 4.
     """
     name, features = _target_cpu()
-    if "+avx512f" in features or name == "x86-64-v4":
+    flags = set(features.split(","))
+    if "+avx512f" in flags or (name == "x86-64-v4" and "-avx512f" not in flags):
         return 12, 2, 16
-    if "+avx2" in features or name == "x86-64-v3":
+    if "+avx2" in flags or (name in ("x86-64-v3", "x86-64-v4") and "-avx2" not in flags):
         return 6, 2, 8
     return 4, 2, 4
 
@@ -100,8 +103,9 @@ def _half_conversion_in_hardware() -> bool:
     import platform
 
     name, features = _target_cpu()
+    flags = set(features.split(","))
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return x86 and ("+f16c" in features or name in ("x86-64-v3", "x86-64-v4"))
+    return x86 and "-f16c" not in flags and ("+f16c" in flags or name in ("x86-64-v3", "x86-64-v4"))
 
 
 if HAVE_NUMBA:
@@ -392,6 +396,7 @@ if HAVE_NUMBA:
         if isinstance(raw.dtype, types.Integer) and _HALF_IN_HARDWARE:
             def half_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x):
                 n, d = raw.shape
+                tabled = codes16.shape[1] == 65536  # else (C, 0): a model with too many columns to table
                 for i in range(n):
                     source, row = raw[i], x[i]
                     for j in range(d):
@@ -400,7 +405,11 @@ if HAVE_NUMBA:
                         row[j] = (_half_bits_as_float32(np.uint16(h & np.uint16(-keep))) - mean[j]) / scale[j]
                     for c in range(len(columns)):
                         column = columns[c]
-                        row[column] = (codes16[c, source[column]] - mean[column]) / scale[column]
+                        if tabled:
+                            code = codes16[c, source[column]]
+                        else:  # the exact value of the table (a NaN's payload kept), as searched_rows has it
+                            code = _interval_code(table[source[column]], c, lo, hi, codes, starts, defaults)
+                        row[column] = (code - mean[column]) / scale[column]
             return half_rows
 
         def searched_rows(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x):
@@ -429,8 +438,9 @@ if HAVE_NUMBA:
         ``raw`` is float32/float64, or uint16 holding float16 bit patterns (widened exactly: by the CPU, or
         through ``table``, the float32 value of every float16). Categorical column c (``columns[c]``) takes
         the code of the vocabulary interval holding its float32 value (``_interval_code``; float16 rows:
-        ``codes16``, float32 (C, 65,536), made by ``category_code_table``), else ``defaults[c]``; other columns
-        NaN → 0; then every column (v - mean) / scale, in float32. One row at a time, while it is in L1.
+        ``codes16``, float32 (C, 65,536), made by ``category_code_table``, or (C, 0): searched), else
+        ``defaults[c]``; other columns NaN → 0; then every column (v - mean) / scale, in float32. One row at a
+        time, while it is in L1.
         """
         _encode(raw, table, mean, scale, columns, lo, hi, codes, starts, defaults, codes16, x)
 

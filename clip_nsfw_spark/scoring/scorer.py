@@ -25,6 +25,9 @@ from clip_nsfw_spark.scoring.weights import ORDER, PortableWeights
 # Rows per chunk: a chunk's activations stay in L2 cache (240 × 768 float32 = 720 KiB at the input), and
 # 240 is a multiple of every register tile height (12, 6, 4). Speed only: a row's bits never depend on it.
 CHUNK_ROWS = 240
+# Categorical columns whose every float16 code is tabled (256 KB each; LAION's heads have 3 and 5); a model
+# with more takes its float16 codes by binary search, as float rows do.
+MAX_TABLED_COLUMNS = 64
 _FLOAT16_TO_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -61,11 +64,8 @@ class NumpyScorer:
         self._codes = self._codes.astype(np.float32)
         self._starts = np.cumsum([0] + [len(c.lo) for c in columns]).astype(np.int64)
         self._defaults = np.array([c.default for c in columns], np.float32)
-        # every float16's code in each categorical column, looked up once (C × 256 KB): float16 rows then take
-        # a code with one load instead of a binary search per column
-        self._codes16 = np.empty((len(columns), 1 << 16), np.float32)
-        category_code_table(_FLOAT16_TO_FLOAT32, self._lo, self._hi, self._codes, self._starts, self._defaults,
-                            self._codes16)
+        self._codes16 = None  # made on the first float16 call (_float16_codes); never pickled
+        self._no_codes16 = np.zeros((len(columns), 0), np.float32)
         self._layers = [PackedLayer(kernel, bias, activation == "relu")
                         for kernel, bias, activation in zip(weights.kernels, weights.biases, weights.activations)]
         if "sigmoid" in weights.activations[:-1]:
@@ -76,15 +76,37 @@ class NumpyScorer:
     def __repr__(self) -> str:
         return f"NumpyScorer(name={self.name!r}, dim={self.dim})"
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_codes16"] = None  # 256 KB per categorical column: made again where it is used
+        return state
+
+    def _float16_codes(self) -> np.ndarray:
+        """Every float16's code in each categorical column, looked up once (C × 256 KB, the kernel's own binary
+        search): float16 rows then take a code with one load per column. (C, 0) past ``MAX_TABLED_COLUMNS``
+        columns (a user's model): the kernel then searches, as for floats. Threads racing here build equal
+        tables; either is kept."""
+        if self._codes16 is None:
+            if len(self._columns) > MAX_TABLED_COLUMNS:
+                self._codes16 = self._no_codes16
+            else:
+                codes16 = np.empty((len(self._columns), 1 << 16), np.float32)
+                category_code_table(_FLOAT16_TO_FLOAT32, self._lo, self._hi, self._codes, self._starts,
+                                    self._defaults, codes16)
+                self._codes16 = codes16
+        return self._codes16
+
     def __call__(self, embeddings) -> np.ndarray:
         array = check_embeddings(embeddings, self.dim, self.name)
+        codes16 = self._no_codes16
         if array.dtype == np.float16:  # widened in the kernel (the CPU's conversion, or a table): exact
             array = np.ascontiguousarray(array).view(np.uint16)
+            codes16 = self._float16_codes()
         array = read_only_view(array)  # one compiled kernel per dtype, warmed once (warm)
         scores = np.empty(len(array), dtype=np.float32)
         layers = self._layers
         score_rows(array, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
-                   self._codes, self._starts, self._defaults, self._codes16, tuple(layer.panels for layer in layers),
+                   self._codes, self._starts, self._defaults, codes16, tuple(layer.panels for layer in layers),
                    tuple(layer.bias for layer in layers), np.array([layer.relu for layer in layers], np.int64),
                    np.array([layer.width for layer in layers], np.int64), CHUNK_ROWS, self._sigmoid, scores)
         return scores
@@ -92,10 +114,12 @@ class NumpyScorer:
     def encode(self, chunk: np.ndarray) -> np.ndarray:
         """The model's input encoding: float16/32/64 (m, dim) → normalised float32 (m, dim) features."""
         x = np.empty(chunk.shape, np.float32)
+        codes16 = self._no_codes16
         if chunk.dtype == np.float16:  # widened in the kernel (the CPU's conversion, or a table): exact
             chunk = np.ascontiguousarray(chunk).view(np.uint16)
+            codes16 = self._float16_codes()
         encode_rows(chunk, _FLOAT16_TO_FLOAT32, self._mean, self._scale, self._columns, self._lo, self._hi,
-                    self._codes, self._starts, self._defaults, self._codes16, x)
+                    self._codes, self._starts, self._defaults, codes16, x)
         return x
 
 

@@ -425,6 +425,7 @@ def test_laion_embeddings_are_written_as_the_npy_holds_them(tmp_path, caplog):
     assert report["rows"]["read"] == 300
     run(root, tmp_path / "wide", write_embeddings=True, embedding_type="float32")  # the same: nothing to widen
     assert pq.read_table(tmp_path / "wide").equals(pq.read_table(tmp_path / "as-read"))
+    as_written = os.stat(root / "img_emb" / "img_emb_0.npy")
     np.save(root / "img_emb" / "img_emb_0.npy", values.astype(np.float64))
     run(root, tmp_path / "double", write_embeddings=True, embedding_type="float32")
     double = pq.read_table(tmp_path / "double" / "metadata_0.parquet")
@@ -438,6 +439,19 @@ def test_laion_embeddings_are_written_as_the_npy_holds_them(tmp_path, caplog):
     (tmp_path / "double" / "_SUCCESS").unlink()
     with pytest.raises(Exception, match="npy_value_type: 'float16' then, 'float64' now"):
         run(root, tmp_path / "double", write_embeddings=True, embedding_type="float32", resume=True)
+    # … but one that wrote float32 (embedding_type float32 widened its float16 rows) resumes: the same output
+    np.save(root / "img_emb" / "img_emb_0.npy", values)  # as it was (its identity too)
+    os.utime(root / "img_emb" / "img_emb_0.npy", ns=(as_written.st_atime_ns, as_written.st_mtime_ns))
+    state = tmp_path / "wide" / "_clip_nsfw_tasks" / "_job.json"
+    job = json.loads(state.read_text())
+    assert job["npy_value_type"] == "float32" and job["embedding_type"] == "input"  # nothing widened now
+    del job["npy_value_type"]
+    job["embedding_type"] = "float32"  # as that version recorded it
+    state.write_text(json.dumps(job))
+    (tmp_path / "wide" / "_SUCCESS").unlink()
+    (tmp_path / "wide" / "metadata_1.parquet").unlink()
+    report = run(root, tmp_path / "wide", write_embeddings=True, embedding_type="float32", resume=True)
+    assert report["tasks_resumed"] == 1 and pq.read_table(tmp_path / "wide").equals(pq.read_table(tmp_path / "as-read"))
     # asking for float32 where nothing is float16 changes no output: a resume without it is the same job
     run(root, tmp_path / "plain", embedding_type="float32")
     run(root, tmp_path / "plain", resume=True)

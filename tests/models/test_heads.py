@@ -465,6 +465,11 @@ def test_multi_scorer_vit_l_14_and_violence(violence, scorers):
     assert strict.columns == ("punsafe", "violent")
     assert np.array_equal(strict.unsafe(matrix), (matrix[:, 0] >= 0.1) | (matrix[:, 1] >= 0.9))
     assert np.array_equal(multi.flagged(np.array([[0.5, BELOW_HALF]], np.float32)), [[True, False]])
+    # exactly, as the job compares: a float32 score just below a threshold that rounds to it is not flagged
+    score = np.float32(0.22037065)
+    above = float(np.nextafter(float(score), 1.0))
+    edge = MultiScorer([load_head("vit-l-14", threshold=above), load_head("violence-l-14", threshold=float(score))])
+    assert np.array_equal(edge.flagged(np.array([[score, score]], np.float32)), [[False, True]])
 
 
 @needs_models

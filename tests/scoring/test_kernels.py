@@ -187,6 +187,29 @@ def test_float16_rows_encode_and_score_as_their_float32_values(model, scorers):
     assert hits > 100  # the lookups really ran on these values
 
 
+@needs_models
+def test_the_float16_code_table_is_built_once_never_pickled_and_optional(scorers, monkeypatch):
+    """Each categorical column's code of every float16 is tabled on the first float16 call (256 KB a column),
+    left out of a pickled scorer, and past MAX_TABLED_COLUMNS the kernel searches instead: the same bits."""
+    import pickle
+
+    from clip_nsfw_spark.scoring import scorer as scorer_module
+
+    model = scorers["vit-l-14"]
+    x16 = _every_float16(model.dim)
+    expected = _bits(model(x16))
+    assert model._codes16.shape == (len(model.weights.categorical), 1 << 16)
+    copy = pickle.loads(pickle.dumps(model))
+    assert copy._codes16 is None and len(pickle.dumps(model)) < len(pickle.dumps(model.__dict__)) - 1_000_000
+    assert np.array_equal(_bits(copy(x16)), expected) and copy._codes16.shape == model._codes16.shape
+    monkeypatch.setattr(scorer_module, "MAX_TABLED_COLUMNS", 0)
+    searched = pickle.loads(pickle.dumps(model))
+    assert np.array_equal(_bits(searched(x16)), expected) and searched._codes16.shape == (len(model._columns), 0)
+    rows = np.zeros((1 << 16, model.dim), np.float16)
+    rows[:, model._columns] = np.arange(1 << 16, dtype=np.uint16).view(np.float16)[:, None]
+    assert np.array_equal(_bits(searched.encode(rows)), _bits(model.encode(rows)))
+
+
 _FREED_CHILD = textwrap.dedent("""
     import numpy as np
     from clip_nsfw_spark.scoring.kernels import _MR, dense, dense_reference
@@ -310,12 +333,19 @@ def test_same_bits_across_processes_and_cpu_targets(tmp_path, prepared_models, s
     # float16 converted by the CPU (x86-64-v3 has F16C) and through the table (baseline x86-64): same bits
     assert v3_info["half_in_hardware"] and v3_info["half_conversions"] > 0, v3_info
     assert not base_info["half_in_hardware"] and base_info["half_conversions"] == 0, base_info
+    # x86-64-v3 with F16C taken away (NUMBA_CPU_FEATURES applies on top of the name, as numba passes it to LLVM):
+    # the table, not a conversion the JIT cannot link (a review found the process aborting)
+    no_f16c_info, no_f16c = _child(tmp_path, "v3-no-f16c",
+                                   {"NUMBA_CPU_NAME": "x86-64-v3", "NUMBA_CPU_FEATURES": "-f16c"}, portables, 30)
+    assert not no_f16c_info["half_in_hardware"] and no_f16c_info["half_conversions"] == 0, no_f16c_info
     for name, scorer in scorers.items():
         assert np.array_equal(host[name], v3[name]), name
         every = name + "/every float16"
         assert np.array_equal(host[every], v3[every]) and np.array_equal(host[every], base[every]), name
+        assert np.array_equal(host[every], no_f16c[every]), name
         assert np.array_equal(host[every], _bits(scorer(_every_float16(scorer.dim)))), name
         three = host[name].reshape(3, -1)
+        assert np.array_equal(no_f16c[name].reshape(3, -1), three[:, :30]), name
         assert np.array_equal(base[name].reshape(3, -1), three[:, :300]), name
         x = np.random.default_rng(5).normal(size=(3000, scorer.dim))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
